@@ -1,0 +1,165 @@
+//! The local chain index: a sled cache of backup summaries and known chunk IDs.
+//!
+//! It is only a cache. The bucket is the truth: [`Index::sync`] lists the manifests in the
+//! bucket, reads the ones it does not know and forgets the ones that are gone, so deleting
+//! the index directory loses nothing (`ferry index rebuild`).
+
+use std::path::{Path, PathBuf};
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::ChunkId;
+use crate::error::{Error, Result};
+use crate::manifest::{Manifest, ManifestMeta};
+use crate::repo::{BackupRef, Repository};
+
+/// What the index keeps per backup: everything but the block map.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackupSummary {
+    pub backup: BackupRef,
+    pub meta: ManifestMeta,
+    /// Blocks that hold a chunk (not holes).
+    pub chunk_blocks: u64,
+}
+
+/// Result of a sync with the bucket.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SyncReport {
+    pub manifests_read: usize,
+    pub manifests_forgotten: usize,
+    pub backups: usize,
+}
+
+pub struct Index {
+    db: sled::Db,
+    backups: sled::Tree,
+    chunks: sled::Tree,
+    path: String,
+}
+
+fn key_of(r: &BackupRef) -> Vec<u8> {
+    format!("{}\0{}", r.volume, r.name).into_bytes()
+}
+
+impl Index {
+    /// Opens (or creates) the index for `repository_id` under `dir`.
+    pub fn open(dir: &Path, repository_id: &str) -> Result<Index> {
+        let path: PathBuf = dir.join(repository_id);
+        let db = sled::Config::new().path(&path).open();
+        Self::from_db(db, path.display().to_string())
+    }
+
+    /// An index that lives in memory only (`--no-index`).
+    pub fn temporary() -> Result<Index> {
+        Self::from_db(sled::Config::new().temporary(true).open(), "(temporary)".into())
+    }
+
+    fn from_db(db: sled::Result<sled::Db>, path: String) -> Result<Index> {
+        let err = |source| Error::Index { path: path.clone(), source };
+        let db = db.map_err(err)?;
+        let backups = db.open_tree("backups").map_err(err)?;
+        let chunks = db.open_tree("chunks").map_err(err)?;
+        Ok(Index { db, backups, chunks, path })
+    }
+
+    fn err(&self) -> impl Fn(sled::Error) -> Error + '_ {
+        |source| Error::Index {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Forgets everything (for a rebuild).
+    pub fn clear(&self) -> Result<()> {
+        self.backups.clear().map_err(self.err())?;
+        self.chunks.clear().map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Records a committed backup and the chunks it references.
+    pub fn insert_backup(&self, r: &BackupRef, manifest: &Manifest) -> Result<()> {
+        let summary = BackupSummary {
+            backup: r.clone(),
+            meta: manifest.meta.clone(),
+            chunk_blocks: manifest.blocks.iter().filter(|b| b.is_some()).count() as u64,
+        };
+        let json = serde_json::to_vec(&summary).map_err(|source| Error::Json {
+            context: "encoding index entry".into(),
+            source,
+        })?;
+        let mut batch = sled::Batch::default();
+        for id in manifest.blocks.iter().flatten() {
+            batch.insert(&id.0[..], &[][..]);
+        }
+        self.chunks.apply_batch(batch).map_err(self.err())?;
+        self.backups.insert(key_of(r), json).map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush().map_err(self.err())?;
+        Ok(())
+    }
+
+    /// True when a committed backup is known to reference this chunk.
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        self.chunks.contains_key(id.0).map_err(self.err())
+    }
+
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Summaries, oldest first, of one volume or all.
+    pub fn backups(&self, volume: Option<&str>) -> Result<Vec<BackupSummary>> {
+        let iter = match volume {
+            Some(v) => self.backups.scan_prefix(format!("{v}\0").into_bytes()),
+            None => self.backups.iter(),
+        };
+        let mut out = Vec::new();
+        for item in iter {
+            let (_, v) = item.map_err(self.err())?;
+            let s: BackupSummary = serde_json::from_slice(&v).map_err(|source| Error::Json {
+                context: format!("index entry in {}", self.path),
+                source,
+            })?;
+            out.push(s);
+        }
+        Ok(out)
+    }
+
+    /// Brings the index in line with the bucket: reads manifests it lacks, forgets vanished ones.
+    pub async fn sync(&self, repo: &Repository) -> Result<SyncReport> {
+        let listed = repo.list_backups(None).await?;
+        let listed_keys: std::collections::HashSet<Vec<u8>> = listed.iter().map(key_of).collect();
+        let mut report = SyncReport::default();
+        for item in self.backups.iter() {
+            let (k, _) = item.map_err(self.err())?;
+            if !listed_keys.contains(k.as_ref()) {
+                self.backups.remove(k).map_err(self.err())?;
+                report.manifests_forgotten += 1;
+            }
+        }
+        let missing: Vec<BackupRef> = listed
+            .into_iter()
+            .filter(|r| !self.backups.contains_key(key_of(r)).unwrap_or(false))
+            .collect();
+        let mut reads = futures::stream::iter(missing.into_iter().map(|r| async move {
+            let m = repo.read_manifest(&r).await;
+            (r, m)
+        }))
+        .buffer_unordered(8);
+        while let Some((r, m)) = reads.next().await {
+            self.insert_backup(&r, &m?)?;
+            report.manifests_read += 1;
+        }
+        report.backups = self.backups.len();
+        self.flush()?;
+        Ok(report)
+    }
+}

@@ -1,0 +1,201 @@
+//! The master key and the key slots that wrap it.
+//!
+//! A repository has one random 256-bit master key. Each key slot (`keys/<slot id>`) wraps it
+//! with a key-encryption key derived from a passphrase by Argon2id, so passphrases can be
+//! added, changed and revoked without touching data.
+
+use argon2::{Algorithm, Argon2, Params, Version};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::object::{Header, ObjectKind, SealKey, HEADER_LEN};
+
+const CHUNK_ID_CONTEXT: &str = "ferry 2026-11 chunk id v1";
+const OBJECT_KEY_CONTEXT: &str = "ferry 2026-11 object encryption v1";
+
+/// The repository master key and the keys derived from it.
+#[derive(Clone)]
+pub struct MasterKey {
+    raw: [u8; 32],
+    id_key: [u8; 32],
+    seal: SealKey,
+}
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(..)")
+    }
+}
+
+impl MasterKey {
+    pub fn generate() -> Self {
+        let mut raw = [0u8; 32];
+        rand::rng().fill_bytes(&mut raw);
+        Self::from_raw(raw)
+    }
+
+    pub fn from_raw(raw: [u8; 32]) -> Self {
+        let id_key = blake3::derive_key(CHUNK_ID_CONTEXT, &raw);
+        let seal = SealKey::new(&blake3::derive_key(OBJECT_KEY_CONTEXT, &raw));
+        MasterKey { raw, id_key, seal }
+    }
+
+    /// Key for chunk IDs (keyed BLAKE3), so IDs reveal nothing about content.
+    pub fn id_key(&self) -> &[u8; 32] {
+        &self.id_key
+    }
+
+    /// Key for sealing chunks and manifests.
+    pub fn seal_key(&self) -> &SealKey {
+        &self.seal
+    }
+}
+
+/// Argon2id parameters recorded in each key slot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KdfParams {
+    pub algorithm: String,
+    pub version: u32,
+    pub m_cost_kib: u32,
+    pub t_cost: u32,
+    pub p_cost: u32,
+}
+
+impl KdfParams {
+    pub fn argon2id_default() -> Self {
+        KdfParams {
+            algorithm: "argon2id".into(),
+            version: 0x13,
+            m_cost_kib: 64 * 1024,
+            t_cost: 3,
+            p_cost: 1,
+        }
+    }
+
+    /// Cheap parameters for tests (FERRY_INSECURE_FAST_KDF=1); never the default.
+    pub fn argon2id_fast() -> Self {
+        KdfParams {
+            m_cost_kib: 64,
+            t_cost: 1,
+            ..Self::argon2id_default()
+        }
+    }
+
+    fn derive(&self, passphrase: &[u8], salt: &[u8]) -> Result<[u8; 32]> {
+        if self.algorithm != "argon2id" || self.version != 0x13 {
+            return Err(Error::Kdf {
+                reason: format!("unsupported KDF {} version {:#x}", self.algorithm, self.version),
+            });
+        }
+        // Refuse absurd parameters from a (possibly hostile) key slot before allocating.
+        if self.m_cost_kib > 4 * 1024 * 1024 || self.t_cost > 100 || self.p_cost > 64 {
+            return Err(Error::Kdf {
+                reason: "KDF parameters out of range".into(),
+            });
+        }
+        let params = Params::new(self.m_cost_kib, self.t_cost, self.p_cost, Some(32)).map_err(|e| Error::Kdf { reason: e.to_string() })?;
+        let mut out = [0u8; 32];
+        Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+            .hash_password_into(passphrase, salt, &mut out)
+            .map_err(|e| Error::Kdf { reason: e.to_string() })?;
+        Ok(out)
+    }
+}
+
+/// The JSON body of a `keys/<id>` object.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeySlot {
+    pub id: String,
+    pub created: chrono::DateTime<chrono::Utc>,
+    pub label: String,
+    pub kdf: KdfParams,
+    pub salt: String,
+    pub nonce_and_wrapped: String,
+}
+
+impl KeySlot {
+    fn aad(repository_id: &str, slot_id: &str) -> Vec<u8> {
+        format!("ferry key slot\0{repository_id}\0{slot_id}").into_bytes()
+    }
+
+    /// Wraps `master` under `passphrase` in a new slot.
+    pub fn create(master: &MasterKey, passphrase: &[u8], repository_id: &str, label: &str, kdf: KdfParams) -> Result<KeySlot> {
+        let mut id = [0u8; 8];
+        rand::rng().fill_bytes(&mut id);
+        let id = hex::encode(id);
+        let mut salt = [0u8; 16];
+        rand::rng().fill_bytes(&mut salt);
+        let kek = SealKey::new(&kdf.derive(passphrase, &salt)?);
+        let mut sealed = Vec::new();
+        kek.seal_into(&mut sealed, &Self::aad(repository_id, &id), &master.raw)?;
+        Ok(KeySlot {
+            id,
+            created: chrono::Utc::now(),
+            label: label.to_string(),
+            kdf,
+            salt: B64.encode(salt),
+            nonce_and_wrapped: B64.encode(sealed),
+        })
+    }
+
+    /// Unwraps the master key; `Ok(None)` when the passphrase does not fit this slot.
+    pub fn open(&self, passphrase: &[u8], repository_id: &str) -> Result<Option<MasterKey>> {
+        let bad = |reason: &str| Error::BadObject {
+            path: format!("keys/{}", self.id),
+            reason: reason.to_string(),
+        };
+        let salt = B64.decode(&self.salt).map_err(|_| bad("salt is not base64"))?;
+        let sealed = B64.decode(&self.nonce_and_wrapped).map_err(|_| bad("wrapped key is not base64"))?;
+        let kek = SealKey::new(&self.kdf.derive(passphrase, &salt)?);
+        match kek.open(&[], &Self::aad(repository_id, &self.id), sealed, "") {
+            Ok(raw) => {
+                let raw: [u8; 32] = raw.try_into().map_err(|_| bad("wrapped key is not 32 bytes"))?;
+                Ok(Some(MasterKey::from_raw(raw)))
+            }
+            Err(Error::Integrity { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let mut out = Header {
+            kind: ObjectKind::KeySlot,
+            flags: 0,
+        }
+        .encode()
+        .to_vec();
+        serde_json::to_writer_pretty(&mut out, self).map_err(|source| Error::Json {
+            context: "encoding key slot".into(),
+            source,
+        })?;
+        Ok(out)
+    }
+
+    pub fn decode(bytes: &[u8], path: &str) -> Result<KeySlot> {
+        Header::decode(bytes, ObjectKind::KeySlot, path)?;
+        serde_json::from_slice(&bytes[HEADER_LEN..]).map_err(|source| Error::Json {
+            context: format!("parsing key slot {path}"),
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_round_trip() {
+        let master = MasterKey::generate();
+        let slot = KeySlot::create(&master, b"secret", "repo1", "test", KdfParams::argon2id_fast()).unwrap();
+        let decoded = KeySlot::decode(&slot.encode().unwrap(), "k").unwrap();
+        let opened = decoded.open(b"secret", "repo1").unwrap().unwrap();
+        assert_eq!(opened.id_key(), master.id_key());
+        assert!(decoded.open(b"wrong", "repo1").unwrap().is_none());
+        // A slot copied into another repository does not open there.
+        assert!(decoded.open(b"secret", "repo2").unwrap().is_none());
+    }
+}

@@ -1,0 +1,22 @@
+//! ferry's offsite repository.
+//!
+//! Owns the object layout in the bucket, the keys and the crypto, the chunk codec, manifests
+//! and chains, and the local chain index (a sled cache). Knows nothing of Ceph or of diff
+//! streams: it stores blocks and block maps.
+
+pub mod chunk;
+pub mod error;
+pub mod index;
+pub mod keys;
+pub mod manifest;
+pub mod object;
+pub mod repo;
+pub mod store;
+
+pub use chunk::{decode_chunk, encode_chunk, encode_chunk_with_id, is_zero, ChunkId, EncodedChunk};
+pub use error::{Error, Result};
+pub use index::{BackupSummary, Index, SyncReport};
+pub use keys::{KdfParams, KeySlot, MasterKey};
+pub use manifest::{block_count, BackupStats, Manifest, ManifestMeta, Source, MANIFEST_FORMAT};
+pub use repo::{validate_volume_name, BackupRef, InitOptions, RepoConfig, Repository, MAX_BLOCK_SIZE, REPO_FORMAT};
+pub use store::{open_store, Store, StoreOptions};

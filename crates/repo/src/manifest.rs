@@ -1,0 +1,275 @@
+//! Manifests: one per backup, a complete block map plus metadata. Writing it is the commit.
+//!
+//! Plaintext layout (then zstd and the AES-GCM seal, see FORMAT.md):
+//! ```text
+//! "FMAN" | le32 meta_len | meta JSON | le64 block_count | runs...
+//! run: u8 kind (0 = holes, 1 = chunks) | le64 count | (kind 1) count × 32-byte chunk IDs
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::ChunkId;
+use crate::error::{Error, Result};
+
+const MAGIC: &[u8; 4] = b"FMAN";
+/// Version of the manifest metadata schema.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+/// Where the backed-up data came from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Source {
+    /// "diff-stream" (ferry backup --diff) or "rbd".
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_fsid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_size: Option<u64>,
+}
+
+/// Per-backup statistics (also printed as the backup summary).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackupStats {
+    /// Bytes of diff stream consumed.
+    pub stream_bytes: u64,
+    /// Payload bytes of `w` records.
+    pub data_bytes: u64,
+    /// Bytes covered by `z` records.
+    pub zeroed_bytes: u64,
+    /// Blocks the diff touched (wholly or partly).
+    pub blocks_changed: u64,
+    /// Changed blocks that turned out all zero (stored as holes).
+    pub blocks_zero: u64,
+    /// Changed blocks whose chunk was uploaded by this backup.
+    pub blocks_new: u64,
+    /// Changed blocks whose chunk already existed (index or repository).
+    pub blocks_dedup: u64,
+    /// Of those, chunks found in the repository but not in the local index (e.g. left by an interrupted backup).
+    pub blocks_found_in_repo: u64,
+    /// Blocks only partly covered by the diff, completed from the parent backup.
+    pub blocks_partial: u64,
+    /// Plaintext bytes of new chunks.
+    pub bytes_new: u64,
+    /// Encoded (compressed + encrypted) bytes uploaded.
+    pub bytes_uploaded: u64,
+    pub duration_ms: u64,
+}
+
+/// Everything in a manifest but the block map.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ManifestMeta {
+    pub format: u32,
+    pub backup_id: String,
+    pub repository_id: String,
+    pub volume: String,
+    pub created: chrono::DateTime<chrono::Utc>,
+    pub source: Source,
+    pub from_snap: Option<String>,
+    pub to_snap: Option<String>,
+    pub parent: Option<String>,
+    pub image_size: u64,
+    pub block_size: u64,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub protected: bool,
+    pub stats: BackupStats,
+}
+
+/// A backup: metadata and a full block map (`None` = hole).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    pub meta: ManifestMeta,
+    pub blocks: Vec<Option<ChunkId>>,
+}
+
+/// Number of blocks of an image of `size` bytes.
+pub fn block_count(size: u64, block_size: u64) -> u64 {
+    size.div_ceil(block_size)
+}
+
+impl Manifest {
+    /// Length of block `index` (the last one may be short).
+    pub fn block_len(&self, index: u64) -> u64 {
+        let start = index * self.meta.block_size;
+        self.meta.image_size.saturating_sub(start).min(self.meta.block_size)
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let meta = serde_json::to_vec(&self.meta).map_err(|source| Error::Json {
+            context: "encoding manifest".into(),
+            source,
+        })?;
+        let chunks = self.blocks.iter().filter(|b| b.is_some()).count();
+        let mut out = Vec::with_capacity(16 + meta.len() + chunks * 32 + 64);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        out.extend_from_slice(&meta);
+        out.extend_from_slice(&(self.blocks.len() as u64).to_le_bytes());
+        let mut i = 0;
+        while i < self.blocks.len() {
+            let hole = self.blocks[i].is_none();
+            let mut j = i;
+            while j < self.blocks.len() && self.blocks[j].is_none() == hole {
+                j += 1;
+            }
+            out.push(if hole { 0 } else { 1 });
+            out.extend_from_slice(&((j - i) as u64).to_le_bytes());
+            if !hole {
+                for id in self.blocks[i..j].iter().flatten() {
+                    out.extend_from_slice(&id.0);
+                }
+            }
+            i = j;
+        }
+        Ok(out)
+    }
+
+    pub fn decode(bytes: &[u8], path: &str) -> Result<Manifest> {
+        let bad = |reason: String| Error::ManifestDecode {
+            path: path.to_string(),
+            reason,
+        };
+        let mut r = Cursor { bytes, pos: 0 };
+        if r.take(4).map_err(&bad)? != MAGIC {
+            return Err(bad("bad manifest magic".into()));
+        }
+        let meta_len = r.u32().map_err(&bad)? as usize;
+        let meta: ManifestMeta = serde_json::from_slice(r.take(meta_len).map_err(&bad)?).map_err(|e| bad(format!("metadata: {e}")))?;
+        if meta.format > MANIFEST_FORMAT {
+            return Err(Error::UnsupportedFormat {
+                path: path.to_string(),
+                found: meta.format,
+                supported: MANIFEST_FORMAT,
+            });
+        }
+        if meta.block_size == 0 {
+            return Err(bad("block size 0".into()));
+        }
+        let count = r.u64().map_err(&bad)?;
+        let expected = block_count(meta.image_size, meta.block_size);
+        if count != expected {
+            return Err(bad(format!("{count} blocks for an image of {} bytes in {}-byte blocks (expected {expected})", meta.image_size, meta.block_size)));
+        }
+        // Every block costs at least a bit of input; refuse counts the input cannot back.
+        if count > (bytes.len() as u64).saturating_mul(8).max(1 << 20) * 64 {
+            return Err(bad(format!("implausible block count {count}")));
+        }
+        let mut blocks = Vec::with_capacity(count as usize);
+        while (blocks.len() as u64) < count {
+            let kind = r.take(1).map_err(&bad)?[0];
+            let n = r.u64().map_err(&bad)?;
+            if n == 0 || n > count - blocks.len() as u64 {
+                return Err(bad(format!("run of {n} blocks at block {} overruns the map of {count}", blocks.len())));
+            }
+            match kind {
+                0 => blocks.resize(blocks.len() + n as usize, None),
+                1 => {
+                    let ids = r.take((n as usize).checked_mul(32).ok_or_else(|| bad("run too long".into()))?).map_err(&bad)?;
+                    for id in ids.chunks_exact(32) {
+                        let mut a = [0u8; 32];
+                        a.copy_from_slice(id);
+                        blocks.push(Some(ChunkId(a)));
+                    }
+                }
+                k => return Err(bad(format!("unknown run kind {k}"))),
+            }
+        }
+        if r.pos != bytes.len() {
+            return Err(bad(format!("{} trailing bytes", bytes.len() - r.pos)));
+        }
+        Ok(Manifest { meta, blocks })
+    }
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| format!("truncated at byte {} (wanted {n} more)", self.pos))?;
+        let s = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u32(&mut self) -> std::result::Result<u32, String> {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(self.take(4)?);
+        Ok(u32::from_le_bytes(a))
+    }
+    fn u64(&mut self) -> std::result::Result<u64, String> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub(crate) fn meta(image_size: u64, block_size: u64) -> ManifestMeta {
+        ManifestMeta {
+            format: MANIFEST_FORMAT,
+            backup_id: "0123456789abcdef".into(),
+            repository_id: "r".into(),
+            volume: "v".into(),
+            created: chrono::Utc::now(),
+            source: Source {
+                kind: "diff-stream".into(),
+                ..Default::default()
+            },
+            from_snap: None,
+            to_snap: Some("s1".into()),
+            parent: None,
+            image_size,
+            block_size,
+            labels: BTreeMap::new(),
+            protected: false,
+            stats: BackupStats::default(),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn block_map_round_trip(map in proptest::collection::vec(proptest::option::of(any::<[u8; 32]>().prop_map(ChunkId)), 0..300), bs_log in 9u32..23) {
+            let bs = 1u64 << bs_log;
+            let size = if map.is_empty() { 0 } else { (map.len() as u64 - 1) * bs + 1 + (bs_log as u64 % 7) };
+            let m = Manifest { meta: meta(size, bs), blocks: map };
+            let enc = m.encode().unwrap();
+            prop_assert_eq!(Manifest::decode(&enc, "m").unwrap(), m);
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400), cut in any::<prop::sample::Index>()) {
+            let _ = Manifest::decode(&bytes, "m");
+            let m = Manifest { meta: meta(10 * 4096, 4096), blocks: vec![None, Some(ChunkId([1; 32])), None, None, Some(ChunkId([2; 32])), None, None, None, None, None] };
+            let enc = m.encode().unwrap();
+            let i = cut.index(enc.len());
+            prop_assert!(Manifest::decode(&enc[..i], "m").is_err());
+        }
+    }
+
+    #[test]
+    fn terabyte_map_is_compact() {
+        // 1 TiB in 4 MiB blocks, mostly holes: a few runs only.
+        let mut blocks = vec![None; 262_144];
+        for i in (0..262_144).step_by(10_000) {
+            blocks[i] = Some(ChunkId([i as u8; 32]));
+        }
+        let m = Manifest { meta: meta(1 << 40, 4 << 20), blocks };
+        let enc = m.encode().unwrap();
+        assert!(enc.len() < 2000, "{}", enc.len());
+        assert_eq!(Manifest::decode(&enc, "m").unwrap(), m);
+    }
+}

@@ -1,0 +1,249 @@
+//! The envelope every ferry object starts with, and the AES-256-GCM seal around its body.
+//!
+//! ```text
+//! magic "FERY" | version u8 = 1 | kind u8 | flags u8 | reserved u8 = 0 | body
+//! encrypted body: nonce[12] | ciphertext | tag[16]
+//! ```
+//! The associated data of the seal is the 8 header bytes followed by the object's identity
+//! (chunk ID, manifest key), so neither flags nor placement can be changed undetected.
+
+use aes_gcm::aead::{AeadInOut, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use rand::RngCore;
+
+use crate::error::{Error, Result};
+
+pub const MAGIC: &[u8; 4] = b"FERY";
+pub const OBJECT_VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 8;
+pub const NONCE_LEN: usize = 12;
+pub const TAG_LEN: usize = 16;
+
+/// What an object is; part of the header and of the associated data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ObjectKind {
+    Config = 1,
+    KeySlot = 2,
+    Chunk = 3,
+    Manifest = 4,
+}
+
+impl ObjectKind {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => ObjectKind::Config,
+            2 => ObjectKind::KeySlot,
+            3 => ObjectKind::Chunk,
+            4 => ObjectKind::Manifest,
+            _ => return None,
+        })
+    }
+}
+
+pub const FLAG_ZSTD: u8 = 0b01;
+pub const FLAG_ENCRYPTED: u8 = 0b10;
+
+/// The parsed fixed header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub kind: ObjectKind,
+    pub flags: u8,
+}
+
+impl Header {
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[..4].copy_from_slice(MAGIC);
+        h[4] = OBJECT_VERSION;
+        h[5] = self.kind as u8;
+        h[6] = self.flags;
+        h
+    }
+
+    /// Parses and checks the header of `bytes` as an object of `expected` kind.
+    pub fn decode(bytes: &[u8], expected: ObjectKind, path: &str) -> Result<Header> {
+        let bad = |reason: String| Error::BadObject {
+            path: path.to_string(),
+            reason,
+        };
+        if bytes.len() < HEADER_LEN {
+            return Err(bad(format!("{} bytes, shorter than the 8-byte header", bytes.len())));
+        }
+        if &bytes[..4] != MAGIC {
+            return Err(bad("bad magic (not written by ferry)".into()));
+        }
+        if bytes[4] != OBJECT_VERSION {
+            return Err(Error::UnsupportedFormat {
+                path: path.to_string(),
+                found: u32::from(bytes[4]),
+                supported: u32::from(OBJECT_VERSION),
+            });
+        }
+        let kind = ObjectKind::from_u8(bytes[5]).ok_or_else(|| bad(format!("unknown object kind {}", bytes[5])))?;
+        if kind != expected {
+            return Err(bad(format!("is a {kind:?} object, expected {expected:?}")));
+        }
+        let flags = bytes[6];
+        if flags & !(FLAG_ZSTD | FLAG_ENCRYPTED) != 0 || bytes[7] != 0 {
+            return Err(bad(format!("unknown flags {:#04x}/{:#04x}", flags, bytes[7])));
+        }
+        Ok(Header { kind, flags })
+    }
+}
+
+/// A 256-bit AES-GCM key.
+#[derive(Clone)]
+pub struct SealKey(Aes256Gcm);
+
+impl SealKey {
+    pub fn new(key: &[u8; 32]) -> Self {
+        // Length is fixed by the type, so this cannot fail.
+        SealKey(Aes256Gcm::new(&(*key).into()))
+    }
+
+    /// Encrypts `plaintext` in place into `out` (which already holds the header), appending
+    /// nonce, ciphertext and tag.
+    pub fn seal_into(&self, out: &mut Vec<u8>, identity: &[u8], plaintext: &[u8]) -> Result<()> {
+        let header_len = out.len();
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rng().fill_bytes(&mut nonce);
+        let mut aad = Vec::with_capacity(header_len + identity.len());
+        aad.extend_from_slice(&out[..header_len]);
+        aad.extend_from_slice(identity);
+        out.reserve(NONCE_LEN + plaintext.len() + TAG_LEN);
+        out.extend_from_slice(&nonce);
+        let start = out.len();
+        out.extend_from_slice(plaintext);
+        let tag = self
+            .0
+            .encrypt_inout_detached(&Nonce::from(nonce), &aad, (&mut out[start..]).into())
+            .map_err(|_| Error::Kdf {
+                reason: "plaintext too long for AES-GCM".into(),
+            })?;
+        out.extend_from_slice(tag.as_slice());
+        Ok(())
+    }
+
+    /// Verifies and decrypts a sealed body (`nonce | ciphertext | tag`) in place; returns the
+    /// plaintext. `header` is the object's 8 header bytes.
+    pub fn open(&self, header: &[u8], identity: &[u8], mut body: Vec<u8>, path: &str) -> Result<Vec<u8>> {
+        if body.len() < NONCE_LEN + TAG_LEN {
+            return Err(Error::BadObject {
+                path: path.to_string(),
+                reason: "sealed body shorter than nonce and tag".into(),
+            });
+        }
+        let mut aad = Vec::with_capacity(header.len() + identity.len());
+        aad.extend_from_slice(header);
+        aad.extend_from_slice(identity);
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&body[..NONCE_LEN]);
+        let tag_at = body.len() - TAG_LEN;
+        let mut tag_bytes = [0u8; TAG_LEN];
+        tag_bytes.copy_from_slice(&body[tag_at..]);
+        let tag = Tag::from(tag_bytes);
+        self.0
+            .decrypt_inout_detached(&Nonce::from(nonce), &aad, (&mut body[NONCE_LEN..tag_at]).into(), &tag)
+            .map_err(|_| Error::Integrity {
+                path: path.to_string(),
+            })?;
+        body.truncate(tag_at);
+        body.drain(..NONCE_LEN);
+        Ok(body)
+    }
+}
+
+/// Seals `payload` as an object of `kind` with optional zstd compression (kept raw when it
+/// does not shrink). Returns the full object bytes.
+pub fn encode_sealed(key: &SealKey, kind: ObjectKind, identity: &[u8], payload: &[u8], zstd_level: Option<i32>) -> Result<Vec<u8>> {
+    let compressed = match zstd_level {
+        Some(level) => match zstd::bulk::compress(payload, level) {
+            Ok(c) if c.len() < payload.len() => Some(c),
+            _ => None,
+        },
+        None => None,
+    };
+    let (flags, body) = match &compressed {
+        Some(c) => (FLAG_ZSTD | FLAG_ENCRYPTED, c.as_slice()),
+        None => (FLAG_ENCRYPTED, payload),
+    };
+    let header = Header { kind, flags }.encode();
+    let mut out = Vec::with_capacity(HEADER_LEN + NONCE_LEN + body.len() + TAG_LEN);
+    out.extend_from_slice(&header);
+    key.seal_into(&mut out, identity, body)?;
+    Ok(out)
+}
+
+/// Opens an object written by [`encode_sealed`]: checks the header, verifies the tag,
+/// decompresses (refusing output beyond `max_len`).
+pub fn decode_sealed(key: &SealKey, kind: ObjectKind, identity: &[u8], object: &[u8], max_len: usize, path: &str) -> Result<Vec<u8>> {
+    let header = Header::decode(object, kind, path)?;
+    if header.flags & FLAG_ENCRYPTED == 0 {
+        // v1 never writes unencrypted chunks or manifests; accepting one would allow a downgrade.
+        return Err(Error::BadObject {
+            path: path.to_string(),
+            reason: "object is not encrypted".into(),
+        });
+    }
+    let plain = key.open(&object[..HEADER_LEN], identity, object[HEADER_LEN..].to_vec(), path)?;
+    if header.flags & FLAG_ZSTD != 0 {
+        decompress_bounded(&plain, max_len).map_err(|reason| Error::Decompress {
+            path: path.to_string(),
+            reason,
+        })
+    } else {
+        Ok(plain)
+    }
+}
+
+fn decompress_bounded(data: &[u8], max_len: usize) -> std::result::Result<Vec<u8>, String> {
+    // The frame records its content size; checking it first avoids allocating for a lie.
+    match zstd::zstd_safe::get_frame_content_size(data) {
+        Ok(Some(n)) if n > max_len as u64 => return Err(format!("content size {n} exceeds limit {max_len}")),
+        Err(_) => return Err("not a zstd frame".into()),
+        _ => {}
+    }
+    zstd::bulk::decompress(data, max_len).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_round_trip_and_tamper() {
+        let key = SealKey::new(&[7u8; 32]);
+        let payload = vec![42u8; 10_000];
+        let obj = encode_sealed(&key, ObjectKind::Chunk, b"id", &payload, Some(3)).unwrap();
+        assert_eq!(obj[6], FLAG_ZSTD | FLAG_ENCRYPTED);
+        let back = decode_sealed(&key, ObjectKind::Chunk, b"id", &obj, 1 << 20, "p").unwrap();
+        assert_eq!(back, payload);
+        // Another identity, another key, a flipped bit, a changed flag: all refused.
+        assert!(matches!(decode_sealed(&key, ObjectKind::Chunk, b"other", &obj, 1 << 20, "p"), Err(Error::Integrity { .. })));
+        let other = SealKey::new(&[8u8; 32]);
+        assert!(matches!(decode_sealed(&other, ObjectKind::Chunk, b"id", &obj, 1 << 20, "p"), Err(Error::Integrity { .. })));
+        for i in HEADER_LEN..obj.len() {
+            let mut bad = obj.clone();
+            bad[i] ^= 0x01;
+            assert!(decode_sealed(&key, ObjectKind::Chunk, b"id", &bad, 1 << 20, "p").is_err(), "flip at {i}");
+        }
+        let mut bad = obj.clone();
+        bad[6] = FLAG_ENCRYPTED;
+        assert!(matches!(decode_sealed(&key, ObjectKind::Chunk, b"id", &bad, 1 << 20, "p"), Err(Error::Integrity { .. })));
+        assert!(matches!(decode_sealed(&key, ObjectKind::Manifest, b"id", &obj, 1 << 20, "p"), Err(Error::BadObject { .. })));
+        assert!(matches!(decode_sealed(&key, ObjectKind::Chunk, b"id", &obj[..5], 1 << 20, "p"), Err(Error::BadObject { .. })));
+    }
+
+    #[test]
+    fn incompressible_stays_raw_and_bomb_is_refused() {
+        let key = SealKey::new(&[1u8; 32]);
+        let mut payload = vec![0u8; 4096];
+        rand::rng().fill_bytes(&mut payload);
+        let obj = encode_sealed(&key, ObjectKind::Chunk, b"x", &payload, Some(3)).unwrap();
+        assert_eq!(obj[6], FLAG_ENCRYPTED);
+        let zeros = vec![0u8; 1 << 20];
+        let obj = encode_sealed(&key, ObjectKind::Chunk, b"x", &zeros, Some(3)).unwrap();
+        assert!(matches!(decode_sealed(&key, ObjectKind::Chunk, b"x", &obj, 1000, "p"), Err(Error::Decompress { .. })));
+    }
+}

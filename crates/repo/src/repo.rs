@@ -1,0 +1,363 @@
+//! The repository: config, key slots, chunks and manifests in one object store.
+//!
+//! Layout (relative to the repository root):
+//! ```text
+//! config                                   plain header + JSON
+//! keys/<slot id>                           plain header + JSON (wrapped master key)
+//! chunks/<2 hex>/<64 hex>                  sealed chunk
+//! volumes/<volume>/backups/<time>-<id>     sealed manifest (the commit point)
+//! ```
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::ChunkId;
+use crate::error::{Error, Result};
+use crate::keys::{KdfParams, KeySlot, MasterKey};
+use crate::manifest::Manifest;
+use crate::object::{decode_sealed, encode_sealed, Header, ObjectKind, HEADER_LEN};
+use crate::store::Store;
+
+/// Highest repository format this build reads and the one it writes.
+pub const REPO_FORMAT: u32 = 1;
+/// Largest block size a repository may use (bounds memory when decoding).
+pub const MAX_BLOCK_SIZE: u64 = 64 << 20;
+/// Largest manifest plaintext accepted (a 64 TiB volume in 4 MiB blocks is ~512 MiB... be generous
+/// but bounded).
+const MAX_MANIFEST_LEN: usize = 1 << 30;
+
+/// The `config` object.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RepoConfig {
+    pub format: u32,
+    pub repository_id: String,
+    pub created: chrono::DateTime<chrono::Utc>,
+    /// Default block size of new volumes (each manifest records its own).
+    pub block_size: u64,
+    /// Default zstd level for new chunks.
+    pub zstd_level: i32,
+    pub chunk_id: String,
+    pub cipher: String,
+}
+
+/// Options for `init`.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub block_size: u64,
+    pub zstd_level: i32,
+    pub kdf: KdfParams,
+    pub label: String,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            block_size: 4 << 20,
+            zstd_level: 3,
+            kdf: KdfParams::argon2id_default(),
+            label: String::new(),
+        }
+    }
+}
+
+/// A backup's manifest as named in the bucket, before it is read.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct BackupRef {
+    pub volume: String,
+    /// `<time>-<backup id>`, sortable by time.
+    pub name: String,
+}
+
+impl BackupRef {
+    pub fn key(&self) -> String {
+        format!("volumes/{}/backups/{}", self.volume, self.name)
+    }
+    pub fn backup_id(&self) -> &str {
+        self.name.rsplit('-').next().unwrap_or(&self.name)
+    }
+}
+
+/// Checks a volume name: it becomes part of object keys.
+pub fn validate_volume_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty() && name.len() <= 200 && !name.starts_with('.') && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidVolumeName { name: name.to_string() })
+    }
+}
+
+/// An opened repository (config read, master key unwrapped).
+#[derive(Clone)]
+pub struct Repository {
+    store: Store,
+    config: RepoConfig,
+    key: MasterKey,
+}
+
+fn p(s: &str) -> Path {
+    Path::from(s)
+}
+
+async fn get_bytes(store: &dyn ObjectStore, key: &str) -> Result<Bytes> {
+    let path = p(key);
+    let res = store.get(&path).await.map_err(|e| Error::store("get", &path, e))?;
+    res.bytes().await.map_err(|e| Error::store("get", &path, e))
+}
+
+async fn put_create(store: &dyn ObjectStore, key: &str, bytes: Vec<u8>) -> Result<bool> {
+    let path = p(key);
+    let opts = PutOptions {
+        mode: PutMode::Create,
+        ..Default::default()
+    };
+    match store.put_opts(&path, PutPayload::from(bytes), opts).await {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+        Err(e) => Err(Error::store("put", &path, e)),
+    }
+}
+
+impl Repository {
+    /// Reads the plain `config` object.
+    pub async fn read_config(store: &Store) -> Result<RepoConfig> {
+        let bytes = match get_bytes(store.inner.as_ref(), "config").await {
+            Ok(b) => b,
+            Err(Error::NotFound { .. }) => return Err(Error::NotARepository { url: store.url.clone() }),
+            Err(e) => return Err(e),
+        };
+        Header::decode(&bytes, ObjectKind::Config, "config")?;
+        let config: RepoConfig = serde_json::from_slice(&bytes[HEADER_LEN..]).map_err(|source| Error::Json {
+            context: "parsing config".into(),
+            source,
+        })?;
+        if config.format > REPO_FORMAT {
+            return Err(Error::UnsupportedFormat {
+                path: "config".into(),
+                found: config.format,
+                supported: REPO_FORMAT,
+            });
+        }
+        if config.block_size == 0 || config.block_size > MAX_BLOCK_SIZE {
+            return Err(Error::BadObject {
+                path: "config".into(),
+                reason: format!("block size {} out of range", config.block_size),
+            });
+        }
+        Ok(config)
+    }
+
+    /// Creates a new repository: a master key, one key slot for `passphrase`, then `config`
+    /// (written last and create-only, so two racing inits cannot both succeed).
+    pub async fn init(store: Store, passphrase: &[u8], opts: InitOptions) -> Result<Repository> {
+        if !opts.block_size.is_power_of_two() || opts.block_size < 4096 || opts.block_size > MAX_BLOCK_SIZE {
+            return Err(Error::BadObject {
+                path: "config".into(),
+                reason: format!("block size {} must be a power of two between 4 KiB and 64 MiB", opts.block_size),
+            });
+        }
+        match Self::read_config(&store).await {
+            Ok(_) => return Err(Error::RepositoryExists { url: store.url.clone() }),
+            Err(Error::NotARepository { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let mut id = [0u8; 16];
+        rand::rng().fill_bytes(&mut id);
+        let config = RepoConfig {
+            format: REPO_FORMAT,
+            repository_id: hex::encode(id),
+            created: chrono::Utc::now(),
+            block_size: opts.block_size,
+            zstd_level: opts.zstd_level,
+            chunk_id: "blake3-keyed".into(),
+            cipher: "aes-256-gcm".into(),
+        };
+        let key = MasterKey::generate();
+        let slot = KeySlot::create(&key, passphrase, &config.repository_id, &opts.label, opts.kdf)?;
+        put_create(store.inner.as_ref(), &format!("keys/{}", slot.id), slot.encode()?).await?;
+        let mut body = Header {
+            kind: ObjectKind::Config,
+            flags: 0,
+        }
+        .encode()
+        .to_vec();
+        serde_json::to_writer_pretty(&mut body, &config).map_err(|source| Error::Json {
+            context: "encoding config".into(),
+            source,
+        })?;
+        if !put_create(store.inner.as_ref(), "config", body).await? {
+            return Err(Error::RepositoryExists { url: store.url.clone() });
+        }
+        Ok(Repository { store, config, key })
+    }
+
+    /// Opens a repository with a passphrase (tries every key slot).
+    pub async fn open(store: Store, passphrase: &[u8]) -> Result<Repository> {
+        let config = Self::read_config(&store).await?;
+        let slots = Self::read_key_slots(&store).await?;
+        if slots.is_empty() {
+            return Err(Error::NoKeySlots);
+        }
+        for slot in &slots {
+            if let Some(key) = slot.open(passphrase, &config.repository_id)? {
+                return Ok(Repository { store, config, key });
+            }
+        }
+        Err(Error::WrongPassword { slots: slots.len() })
+    }
+
+    pub async fn read_key_slots(store: &Store) -> Result<Vec<KeySlot>> {
+        let prefix = p("keys");
+        let metas: Vec<_> = store.inner.list(Some(&prefix)).try_collect().await.map_err(|e| Error::store("list", &prefix, e))?;
+        let mut slots = Vec::new();
+        for m in metas {
+            let key = m.location.to_string();
+            let bytes = get_bytes(store.inner.as_ref(), &key).await?;
+            slots.push(KeySlot::decode(&bytes, &key)?);
+        }
+        slots.sort_by(|a, b| a.created.cmp(&b.created));
+        Ok(slots)
+    }
+
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+    pub fn id(&self) -> &str {
+        &self.config.repository_id
+    }
+    pub fn key(&self) -> &MasterKey {
+        &self.key
+    }
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+    pub fn url(&self) -> &str {
+        &self.store.url
+    }
+
+    /// Adds a key slot for another passphrase; returns its ID.
+    pub async fn add_key_slot(&self, passphrase: &[u8], label: &str, kdf: KdfParams) -> Result<String> {
+        let slot = KeySlot::create(&self.key, passphrase, &self.config.repository_id, label, kdf)?;
+        put_create(self.store.inner.as_ref(), &format!("keys/{}", slot.id), slot.encode()?).await?;
+        Ok(slot.id)
+    }
+
+    /// Removes a key slot (never the last one).
+    pub async fn remove_key_slot(&self, id: &str) -> Result<()> {
+        let slots = Self::read_key_slots(&self.store).await?;
+        if !slots.iter().any(|s| s.id == id) {
+            return Err(Error::KeySlotNotFound { id: id.to_string() });
+        }
+        if slots.len() <= 1 {
+            return Err(Error::LastKeySlot);
+        }
+        let path = p(&format!("keys/{id}"));
+        self.store.inner.delete(&path).await.map_err(|e| Error::store("delete", &path, e))
+    }
+
+    /// The slot that `passphrase` opens, if any.
+    pub async fn slot_for(&self, passphrase: &[u8]) -> Result<Option<String>> {
+        for slot in Self::read_key_slots(&self.store).await? {
+            if slot.open(passphrase, &self.config.repository_id)?.is_some() {
+                return Ok(Some(slot.id));
+            }
+        }
+        Ok(None)
+    }
+
+    // ---- chunks ----
+
+    pub async fn chunk_exists(&self, id: &ChunkId) -> Result<bool> {
+        let path = p(&id.object_key());
+        match self.store.inner.head(&path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(Error::store("head", &path, e)),
+        }
+    }
+
+    /// Uploads an encoded chunk create-only; `Ok(false)` when it already existed.
+    pub async fn put_chunk(&self, id: &ChunkId, bytes: Vec<u8>) -> Result<bool> {
+        put_create(self.store.inner.as_ref(), &id.object_key(), bytes).await
+    }
+
+    /// Downloads a chunk object without decoding it.
+    pub async fn get_chunk_object(&self, id: &ChunkId) -> Result<Bytes> {
+        get_bytes(self.store.inner.as_ref(), &id.object_key()).await
+    }
+
+    // ---- manifests ----
+
+    /// Commits a backup: writes its manifest create-only. Nothing before this is visible.
+    pub async fn put_manifest(&self, manifest: &Manifest) -> Result<BackupRef> {
+        validate_volume_name(&manifest.meta.volume)?;
+        let r = BackupRef {
+            volume: manifest.meta.volume.clone(),
+            name: format!("{}-{}", manifest.meta.created.format("%Y%m%dT%H%M%S%.6fZ"), manifest.meta.backup_id),
+        };
+        let key = r.key();
+        let plain = manifest.encode()?;
+        let sealed = encode_sealed(self.key.seal_key(), ObjectKind::Manifest, key.as_bytes(), &plain, Some(3))?;
+        if !put_create(self.store.inner.as_ref(), &key, sealed).await? {
+            return Err(Error::BadObject {
+                path: key,
+                reason: "a manifest with this name already exists".into(),
+            });
+        }
+        Ok(r)
+    }
+
+    pub async fn read_manifest(&self, r: &BackupRef) -> Result<Manifest> {
+        let key = r.key();
+        let bytes = get_bytes(self.store.inner.as_ref(), &key).await?;
+        let plain = decode_sealed(self.key.seal_key(), ObjectKind::Manifest, key.as_bytes(), &bytes, MAX_MANIFEST_LEN, &key)?;
+        let m = Manifest::decode(&plain, &key)?;
+        if m.meta.volume != r.volume || m.meta.repository_id != self.config.repository_id || r.backup_id() != m.meta.backup_id {
+            return Err(Error::ManifestDecode {
+                path: key,
+                reason: "manifest names another volume, repository or backup than its key".into(),
+            });
+        }
+        if m.meta.block_size == 0 || m.meta.block_size > MAX_BLOCK_SIZE {
+            return Err(Error::ManifestDecode {
+                path: key,
+                reason: format!("block size {} out of range", m.meta.block_size),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Lists manifests in the bucket (names only), oldest first; one volume or all.
+    pub async fn list_backups(&self, volume: Option<&str>) -> Result<Vec<BackupRef>> {
+        let prefix = match volume {
+            Some(v) => {
+                validate_volume_name(v)?;
+                p(&format!("volumes/{v}/backups"))
+            }
+            None => p("volumes"),
+        };
+        let metas: Vec<_> = self.store.inner.list(Some(&prefix)).try_collect().await.map_err(|e| Error::store("list", &prefix, e))?;
+        let mut out = Vec::new();
+        for m in metas {
+            let parts: Vec<_> = m.location.parts().collect();
+            if parts.len() == 4 && parts[0].as_ref() == "volumes" && parts[2].as_ref() == "backups" {
+                out.push(BackupRef {
+                    volume: parts[1].as_ref().to_string(),
+                    name: parts[3].as_ref().to_string(),
+                });
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Deletes a manifest (the backup disappears; its chunks become garbage for GC).
+    pub async fn delete_manifest(&self, r: &BackupRef) -> Result<()> {
+        let path = p(&r.key());
+        self.store.inner.delete(&path).await.map_err(|e| Error::store("delete", &path, e))
+    }
+}
