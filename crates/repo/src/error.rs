@@ -86,7 +86,11 @@ impl Error {
         )
     }
 
-    pub(crate) fn store(op: &'static str, path: &object_store::path::Path, source: object_store::Error) -> Self {
+    pub(crate) fn store(
+        op: &'static str,
+        path: &object_store::path::Path,
+        source: object_store::Error,
+    ) -> Self {
         match source {
             object_store::Error::NotFound { .. } => Error::NotFound {
                 path: path.to_string(),

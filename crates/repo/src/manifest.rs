@@ -99,7 +99,10 @@ impl Manifest {
     /// Length of block `index` (the last one may be short).
     pub fn block_len(&self, index: u64) -> u64 {
         let start = index * self.meta.block_size;
-        self.meta.image_size.saturating_sub(start).min(self.meta.block_size)
+        self.meta
+            .image_size
+            .saturating_sub(start)
+            .min(self.meta.block_size)
     }
 
     pub fn encode(&self) -> Result<Vec<u8>> {
@@ -142,7 +145,8 @@ impl Manifest {
             return Err(bad("bad manifest magic".into()));
         }
         let meta_len = r.u32().map_err(&bad)? as usize;
-        let meta: ManifestMeta = serde_json::from_slice(r.take(meta_len).map_err(&bad)?).map_err(|e| bad(format!("metadata: {e}")))?;
+        let meta: ManifestMeta = serde_json::from_slice(r.take(meta_len).map_err(&bad)?)
+            .map_err(|e| bad(format!("metadata: {e}")))?;
         if meta.format > MANIFEST_FORMAT {
             return Err(Error::UnsupportedFormat {
                 path: path.to_string(),
@@ -156,7 +160,10 @@ impl Manifest {
         let count = r.u64().map_err(&bad)?;
         let expected = block_count(meta.image_size, meta.block_size);
         if count != expected {
-            return Err(bad(format!("{count} blocks for an image of {} bytes in {}-byte blocks (expected {expected})", meta.image_size, meta.block_size)));
+            return Err(bad(format!(
+                "{count} blocks for an image of {} bytes in {}-byte blocks (expected {expected})",
+                meta.image_size, meta.block_size
+            )));
         }
         // Every block costs at least a bit of input; refuse counts the input cannot back.
         if count > (bytes.len() as u64).saturating_mul(8).max(1 << 20) * 64 {
@@ -167,12 +174,21 @@ impl Manifest {
             let kind = r.take(1).map_err(&bad)?[0];
             let n = r.u64().map_err(&bad)?;
             if n == 0 || n > count - blocks.len() as u64 {
-                return Err(bad(format!("run of {n} blocks at block {} overruns the map of {count}", blocks.len())));
+                return Err(bad(format!(
+                    "run of {n} blocks at block {} overruns the map of {count}",
+                    blocks.len()
+                )));
             }
             match kind {
                 0 => blocks.resize(blocks.len() + n as usize, None),
                 1 => {
-                    let ids = r.take((n as usize).checked_mul(32).ok_or_else(|| bad("run too long".into()))?).map_err(&bad)?;
+                    let ids = r
+                        .take(
+                            (n as usize)
+                                .checked_mul(32)
+                                .ok_or_else(|| bad("run too long".into()))?,
+                        )
+                        .map_err(&bad)?;
                     for id in ids.chunks_exact(32) {
                         let mut a = [0u8; 32];
                         a.copy_from_slice(id);
@@ -196,7 +212,11 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| format!("truncated at byte {} (wanted {n} more)", self.pos))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| format!("truncated at byte {} (wanted {n} more)", self.pos))?;
         let s = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -267,7 +287,10 @@ mod tests {
         for i in (0..262_144).step_by(10_000) {
             blocks[i] = Some(ChunkId([i as u8; 32]));
         }
-        let m = Manifest { meta: meta(1 << 40, 4 << 20), blocks };
+        let m = Manifest {
+            meta: meta(1 << 40, 4 << 20),
+            blocks,
+        };
         let enc = m.encode().unwrap();
         assert!(enc.len() < 2000, "{}", enc.len());
         assert_eq!(Manifest::decode(&enc, "m").unwrap(), m);

@@ -1,0 +1,529 @@
+//! Backup ingest: an export-diff stream → fixed blocks → chunks → a committed manifest.
+//!
+//! The stream is parsed on a blocking thread that assembles blocks in order (the diff's
+//! extents ascend) and hands finished blocks to async workers that hash, deduplicate,
+//! compress, encrypt and upload them with bounded concurrency. Blocks the stream covers only
+//! partly are completed from the parent backup's chunk. The manifest is written last.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{anyhow, Context, Result};
+use ferry_repo::{
+    block_count, is_zero, BackupRef, BackupStats, ChunkId, Index, Manifest, ManifestMeta,
+    Repository, Source,
+};
+use rbd_diff::{DiffHeader, DiffReader, Event};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::errors::Refused;
+use crate::restore::fetch_block;
+
+/// What the caller knows before the stream is read.
+pub struct IngestParams {
+    pub volume: String,
+    /// Block size for a volume without backups (a chain keeps its parent's block size).
+    pub block_size: u64,
+    /// The chain head (or `--parent`), with its manifest.
+    pub parent: Option<(BackupRef, Manifest)>,
+    /// The parent was chosen explicitly (`--parent`): a full stream then still records it.
+    pub source: Source,
+    pub zstd_level: i32,
+    pub jobs: usize,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Called with the stream position as bytes are consumed (progress bars).
+    pub progress: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+    /// Checked after the header is read, before anything is uploaded (e.g. the rbd source
+    /// insists the stream's to-snapshot is the one it created).
+    pub expect_to_snap: Option<String>,
+}
+
+/// What the parser thread hands to the workers.
+enum Work {
+    /// Block content (len = block length; may be all zero).
+    Block { index: u64, data: Vec<u8> },
+    /// Block known to be all zero without looking (covered by one `z`).
+    Hole { index: u64 },
+}
+
+#[derive(Default)]
+struct ParseStats {
+    stream_bytes: u64,
+    data_bytes: u64,
+    zeroed_bytes: u64,
+    blocks_changed: u64,
+    blocks_partial: u64,
+}
+
+/// A block being assembled: its bytes and which ranges the stream covered.
+struct Pending {
+    index: u64,
+    data: Vec<u8>,
+    covered: Vec<(u64, u64)>,
+}
+
+impl Pending {
+    fn cover(&mut self, start: u64, end: u64) {
+        match self.covered.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => self.covered.push((start, end)),
+        }
+    }
+    fn covered_len(&self) -> u64 {
+        self.covered.iter().map(|(s, e)| e - s).sum()
+    }
+}
+
+/// The blocking half: parses and assembles blocks.
+struct Assembler<'a> {
+    repo: &'a Repository,
+    rt: tokio::runtime::Handle,
+    block_size: u64,
+    image_size: u64,
+    base: &'a [Option<ChunkId>],
+    parent_size: u64,
+    pending: Option<Pending>,
+    tx: mpsc::Sender<Work>,
+    stats: ParseStats,
+    touched: Vec<bool>,
+}
+
+impl Assembler<'_> {
+    fn block_len(&self, index: u64) -> u64 {
+        (self.image_size - index * self.block_size).min(self.block_size)
+    }
+
+    fn send(&self, w: Work) -> Result<()> {
+        self.tx
+            .blocking_send(w)
+            .map_err(|_| anyhow!("backup workers stopped"))
+    }
+
+    /// Starts (or continues) the pending block `index`.
+    fn pending_for(&mut self, index: u64) -> Result<&mut Pending> {
+        if self.pending.as_ref().is_some_and(|p| p.index != index) {
+            self.finish_pending()?;
+        }
+        if self.pending.is_none() {
+            let len = self.block_len(index) as usize;
+            self.pending = Some(Pending {
+                index,
+                data: vec![0u8; len],
+                covered: Vec::new(),
+            });
+        }
+        Ok(self.pending.as_mut().expect("set above"))
+    }
+
+    fn finish_pending(&mut self) -> Result<()> {
+        let Some(mut p) = self.pending.take() else {
+            return Ok(());
+        };
+        let len = p.data.len() as u64;
+        if p.covered_len() < len {
+            // Partly covered: the rest comes from the parent's block (zeros if it was a hole).
+            if let Some(Some(id)) = self.base.get(p.index as usize) {
+                let old = self.fetch_parent(id, p.index)?;
+                let mut pos = 0u64;
+                let mut gaps = Vec::new();
+                for &(s, e) in &p.covered {
+                    if s > pos {
+                        gaps.push((pos, s));
+                    }
+                    pos = e;
+                }
+                if pos < len {
+                    gaps.push((pos, len));
+                }
+                for (s, e) in gaps {
+                    let (s, e) = (s as usize, e as usize);
+                    let old_end = e.min(old.len());
+                    if s < old_end {
+                        p.data[s..old_end].copy_from_slice(&old[s..old_end]);
+                    }
+                }
+                self.stats.blocks_partial += 1;
+            }
+        }
+        self.stats.blocks_changed += 1;
+        self.touched[p.index as usize] = true;
+        self.send(Work::Block {
+            index: p.index,
+            data: p.data,
+        })
+    }
+
+    fn fetch_parent(&self, id: &ChunkId, index: u64) -> Result<Vec<u8>> {
+        self.rt
+            .block_on(fetch_block(self.repo, id))
+            .with_context(|| format!("reading block {index} (chunk {id}) of the parent backup to complete a partly changed block"))
+    }
+
+    fn data(&mut self, offset: u64, mut data: &[u8]) -> Result<()> {
+        self.stats.data_bytes += data.len() as u64;
+        let mut off = offset;
+        while !data.is_empty() {
+            let index = off / self.block_size;
+            let in_block = off - index * self.block_size;
+            let n = ((self.block_size - in_block) as usize).min(data.len());
+            let p = self.pending_for(index)?;
+            p.data[in_block as usize..in_block as usize + n].copy_from_slice(&data[..n]);
+            p.cover(in_block, in_block + n as u64);
+            data = &data[n..];
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    fn zero(&mut self, offset: u64, length: u64) -> Result<()> {
+        self.stats.zeroed_bytes += length;
+        let end = offset + length;
+        let mut off = offset;
+        while off < end {
+            let index = off / self.block_size;
+            let in_block = off - index * self.block_size;
+            let blen = self.block_len(index);
+            let n = (blen - in_block).min(end - off);
+            if in_block == 0 && n == blen && self.pending.as_ref().is_none_or(|p| p.index != index)
+            {
+                // A whole block zeroed: a hole, no buffer needed (cheap for huge discards).
+                self.finish_pending()?;
+                self.stats.blocks_changed += 1;
+                self.touched[index as usize] = true;
+                self.send(Work::Hole { index })?;
+            } else {
+                let p = self.pending_for(index)?;
+                p.data[in_block as usize..(in_block + n) as usize].fill(0);
+                p.cover(in_block, in_block + n);
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// After `e`: a shrink that cut the last block in the middle must truncate its chunk, or
+    /// a later grow would bring stale bytes back.
+    fn finish(&mut self) -> Result<()> {
+        self.finish_pending()?;
+        let nblocks = block_count(self.image_size, self.block_size);
+        if nblocks > 0
+            && self.image_size < self.parent_size
+            && !self.image_size.is_multiple_of(self.block_size)
+        {
+            let last = nblocks - 1;
+            if !self.touched[last as usize] {
+                if let Some(Some(id)) = self.base.get(last as usize) {
+                    let mut old = self.fetch_parent(id, last)?;
+                    old.resize(self.block_len(last) as usize, 0);
+                    self.stats.blocks_changed += 1;
+                    self.stats.blocks_partial += 1;
+                    self.touched[last as usize] = true;
+                    self.send(Work::Block {
+                        index: last,
+                        data: old,
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks the stream's from-snapshot against the chain.
+pub fn check_chain(
+    header: &DiffHeader,
+    volume: &str,
+    parent: Option<&(BackupRef, Manifest)>,
+) -> Result<()> {
+    if let Some(from) = &header.from_snap {
+        match parent {
+            None => return Err(Refused(format!("the stream is incremental (from snapshot '{from}') but volume '{volume}' has no backup to build on; back up a full stream first")).into()),
+            Some((r, m)) if m.meta.to_snap.as_deref() != Some(from.as_str()) => {
+                return Err(Refused(format!(
+                    "the stream's from-snapshot '{from}' does not match the to-snapshot '{}' of {} backup {} of volume '{volume}'; refusing to build a broken chain",
+                    m.meta.to_snap.as_deref().unwrap_or("(none)"),
+                    "parent",
+                    r.backup_id()
+                ))
+                .into())
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Ingests one export-diff stream as a new backup and commits it.
+pub async fn ingest<R: Read + Send + 'static>(
+    repo: Arc<Repository>,
+    index: Arc<Index>,
+    reader: R,
+    params: IngestParams,
+) -> Result<(BackupRef, Manifest)> {
+    let started = Instant::now();
+    let (tx, mut rx) = mpsc::channel::<Work>(2);
+    let (header_tx, header_rx) = tokio::sync::oneshot::channel::<DiffHeader>();
+    let parent = params.parent.map(Arc::new);
+    let block_size = parent
+        .as_ref()
+        .map(|p| p.1.meta.block_size)
+        .unwrap_or(params.block_size);
+    let volume = params.volume.clone();
+    let expect_to_snap = params.expect_to_snap.clone();
+    let progress = params.progress.clone();
+
+    // Parser thread.
+    let parse = {
+        let repo = repo.clone();
+        let parent = parent.clone();
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || -> Result<(DiffHeader, ParseStats)> {
+            let mut reader = DiffReader::new(std::io::BufReader::with_capacity(1 << 20, reader))
+                .context("reading the diff stream header")?;
+            let header = reader.header().clone();
+            check_chain(&header, &volume, parent.as_deref())?;
+            if let Some(want) = &expect_to_snap {
+                if header.to_snap.as_deref() != Some(want) {
+                    return Err(anyhow!(
+                        "the diff stream's to-snapshot is {:?}, expected '{want}'",
+                        header.to_snap
+                    ));
+                }
+            }
+            // Full stream: untouched blocks are zero. Incremental: they are the parent's.
+            let (base, parent_size): (&[Option<ChunkId>], u64) =
+                match (&header.from_snap, parent.as_deref()) {
+                    (Some(_), Some((_, m))) => (&m.blocks, m.meta.image_size),
+                    _ => (&[], 0),
+                };
+            let _ = header_tx.send(header.clone());
+            let nblocks = block_count(header.image_size, block_size);
+            let mut asm = Assembler {
+                repo: &repo,
+                rt,
+                block_size,
+                image_size: header.image_size,
+                base,
+                parent_size,
+                pending: None,
+                tx,
+                stats: ParseStats::default(),
+                touched: vec![false; nblocks as usize],
+            };
+            let mut last_report = 0u64;
+            loop {
+                match reader.next_event().context("the diff stream is invalid")? {
+                    Event::Data { offset, data } => asm.data(offset, data)?,
+                    Event::Zero { offset, length } => asm.zero(offset, length)?,
+                    Event::End => break,
+                }
+                if let Some(cb) = &progress {
+                    let pos = reader.position();
+                    if pos - last_report >= 4 << 20 {
+                        cb(pos);
+                        last_report = pos;
+                    }
+                }
+            }
+            asm.finish()?;
+            asm.stats.stream_bytes = reader.position();
+            if let Some(cb) = &progress {
+                cb(asm.stats.stream_bytes);
+            }
+            Ok((header, asm.stats))
+        })
+    };
+
+    // Workers: hash, dedup, encode, upload.
+    let sem = Arc::new(Semaphore::new(params.jobs.max(1)));
+    let claimed: Arc<Mutex<HashSet<ChunkId>>> = Arc::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut results: Vec<(u64, Option<ChunkId>, Outcome)> = Vec::new();
+    let mut first_error: Option<anyhow::Error> = None;
+    while let Some(work) = rx.recv().await {
+        // Reap finished tasks as we go so errors surface early and memory stays bounded.
+        while let Some(done) = tasks.try_join_next() {
+            match done.context("backup worker panicked")? {
+                Ok(r) => results.push(r),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if first_error.is_some() {
+            break;
+        }
+        let permit = sem
+            .clone()
+            .acquire_owned()
+            .await
+            .context("semaphore closed")?;
+        let repo = repo.clone();
+        let index = index.clone();
+        let claimed = claimed.clone();
+        let level = params.zstd_level;
+        tasks.spawn(async move {
+            let _permit = permit;
+            match work {
+                Work::Hole { index: i } => Ok((i, None, Outcome::Zero)),
+                Work::Block { index: i, data } => {
+                    store_block(&repo, &index, &claimed, i, data, level).await
+                }
+            }
+        });
+    }
+    drop(rx);
+    while let Some(done) = tasks.join_next().await {
+        match done.context("backup worker panicked")? {
+            Ok(r) => results.push(r),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let parsed = parse.await.context("diff parser panicked")?;
+    // A parse error explains an upload stop, so report it first.
+    let (header, pstats) = match (parsed, first_error) {
+        (Err(e), _) => return Err(e),
+        (Ok(_), Some(e)) => return Err(e),
+        (Ok(v), None) => v,
+    };
+    drop(header_rx);
+
+    // The new block map: the parent's (incremental) or holes (full), resized, then the changes.
+    let nblocks = block_count(header.image_size, block_size) as usize;
+    let mut blocks: Vec<Option<ChunkId>> = match (&header.from_snap, parent.as_deref()) {
+        (Some(_), Some((_, m))) => m.blocks.clone(),
+        _ => Vec::new(),
+    };
+    blocks.resize(nblocks, None);
+    let mut stats = BackupStats {
+        stream_bytes: pstats.stream_bytes,
+        data_bytes: pstats.data_bytes,
+        zeroed_bytes: pstats.zeroed_bytes,
+        blocks_changed: pstats.blocks_changed,
+        blocks_partial: pstats.blocks_partial,
+        ..Default::default()
+    };
+    for (i, id, outcome) in results {
+        blocks[i as usize] = id;
+        match outcome {
+            Outcome::Zero => stats.blocks_zero += 1,
+            Outcome::New { plain, stored } => {
+                stats.blocks_new += 1;
+                stats.bytes_new += plain;
+                stats.bytes_uploaded += stored;
+            }
+            Outcome::Known => stats.blocks_dedup += 1,
+            Outcome::FoundInRepo => {
+                stats.blocks_dedup += 1;
+                stats.blocks_found_in_repo += 1;
+            }
+        }
+    }
+    stats.duration_ms = started.elapsed().as_millis() as u64;
+    let mut id = [0u8; 8];
+    rand::Rng::fill(&mut rand::rng(), &mut id);
+    let parent_id = match &header.from_snap {
+        Some(_) => parent.as_ref().map(|p| p.0.backup_id().to_string()),
+        None => None,
+    };
+    let manifest = Manifest {
+        meta: ManifestMeta {
+            format: ferry_repo::MANIFEST_FORMAT,
+            backup_id: hex::encode(id),
+            repository_id: repo.id().to_string(),
+            volume: params.volume.clone(),
+            created: chrono::Utc::now(),
+            source: params.source,
+            from_snap: header.from_snap.clone(),
+            to_snap: header.to_snap.clone(),
+            parent: parent_id,
+            image_size: header.image_size,
+            block_size,
+            labels: params.labels,
+            protected: header.protected.unwrap_or(false),
+            stats,
+        },
+        blocks,
+    };
+    let r = repo
+        .put_manifest(&manifest)
+        .await
+        .context("committing the backup (writing its manifest)")?;
+    // The index is a cache: a failure here does not undo the commit.
+    if let Err(e) = index
+        .insert_backup(&r, &manifest)
+        .and_then(|_| index.flush())
+    {
+        tracing::warn!("backup committed, but the local index was not updated: {e}");
+    }
+    Ok((r, manifest))
+}
+
+enum Outcome {
+    Zero,
+    Known,
+    FoundInRepo,
+    New { plain: u64, stored: u64 },
+}
+
+async fn store_block(
+    repo: &Repository,
+    index: &Index,
+    claimed: &Mutex<HashSet<ChunkId>>,
+    i: u64,
+    data: Vec<u8>,
+    level: i32,
+) -> Result<(u64, Option<ChunkId>, Outcome)> {
+    let key = repo.key().clone();
+    let (data, id) = tokio::task::spawn_blocking(move || {
+        if is_zero(&data) {
+            (data, None)
+        } else {
+            let id = ChunkId::of(&key, &data);
+            (data, Some(id))
+        }
+    })
+    .await
+    .context("hash worker panicked")?;
+    let Some(id) = id else {
+        return Ok((i, None, Outcome::Zero));
+    };
+    if index.has_chunk(&id)? {
+        return Ok((i, Some(id), Outcome::Known));
+    }
+    if !claimed
+        .lock()
+        .map_err(|_| anyhow!("lock poisoned"))?
+        .insert(id)
+    {
+        return Ok((i, Some(id), Outcome::Known));
+    }
+    if repo.chunk_exists(&id).await? {
+        return Ok((i, Some(id), Outcome::FoundInRepo));
+    }
+    let key = repo.key().clone();
+    let plain = data.len() as u64;
+    let bytes = tokio::task::spawn_blocking(move || {
+        ferry_repo::encode_chunk_with_id(&key, id, &data, level)
+    })
+    .await
+    .context("encode worker panicked")??;
+    let stored = bytes.len() as u64;
+    let created = repo
+        .put_chunk(&id, bytes)
+        .await
+        .with_context(|| format!("uploading chunk {id} (block {i})"))?;
+    Ok((
+        i,
+        Some(id),
+        if created {
+            Outcome::New { plain, stored }
+        } else {
+            Outcome::FoundInRepo
+        },
+    ))
+}

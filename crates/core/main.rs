@@ -1,0 +1,72 @@
+//! ferry — carries Ceph RBD volumes to object storage in another datacenter and brings them
+//! back. This is the binary's edge: argument parsing, output, exit codes. The pipelines live
+//! in the modules below; the repository and the diff codec are crates of their own.
+
+mod audit;
+mod commands;
+mod common;
+mod errors;
+mod ingest;
+mod restore;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::common::RepoArgs;
+
+const AFTER_HELP: &str = "\
+Environment:
+  FERRY_REPO            repository URL (instead of --repo)
+  FERRY_PASSWORD        repository passphrase (or --password-file / FERRY_PASSWORD_FILE, or a prompt)
+  FERRY_INDEX_DIR       local index cache directory
+  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT, AWS_REGION, AWS_ALLOW_HTTP
+                        S3 / Ceph RGW access (standard AWS variables)
+
+Exit codes:
+  0 success   1 failure (I/O, network, invalid input)   2 usage
+  3 integrity problem (tampered, corrupt or missing data; audit findings)
+  4 wrong or missing passphrase   5 refused (broken chain, existing target, held lease)";
+
+/// Back up Ceph RBD volumes to object storage, restore them, and audit the backups.
+#[derive(Parser, Debug)]
+#[command(name = "ferry", version, about, after_help = AFTER_HELP)]
+struct Cli {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// More log output (-v, -vv); logs go to stderr and never contain secrets.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: commands::Command,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = match cli.verbose {
+        0 => "warn",
+        1 => "info,ferry=debug",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(commands::run(cli.command, cli.repo)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => errors::report(&e),
+    }
+}
