@@ -1,1 +1,7 @@
-fn main() {}
+//! End-to-end tests: the `ferry` binary against real stores (local directory, and with the
+//! project's dev cluster, Ceph RBD and RGW S3).
+
+mod util;
+
+mod cli;
+mod core;

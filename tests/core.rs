@@ -1,0 +1,239 @@
+//! Issue 2 acceptance: backup and restore of export-diff streams, local repository.
+
+use ferry_testdata::Volume;
+
+use crate::util::{apply_diff, hash_file, Repo};
+
+const MIB: u64 = 1 << 20;
+
+/// A chain over every kind of change: overwrites (unaligned), zero writes, discards, a grow,
+/// a shrink that cuts a block, a regrow (must read zeros), more writes. Returns the expected
+/// image hash per backup ID.
+fn build_chain(repo: &Repo, volume: &str) -> Vec<(String, String, Vec<u8>)> {
+    let mut v = Volume::generated(9 * MIB + 12_345, 1 << 20, 42);
+    let mut out = Vec::new();
+    let step = |v: &mut Volume, snap: &str, out: &mut Vec<(String, String, Vec<u8>)>| {
+        let stream = v.diff(snap, Vec::new()).expect("diff");
+        let j = repo.backup_bytes(volume, &stream);
+        assert_eq!(j["to_snap"], snap);
+        out.push((j["backup_id"].as_str().expect("id").to_string(), v.hash(), v.data.clone()));
+        j
+    };
+    let full = step(&mut v, "s1", &mut out);
+    assert_eq!(full["kind"], "full");
+    // Overwrites, unaligned and across a block boundary; an all-zero write; a discard.
+    v.write(3 * MIB - 100, &vec![0xAB; 300]);
+    v.write(12_345, b"hello ferry");
+    v.write_zeros(5 * MIB + 4096, 8192);
+    v.discard(6 * MIB, MIB);
+    let inc = step(&mut v, "s2", &mut out);
+    assert_eq!(inc["kind"], "incremental");
+    assert!(inc["stats"]["blocks_partial"].as_u64().expect("n") >= 2, "{inc}");
+    // Grow and write into the new area.
+    v.resize(14 * MIB + 777);
+    v.write(13 * MIB, &vec![7u8; 5000]);
+    step(&mut v, "s3", &mut out);
+    // Shrink to the middle of a block: the stream carries only the new size.
+    v.resize(4 * MIB + MIB / 2);
+    let shrink = step(&mut v, "s4", &mut out);
+    assert!(shrink["stats"]["stream_bytes"].as_u64().expect("n") < 100, "{shrink}");
+    // Grow again in a separate interval: no records; the regrown bytes must be zero.
+    v.resize(8 * MIB);
+    step(&mut v, "s5", &mut out);
+    v.write(7 * MIB + 3, &vec![9u8; 70_000]);
+    step(&mut v, "s6", &mut out);
+    out
+}
+
+#[test]
+fn every_backup_of_a_chain_restores_byte_identical() {
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let chain = build_chain(&repo, "vm1");
+    assert_eq!(repo.backups("vm1").len(), chain.len());
+    for (id, hash, _) in &chain {
+        let out = repo.path(&format!("restore-{id}.raw"));
+        repo.ok(&["restore", &format!("vm1@{id}"), "--to", out.to_str().expect("utf8")]);
+        assert_eq!(&hash_file(&out), hash, "backup {id}");
+    }
+    // Disaster recovery: no local index at all, then a rebuilt one.
+    std::fs::remove_dir_all(repo.path("index")).expect("remove index");
+    for (i, (id, hash, _)) in chain.iter().enumerate() {
+        let out = repo.path(&format!("dr-{id}.raw"));
+        let mut args = vec!["restore", "--to", out.to_str().expect("utf8")];
+        let target = format!("vm1@{id}");
+        args.insert(1, &target);
+        if i % 2 == 0 {
+            args.push("--no-index");
+        }
+        repo.ok(&args);
+        assert_eq!(&hash_file(&out), hash, "backup {id} without index");
+    }
+    let rebuilt = repo.json(&["index", "rebuild"]);
+    assert_eq!(rebuilt["backups"], chain.len());
+}
+
+#[test]
+fn restore_as_import_diff_stream_yields_the_same_image() {
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let chain = build_chain(&repo, "vm2");
+    for (id, hash, _) in [&chain[1], &chain[3], &chain[5]] {
+        let out = repo.path(&format!("{id}.diff"));
+        repo.ok(&["restore", &format!("vm2@{id}"), "--to", out.to_str().expect("utf8"), "--format", "import-diff"]);
+        let stream = std::fs::read(&out).expect("read");
+        let mut image = Vec::new();
+        apply_diff(&mut image, &stream);
+        assert_eq!(&blake3::hash(&image).to_hex().to_string(), hash, "backup {id}");
+    }
+    // And raw to stdout.
+    let (id, _, data) = &chain[2];
+    let out = repo.run(&["restore", &format!("vm2@{id}"), "--to", "-"]);
+    assert!(out.status.success());
+    assert!(out.stdout == *data, "stdout restore differs");
+}
+
+#[test]
+fn wrong_passphrase_is_refused_and_writes_nothing() {
+    let repo = Repo::file(&[]);
+    let mut v = Volume::generated(2 * MIB, 1 << 20, 1);
+    repo.backup_bytes("v", &v.diff("s1", Vec::new()).expect("diff"));
+    let out = repo.path("out.raw");
+    let res = repo.cmd(&["restore", "v", "--to", out.to_str().expect("utf8")]).env("FERRY_PASSWORD", "not the passphrase").output().expect("run");
+    assert_eq!(res.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("wrong passphrase"), "{err}");
+    assert!(!out.exists(), "restore wrote a file with a wrong passphrase");
+    // No passphrase at all (no terminal): also exit 4, with a hint.
+    let res = repo.cmd(&["ls"]).env_remove("FERRY_PASSWORD").output().expect("run");
+    assert_eq!(res.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("FERRY_PASSWORD"));
+}
+
+fn chunk_files(repo: &Repo) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for d in std::fs::read_dir(repo.repo_dir().join("chunks")).expect("chunks dir") {
+        for f in std::fs::read_dir(d.expect("entry").path()).expect("subdir") {
+            files.push(f.expect("entry").path());
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn a_flipped_byte_in_a_chunk_fails_restore_naming_block_and_chunk() {
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let mut v = Volume::generated(6 * MIB, 1 << 20, 7);
+    repo.backup_bytes("v", &v.diff("s1", Vec::new()).expect("diff"));
+    let victim = chunk_files(&repo).into_iter().next().expect("a chunk");
+    let chunk_id = victim.file_name().expect("name").to_string_lossy().to_string();
+    let mut bytes = std::fs::read(&victim).expect("read");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&victim, bytes).expect("write");
+
+    let out = repo.path("out.raw");
+    let err = repo.fails(&["restore", "v", "--to", out.to_str().expect("utf8")], 3);
+    assert!(err.contains(&chunk_id), "{err}");
+    assert!(err.contains("block "), "{err}");
+    assert!(err.contains("integrity"), "{err}");
+    assert!(!out.exists(), "a failed restore must not leave a partial file");
+    // --best-effort writes the rest and still reports it.
+    let err = repo.fails(&["restore", "v", "--to", out.to_str().expect("utf8"), "--best-effort"], 3);
+    assert!(err.contains(&chunk_id), "{err}");
+    assert!(out.exists());
+    // The audit finds it too, but only when it reads data.
+    repo.ok(&["audit"]);
+    let err = repo.fails(&["audit", "--read-data"], 3);
+    assert!(err.contains("problem"), "{err}");
+    // A missing chunk is found without reading data.
+    std::fs::remove_file(&victim).expect("rm");
+    let report = repo.run(&["audit", "--json"]);
+    assert_eq!(report.status.code(), Some(3));
+    let j: serde_json::Value = serde_json::from_slice(&report.stdout).expect("json");
+    assert_eq!(j["findings"][0]["kind"], "missing-chunk");
+}
+
+#[test]
+fn a_tampered_manifest_is_reported() {
+    let repo = Repo::file(&[]);
+    let mut v = Volume::generated(2 * MIB, 1 << 20, 9);
+    let j = repo.backup_bytes("v", &v.diff("s1", Vec::new()).expect("diff"));
+    let key = repo.repo_dir().join(j["object"].as_str().expect("object"));
+    let mut bytes = std::fs::read(&key).expect("read");
+    let n = bytes.len();
+    bytes[n - 20] ^= 0x80;
+    std::fs::write(&key, bytes).expect("write");
+    let err = repo.fails(&["ls", "--no-index"], 3);
+    assert!(err.contains("integrity error"), "{err}");
+    let report = repo.run(&["audit", "--json", "--no-index"]);
+    assert_eq!(report.status.code(), Some(3));
+}
+
+#[test]
+fn truncated_stream_commits_nothing_and_retry_uploads_only_the_rest() {
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let mut v = Volume::generated(12 * MIB, 1 << 20, 11);
+    let stream = v.diff("s1", Vec::new()).expect("diff");
+    let cut = &stream[..stream.len() * 2 / 3];
+    let f = repo.path("cut.diff");
+    std::fs::write(&f, cut).expect("write");
+    let err = repo.fails(&["backup", "--volume", "v", "--diff", f.to_str().expect("utf8")], 1);
+    assert!(err.contains("truncated") || err.contains("Truncated"), "{err}");
+    assert!(err.contains("nothing was committed"), "{err}");
+    assert!(repo.backups("v").is_empty(), "a truncated stream must not commit a backup");
+    let uploaded_before = chunk_files(&repo).len();
+    assert!(uploaded_before > 0, "the cut stream should have uploaded some chunks before failing");
+
+    let j = repo.backup_bytes("v", &stream);
+    let s = &j["stats"];
+    let found = s["blocks_found_in_repo"].as_u64().expect("n");
+    let new = s["blocks_new"].as_u64().expect("n");
+    assert_eq!(found as usize, uploaded_before, "{j}");
+    assert_eq!((found + new) as usize, chunk_files(&repo).len(), "{j}");
+    assert!(new > 0);
+    assert_eq!(repo.backups("v").len(), 1);
+    let out = repo.path("r.raw");
+    repo.ok(&["restore", "v", "--to", out.to_str().expect("utf8")]);
+    assert_eq!(hash_file(&out), v.hash());
+}
+
+#[test]
+fn an_incremental_that_does_not_continue_the_chain_is_refused() {
+    let repo = Repo::file(&[]);
+    let mut v = Volume::generated(3 * MIB, 1 << 20, 5);
+    let s1 = v.diff("s1", Vec::new()).expect("diff");
+    v.write(10, b"x");
+    let s2 = v.diff("s2", Vec::new()).expect("diff");
+    v.write(20, b"y");
+    let s3 = v.diff("s3", Vec::new()).expect("diff");
+    let write = |name: &str, b: &[u8]| {
+        let p = repo.path(name);
+        std::fs::write(&p, b).expect("write");
+        p.to_str().expect("utf8").to_string()
+    };
+    // No backup yet: an incremental has nothing to build on.
+    let err = repo.fails(&["backup", "--volume", "v", "--diff", &write("s2.diff", &s2)], 5);
+    assert!(err.contains("no backup to build on"), "{err}");
+    repo.backup_bytes("v", &s1);
+    // s3 is from s2, but the chain head is s1.
+    let err = repo.fails(&["backup", "--volume", "v", "--diff", &write("s3.diff", &s3)], 5);
+    assert!(err.contains("'s2'") && err.contains("'s1'"), "{err}");
+    assert_eq!(repo.backups("v").len(), 1);
+    repo.backup_bytes("v", &s2);
+    repo.backup_bytes("v", &s3);
+    assert_eq!(repo.backups("v").len(), 3);
+}
+
+#[test]
+fn dedup_across_volumes_and_zero_blocks_are_holes() {
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let mut a = Volume::generated(8 * MIB, 1 << 20, 21);
+    let ja = repo.backup_bytes("a", &a.diff("s1", Vec::new()).expect("diff"));
+    let mut b = Volume::generated(8 * MIB, 1 << 20, 21);
+    let jb = repo.backup_bytes("b", &b.diff("s1", Vec::new()).expect("diff"));
+    assert_eq!(jb["stats"]["blocks_new"], 0, "{jb}");
+    assert_eq!(jb["stats"]["blocks_dedup"], ja["stats"]["blocks_new"], "{jb}");
+    let ls = repo.json(&["ls", "a"]);
+    let holes = ls[0]["blocks_with_data"].as_u64().expect("n");
+    assert!(holes < 8, "zero blocks must be holes: {ls}");
+}
