@@ -5,7 +5,11 @@ use crate::util::{Repo, PASSWORD};
 #[test]
 fn key_slots_add_list_passwd_remove() {
     let repo = Repo::file(&[]);
-    let added = repo.cmd(&["key", "add", "--label", "oncall"]).env("FERRY_NEW_PASSWORD", "second passphrase").output().expect("run");
+    let added = repo
+        .cmd(&["key", "add", "--label", "oncall"])
+        .env("FERRY_NEW_PASSWORD", "second passphrase")
+        .output()
+        .expect("run");
     assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
     let slots = repo.json(&["key", "list"]);
     assert_eq!(slots.as_array().expect("array").len(), 2);
@@ -13,20 +17,49 @@ fn key_slots_add_list_passwd_remove() {
     let ls = repo.cmd(&["ls"]).env("FERRY_PASSWORD", "second passphrase").output().expect("run");
     assert!(ls.status.success());
     // Change the first passphrase; the old one stops working.
-    let out = repo.cmd(&["key", "passwd"]).env("FERRY_NEW_PASSWORD", "third passphrase").output().expect("run");
+    let out = repo
+        .cmd(&["key", "passwd"])
+        .env("FERRY_NEW_PASSWORD", "third passphrase")
+        .output()
+        .expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     repo.fails(&["ls"], 4);
     let ok = repo.cmd(&["ls"]).env("FERRY_PASSWORD", "third passphrase").output().expect("run");
     assert!(ok.status.success());
     // Remove the oncall slot; the last slot cannot be removed.
-    let slots = repo.cmd(&["key", "list", "--json"]).env("FERRY_PASSWORD", "third passphrase").output().expect("run");
+    let slots = repo
+        .cmd(&["key", "list", "--json"])
+        .env("FERRY_PASSWORD", "third passphrase")
+        .output()
+        .expect("run");
     let slots: serde_json::Value = serde_json::from_slice(&slots.stdout).expect("json");
-    let ids: Vec<String> = slots.as_array().expect("array").iter().map(|s| s["id"].as_str().expect("id").to_string()).collect();
-    let oncall = slots.as_array().expect("a").iter().find(|s| s["label"] == "oncall").expect("oncall slot")["id"].as_str().expect("id").to_string();
-    let rm = repo.cmd(&["key", "remove", &oncall]).env("FERRY_PASSWORD", "third passphrase").output().expect("run");
+    let ids: Vec<String> = slots
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|s| s["id"].as_str().expect("id").to_string())
+        .collect();
+    let oncall = slots
+        .as_array()
+        .expect("a")
+        .iter()
+        .find(|s| s["label"] == "oncall")
+        .expect("oncall slot")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let rm = repo
+        .cmd(&["key", "remove", &oncall])
+        .env("FERRY_PASSWORD", "third passphrase")
+        .output()
+        .expect("run");
     assert!(rm.status.success());
     let last = ids.iter().find(|i| **i != oncall).expect("other");
-    let rm = repo.cmd(&["key", "remove", last]).env("FERRY_PASSWORD", "third passphrase").output().expect("run");
+    let rm = repo
+        .cmd(&["key", "remove", last])
+        .env("FERRY_PASSWORD", "third passphrase")
+        .output()
+        .expect("run");
     assert_eq!(rm.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&rm.stderr).contains("last key slot"));
 }
@@ -38,7 +71,12 @@ fn init_twice_is_refused_and_password_file_works() {
     assert!(err.contains("already exists"), "{err}");
     let pf = repo.path("pw");
     std::fs::write(&pf, format!("{PASSWORD}\n")).expect("write");
-    let out = repo.cmd(&["ls"]).env_remove("FERRY_PASSWORD").env("FERRY_PASSWORD_FILE", &pf).output().expect("run");
+    let out = repo
+        .cmd(&["ls"])
+        .env_remove("FERRY_PASSWORD")
+        .env("FERRY_PASSWORD_FILE", &pf)
+        .output()
+        .expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -61,7 +99,16 @@ fn unreachable_s3_endpoint_fails_fast_with_a_clear_error() {
     let dir = tempfile::tempdir().expect("tmp");
     let start = std::time::Instant::now();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["ls", "--repo", "s3://ferry-test/none", "--s3-endpoint", "http://127.0.0.1:9", "--s3-allow-http", "--store-retries", "0"])
+        .args([
+            "ls",
+            "--repo",
+            "s3://ferry-test/none",
+            "--s3-endpoint",
+            "http://127.0.0.1:9",
+            "--s3-allow-http",
+            "--store-retries",
+            "0",
+        ])
         .env("FERRY_PASSWORD", "x")
         .env("AWS_ACCESS_KEY_ID", "a")
         .env("AWS_SECRET_ACCESS_KEY", "b")
@@ -70,13 +117,19 @@ fn unreachable_s3_endpoint_fails_fast_with_a_clear_error() {
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("config") && (err.contains("127.0.0.1:9") || err.contains("connect")), "{err}");
+    assert!(
+        err.contains("config") && (err.contains("127.0.0.1:9") || err.contains("connect")),
+        "{err}"
+    );
     assert!(start.elapsed().as_secs() < 30);
 }
 
 #[test]
 fn help_lists_commands_and_exit_codes() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry")).arg("--help").output().expect("run");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .arg("--help")
+        .output()
+        .expect("run");
     let s = String::from_utf8_lossy(&out.stdout);
     for w in ["backup", "restore", "audit", "Exit codes", "FERRY_PASSWORD"] {
         assert!(s.contains(w), "--help lacks {w}: {s}");

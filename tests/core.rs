@@ -78,7 +78,14 @@ fn restore_as_import_diff_stream_yields_the_same_image() {
     let chain = build_chain(&repo, "vm2");
     for (id, hash, _) in [&chain[1], &chain[3], &chain[5]] {
         let out = repo.path(&format!("{id}.diff"));
-        repo.ok(&["restore", &format!("vm2@{id}"), "--to", out.to_str().expect("utf8"), "--format", "import-diff"]);
+        repo.ok(&[
+            "restore",
+            &format!("vm2@{id}"),
+            "--to",
+            out.to_str().expect("utf8"),
+            "--format",
+            "import-diff",
+        ]);
         let stream = std::fs::read(&out).expect("read");
         let mut image = Vec::new();
         apply_diff(&mut image, &stream);
@@ -97,7 +104,11 @@ fn wrong_passphrase_is_refused_and_writes_nothing() {
     let mut v = Volume::generated(2 * MIB, 1 << 20, 1);
     repo.backup_bytes("v", &v.diff("s1", Vec::new()).expect("diff"));
     let out = repo.path("out.raw");
-    let res = repo.cmd(&["restore", "v", "--to", out.to_str().expect("utf8")]).env("FERRY_PASSWORD", "not the passphrase").output().expect("run");
+    let res = repo
+        .cmd(&["restore", "v", "--to", out.to_str().expect("utf8")])
+        .env("FERRY_PASSWORD", "not the passphrase")
+        .output()
+        .expect("run");
     assert_eq!(res.status.code(), Some(4));
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(err.contains("wrong passphrase"), "{err}");
@@ -182,7 +193,10 @@ fn truncated_stream_commits_nothing_and_retry_uploads_only_the_rest() {
     assert!(err.contains("nothing was committed"), "{err}");
     assert!(repo.backups("v").is_empty(), "a truncated stream must not commit a backup");
     let uploaded_before = chunk_files(&repo).len();
-    assert!(uploaded_before > 0, "the cut stream should have uploaded some chunks before failing");
+    assert!(
+        uploaded_before > 0,
+        "the cut stream should have uploaded some chunks before failing"
+    );
 
     let j = repo.backup_bytes("v", &stream);
     let s = &j["stats"];

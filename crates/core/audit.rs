@@ -158,9 +158,7 @@ pub async fn audit(a: AuditArgs, r: RepoArgs) -> Result<u8> {
                     if e {
                         Ok(false)
                     } else {
-                        Err(ferry_repo::Error::NotFound {
-                            path: id.object_key(),
-                        })
+                        Err(ferry_repo::Error::NotFound { path: id.object_key() })
                     }
                 })
             };
@@ -188,19 +186,14 @@ pub async fn audit(a: AuditArgs, r: RepoArgs) -> Result<u8> {
                 backup: Some(backup.clone()),
                 detail: format!("chunk {id} (first referenced by block {block}): {e}"),
             }),
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context("audit could not check the repository"))
-            }
+            Err(e) => return Err(anyhow::Error::new(e).context("audit could not check the repository")),
         }
     }
     report.ok = report.findings.is_empty();
     if a.json {
         print_json(&report)?;
     } else {
-        println!(
-            "{:<24} {:>8} {:>6} {:>12}  NEWEST",
-            "VOLUME", "BACKUPS", "FULL", "INCREMENTAL"
-        );
+        println!("{:<24} {:>8} {:>6} {:>12}  NEWEST", "VOLUME", "BACKUPS", "FULL", "INCREMENTAL");
         for (v, s) in &report.volumes {
             println!(
                 "{:<24} {:>8} {:>6} {:>12}  {}",
@@ -213,10 +206,7 @@ pub async fn audit(a: AuditArgs, r: RepoArgs) -> Result<u8> {
         }
         println!(
             "{} manifests checked, {} chunks referenced, {} present, {} read and verified",
-            report.manifests_checked,
-            report.chunks_referenced,
-            report.chunks_present,
-            report.chunks_read
+            report.manifests_checked, report.chunks_referenced, report.chunks_present, report.chunks_read
         );
         for f in &report.findings {
             println!(
@@ -232,10 +222,7 @@ pub async fn audit(a: AuditArgs, r: RepoArgs) -> Result<u8> {
         }
     }
     if !report.ok {
-        bail!(IntegrityFailure(format!(
-            "audit found {} problem(s)",
-            report.findings.len()
-        )));
+        bail!(IntegrityFailure(format!("audit found {} problem(s)", report.findings.len())));
     }
     Ok(exit::OK)
 }

@@ -13,18 +13,19 @@ use serde::Serialize;
 use crate::common::{human_bytes, parse_size, passphrase_from, print_json, progress_bar, RepoArgs};
 use crate::errors::{exit, IntegrityFailure, Refused};
 use crate::ingest::{ingest, IngestParams};
-use crate::restore::{
-    restore_to_file, restore_to_stream, RestoreOptions, RestoreReport, StreamFormat,
-};
+use crate::rbd::{backup_rbd, restore_rbd, CephArgs, RbdBackupOptions, RbdSpec};
+use crate::restore::{restore_to_file, restore_to_stream, RestoreOptions, RestoreReport, StreamFormat};
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Create a new repository (config and a first key slot).
     Init(InitArgs),
-    /// Back up an export-diff stream (file or stdin) as a new backup of a volume.
+    /// Back up an RBD image (rbd:POOL/IMAGE) or an export-diff stream (--diff FILE|-).
     Backup(BackupArgs),
     /// Rebuild a backup as a full volume: raw file, block device, stdout, or an import-diff stream.
     Restore(RestoreArgs),
+    /// Check the source cluster and the repository, and say precisely what is wrong.
+    Doctor(crate::doctor::DoctorArgs),
     /// List volumes and their backup chains.
     Ls(LsArgs),
     /// Prove chains complete, manifests authentic, chunks present (and optionally intact).
@@ -37,11 +38,12 @@ pub enum Command {
     Index(IndexCommand),
 }
 
-pub async fn run(cmd: Command, repo: RepoArgs) -> Result<u8> {
+pub async fn run(cmd: Command, repo: RepoArgs, ceph: CephArgs) -> Result<u8> {
     match cmd {
         Command::Init(a) => init(a, repo).await,
-        Command::Backup(a) => backup(a, repo).await,
-        Command::Restore(a) => restore(a, repo).await,
+        Command::Backup(a) => backup(a, repo, &ceph).await,
+        Command::Restore(a) => restore(a, repo, &ceph).await,
+        Command::Doctor(a) => crate::doctor::doctor(a, repo, &ceph).await,
         Command::Ls(a) => ls(a, repo).await,
         Command::Audit(a) => crate::audit::audit(a, repo).await,
         Command::Key(a) => key(a, repo).await,
@@ -91,12 +93,23 @@ async fn init(a: InitArgs, r: RepoArgs) -> Result<u8> {
 
 #[derive(Args, Debug)]
 pub struct BackupArgs {
-    /// Volume name the backup belongs to (letters, digits, '.', '_', '-').
+    /// rbd:POOL/IMAGE: snapshot the image, stream `rbd export-diff --whole-object` from the last
+    /// backup's snapshot, commit, then remove older ferry-* snapshots.
+    source: Option<String>,
+    /// Volume name the backup belongs to (letters, digits, '.', '_', '-'); for rbd:POOL/IMAGE
+    /// the default is POOL.IMAGE.
     #[arg(long)]
-    volume: String,
-    /// The export-diff stream: a file, or '-' for stdin (e.g. `rbd export-diff ... - | ferry backup --diff -`).
+    volume: Option<String>,
+    /// Back up an export-diff stream instead: a file, or '-' for stdin
+    /// (e.g. `rbd export-diff ... - | ferry backup --volume V --diff -`).
+    #[arg(long, conflicts_with = "source")]
+    diff: Option<PathBuf>,
+    /// rbd source: make a full backup even if the base snapshot exists.
     #[arg(long)]
-    diff: PathBuf,
+    full: bool,
+    /// rbd source: lease duration of the per-image lock (renewed while the backup runs).
+    #[arg(long, default_value = "60", value_name = "SECONDS")]
+    lease_seconds: u64,
     /// Build on this backup (ID or prefix) instead of the volume's newest one.
     #[arg(long)]
     parent: Option<String>,
@@ -115,10 +128,7 @@ pub struct BackupArgs {
 }
 
 pub fn default_jobs() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get() * 4)
-        .unwrap_or(8)
-        .clamp(4, 16)
+    std::thread::available_parallelism().map(|n| n.get() * 4).unwrap_or(8).clamp(4, 16)
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -142,30 +152,34 @@ struct BackupOutput<'a> {
     throughput_mib_s: f64,
 }
 
-pub fn print_backup_summary(r: &ferry_repo::BackupRef, m: &Manifest, json: bool) -> Result<()> {
+fn backup_output<'a>(r: &ferry_repo::BackupRef, m: &'a Manifest) -> BackupOutput<'a> {
     let s = &m.meta.stats;
     let secs = (s.duration_ms as f64 / 1000.0).max(0.001);
     let mib_s = s.stream_bytes as f64 / (1 << 20) as f64 / secs;
-    let kind = if m.meta.from_snap.is_some() {
-        "incremental"
-    } else {
-        "full"
-    };
-    if json {
-        return print_json(&BackupOutput {
-            volume: &m.meta.volume,
-            backup_id: &m.meta.backup_id,
-            object: r.key(),
-            kind,
-            from_snap: &m.meta.from_snap,
-            to_snap: &m.meta.to_snap,
-            parent: &m.meta.parent,
-            image_size: m.meta.image_size,
-            block_size: m.meta.block_size,
-            stats: s,
-            throughput_mib_s: (mib_s * 10.0).round() / 10.0,
-        });
+    let kind = if m.meta.from_snap.is_some() { "incremental" } else { "full" };
+    BackupOutput {
+        volume: &m.meta.volume,
+        backup_id: &m.meta.backup_id,
+        object: r.key(),
+        kind,
+        from_snap: &m.meta.from_snap,
+        to_snap: &m.meta.to_snap,
+        parent: &m.meta.parent,
+        image_size: m.meta.image_size,
+        block_size: m.meta.block_size,
+        stats: s,
+        throughput_mib_s: (mib_s * 10.0).round() / 10.0,
     }
+}
+
+pub fn print_backup_summary(r: &ferry_repo::BackupRef, m: &Manifest, json: bool) -> Result<()> {
+    if json {
+        return print_json(&backup_output(r, m));
+    }
+    let s = &m.meta.stats;
+    let secs = (s.duration_ms as f64 / 1000.0).max(0.001);
+    let mib_s = s.stream_bytes as f64 / (1 << 20) as f64 / secs;
+    let kind = if m.meta.from_snap.is_some() { "incremental" } else { "full" };
     println!(
         "backup {} of volume '{}' committed ({kind}: {} -> {})",
         m.meta.backup_id,
@@ -198,22 +212,59 @@ pub fn print_backup_summary(r: &ferry_repo::BackupRef, m: &Manifest, json: bool)
     Ok(())
 }
 
-async fn backup(a: BackupArgs, r: RepoArgs) -> Result<u8> {
-    ferry_repo::validate_volume_name(&a.volume)?;
+async fn backup(a: BackupArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
+    if let Some(src) = &a.source {
+        let spec = RbdSpec::parse(src).ok_or_else(|| anyhow::anyhow!("'{src}' is not a source: use rbd:POOL/IMAGE (or --diff FILE)"))?;
+        let ctx = r.open().await?;
+        let opts = RbdBackupOptions {
+            volume: a.volume.clone(),
+            full: a.full,
+            jobs: a.jobs,
+            labels: a.labels.into_iter().collect(),
+            lease: (a.lease_seconds > 0).then(|| std::time::Duration::from_secs(a.lease_seconds)),
+            quiet: a.json,
+        };
+        let (br, m, notes) = backup_rbd(&ctx, ceph, &spec, opts)
+            .await
+            .with_context(|| format!("backup of rbd:{spec} failed; nothing was committed"))?;
+        if a.json {
+            let mut v = serde_json::to_value(backup_output(&br, &m))?;
+            v["rbd"] = serde_json::to_value(&notes)?;
+            print_json(&v)?;
+        } else {
+            if let Some(why) = &notes.full_reason {
+                println!("full backup: {why}");
+            }
+            print_backup_summary(&br, &m, false)?;
+            println!(
+                "  snapshot  {spec}@{} is the base of the next backup; removed: {}",
+                notes.snapshot,
+                if notes.removed_snapshots.is_empty() {
+                    "-".to_string()
+                } else {
+                    notes.removed_snapshots.join(", ")
+                }
+            );
+        }
+        return Ok(exit::OK);
+    }
+    let (Some(volume), Some(diff)) = (a.volume.clone(), a.diff.clone()) else {
+        bail!("give rbd:POOL/IMAGE, or --volume NAME with --diff FILE|-");
+    };
+    ferry_repo::validate_volume_name(&volume)?;
     let ctx = r.open().await?;
-    let chain = ctx.chain(&a.volume).await?;
+    let chain = ctx.chain(&volume).await?;
     let parent = match &a.parent {
-        Some(spec) => Some(ctx.resolve(&a.volume, Some(spec)).await?),
+        Some(spec) => Some(ctx.resolve(&volume, Some(spec)).await?),
         None => match chain.last() {
             Some(s) => Some((s.backup.clone(), ctx.repo.read_manifest(&s.backup).await?)),
             None => None,
         },
     };
-    let (reader, total): (Box<dyn Read + Send>, Option<u64>) = if a.diff.as_os_str() == "-" {
+    let (reader, total): (Box<dyn Read + Send>, Option<u64>) = if diff.as_os_str() == "-" {
         (Box::new(std::io::stdin()), None)
     } else {
-        let f = std::fs::File::open(&a.diff)
-            .with_context(|| format!("opening diff stream {}", a.diff.display()))?;
+        let f = std::fs::File::open(&diff).with_context(|| format!("opening diff stream {}", diff.display()))?;
         let len = f.metadata().ok().map(|m| m.len());
         (Box::new(f), len)
     };
@@ -222,7 +273,7 @@ async fn backup(a: BackupArgs, r: RepoArgs) -> Result<u8> {
         .clone()
         .map(|pb| Arc::new(move |n| pb.set_position(n)) as Arc<dyn Fn(u64) + Send + Sync>);
     let params = IngestParams {
-        volume: a.volume.clone(),
+        volume: volume.clone(),
         block_size: a.block_size.unwrap_or(ctx.repo.config().block_size),
         parent,
         source: Source {
@@ -235,16 +286,11 @@ async fn backup(a: BackupArgs, r: RepoArgs) -> Result<u8> {
         progress,
         expect_to_snap: None,
     };
-    let result = ingest(ctx.repo.clone(), ctx.index.clone(), reader, params).await;
+    let result = ingest(ctx.repo.clone(), ctx.index.clone(), reader, |_, _| Ok(()), params).await;
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
-    let (br, m) = result.with_context(|| {
-        format!(
-            "backup of volume '{}' failed; nothing was committed",
-            a.volume
-        )
-    })?;
+    let (br, m) = result.with_context(|| format!("backup of volume '{}' failed; nothing was committed", volume))?;
     print_backup_summary(&br, &m, a.json)?;
     Ok(exit::OK)
 }
@@ -291,7 +337,7 @@ fn split_target(t: &str) -> (&str, Option<&str>) {
     }
 }
 
-async fn restore(a: RestoreArgs, r: RepoArgs) -> Result<u8> {
+async fn restore(a: RestoreArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
     let (volume, spec) = split_target(&a.target);
     let ctx = r.open().await?;
     let (br, manifest) = ctx.resolve(volume, spec).await?;
@@ -312,7 +358,11 @@ async fn restore(a: RestoreArgs, r: RepoArgs) -> Result<u8> {
         progress,
     };
     let mut created_file: Option<PathBuf> = None;
-    let result = if to_stdout || a.format == OutFormat::ImportDiff {
+    let rbd_target = a.to.to_str().and_then(RbdSpec::parse);
+    let result = if let Some(spec) = &rbd_target {
+        let snap = a.snap_name.clone().or_else(|| manifest.meta.to_snap.clone());
+        restore_rbd(ctx.repo.clone(), manifest.clone(), ceph, spec, a.force, snap, &opts).await
+    } else if to_stdout || a.format == OutFormat::ImportDiff {
         let fmt = match a.format {
             OutFormat::Raw => StreamFormat::Raw,
             OutFormat::ImportDiff => StreamFormat::ImportDiff,
@@ -322,15 +372,9 @@ async fn restore(a: RestoreArgs, r: RepoArgs) -> Result<u8> {
         } else {
             Box::new(open_target(&a.to, a.force, &mut created_file)?.0)
         };
-        restore_to_stream(
-            ctx.repo.clone(),
-            manifest.clone(),
-            out,
-            fmt,
-            a.snap_name.clone(),
-            &opts,
-        )
-        .await
+        restore_to_stream(ctx.repo.clone(), manifest.clone(), out, fmt, a.snap_name.clone(), &opts)
+            .await
+            .map(|(rep, _)| rep)
     } else {
         let (file, is_dev) = open_target(&a.to, a.force, &mut created_file)?;
         if is_dev {
@@ -352,8 +396,7 @@ async fn restore(a: RestoreArgs, r: RepoArgs) -> Result<u8> {
         let file = Arc::new(file);
         let res = restore_to_file(ctx.repo.clone(), manifest.clone(), file.clone(), &opts).await;
         if res.is_ok() {
-            file.sync_all()
-                .with_context(|| format!("syncing {}", a.to.display()))?;
+            file.sync_all().with_context(|| format!("syncing {}", a.to.display()))?;
         }
         res
     };
@@ -374,38 +417,27 @@ async fn restore(a: RestoreArgs, r: RepoArgs) -> Result<u8> {
         if let (Some(f), false) = (&created_file, a.best_effort) {
             let _ = std::fs::remove_file(f);
         }
+        if rbd_target.is_some() && !a.best_effort {
+            // restore_rbd already removed an image it created.
+        }
         let what = if a.best_effort {
             "written with these blocks missing"
         } else {
             "failed; the partial output was removed"
         };
-        let list: Vec<String> = report
-            .failures
-            .iter()
-            .take(20)
-            .map(|f| format!("  {f}"))
-            .collect();
+        let list: Vec<String> = report.failures.iter().take(20).map(|f| format!("  {f}")).collect();
         bail!(IntegrityFailure(format!(
             "restore of {} {what}: {} bad block(s):\n{}{}",
             a.target,
             report.failures.len(),
             list.join("\n"),
-            if report.failures.len() > 20 {
-                "\n  ..."
-            } else {
-                ""
-            }
+            if report.failures.len() > 20 { "\n  ..." } else { "" }
         )));
     }
     Ok(exit::OK)
 }
 
-fn print_restore(
-    br: &ferry_repo::BackupRef,
-    m: &Manifest,
-    rep: &RestoreReport,
-    a: &RestoreArgs,
-) -> Result<()> {
+fn print_restore(br: &ferry_repo::BackupRef, m: &Manifest, rep: &RestoreReport, a: &RestoreArgs) -> Result<()> {
     if a.json {
         #[derive(Serialize)]
         struct Out<'a> {
@@ -446,11 +478,7 @@ fn print_restore(
 }
 
 /// Opens a restore target; returns the file and whether it is a block device.
-fn open_target(
-    path: &std::path::Path,
-    force: bool,
-    created: &mut Option<PathBuf>,
-) -> Result<(std::fs::File, bool)> {
+fn open_target(path: &std::path::Path, force: bool, created: &mut Option<PathBuf>) -> Result<(std::fs::File, bool)> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::metadata(path) {
         Ok(md) if md.file_type().is_block_device() => {
@@ -503,10 +531,7 @@ pub struct LsArgs {
 
 async fn ls(a: LsArgs, r: RepoArgs) -> Result<u8> {
     let ctx = r.open().await?;
-    ctx.index
-        .sync(&ctx.repo)
-        .await
-        .context("reading backups from the repository")?;
+    ctx.index.sync(&ctx.repo).await.context("reading backups from the repository")?;
     if let Some(v) = &a.volume {
         ferry_repo::validate_volume_name(v)?;
     }
@@ -536,11 +561,7 @@ async fn ls(a: LsArgs, r: RepoArgs) -> Result<u8> {
                 backup_id: &b.meta.backup_id,
                 object: b.backup.key(),
                 created: b.meta.created.to_rfc3339(),
-                kind: if b.meta.from_snap.is_some() {
-                    "incremental"
-                } else {
-                    "full"
-                },
+                kind: if b.meta.from_snap.is_some() { "incremental" } else { "full" },
                 parent: &b.meta.parent,
                 from_snap: &b.meta.from_snap,
                 to_snap: &b.meta.to_snap,
@@ -556,24 +577,12 @@ async fn ls(a: LsArgs, r: RepoArgs) -> Result<u8> {
         return Ok(exit::OK);
     }
     if backups.is_empty() {
-        println!(
-            "no backups{}",
-            a.volume
-                .map(|v| format!(" of volume '{v}'"))
-                .unwrap_or_default()
-        );
+        println!("no backups{}", a.volume.map(|v| format!(" of volume '{v}'")).unwrap_or_default());
         return Ok(exit::OK);
     }
     println!(
         "{:<24} {:<16} {:<20} {:<5} {:<30} {:>10} {:>10} {:>10}",
-        "VOLUME",
-        "BACKUP",
-        "CREATED (UTC)",
-        "KIND",
-        "SNAPSHOTS (FROM -> TO)",
-        "SIZE",
-        "CHANGED",
-        "UPLOADED"
+        "VOLUME", "BACKUP", "CREATED (UTC)", "KIND", "SNAPSHOTS (FROM -> TO)", "SIZE", "CHANGED", "UPLOADED"
     );
     for b in &backups {
         let snaps = format!(
@@ -586,11 +595,7 @@ async fn ls(a: LsArgs, r: RepoArgs) -> Result<u8> {
             b.meta.volume,
             b.meta.backup_id,
             b.meta.created.format("%Y-%m-%d %H:%M:%S"),
-            if b.meta.from_snap.is_some() {
-                "incr"
-            } else {
-                "full"
-            },
+            if b.meta.from_snap.is_some() { "incr" } else { "full" },
             snaps,
             human_bytes(b.meta.image_size),
             human_bytes(b.meta.stats.blocks_changed * b.meta.block_size),
@@ -666,18 +671,11 @@ async fn key(cmd: KeyCommand, r: RepoArgs) -> Result<u8> {
                     .collect();
                 print_json(&out)?;
             } else {
-                println!(
-                    "{:<2}{:<18} {:<26} {:<24} KDF",
-                    "", "ID", "CREATED", "LABEL"
-                );
+                println!("{:<2}{:<18} {:<26} {:<24} KDF", "", "ID", "CREATED", "LABEL");
                 for s in &slots {
                     println!(
                         "{:<2}{:<18} {:<26} {:<24} argon2id m={}KiB t={} p={}",
-                        if current.as_deref() == Some(s.id.as_str()) {
-                            "*"
-                        } else {
-                            ""
-                        },
+                        if current.as_deref() == Some(s.id.as_str()) { "*" } else { "" },
                         s.id,
                         s.created.format("%Y-%m-%d %H:%M:%S UTC"),
                         s.label,
@@ -688,14 +686,9 @@ async fn key(cmd: KeyCommand, r: RepoArgs) -> Result<u8> {
                 }
             }
         }
-        KeyCommand::Add {
-            new_password_file,
-            label,
-        } => {
+        KeyCommand::Add { new_password_file, label } => {
             let p = new_passphrase(new_password_file.as_deref())?;
-            let id = repo
-                .add_key_slot(&p, &label, KdfParams::argon2id_default())
-                .await?;
+            let id = repo.add_key_slot(&p, &label, KdfParams::argon2id_default()).await?;
             println!("added key slot {id}");
         }
         KeyCommand::Remove { id } => {
@@ -708,9 +701,7 @@ async fn key(cmd: KeyCommand, r: RepoArgs) -> Result<u8> {
                 .await?
                 .context("the current passphrase opens no slot")?;
             let p = new_passphrase(new_password_file.as_deref())?;
-            let id = repo
-                .add_key_slot(&p, "passwd", KdfParams::argon2id_default())
-                .await?;
+            let id = repo.add_key_slot(&p, "passwd", KdfParams::argon2id_default()).await?;
             repo.remove_key_slot(&old).await?;
             println!("passphrase changed: key slot {old} replaced by {id}");
         }

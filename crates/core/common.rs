@@ -7,9 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use ferry_repo::{
-    open_store, BackupRef, BackupSummary, Index, Manifest, Repository, Store, StoreOptions,
-};
+use ferry_repo::{open_store, BackupRef, BackupSummary, Index, Manifest, Repository, Store, StoreOptions};
 
 use crate::errors::Refused;
 
@@ -62,11 +60,7 @@ impl RepoArgs {
     }
 
     pub fn passphrase(&self) -> Result<Vec<u8>> {
-        passphrase_from(
-            self.password_file.as_deref(),
-            "FERRY_PASSWORD",
-            "Repository passphrase: ",
-        )
+        passphrase_from(self.password_file.as_deref(), "FERRY_PASSWORD", "Repository passphrase: ")
     }
 
     /// Opens the repository and the index (not yet synced).
@@ -80,8 +74,7 @@ impl RepoArgs {
             Index::temporary()?
         } else {
             let dir = self.index_dir.clone().unwrap_or_else(default_index_dir);
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("creating index directory {}", dir.display()))?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating index directory {}", dir.display()))?;
             Index::open(&dir, repo.id())?
         };
         Ok(Ctx {
@@ -105,8 +98,7 @@ pub fn default_index_dir() -> PathBuf {
 /// from the command line, so it stays out of `ps` and shell history.
 pub fn passphrase_from(file: Option<&std::path::Path>, env: &str, prompt: &str) -> Result<Vec<u8>> {
     if let Some(f) = file {
-        let s =
-            std::fs::read(f).with_context(|| format!("reading passphrase file {}", f.display()))?;
+        let s = std::fs::read(f).with_context(|| format!("reading passphrase file {}", f.display()))?;
         let s = s.strip_suffix(b"\n").unwrap_or(&s).to_vec();
         if s.is_empty() {
             bail!("passphrase file {} is empty", f.display());
@@ -123,11 +115,8 @@ pub fn passphrase_from(file: Option<&std::path::Path>, env: &str, prompt: &str) 
         let p = rpassword::prompt_password(prompt).context("reading passphrase")?;
         return Ok(p.into_bytes());
     }
-    Err(
-        anyhow::Error::new(ferry_repo::Error::WrongPassword { slots: 0 }).context(format!(
-            "no passphrase: set ${env}, use --password-file, or run on a terminal"
-        )),
-    )
+    Err(anyhow::Error::new(ferry_repo::Error::WrongPassword { slots: 0 })
+        .context(format!("no passphrase: set ${env}, use --password-file, or run on a terminal")))
 }
 
 pub struct Ctx {
@@ -139,10 +128,7 @@ impl Ctx {
     /// Syncs the index with the bucket and returns the summaries of one volume (oldest first).
     pub async fn chain(&self, volume: &str) -> Result<Vec<BackupSummary>> {
         ferry_repo::validate_volume_name(volume)?;
-        self.index
-            .sync(&self.repo)
-            .await
-            .context("reading backups from the repository")?;
+        self.index.sync(&self.repo).await.context("reading backups from the repository")?;
         Ok(self.index.backups(Some(volume))?)
     }
 
@@ -150,23 +136,14 @@ impl Ctx {
     pub async fn resolve(&self, volume: &str, spec: Option<&str>) -> Result<(BackupRef, Manifest)> {
         let chain = self.chain(volume).await?;
         if chain.is_empty() {
-            bail!(Refused(format!(
-                "volume '{volume}' has no backups in {}",
-                self.repo.url()
-            )));
+            bail!(Refused(format!("volume '{volume}' has no backups in {}", self.repo.url())));
         }
         let found: Vec<&BackupSummary> = match spec {
             None | Some("latest") => chain.last().into_iter().collect(),
             Some(s) => {
-                let by_id: Vec<_> = chain
-                    .iter()
-                    .filter(|b| b.meta.backup_id.starts_with(s))
-                    .collect();
+                let by_id: Vec<_> = chain.iter().filter(|b| b.meta.backup_id.starts_with(s)).collect();
                 if by_id.is_empty() {
-                    chain
-                        .iter()
-                        .filter(|b| b.meta.to_snap.as_deref() == Some(s))
-                        .collect()
+                    chain.iter().filter(|b| b.meta.to_snap.as_deref() == Some(s)).collect()
                 } else {
                     by_id
                 }
@@ -177,10 +154,7 @@ impl Ctx {
                 let m = self.repo.read_manifest(&one.backup).await?;
                 Ok((one.backup.clone(), m))
             }
-            [] => bail!(Refused(format!(
-                "volume '{volume}' has no backup '{}'",
-                spec.unwrap_or("latest")
-            ))),
+            [] => bail!(Refused(format!("volume '{volume}' has no backup '{}'", spec.unwrap_or("latest")))),
             many => bail!(Refused(format!(
                 "'{}' matches {} backups of '{volume}'; give more of the ID",
                 spec.unwrap_or(""),
@@ -204,8 +178,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "t" | "tib" | "tb" => 1 << 40,
         u => return Err(format!("unknown size unit '{u}'")),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("'{s}' is too large"))
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
 }
 
 pub fn human_bytes(n: u64) -> String {

@@ -46,20 +46,14 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     if err.downcast_ref::<Refused>().is_some() {
         return exit::REFUSED;
     }
-    if err.downcast_ref::<IntegrityFailure>().is_some()
-        || err
-            .downcast_ref::<crate::restore::RestoreFailed>()
-            .is_some()
-    {
+    if err.downcast_ref::<IntegrityFailure>().is_some() || err.downcast_ref::<crate::restore::RestoreFailed>().is_some() {
         return exit::INTEGRITY;
     }
     if let Some(e) = err.downcast_ref::<ferry_repo::Error>() {
         use ferry_repo::Error as E;
         return match e {
             E::WrongPassword { .. } | E::NoKeySlots => exit::AUTH,
-            E::RepositoryExists { .. } | E::LastKeySlot | E::InvalidVolumeName { .. } => {
-                exit::REFUSED
-            }
+            E::RepositoryExists { .. } | E::LastKeySlot | E::InvalidVolumeName { .. } => exit::REFUSED,
             e if e.is_integrity() => exit::INTEGRITY,
             _ => exit::FAILURE,
         };

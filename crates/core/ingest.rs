@@ -11,10 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
-use ferry_repo::{
-    block_count, is_zero, BackupRef, BackupStats, ChunkId, Index, Manifest, ManifestMeta,
-    Repository, Source,
-};
+use ferry_repo::{block_count, is_zero, BackupRef, BackupStats, ChunkId, Index, Manifest, ManifestMeta, Repository, Source};
 use rbd_diff::{DiffHeader, DiffReader, Event};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -96,9 +93,7 @@ impl Assembler<'_> {
     }
 
     fn send(&self, w: Work) -> Result<()> {
-        self.tx
-            .blocking_send(w)
-            .map_err(|_| anyhow!("backup workers stopped"))
+        self.tx.blocking_send(w).map_err(|_| anyhow!("backup workers stopped"))
     }
 
     /// Starts (or continues) the pending block `index`.
@@ -186,8 +181,7 @@ impl Assembler<'_> {
             let in_block = off - index * self.block_size;
             let blen = self.block_len(index);
             let n = (blen - in_block).min(end - off);
-            if in_block == 0 && n == blen && self.pending.as_ref().is_none_or(|p| p.index != index)
-            {
+            if in_block == 0 && n == blen && self.pending.as_ref().is_none_or(|p| p.index != index) {
                 // A whole block zeroed: a hole, no buffer needed (cheap for huge discards).
                 self.finish_pending()?;
                 self.stats.blocks_changed += 1;
@@ -208,10 +202,7 @@ impl Assembler<'_> {
     fn finish(&mut self) -> Result<()> {
         self.finish_pending()?;
         let nblocks = block_count(self.image_size, self.block_size);
-        if nblocks > 0
-            && self.image_size < self.parent_size
-            && !self.image_size.is_multiple_of(self.block_size)
-        {
+        if nblocks > 0 && self.image_size < self.parent_size && !self.image_size.is_multiple_of(self.block_size) {
             let last = nblocks - 1;
             if !self.touched[last as usize] {
                 if let Some(Some(id)) = self.base.get(last as usize) {
@@ -220,10 +211,7 @@ impl Assembler<'_> {
                     self.stats.blocks_changed += 1;
                     self.stats.blocks_partial += 1;
                     self.touched[last as usize] = true;
-                    self.send(Work::Block {
-                        index: last,
-                        data: old,
-                    })?;
+                    self.send(Work::Block { index: last, data: old })?;
                 }
             }
         }
@@ -232,11 +220,7 @@ impl Assembler<'_> {
 }
 
 /// Checks the stream's from-snapshot against the chain.
-pub fn check_chain(
-    header: &DiffHeader,
-    volume: &str,
-    parent: Option<&(BackupRef, Manifest)>,
-) -> Result<()> {
+pub fn check_chain(header: &DiffHeader, volume: &str, parent: Option<&(BackupRef, Manifest)>) -> Result<()> {
     if let Some(from) = &header.from_snap {
         match parent {
             None => return Err(Refused(format!("the stream is incremental (from snapshot '{from}') but volume '{volume}' has no backup to build on; back up a full stream first")).into()),
@@ -256,20 +240,25 @@ pub fn check_chain(
 }
 
 /// Ingests one export-diff stream as a new backup and commits it.
-pub async fn ingest<R: Read + Send + 'static>(
+///
+/// `finish` is called with the source once parsing ended (the flag says whether the stream
+/// was complete and valid); it checks the producer (e.g. `rbd export-diff`'s exit status) and
+/// must fail if the producer failed, so nothing is committed from a failed export.
+pub async fn ingest<R, F>(
     repo: Arc<Repository>,
     index: Arc<Index>,
-    reader: R,
+    source: R,
+    finish: F,
     params: IngestParams,
-) -> Result<(BackupRef, Manifest)> {
+) -> Result<(BackupRef, Manifest)>
+where
+    R: Read + Send + 'static,
+    F: FnOnce(R, bool) -> Result<()> + Send + 'static,
+{
     let started = Instant::now();
     let (tx, mut rx) = mpsc::channel::<Work>(2);
-    let (header_tx, header_rx) = tokio::sync::oneshot::channel::<DiffHeader>();
     let parent = params.parent.map(Arc::new);
-    let block_size = parent
-        .as_ref()
-        .map(|p| p.1.meta.block_size)
-        .unwrap_or(params.block_size);
+    let default_block_size = params.block_size;
     let volume = params.volume.clone();
     let expect_to_snap = params.expect_to_snap.clone();
     let progress = params.progress.clone();
@@ -279,60 +268,26 @@ pub async fn ingest<R: Read + Send + 'static>(
         let repo = repo.clone();
         let parent = parent.clone();
         let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || -> Result<(DiffHeader, ParseStats)> {
-            let mut reader = DiffReader::new(std::io::BufReader::with_capacity(1 << 20, reader))
-                .context("reading the diff stream header")?;
-            let header = reader.header().clone();
-            check_chain(&header, &volume, parent.as_deref())?;
-            if let Some(want) = &expect_to_snap {
-                if header.to_snap.as_deref() != Some(want) {
-                    return Err(anyhow!(
-                        "the diff stream's to-snapshot is {:?}, expected '{want}'",
-                        header.to_snap
-                    ));
-                }
-            }
-            // Full stream: untouched blocks are zero. Incremental: they are the parent's.
-            let (base, parent_size): (&[Option<ChunkId>], u64) =
-                match (&header.from_snap, parent.as_deref()) {
-                    (Some(_), Some((_, m))) => (&m.blocks, m.meta.image_size),
-                    _ => (&[], 0),
-                };
-            let _ = header_tx.send(header.clone());
-            let nblocks = block_count(header.image_size, block_size);
-            let mut asm = Assembler {
-                repo: &repo,
+        tokio::task::spawn_blocking(move || -> Result<(DiffHeader, ParseStats, u64)> {
+            let mut source = source;
+            let parsed = parse_stream(
+                &mut source,
+                &repo,
                 rt,
-                block_size,
-                image_size: header.image_size,
-                base,
-                parent_size,
-                pending: None,
                 tx,
-                stats: ParseStats::default(),
-                touched: vec![false; nblocks as usize],
-            };
-            let mut last_report = 0u64;
-            loop {
-                match reader.next_event().context("the diff stream is invalid")? {
-                    Event::Data { offset, data } => asm.data(offset, data)?,
-                    Event::Zero { offset, length } => asm.zero(offset, length)?,
-                    Event::End => break,
-                }
-                if let Some(cb) = &progress {
-                    let pos = reader.position();
-                    if pos - last_report >= 4 << 20 {
-                        cb(pos);
-                        last_report = pos;
-                    }
-                }
+                parent.as_deref(),
+                &volume,
+                expect_to_snap.as_deref(),
+                default_block_size,
+                progress.as_deref(),
+            );
+            let complete = parsed.is_ok();
+            match (parsed, finish(source, complete)) {
+                (Ok(v), Ok(())) => Ok(v),
+                (Ok(_), Err(e)) => Err(e.context("the diff stream's producer failed")),
+                (Err(e), Ok(())) => Err(e),
+                (Err(e), Err(f)) => Err(e.context(format!("{f:#}"))),
             }
-            asm.finish()?;
-            asm.stats.stream_bytes = reader.position();
-            if let Some(cb) = &progress {
-                cb(asm.stats.stream_bytes);
-            }
-            Ok((header, asm.stats))
         })
     };
 
@@ -355,11 +310,7 @@ pub async fn ingest<R: Read + Send + 'static>(
         if first_error.is_some() {
             break;
         }
-        let permit = sem
-            .clone()
-            .acquire_owned()
-            .await
-            .context("semaphore closed")?;
+        let permit = sem.clone().acquire_owned().await.context("semaphore closed")?;
         let repo = repo.clone();
         let index = index.clone();
         let claimed = claimed.clone();
@@ -368,9 +319,7 @@ pub async fn ingest<R: Read + Send + 'static>(
             let _permit = permit;
             match work {
                 Work::Hole { index: i } => Ok((i, None, Outcome::Zero)),
-                Work::Block { index: i, data } => {
-                    store_block(&repo, &index, &claimed, i, data, level).await
-                }
+                Work::Block { index: i, data } => store_block(&repo, &index, &claimed, i, data, level).await,
             }
         });
     }
@@ -385,12 +334,11 @@ pub async fn ingest<R: Read + Send + 'static>(
     }
     let parsed = parse.await.context("diff parser panicked")?;
     // A parse error explains an upload stop, so report it first.
-    let (header, pstats) = match (parsed, first_error) {
+    let (header, pstats, block_size) = match (parsed, first_error) {
         (Err(e), _) => return Err(e),
         (Ok(_), Some(e)) => return Err(e),
         (Ok(v), None) => v,
     };
-    drop(header_rx);
 
     // The new block map: the parent's (incremental) or holes (full), resized, then the changes.
     let nblocks = block_count(header.image_size, block_size) as usize;
@@ -454,10 +402,7 @@ pub async fn ingest<R: Read + Send + 'static>(
         .await
         .context("committing the backup (writing its manifest)")?;
     // The index is a cache: a failure here does not undo the commit.
-    if let Err(e) = index
-        .insert_backup(&r, &manifest)
-        .and_then(|_| index.flush())
-    {
+    if let Err(e) = index.insert_backup(&r, &manifest).and_then(|_| index.flush()) {
         tracing::warn!("backup committed, but the local index was not updated: {e}");
     }
     Ok((r, manifest))
@@ -495,11 +440,7 @@ async fn store_block(
     if index.has_chunk(&id)? {
         return Ok((i, Some(id), Outcome::Known));
     }
-    if !claimed
-        .lock()
-        .map_err(|_| anyhow!("lock poisoned"))?
-        .insert(id)
-    {
+    if !claimed.lock().map_err(|_| anyhow!("lock poisoned"))?.insert(id) {
         return Ok((i, Some(id), Outcome::Known));
     }
     if repo.chunk_exists(&id).await? {
@@ -507,11 +448,9 @@ async fn store_block(
     }
     let key = repo.key().clone();
     let plain = data.len() as u64;
-    let bytes = tokio::task::spawn_blocking(move || {
-        ferry_repo::encode_chunk_with_id(&key, id, &data, level)
-    })
-    .await
-    .context("encode worker panicked")??;
+    let bytes = tokio::task::spawn_blocking(move || ferry_repo::encode_chunk_with_id(&key, id, &data, level))
+        .await
+        .context("encode worker panicked")??;
     let stored = bytes.len() as u64;
     let created = repo
         .put_chunk(&id, bytes)
@@ -526,4 +465,67 @@ async fn store_block(
             Outcome::FoundInRepo
         },
     ))
+}
+
+/// The parser thread's work: header, chain check, block assembly.
+#[allow(clippy::too_many_arguments)]
+fn parse_stream<R: Read>(
+    source: &mut R,
+    repo: &Repository,
+    rt: tokio::runtime::Handle,
+    tx: mpsc::Sender<Work>,
+    parent: Option<&(BackupRef, Manifest)>,
+    volume: &str,
+    expect_to_snap: Option<&str>,
+    default_block_size: u64,
+    progress: Option<&(dyn Fn(u64) + Send + Sync)>,
+) -> Result<(DiffHeader, ParseStats, u64)> {
+    let mut reader = DiffReader::new(source).context("reading the diff stream header")?;
+    let header = reader.header().clone();
+    check_chain(&header, volume, parent)?;
+    if let Some(want) = expect_to_snap {
+        if header.to_snap.as_deref() != Some(want) {
+            return Err(anyhow!("the diff stream's to-snapshot is {:?}, expected '{want}'", header.to_snap));
+        }
+    }
+    // Full stream: untouched blocks are zero. Incremental: they are the parent's, and the
+    // chain keeps the parent's block size.
+    let (base, parent_size, block_size): (&[Option<ChunkId>], u64, u64) = match (&header.from_snap, parent) {
+        (Some(_), Some((_, m))) => (&m.blocks, m.meta.image_size, m.meta.block_size),
+        _ => (&[], 0, default_block_size),
+    };
+    let nblocks = block_count(header.image_size, block_size);
+    let mut asm = Assembler {
+        repo,
+        rt,
+        block_size,
+        image_size: header.image_size,
+        base,
+        parent_size,
+        pending: None,
+        tx,
+        stats: ParseStats::default(),
+        touched: vec![false; nblocks as usize],
+    };
+    let mut last_report = 0u64;
+    loop {
+        match reader.next_event().context("the diff stream is invalid")? {
+            Event::Data { offset, data } => asm.data(offset, data)?,
+            Event::Zero { offset, length } => asm.zero(offset, length)?,
+            Event::End => break,
+        }
+        if let Some(cb) = progress {
+            let pos = reader.position();
+            if pos - last_report >= 4 << 20 {
+                cb(pos);
+                last_report = pos;
+            }
+        }
+    }
+    asm.finish()?;
+    asm.stats.stream_bytes = reader.position();
+    if let Some(cb) = progress {
+        cb(asm.stats.stream_bytes);
+    }
+    Ok((header, asm.stats, block_size))
 }

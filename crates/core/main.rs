@@ -5,8 +5,10 @@
 mod audit;
 mod commands;
 mod common;
+mod doctor;
 mod errors;
 mod ingest;
+mod rbd;
 mod restore;
 
 use std::process::ExitCode;
@@ -22,6 +24,8 @@ Environment:
   FERRY_INDEX_DIR       local index cache directory
   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT, AWS_REGION, AWS_ALLOW_HTTP
                         S3 / Ceph RGW access (standard AWS variables)
+  CEPH_CONF, CEPH_KEYRING, CEPH_ARGS, FERRY_CEPH_ID
+                        the source Ceph cluster (rbd:POOL/IMAGE sources and targets)
 
 Exit codes:
   0 success   1 failure (I/O, network, invalid input)   2 usage
@@ -34,6 +38,8 @@ Exit codes:
 struct Cli {
     #[command(flatten)]
     repo: RepoArgs,
+    #[command(flatten)]
+    ceph: rbd::CephArgs,
     /// More log output (-v, -vv); logs go to stderr and never contain secrets.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
@@ -50,22 +56,18 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ferry: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(commands::run(cli.command, cli.repo)) {
+    match rt.block_on(commands::run(cli.command, cli.repo, cli.ceph)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => errors::report(&e),
     }

@@ -107,8 +107,7 @@ pub async fn restore_to_file(
             match manifest.blocks[i as usize] {
                 None if zeros.is_empty() => Ok::<_, BlockErr>((i, 0u64, true)),
                 None => {
-                    tokio::task::spawn_blocking(move || file.write_all_at(&zeros[..len], offset))
-                        .await??;
+                    tokio::task::spawn_blocking(move || file.write_all_at(&zeros[..len], offset)).await??;
                     Ok((i, len as u64, true))
                 }
                 Some(id) => {
@@ -116,11 +115,7 @@ pub async fn restore_to_file(
                         .await
                         .map_err(|e| BlockErr::Failure(failure(&manifest, i, &id, &e)))?;
                     let n = data.len().min(len);
-                    let pad = if n < len && !zeros.is_empty() {
-                        len - n
-                    } else {
-                        0
-                    };
+                    let pad = if n < len && !zeros.is_empty() { len - n } else { 0 };
                     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
                         file.write_all_at(&data[..n], offset)?;
                         if pad > 0 {
@@ -190,11 +185,7 @@ enum Piece {
 }
 
 /// Yields every block's content in order, fetching `jobs` ahead.
-fn ordered_blocks(
-    repo: Arc<Repository>,
-    manifest: Arc<Manifest>,
-    jobs: usize,
-) -> impl futures::Stream<Item = (u64, Piece)> {
+fn ordered_blocks(repo: Arc<Repository>, manifest: Arc<Manifest>, jobs: usize) -> impl futures::Stream<Item = (u64, Piece)> {
     futures::stream::iter(0..manifest.blocks.len() as u64)
         .map(move |i| {
             let repo = repo.clone();
@@ -228,7 +219,7 @@ pub async fn restore_to_stream<W: Write + Send + 'static>(
     format: StreamFormat,
     snap_name: Option<String>,
     opts: &RestoreOptions,
-) -> Result<RestoreReport> {
+) -> Result<(RestoreReport, W)> {
     let started = std::time::Instant::now();
     let bs = manifest.meta.block_size;
     let size = manifest.meta.image_size;
@@ -239,7 +230,7 @@ pub async fn restore_to_stream<W: Write + Send + 'static>(
     };
     // Writes happen on a blocking thread fed through a small channel: stdout may block.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Option<Vec<u8>>)>(4);
-    let writer = tokio::task::spawn_blocking(move || -> Result<u64> {
+    let writer = tokio::task::spawn_blocking(move || -> Result<(u64, W)> {
         let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
         let zeros = vec![0u8; bs as usize];
         let mut written = 0u64;
@@ -254,6 +245,7 @@ pub async fn restore_to_stream<W: Write + Send + 'static>(
                     written += len as u64;
                 }
                 out.flush()?;
+                Ok((written, out.into_inner().map_err(|e| e.into_error())?))
             }
             StreamFormat::ImportDiff => {
                 let header = DiffHeader {
@@ -293,18 +285,16 @@ pub async fn restore_to_stream<W: Write + Send + 'static>(
                 }
                 // Never end a short stream with `e`: rbd import-diff would take it as complete.
                 if received != size.div_ceil(bs) {
-                    anyhow::bail!(
-                        "restore stream cut short after {received} blocks; no end record written"
-                    );
+                    anyhow::bail!("restore stream cut short after {received} blocks; no end record written");
                 }
                 if let Some((zo, zl)) = zero_run.take() {
                     w.write_zero(zo, zl)?;
                 }
                 let mut out = w.finish()?;
                 out.flush()?;
+                Ok((written, out.into_inner().map_err(|e| e.into_error())?))
             }
         }
-        Ok(written)
     });
     let mut blocks = std::pin::pin!(ordered_blocks(repo, manifest.clone(), opts.jobs));
     let mut stop: Option<anyhow::Error> = None;
@@ -343,9 +333,10 @@ pub async fn restore_to_stream<W: Write + Send + 'static>(
         report.duration_ms = started.elapsed().as_millis() as u64;
         return Err(e.context(RestoreFailed(report)));
     }
-    report.bytes_written = written.context("writing the restore stream")?;
+    let (written, out) = written.context("writing the restore stream")?;
+    report.bytes_written = written;
     report.duration_ms = started.elapsed().as_millis() as u64;
-    Ok(report)
+    Ok((report, out))
 }
 
 /// Carries the partial report of a stream restore that stopped at a bad block.
@@ -354,11 +345,7 @@ pub struct RestoreFailed(pub RestoreReport);
 
 impl std::fmt::Display for RestoreFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "restore incomplete: {} block(s) failed",
-            self.0.failures.len()
-        )
+        write!(f, "restore incomplete: {} block(s) failed", self.0.failures.len())
     }
 }
 

@@ -132,9 +132,7 @@ fn lenient_bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
         B::Str(s) => match s.as_str() {
             "true" => Ok(true),
             "false" => Ok(false),
-            other => Err(serde::de::Error::custom(format!(
-                "expected true or false, got {other:?}"
-            ))),
+            other => Err(serde::de::Error::custom(format!("expected true or false, got {other:?}"))),
         },
     }
 }
@@ -254,13 +252,7 @@ impl RbdCli {
 
     /// `rbd create --size SIZE [--object-size OBJECT_SIZE] POOL/IMAGE` (bytes; object size a
     /// power of two from 4 KiB to 32 MiB). [`Error::ImageExists`] if the name is taken.
-    pub fn create(
-        &self,
-        pool: &str,
-        image: &str,
-        size: u64,
-        object_size: Option<u64>,
-    ) -> Result<(), Error> {
+    pub fn create(&self, pool: &str, image: &str, size: u64, object_size: Option<u64>) -> Result<(), Error> {
         let spec = image_spec(pool, image)?;
         let size_arg = format!("{size}B");
         let mut args = vec!["create", "--size", &size_arg];
@@ -318,9 +310,7 @@ impl RbdCli {
         target.from_snap = from_snap.map(str::to_owned);
 
         let mut cmd = self.command(&args);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let command = self.display(&args);
         let mut child = self.spawn(&mut cmd, &command)?;
         let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
@@ -343,9 +333,7 @@ impl RbdCli {
         let args = ["import-diff", "--no-progress", "-", spec.as_str()];
         let target = Target::image(pool, image, Op::Other);
         let mut cmd = self.command(&args);
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
         let command = self.display(&args);
         let mut child = self.spawn(&mut cmd, &command)?;
         let (Some(stdin), Some(stderr)) = (child.stdin.take(), child.stderr.take()) else {
@@ -407,9 +395,7 @@ impl RbdCli {
 
     fn run(&self, args: &[&str], command: &str) -> Result<Output, Error> {
         let mut cmd = self.command(args);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = self.spawn(&mut cmd, command)?;
         let (Some(mut stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
             kill_and_reap(&mut child);
@@ -511,9 +497,7 @@ impl ExportDiff {
     /// The child's stdout, the diff stream.
     pub fn stdout(&mut self) -> &mut ChildStdout {
         // Invariant: only `wait` (which consumes self) and `drop` take it.
-        self.stdout
-            .as_mut()
-            .expect("ExportDiff stdout is present until wait")
+        self.stdout.as_mut().expect("ExportDiff stdout is present until wait")
     }
 
     /// The command line, for messages.
@@ -549,12 +533,7 @@ impl ExportDiff {
         if status.success() && !stderr_has_error(&stderr) {
             Ok(())
         } else {
-            Err(classify(
-                std::mem::take(&mut self.command),
-                status,
-                stderr,
-                &self.target,
-            ))
+            Err(classify(std::mem::take(&mut self.command), status, stderr, &self.target))
         }
     }
 }
@@ -605,9 +584,7 @@ impl ImportDiff {
     /// The child's stdin.
     pub fn stdin(&mut self) -> &mut ChildStdin {
         // Invariant: only `finish` (which consumes self) and `drop` take it.
-        self.stdin
-            .as_mut()
-            .expect("ImportDiff stdin is present until finish")
+        self.stdin.as_mut().expect("ImportDiff stdin is present until finish")
     }
 
     /// The command line, for messages.
@@ -641,12 +618,7 @@ impl ImportDiff {
         if status.success() && !stderr_has_error(&stderr) {
             Ok(())
         } else {
-            Err(classify(
-                std::mem::take(&mut self.command),
-                status,
-                stderr,
-                &self.target,
-            ))
+            Err(classify(std::mem::take(&mut self.command), status, stderr, &self.target))
         }
     }
 }
@@ -729,8 +701,7 @@ fn drain(mut stderr: ChildStderr) -> JoinHandle<String> {
 }
 
 fn join_drain(h: JoinHandle<String>) -> String {
-    h.join()
-        .unwrap_or_else(|_| String::from("[stderr reader panicked]"))
+    h.join().unwrap_or_else(|_| String::from("[stderr reader panicked]"))
 }
 
 fn json_error(command: String, output: &[u8], source: serde_json::Error) -> Error {
@@ -752,10 +723,7 @@ fn json_error(command: String, output: &[u8], source: serde_json::Error) -> Erro
 
 fn quote(arg: &OsStr) -> String {
     let s = arg.to_string_lossy();
-    if !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./@:=,+%".contains(c))
-    {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./@:=,+%".contains(c)) {
         s.into_owned()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
@@ -862,9 +830,7 @@ fn classify(command: String, status: ExitStatus, stderr: String, t: &Target) -> 
         }
     }
     if let Some(snap) = &t.snap {
-        let missing = enoent
-            && (has("error setting snapshot context")
-                || (t.op == Op::SnapRemove && has("failed to remove snapshot")));
+        let missing = enoent && (has("error setting snapshot context") || (t.op == Op::SnapRemove && has("failed to remove snapshot")));
         // export-diff with a missing --from-snap: "rbd: export-diff error: (2) ..."
         let from_missing = enoent && t.op == Op::ExportDiff && has("export-diff error");
         let missing_snap = if missing {
@@ -891,11 +857,7 @@ fn classify(command: String, status: ExitStatus, stderr: String, t: &Target) -> 
             };
         }
     }
-    Error::RbdFailed {
-        command,
-        status,
-        stderr,
-    }
+    Error::RbdFailed { command, status, stderr }
 }
 
 #[cfg(test)]
@@ -911,10 +873,7 @@ mod tests {
     fn names_are_checked() {
         assert!(image_spec("rbd", "vm-1.disk_0").is_ok());
         for bad in ["", "a/b", "a@b", "-x", "a\nb"] {
-            assert!(
-                matches!(image_spec("rbd", bad), Err(Error::InvalidName { .. })),
-                "{bad:?}"
-            );
+            assert!(matches!(image_spec("rbd", bad), Err(Error::InvalidName { .. })), "{bad:?}");
         }
         assert_eq!(snap_spec("p", "i", "s").unwrap_or_default(), "p/i@s");
     }
@@ -923,12 +882,8 @@ mod tests {
     fn error_lines_are_recognised() {
         assert!(!stderr_has_error(""));
         assert!(!stderr_has_error("\n  \n"));
-        assert!(stderr_has_error(
-            "rbd: export-diff error: (32) Broken pipe\n"
-        ));
-        assert!(stderr_has_error(
-            "error setting snapshot context: (2) No such file or directory"
-        ));
+        assert!(stderr_has_error("rbd: export-diff error: (32) Broken pipe\n"));
+        assert!(stderr_has_error("error setting snapshot context: (2) No such file or directory"));
         assert!(stderr_has_error(
             "2026-11-24T19:02:10.303+0000 7f7c1c49c380 -1 librbd: rbd image t1 already exists"
         ));
@@ -939,10 +894,7 @@ mod tests {
 
     #[test]
     fn errno_is_extracted() {
-        assert_eq!(
-            reported_errno("rbd: failed to create snapshot: (17) File exists"),
-            Some(17)
-        );
+        assert_eq!(reported_errno("rbd: failed to create snapshot: (17) File exists"), Some(17));
         assert_eq!(reported_errno("x (y) (2) No such file"), Some(2));
         assert_eq!(reported_errno("nothing here (abc)"), None);
     }
@@ -956,10 +908,7 @@ mod tests {
             "error setting snapshot context: (2) No such file or directory\n".into(),
             &t,
         );
-        assert!(
-            matches!(e, Error::SnapshotNotFound { ref snap, .. } if snap == "s9"),
-            "{e:?}"
-        );
+        assert!(matches!(e, Error::SnapshotNotFound { ref snap, .. } if snap == "s9"), "{e:?}");
 
         let t = Target::image("rbd", "nosuch", Op::Other);
         let e = classify(
@@ -1023,10 +972,7 @@ mod tests {
             "rbd: export-diff error: (2) No such file or directory\n".into(),
             &t,
         );
-        assert!(
-            matches!(e, Error::SnapshotNotFound { ref snap, .. } if snap == "s0"),
-            "{e:?}"
-        );
+        assert!(matches!(e, Error::SnapshotNotFound { ref snap, .. } if snap == "s0"), "{e:?}");
 
         let t = Target::image("rbd", "t1", Op::Other);
         let e = classify(
@@ -1037,10 +983,7 @@ mod tests {
         );
         assert!(matches!(e, Error::RbdFailed { .. }), "{e:?}");
         let m = e.to_string();
-        assert!(
-            m.contains("import-diff") && m.contains("Bad message"),
-            "{m}"
-        );
+        assert!(m.contains("import-diff") && m.contains("Bad message"), "{m}");
     }
 
     #[test]

@@ -64,22 +64,8 @@ mod tests {
             client_id: Some("ferry".into()),
             ..CephConfig::from_dev_dir("/tmp/x")
         };
-        let args: Vec<String> = c
-            .cli_args()
-            .into_iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(
-            args,
-            [
-                "--conf",
-                "/tmp/x/ceph.conf",
-                "--keyring",
-                "/tmp/x/keyring",
-                "--id",
-                "ferry"
-            ]
-        );
+        let args: Vec<String> = c.cli_args().into_iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(args, ["--conf", "/tmp/x/ceph.conf", "--keyring", "/tmp/x/keyring", "--id", "ferry"]);
         assert_eq!(c.client_id_or_default(), "ferry");
         assert_eq!(CephConfig::default().client_id_or_default(), "admin");
     }

@@ -30,11 +30,7 @@ pub enum Error {
 
     /// The image does not exist (`rbd` said ENOENT while opening it).
     #[error("RBD image {pool}/{image} does not exist ({rbd})")]
-    ImageNotFound {
-        pool: String,
-        image: String,
-        rbd: Box<RbdContext>,
-    },
+    ImageNotFound { pool: String, image: String, rbd: Box<RbdContext> },
 
     /// The pool does not exist.
     #[error("pool {pool} does not exist ({rbd})")]
@@ -60,11 +56,7 @@ pub enum Error {
 
     /// `rbd create` of an image name that is taken.
     #[error("RBD image {pool}/{image} already exists ({rbd})")]
-    ImageExists {
-        pool: String,
-        image: String,
-        rbd: Box<RbdContext>,
-    },
+    ImageExists { pool: String, image: String, rbd: Box<RbdContext> },
 
     /// A pool, image or snapshot name that cannot be passed to `rbd` safely.
     #[error("invalid {what} name {name:?}: {reason}")]
@@ -79,9 +71,7 @@ pub enum Error {
     InvalidArgument(String),
 
     /// The program could not be started at all.
-    #[error(
-        "cannot run `{command}`: {source} (is ceph-common installed and `{program}` on PATH?)"
-    )]
+    #[error("cannot run `{command}`: {source} (is ceph-common installed and `{program}` on PATH?)")]
     Spawn {
         program: String,
         command: String,
@@ -91,11 +81,7 @@ pub enum Error {
 
     /// A metadata command did not finish in time and was killed.
     #[error("`{command}` did not finish within {after:?} and was killed (is the cluster reachable?); stderr: {}", stderr_or_none(.stderr))]
-    Timeout {
-        command: String,
-        after: Duration,
-        stderr: String,
-    },
+    Timeout { command: String, after: Duration, stderr: String },
 
     /// I/O on a child's pipes or waiting for it failed.
     #[error("{context}: {source}")]
@@ -135,11 +121,7 @@ pub enum Error {
 
     /// A librados call failed.
     #[error("librados {op} failed: {} (errno {code}){}", strerror(*.code), detail_suffix(.detail))]
-    Rados {
-        op: String,
-        code: i32,
-        detail: String,
-    },
+    Rados { op: String, code: i32, detail: String },
 }
 
 impl Error {
@@ -184,9 +166,7 @@ impl Error {
     pub fn is_not_found(&self) -> bool {
         matches!(
             self,
-            Error::ImageNotFound { .. }
-                | Error::PoolNotFound { .. }
-                | Error::SnapshotNotFound { .. }
+            Error::ImageNotFound { .. } | Error::PoolNotFound { .. } | Error::SnapshotNotFound { .. }
         )
     }
 }
@@ -241,11 +221,7 @@ mod tests {
         assert!(e.is_not_found());
         assert!(e.stderr().is_some());
         assert_eq!(e.command(), Some("rbd export-diff rbd/vm1@s -"));
-        assert!(
-            std::mem::size_of::<Error>() <= 96,
-            "{}",
-            std::mem::size_of::<Error>()
-        );
+        assert!(std::mem::size_of::<Error>() <= 96, "{}", std::mem::size_of::<Error>());
 
         let e = Error::Rados {
             op: "lock".into(),

@@ -17,10 +17,7 @@ mod config;
 mod error;
 mod rados;
 
-pub use cli::{
-    ExportDiff, ImageInfo, ImageParent, ImportDiff, RbdCli, SnapInfo, DEFAULT_COMMAND_TIMEOUT,
-    DEFAULT_MOUNT_TIMEOUT,
-};
+pub use cli::{ExportDiff, ImageInfo, ImageParent, ImportDiff, RbdCli, SnapInfo, DEFAULT_COMMAND_TIMEOUT, DEFAULT_MOUNT_TIMEOUT};
 pub use config::CephConfig;
 pub use error::{Error, RbdContext};
 pub use rados::{Cluster, Health, HealthCheck, Lease, DEFAULT_CONNECT_TIMEOUT, LEASE_LOCK_NAME};

@@ -68,9 +68,7 @@ pub struct Cluster {
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster")
-            .field("client", &self.client)
-            .finish()
+        f.debug_struct("Cluster").field("client", &self.client).finish()
     }
 }
 
@@ -189,11 +187,7 @@ impl Cluster {
             .as_ref()
             .map(|p| p.display().to_string())
             .or_else(|| conf_from_ceph_args().map(|c| format!("{c} (from CEPH_ARGS)")))
-            .or_else(|| {
-                std::env::var("CEPH_CONF")
-                    .ok()
-                    .map(|c| format!("{c} (from CEPH_CONF)"))
-            })
+            .or_else(|| std::env::var("CEPH_CONF").ok().map(|c| format!("{c} (from CEPH_CONF)")))
             .unwrap_or_else(|| "none given: default search".to_owned());
         let keyring_desc = config
             .keyring
@@ -208,16 +202,8 @@ impl Cluster {
         };
 
         let id = cstring("client id", &client)?;
-        let conf = config
-            .conf
-            .as_deref()
-            .map(|p| path_cstring("conf path", p))
-            .transpose()?;
-        let keyring = config
-            .keyring
-            .as_deref()
-            .map(|p| path_cstring("keyring path", p))
-            .transpose()?;
+        let conf = config.conf.as_deref().map(|p| path_cstring("conf path", p)).transpose()?;
+        let keyring = config.keyring.as_deref().map(|p| path_cstring("keyring path", p)).transpose()?;
 
         let mut raw: sys::rados_t = ptr::null_mut();
         // SAFETY: valid out pointer and C string.
@@ -255,26 +241,13 @@ impl Cluster {
         // SAFETY: live handle; NULL means CEPH_ARGS.
         let rc = unsafe { sys::rados_conf_parse_env(handle.0, ptr::null()) };
         if rc < 0 {
-            return Err(connect_err(
-                "parsing CEPH_ARGS",
-                rc,
-                "CEPH_ARGS holds an invalid option".to_owned(),
-            ));
+            return Err(connect_err("parsing CEPH_ARGS", rc, "CEPH_ARGS holds an invalid option".to_owned()));
         }
         let secs = timeout.as_secs().max(1);
         let mut settings: Vec<(&str, CString)> = vec![
-            (
-                "client_mount_timeout",
-                cstring("timeout", &secs.to_string())?,
-            ),
-            (
-                "rados_mon_op_timeout",
-                cstring("timeout", &secs.to_string())?,
-            ),
-            (
-                "rados_osd_op_timeout",
-                cstring("timeout", &(2 * secs).to_string())?,
-            ),
+            ("client_mount_timeout", cstring("timeout", &secs.to_string())?),
+            ("rados_mon_op_timeout", cstring("timeout", &secs.to_string())?),
+            ("rados_osd_op_timeout", cstring("timeout", &(2 * secs).to_string())?),
         ];
         if let Some(k) = keyring {
             settings.push(("keyring", k));
@@ -284,11 +257,7 @@ impl Cluster {
             // SAFETY: live handle, valid C strings.
             let rc = unsafe { sys::rados_conf_set(handle.0, n.as_ptr(), value.as_ptr()) };
             if rc < 0 {
-                return Err(connect_err(
-                    "setting an option",
-                    rc,
-                    format!("rados_conf_set {name}"),
-                ));
+                return Err(connect_err("setting an option", rc, format!("rados_conf_set {name}")));
             }
         }
 
@@ -325,9 +294,7 @@ impl Cluster {
     pub fn fsid(&self) -> Result<String, Error> {
         let mut buf = [0u8; 64];
         // SAFETY: live handle; buffer and its length.
-        let rc = unsafe {
-            sys::rados_cluster_fsid(self.handle.0, buf.as_mut_ptr() as *mut c_char, buf.len())
-        };
+        let rc = unsafe { sys::rados_cluster_fsid(self.handle.0, buf.as_mut_ptr() as *mut c_char, buf.len()) };
         if rc < 0 {
             return Err(rados_err("rados_cluster_fsid", rc, ""));
         }
@@ -351,9 +318,7 @@ impl Cluster {
         for _ in 0..8 {
             let mut buf = vec![0u8; len];
             // SAFETY: live handle; buffer and its length.
-            let rc = unsafe {
-                sys::rados_pool_list(self.handle.0, buf.as_mut_ptr() as *mut c_char, buf.len())
-            };
+            let rc = unsafe { sys::rados_pool_list(self.handle.0, buf.as_mut_ptr() as *mut c_char, buf.len()) };
             if rc < 0 {
                 return Err(rados_err("rados_pool_list", rc, ""));
             }
@@ -365,11 +330,7 @@ impl Cluster {
             buf.truncate(need);
             return Ok(split_nul_list(&buf));
         }
-        Err(rados_err(
-            "rados_pool_list",
-            -libc::ERANGE,
-            "pool list kept growing",
-        ))
+        Err(rados_err("rados_pool_list", -libc::ERANGE, "pool list kept growing"))
     }
 
     /// Runs a monitor command (JSON) and returns its output buffer and status string.
@@ -419,11 +380,7 @@ impl Cluster {
             });
         }
         if rc < 0 || raw.is_null() {
-            return Err(rados_err(
-                format!("rados_ioctx_create {pool}"),
-                rc.min(-1),
-                "",
-            ));
+            return Err(rados_err(format!("rados_ioctx_create {pool}"), rc.min(-1), ""));
         }
         Ok(IoCtx {
             raw,
@@ -438,25 +395,13 @@ impl Cluster {
     ///
     /// `description` is stored with the lock and starts the cookie, so it shows up in
     /// `LeaseHeld` errors and in `rados lock info`: put host and process in it.
-    pub fn lease(
-        &self,
-        pool: &str,
-        object: &str,
-        duration: Duration,
-        description: &str,
-    ) -> Result<Lease, Error> {
+    pub fn lease(&self, pool: &str, object: &str, duration: Duration, description: &str) -> Result<Lease, Error> {
         if duration < Duration::from_millis(10) {
-            return Err(Error::InvalidArgument(format!(
-                "lease duration {duration:?} is too short"
-            )));
+            return Err(Error::InvalidArgument(format!("lease duration {duration:?} is too short")));
         }
         let io = self.ioctx(pool)?;
         let desc: String = description.chars().filter(|c| !c.is_control()).collect();
-        let cookie = format!(
-            "{}#{}",
-            desc.chars().take(100).collect::<String>(),
-            random_hex()
-        );
+        let cookie = format!("{}#{}", desc.chars().take(100).collect::<String>(), random_hex());
         let inner = LeaseInner {
             object_c: cstring("object", object)?,
             lock_c: cstring("lock", LEASE_LOCK_NAME)?,
@@ -535,15 +480,7 @@ impl Cluster {
             let client = cstring("client", &l.client)?;
             let cookie = cstring("cookie", &l.cookie)?;
             // SAFETY: live ioctx, valid C strings.
-            let rc = unsafe {
-                sys::rados_break_lock(
-                    io.raw,
-                    object_c.as_ptr(),
-                    lock_c.as_ptr(),
-                    client.as_ptr(),
-                    cookie.as_ptr(),
-                )
-            };
+            let rc = unsafe { sys::rados_break_lock(io.raw, object_c.as_ptr(), lock_c.as_ptr(), client.as_ptr(), cookie.as_ptr()) };
             if rc == 0 {
                 broken += 1;
             } else if rc != -libc::ENOENT {
@@ -605,9 +542,7 @@ fn random_hex() -> String {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        let v = nanos
-            ^ (u64::from(std::process::id()) << 32)
-            ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(17);
+        let v = nanos ^ (u64::from(std::process::id()) << 32) ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(17);
         bytes = v.to_le_bytes();
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -626,8 +561,7 @@ fn list_lockers(io: &IoCtx, object: &CString, lock: &CString) -> Result<Vec<Lock
         let mut clients = vec![0u8; sizes[1]];
         let mut cookies = vec![0u8; sizes[2]];
         let mut addrs = vec![0u8; sizes[3]];
-        let (mut tag_len, mut clients_len, mut cookies_len, mut addrs_len) =
-            (tag.len(), clients.len(), cookies.len(), addrs.len());
+        let (mut tag_len, mut clients_len, mut cookies_len, mut addrs_len) = (tag.len(), clients.len(), cookies.len(), addrs.len());
         let mut exclusive: libc::c_int = 0;
         // SAFETY: live ioctx, valid C strings, buffers with their lengths.
         let rc = unsafe {
@@ -661,11 +595,7 @@ fn list_lockers(io: &IoCtx, object: &CString, lock: &CString) -> Result<Vec<Lock
         clients.truncate(clients_len.min(clients.len()));
         cookies.truncate(cookies_len.min(cookies.len()));
         addrs.truncate(addrs_len.min(addrs.len()));
-        let (c, k, a) = (
-            split_nul_list(&clients),
-            split_nul_list(&cookies),
-            split_nul_list(&addrs),
-        );
+        let (c, k, a) = (split_nul_list(&clients), split_nul_list(&cookies), split_nul_list(&addrs));
         return Ok(c
             .into_iter()
             .enumerate()
@@ -676,11 +606,7 @@ fn list_lockers(io: &IoCtx, object: &CString, lock: &CString) -> Result<Vec<Lock
             })
             .collect());
     }
-    Err(rados_err(
-        "rados_list_lockers",
-        -libc::ERANGE,
-        "buffers kept growing",
-    ))
+    Err(rados_err("rados_list_lockers", -libc::ERANGE, "buffers kept growing"))
 }
 
 fn describe_lockers(io: &IoCtx, object: &CString, lock: &CString) -> String {
@@ -743,14 +669,7 @@ impl LeaseInner {
 
     fn unlock(&self) -> i32 {
         // SAFETY: live ioctx, valid C strings.
-        unsafe {
-            sys::rados_unlock(
-                self.io.raw,
-                self.object_c.as_ptr(),
-                self.lock_c.as_ptr(),
-                self.cookie_c.as_ptr(),
-            )
-        }
+        unsafe { sys::rados_unlock(self.io.raw, self.object_c.as_ptr(), self.lock_c.as_ptr(), self.cookie_c.as_ptr()) }
     }
 
     fn renew_loop(&self) {
@@ -778,10 +697,7 @@ impl LeaseInner {
                 let why = match -rc {
                     libc::ENOENT => "the lock had expired (renewal came too late)".to_owned(),
                     libc::EBUSY => "another client holds the lock".to_owned(),
-                    code => format!(
-                        "renewal failed: {} (errno {code})",
-                        crate::error::strerror(code)
-                    ),
+                    code => format!("renewal failed: {} (errno {code})", crate::error::strerror(code)),
                 };
                 s.failure = Some(why);
             }
@@ -843,10 +759,7 @@ impl Lease {
 
     /// How long the lease is sure to hold without another renewal (zero when expired).
     pub fn time_left(&self) -> Duration {
-        self.inner
-            .state()
-            .expires
-            .saturating_duration_since(Instant::now())
+        self.inner.state().expires.saturating_duration_since(Instant::now())
     }
 
     fn stop_renewing(&mut self) {
@@ -865,9 +778,7 @@ impl Lease {
             0 => Ok(()),
             rc if rc == -libc::ENOENT => Err(Error::LeaseLost {
                 object: self.object(),
-                reason: self
-                    .failure()
-                    .unwrap_or_else(|| "the lock was not held any more".to_owned()),
+                reason: self.failure().unwrap_or_else(|| "the lock was not held any more".to_owned()),
             }),
             rc => Err(rados_err(format!("unlock {}", self.object()), rc, "")),
         }
@@ -903,8 +814,7 @@ mod tests {
 
     #[test]
     fn health_parses() {
-        let h =
-            Health::from_json(br#"{"status":"HEALTH_OK","checks":{},"mutes":[]}"#).expect("parse");
+        let h = Health::from_json(br#"{"status":"HEALTH_OK","checks":{},"mutes":[]}"#).expect("parse");
         assert!(h.is_ok());
         assert!(h.checks.is_empty());
         let h = Health::from_json(
@@ -916,9 +826,6 @@ mod tests {
         assert_eq!(h.checks[0].name, "OSDMAP_FLAGS");
         assert_eq!(h.checks[0].message, "noout flag(s) set");
         assert_eq!(h.checks[0].count, 5);
-        assert_eq!(
-            h.to_string(),
-            "HEALTH_WARN; HEALTH_WARN OSDMAP_FLAGS: noout flag(s) set"
-        );
+        assert_eq!(h.to_string(), "HEALTH_WARN; HEALTH_WARN OSDMAP_FLAGS: noout flag(s) set");
     }
 }

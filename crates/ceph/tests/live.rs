@@ -84,9 +84,7 @@ impl std::fmt::Debug for Rec {
             Rec::To(n) => write!(f, "t {n}"),
             Rec::Size(s) => write!(f, "s {s}"),
             Rec::Write(o, d) => {
-                let sum = d
-                    .iter()
-                    .fold(0u32, |a, &b| a.wrapping_mul(31).wrapping_add(u32::from(b)));
+                let sum = d.iter().fold(0u32, |a, &b| a.wrapping_mul(31).wrapping_add(u32::from(b)));
                 write!(f, "w {o}+{} (sum {sum:08x})", d.len())
             }
             Rec::Zero(o, l) => write!(f, "z {o}+{l}"),
@@ -99,11 +97,7 @@ fn encode(recs: &[Rec]) -> Vec<u8> {
     for r in recs {
         match r {
             Rec::From(n) | Rec::To(n) => {
-                out.push(if matches!(r, Rec::From(_)) {
-                    b'f'
-                } else {
-                    b't'
-                });
+                out.push(if matches!(r, Rec::From(_)) { b'f' } else { b't' });
                 out.extend_from_slice(&(n.len() as u32).to_le_bytes());
                 out.extend_from_slice(n.as_bytes());
             }
@@ -145,11 +139,7 @@ fn decode(stream: &[u8]) -> Vec<Rec> {
                 let n = u32::from_le_bytes(stream[p..p + 4].try_into().expect("4 bytes")) as usize;
                 let name = String::from_utf8(stream[p + 4..p + 4 + n].to_vec()).expect("utf-8");
                 p += 4 + n;
-                recs.push(if tag == b'f' {
-                    Rec::From(name)
-                } else {
-                    Rec::To(name)
-                });
+                recs.push(if tag == b'f' { Rec::From(name) } else { Rec::To(name) });
             }
             b's' => {
                 recs.push(Rec::Size(u64_at(p)));
@@ -187,9 +177,7 @@ fn apply(model: &mut [u8], recs: &[Rec]) {
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
-        .collect()
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1).collect()
 }
 
 fn import(rbd: &RbdCli, image: &str, stream: &[u8]) -> Result<(), Error> {
@@ -247,11 +235,7 @@ fn rbd_image_snapshot_and_diff_lifecycle() {
     import(
         &rbd,
         &image,
-        &encode(&[
-            Rec::Size(SIZE),
-            Rec::Write(0, w1.clone()),
-            Rec::Write((4 << 20) + 123, w2.clone()),
-        ]),
+        &encode(&[Rec::Size(SIZE), Rec::Write(0, w1.clone()), Rec::Write((4 << 20) + 123, w2.clone())]),
     )
     .expect("import-diff base");
 
@@ -275,13 +259,7 @@ fn rbd_image_snapshot_and_diff_lifecycle() {
     let recs = decode(&full);
     assert_eq!(recs[..2], [Rec::To("s1".into()), Rec::Size(SIZE)]);
     let mut expected = vec![0u8; MODEL];
-    apply(
-        &mut expected,
-        &[
-            Rec::Write(0, w1.clone()),
-            Rec::Write((4 << 20) + 123, w2.clone()),
-        ],
-    );
+    apply(&mut expected, &[Rec::Write(0, w1.clone()), Rec::Write((4 << 20) + 123, w2.clone())]);
     let mut got = vec![0u8; MODEL];
     apply(&mut got, &recs);
     assert!(got == expected, "export-diff s1 content differs: {recs:?}");
@@ -316,29 +294,17 @@ fn rbd_image_snapshot_and_diff_lifecycle() {
         ]),
     )
     .expect("import-diff s1..s2");
-    let names: Vec<String> = rbd
-        .snap_list(POOL, &image)
-        .expect("snap ls")
-        .into_iter()
-        .map(|s| s.name)
-        .collect();
+    let names: Vec<String> = rbd.snap_list(POOL, &image).expect("snap ls").into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["s1", "s2"]);
     let inc = export(&rbd, &image, "s2", Some("s1")).expect("export-diff s1..s2");
     let recs = decode(&inc);
     assert_eq!(recs[0], Rec::From("s1".into()));
     assert_eq!(recs[1], Rec::To("s2".into()));
-    apply(
-        &mut expected,
-        &[Rec::Write(12 << 20, w3), Rec::Zero(0, 4096)],
-    );
+    apply(&mut expected, &[Rec::Write(12 << 20, w3), Rec::Zero(0, 4096)]);
     apply(&mut got, &recs);
+    assert!(got == expected, "export-diff s1..s2 content differs: {recs:?}");
     assert!(
-        got == expected,
-        "export-diff s1..s2 content differs: {recs:?}"
-    );
-    assert!(
-        recs.iter()
-            .all(|r| !matches!(r, Rec::Write(o, _) if *o == (4 << 20) + 123)),
+        recs.iter().all(|r| !matches!(r, Rec::Write(o, _) if *o == (4 << 20) + 123)),
         "the incremental repeats unchanged data: {recs:?}"
     );
 
@@ -364,17 +330,12 @@ fn rbd_image_snapshot_and_diff_lifecycle() {
     assert!(err.to_string().contains("import-diff"), "{err}");
 
     // an export-diff that is dropped or killed half-way does not hang or leak
-    let mut exp = rbd
-        .export_diff(POOL, &image, "s1", None, true)
-        .expect("spawn");
+    let mut exp = rbd.export_diff(POOL, &image, "s1", None, true).expect("spawn");
     let mut first = [0u8; 12];
     exp.read_exact(&mut first).expect("banner");
     exp.kill();
     assert!(exp.wait().is_err(), "a killed export is not complete");
-    drop(
-        rbd.export_diff(POOL, &image, "s1", None, true)
-            .expect("spawn"),
-    );
+    drop(rbd.export_diff(POOL, &image, "s1", None, true).expect("spawn"));
 
     // snapshots away, then the image
     match rbd.snap_remove(POOL, &image, "nosuch") {
@@ -403,30 +364,18 @@ fn rbd_object_size_bench_and_missing_pool() {
     };
     let rbd = RbdCli::new(config(&dir));
     let image = unique("os");
-    rbd.create(POOL, &image, 8 << 20, Some(1 << 20))
-        .expect("create with object size");
+    rbd.create(POOL, &image, 8 << 20, Some(1 << 20)).expect("create with object size");
     let _guard = ImageGuard {
         rbd: &rbd,
         image: image.clone(),
     };
     let info = rbd.info(POOL, &image).expect("info");
-    assert_eq!(
-        (info.object_size, info.order, info.objects),
-        (1 << 20, 20, 8)
-    );
+    assert_eq!((info.object_size, info.order, info.objects), (1 << 20, 20, 8));
 
     // data written by `rbd bench` (one thread: 0..4 MiB in order) shows up in a full export-diff
     let out = std::process::Command::new("rbd")
         .args(config(&dir).cli_args())
-        .args([
-            "bench",
-            "--io-type",
-            "write",
-            "--io-size",
-            "64K",
-            "--io-total",
-            "4M",
-        ])
+        .args(["bench", "--io-type", "write", "--io-size", "64K", "--io-total", "4M"])
         .args(["--io-pattern", "seq", "--io-threads", "1"])
         .arg(format!("{POOL}/{image}"))
         .output()
@@ -528,9 +477,7 @@ fn lease_renews_itself() {
     let a = Cluster::connect(&config(&dir)).expect("connect a");
     let b = Cluster::connect(&config(&dir)).expect("connect b");
     let object = unique("renew");
-    let lease = a
-        .lease(POOL, &object, Duration::from_secs(3), "renewing holder")
-        .expect("lease");
+    let lease = a.lease(POOL, &object, Duration::from_secs(3), "renewing holder").expect("lease");
     std::thread::sleep(Duration::from_millis(5500));
     assert!(lease.is_healthy(), "failure: {:?}", lease.failure());
     assert!(lease.time_left() > Duration::from_millis(500));
@@ -555,11 +502,7 @@ fn wrong_keyring_fails_fast() {
     Cluster::connect(&config(&dir)).expect("connect with the right keyring");
     let tmp = tempfile::tempdir().expect("tempdir");
     let keyring = tmp.path().join("bogus.keyring");
-    std::fs::write(
-        &keyring,
-        "[client.admin]\n\tkey = AQBk4QVrPRwBARAAMA7tYn+d4pUJf/1pmlwHsw==\n",
-    )
-    .expect("write keyring");
+    std::fs::write(&keyring, "[client.admin]\n\tkey = AQBk4QVrPRwBARAAMA7tYn+d4pUJf/1pmlwHsw==\n").expect("write keyring");
     let cfg = CephConfig {
         keyring: Some(keyring),
         ..config(&dir)
@@ -585,10 +528,7 @@ fn wrong_keyring_fails_fast() {
         .expect_err("rbd with a bogus key");
     eprintln!("rbd with wrong keyring: {:?}: {err}", t.elapsed());
     assert!(t.elapsed() < Duration::from_secs(60));
-    assert!(
-        err.stderr().is_some_and(|s| !s.trim().is_empty()),
-        "{err:?}"
-    );
+    assert!(err.stderr().is_some_and(|s| !s.trim().is_empty()), "{err:?}");
 }
 
 #[test]
@@ -599,11 +539,7 @@ fn unreachable_monitor_fails_fast() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let conf = tmp.path().join("ceph.conf");
     // port 9 (discard) on loopback: nothing listens there
-    std::fs::write(
-        &conf,
-        "[global]\nmon host = 127.0.0.1:9\nauth client required = cephx\n",
-    )
-    .expect("write conf");
+    std::fs::write(&conf, "[global]\nmon host = 127.0.0.1:9\nauth client required = cephx\n").expect("write conf");
     let cfg = CephConfig {
         conf: Some(conf),
         keyring: Some(_dir.join("keyring")),

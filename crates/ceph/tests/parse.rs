@@ -25,21 +25,12 @@ fn rbd_info() {
     assert_eq!(i.block_name_prefix, "rbd_data.37373a32618e");
     assert_eq!(
         i.features,
-        [
-            "layering",
-            "exclusive-lock",
-            "object-map",
-            "fast-diff",
-            "deep-flatten"
-        ]
+        ["layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten"]
     );
     assert!(i.has_feature("fast-diff"));
     assert!(!i.has_feature("journaling"));
     assert!(i.parent.is_none());
-    assert_eq!(
-        i.create_timestamp.as_deref(),
-        Some("Tue Nov 24 19:01:55 2026")
-    );
+    assert_eq!(i.create_timestamp.as_deref(), Some("Tue Nov 24 19:01:55 2026"));
 }
 
 #[test]
@@ -48,18 +39,14 @@ fn rbd_info_of_a_snapshot_and_a_clone() {
     assert_eq!(i.name, "t1");
     let c = ImageInfo::from_json(INFO_CLONE).expect("parse rbd info of a clone");
     let p = c.parent.expect("clone has a parent");
-    assert_eq!(
-        (p.pool.as_str(), p.image.as_str(), p.snapshot.as_str()),
-        ("rbd", "t1", "s1")
-    );
+    assert_eq!((p.pool.as_str(), p.image.as_str(), p.snapshot.as_str()), ("rbd", "t1", "s1"));
     assert_eq!(p.overlap, 64 << 20);
     assert!(!p.trash);
 }
 
 #[test]
 fn rbd_info_fills_object_size_from_order() {
-    let i = ImageInfo::from_json(br#"{"name":"old","size":1048576,"order":20,"features":[]}"#)
-        .expect("parse minimal rbd info");
+    let i = ImageInfo::from_json(br#"{"name":"old","size":1048576,"order":20,"features":[]}"#).expect("parse minimal rbd info");
     assert_eq!(i.object_size, 1 << 20);
     assert_eq!(i.id, "");
 }
@@ -82,10 +69,7 @@ fn rbd_snap_ls() {
     assert!(!s[1].protected, "\"false\" string");
     assert_eq!(s[1].timestamp.as_deref(), Some("Tue Nov 24 19:01:57 2026"));
     // --all adds a namespace field; it is ignored
-    assert_eq!(
-        SnapInfo::list_from_json(SNAP_LS_ALL).expect("parse --all"),
-        s
-    );
+    assert_eq!(SnapInfo::list_from_json(SNAP_LS_ALL).expect("parse --all"), s);
     assert!(SnapInfo::list_from_json(b"[]").expect("empty").is_empty());
     // booleans proper are accepted too (and our own serialization uses them)
     let j = serde_json::to_vec(&s).expect("serialize");
@@ -94,9 +78,7 @@ fn rbd_snap_ls() {
 
 #[test]
 fn rbd_snap_ls_rejects_nonsense() {
-    assert!(
-        SnapInfo::list_from_json(br#"[{"id":1,"name":"a","size":1,"protected":"maybe"}]"#).is_err()
-    );
+    assert!(SnapInfo::list_from_json(br#"[{"id":1,"name":"a","size":1,"protected":"maybe"}]"#).is_err());
     assert!(SnapInfo::list_from_json(b"rbd: error").is_err());
 }
 

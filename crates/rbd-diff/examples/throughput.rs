@@ -13,10 +13,7 @@ fn main() -> Result<(), rbd_diff::Error> {
         ..Default::default()
     };
     let payload = vec![0x5au8; record];
-    let mut w = DiffWriter::new(
-        Vec::with_capacity(records as usize * record + 4096),
-        &header,
-    )?;
+    let mut w = DiffWriter::new(Vec::with_capacity(records as usize * record + 4096), &header)?;
     for i in 0..records {
         w.write_data(i * record as u64, &payload)?;
     }

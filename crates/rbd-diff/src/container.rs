@@ -8,9 +8,8 @@ use std::sync::Arc;
 use crate::input::CountingReader;
 use crate::reader::read_banner;
 use crate::{
-    DiffHeader, DiffReader, DiffWriter, Error, Format, BANNER_IMAGE_DIFFS_V2, BANNER_IMAGE_V2,
-    DEFAULT_MAX_PIECE, MAX_IMAGE_METADATA, TAG_FEATURES, TAG_IMAGE_END, TAG_META, TAG_ORDER,
-    TAG_STRIPE_COUNT, TAG_STRIPE_UNIT,
+    DiffHeader, DiffReader, DiffWriter, Error, Format, BANNER_IMAGE_DIFFS_V2, BANNER_IMAGE_V2, DEFAULT_MAX_PIECE, MAX_IMAGE_METADATA,
+    TAG_FEATURES, TAG_IMAGE_END, TAG_META, TAG_ORDER, TAG_STRIPE_COUNT, TAG_STRIPE_UNIT,
 };
 
 /// The header records of an image export.
@@ -191,10 +190,7 @@ fn read_image_header<R: Read>(input: &mut CountingReader<R>) -> Result<ImageHead
                     });
                 }
                 let bytes = inp.read_vec(n as usize, start, "'M' record")?;
-                let s = String::from_utf8(bytes).map_err(|_| Error::InvalidUtf8 {
-                    offset: start,
-                    what,
-                })?;
+                let s = String::from_utf8(bytes).map_err(|_| Error::InvalidUtf8 { offset: start, what })?;
                 Ok((n, s))
             };
             let (k, key) = string("image-meta key", &mut meta_bytes)?;
@@ -279,9 +275,7 @@ impl<W: Write> ImageExportWriter<W> {
         buf.push(TAG_IMAGE_END);
         buf.extend_from_slice(BANNER_IMAGE_DIFFS_V2);
         buf.extend_from_slice(&diff_count.to_le_bytes());
-        writer
-            .write_all(&buf)
-            .map_err(|source| Error::Io { offset: 0, source })?;
+        writer.write_all(&buf).map_err(|source| Error::Io { offset: 0, source })?;
         Ok(ImageExportWriter {
             inner: writer,
             pos: buf.len() as u64,
@@ -298,12 +292,7 @@ impl<W: Write> ImageExportWriter<W> {
 
     /// Writes one complete v2 diff: header records, whatever `body` writes, then `e`.
     /// Any error poisons the writer (a partial diff may have been written).
-    pub fn write_diff<F>(
-        &mut self,
-        header: &DiffHeader,
-        pacific_p_quirk: bool,
-        body: F,
-    ) -> Result<(), Error>
+    pub fn write_diff<F>(&mut self, header: &DiffHeader, pacific_p_quirk: bool, body: F) -> Result<(), Error>
     where
         F: FnOnce(&mut DiffWriter<&mut W>) -> Result<(), Error>,
     {
@@ -318,13 +307,7 @@ impl<W: Write> ImageExportWriter<W> {
             });
         }
         self.failed = true;
-        let mut w = DiffWriter::start(
-            &mut self.inner,
-            header,
-            Format::V2,
-            pacific_p_quirk,
-            self.pos,
-        )?;
+        let mut w = DiffWriter::start(&mut self.inner, header, Format::V2, pacific_p_quirk, self.pos)?;
         body(&mut w)?;
         let (_, pos) = w.finish_at()?;
         self.pos = pos;
@@ -345,10 +328,7 @@ impl<W: Write> ImageExportWriter<W> {
                 written: self.written,
             });
         }
-        self.inner.flush().map_err(|source| Error::Io {
-            offset: self.pos,
-            source,
-        })?;
+        self.inner.flush().map_err(|source| Error::Io { offset: self.pos, source })?;
         Ok(self.inner)
     }
 }

@@ -48,19 +48,11 @@ pub enum Error {
     },
 
     /// `image_offset + length` does not fit in a u64.
-    #[error(
-        "extent at offset {offset} overflows: image offset {image_offset} + length {length} > 2^64-1"
-    )]
-    ExtentOverflow {
-        offset: u64,
-        image_offset: u64,
-        length: u64,
-    },
+    #[error("extent at offset {offset} overflows: image offset {image_offset} + length {length} > 2^64-1")]
+    ExtentOverflow { offset: u64, image_offset: u64, length: u64 },
 
     /// The extent ends beyond the image size given by the `s` record.
-    #[error(
-        "extent at offset {offset} ends beyond the image: image offset {image_offset} + length {length} > image size {image_size}"
-    )]
+    #[error("extent at offset {offset} ends beyond the image: image offset {image_offset} + length {length} > image size {image_size}")]
     ExtentBeyondImage {
         offset: u64,
         image_offset: u64,
@@ -70,14 +62,8 @@ pub enum Error {
 
     /// A data record starts below the end of the previous data record (decreasing or
     /// overlapping extents).
-    #[error(
-        "data record at offset {offset} is out of order: image offset {image_offset} < end of previous extent {previous_end}"
-    )]
-    OutOfOrder {
-        offset: u64,
-        image_offset: u64,
-        previous_end: u64,
-    },
+    #[error("data record at offset {offset} is out of order: image offset {image_offset} < end of previous extent {previous_end}")]
+    OutOfOrder { offset: u64, image_offset: u64, previous_end: u64 },
 
     /// End of stream inside a banner or record.
     #[error("stream truncated in {what} starting at offset {offset} (end of stream at {eof_at})")]
@@ -126,28 +112,16 @@ pub enum Error {
     IncompleteDiff { offset: u64 },
 
     /// Writer misuse: `write_payload` got more bytes than the open `w` record has left.
-    #[error(
-        "payload overrun at offset {offset}: {given} bytes given, {remaining} left in the record"
-    )]
-    PayloadOverrun {
-        offset: u64,
-        remaining: u64,
-        given: u64,
-    },
+    #[error("payload overrun at offset {offset}: {given} bytes given, {remaining} left in the record")]
+    PayloadOverrun { offset: u64, remaining: u64, given: u64 },
 
     /// Writer misuse: a new record or `finish` while a streaming `w` record still expects bytes.
     #[error("incomplete 'w' payload at offset {offset}: {remaining} bytes still expected")]
     IncompletePayload { offset: u64, remaining: u64 },
 
     /// Writer misuse: an image export got a different number of diffs than declared.
-    #[error(
-        "image export at offset {offset} declares {declared} diffs, but {written} were written"
-    )]
-    DiffCountMismatch {
-        offset: u64,
-        declared: u64,
-        written: u64,
-    },
+    #[error("image export at offset {offset} declares {declared} diffs, but {written} were written")]
+    DiffCountMismatch { offset: u64, declared: u64, written: u64 },
 
     /// The reader or writer was used again after an earlier error left the stream in an
     /// unknown state.

@@ -52,10 +52,7 @@ impl<R: Read> Input<R> {
     }
 
     pub(crate) fn io_err(&self, source: io::Error) -> Error {
-        Error::Io {
-            offset: self.pos,
-            source,
-        }
+        Error::Io { offset: self.pos, source }
     }
 
     /// One read; returns 0 only at end of stream (or for an empty `out`).
@@ -97,22 +94,13 @@ impl<R: Read> Input<R> {
     }
 
     /// Reads exactly `N` bytes; a short read is `Truncated` for the record starting at `start`.
-    pub(crate) fn read_array<const N: usize>(
-        &mut self,
-        start: u64,
-        what: &'static str,
-    ) -> Result<[u8; N], Error> {
+    pub(crate) fn read_array<const N: usize>(&mut self, start: u64, what: &'static str) -> Result<[u8; N], Error> {
         let mut a = [0u8; N];
         self.read_exact_at(&mut a, start, what)?;
         Ok(a)
     }
 
-    pub(crate) fn read_exact_at(
-        &mut self,
-        out: &mut [u8],
-        start: u64,
-        what: &'static str,
-    ) -> Result<(), Error> {
+    pub(crate) fn read_exact_at(&mut self, out: &mut [u8], start: u64, what: &'static str) -> Result<(), Error> {
         if self.read_full(out)? < out.len() {
             return Err(self.truncated(start, what));
         }
@@ -136,12 +124,7 @@ impl<R: Read> Input<R> {
     }
 
     /// Reads `n` bytes into a new vector, growing it only as data actually arrives.
-    pub(crate) fn read_vec(
-        &mut self,
-        n: usize,
-        start: u64,
-        what: &'static str,
-    ) -> Result<Vec<u8>, Error> {
+    pub(crate) fn read_vec(&mut self, n: usize, start: u64, what: &'static str) -> Result<Vec<u8>, Error> {
         const STEP: usize = 64 * 1024;
         let mut v = Vec::with_capacity(n.min(STEP));
         while v.len() < n {
@@ -166,9 +149,7 @@ impl<R: Read> Input<R> {
                 continue;
             }
             let want = n.min(scratch.len() as u64) as usize;
-            let got = self
-                .read_some(&mut scratch[..want])
-                .map_err(|e| self.io_err(e))?;
+            let got = self.read_some(&mut scratch[..want]).map_err(|e| self.io_err(e))?;
             if got == 0 {
                 return Err(self.truncated(start, what));
             }

@@ -103,20 +103,12 @@ pub struct DiffHeader {
 }
 
 /// Validates an extent; returns its end. `record_start` is the error offset.
-pub(crate) fn check_extent(
-    record_start: u64,
-    image_offset: u64,
-    length: u64,
-    image_size: u64,
-    previous_end: u64,
-) -> Result<u64, Error> {
-    let end = image_offset
-        .checked_add(length)
-        .ok_or(Error::ExtentOverflow {
-            offset: record_start,
-            image_offset,
-            length,
-        })?;
+pub(crate) fn check_extent(record_start: u64, image_offset: u64, length: u64, image_size: u64, previous_end: u64) -> Result<u64, Error> {
+    let end = image_offset.checked_add(length).ok_or(Error::ExtentOverflow {
+        offset: record_start,
+        image_offset,
+        length,
+    })?;
     if end > image_size {
         return Err(Error::ExtentBeyondImage {
             offset: record_start,

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use crate::input::{Input, BUF_CAPACITY};
 use crate::{
-    check_extent, escape, DiffHeader, Error, Format, BANNER_V1, BANNER_V2, DEFAULT_MAX_PIECE,
-    MAX_SNAP_NAME, TAG_END, TAG_FROM, TAG_PROTECTED, TAG_SIZE, TAG_TO, TAG_WRITE, TAG_ZERO,
+    check_extent, escape, DiffHeader, Error, Format, BANNER_V1, BANNER_V2, DEFAULT_MAX_PIECE, MAX_SNAP_NAME, TAG_END, TAG_FROM,
+    TAG_PROTECTED, TAG_SIZE, TAG_TO, TAG_WRITE, TAG_ZERO,
 };
 
 /// One event of the data section of a diff stream.
@@ -98,30 +98,13 @@ impl<R: Read> DiffReader<R> {
                 what: "max_piece must be at least 1",
             });
         }
-        Self::open(
-            Input::new(reader, BUF_CAPACITY, 0),
-            max_piece,
-            true,
-            None,
-            None,
-        )
+        Self::open(Input::new(reader, BUF_CAPACITY, 0), max_piece, true, None, None)
     }
 
     /// Reader for a v2 diff embedded in an image export: `input` is unbuffered (the container
     /// buffers), reading stops after `e`.
-    pub(crate) fn embedded(
-        reader: R,
-        start: u64,
-        max_piece: usize,
-        end_flag: Arc<AtomicBool>,
-    ) -> Result<Self, Error> {
-        Self::open(
-            Input::new(reader, 0, start),
-            max_piece,
-            false,
-            Some(Format::V2),
-            Some(end_flag),
-        )
+    pub(crate) fn embedded(reader: R, start: u64, max_piece: usize, end_flag: Arc<AtomicBool>) -> Result<Self, Error> {
+        Self::open(Input::new(reader, 0, start), max_piece, false, Some(Format::V2), Some(end_flag))
     }
 
     fn open(
@@ -137,11 +120,7 @@ impl<R: Read> DiffReader<R> {
             Some(Format::V2) => &[BANNER_V2],
         };
         let which = read_banner(&mut input, banners)?;
-        let format = if banners[which] == BANNER_V1 {
-            Format::V1
-        } else {
-            Format::V2
-        };
+        let format = if banners[which] == BANNER_V1 { Format::V1 } else { Format::V2 };
         let mut r = DiffReader {
             input,
             format,
@@ -219,11 +198,7 @@ impl<R: Read> DiffReader<R> {
         loop {
             let head = match self.state {
                 State::Ended => return Ok(Step::End),
-                State::Failed => {
-                    return Err(Error::Poisoned {
-                        offset: self.position(),
-                    })
-                }
+                State::Failed => return Err(Error::Poisoned { offset: self.position() }),
                 State::InData {
                     image_offset,
                     remaining,
@@ -242,11 +217,7 @@ impl<R: Read> DiffReader<R> {
                 }
                 State::InData { .. } | State::Boundary => match self.read_head()? {
                     Some(h) => h,
-                    None => {
-                        return Err(Error::MissingEnd {
-                            offset: self.position(),
-                        })
-                    }
+                    None => return Err(Error::MissingEnd { offset: self.position() }),
                 },
                 State::Pending(h) => h,
             };
@@ -281,20 +252,14 @@ impl<R: Read> DiffReader<R> {
                     self.state = State::Ended;
                     return Ok(Step::End);
                 }
-                tag if self.is_metadata_tag(tag) => {
-                    return Err(Error::MetadataAfterData {
-                        offset: head.start,
-                        tag,
-                    })
-                }
+                tag if self.is_metadata_tag(tag) => return Err(Error::MetadataAfterData { offset: head.start, tag }),
                 tag => self.skip_unknown(&head, tag)?,
             }
         }
     }
 
     fn is_metadata_tag(&self, tag: u8) -> bool {
-        matches!(tag, TAG_FROM | TAG_TO | TAG_SIZE)
-            || (tag == TAG_PROTECTED && self.format == Format::V2)
+        matches!(tag, TAG_FROM | TAG_TO | TAG_SIZE) || (tag == TAG_PROTECTED && self.format == Format::V2)
     }
 
     /// v2: skips an unknown record by its length. v1: unknown tags are fatal.
@@ -305,10 +270,7 @@ impl<R: Read> DiffReader<R> {
                 self.skipped += 1;
                 Ok(())
             }
-            _ => Err(Error::UnknownTag {
-                offset: head.start,
-                tag,
-            }),
+            _ => Err(Error::UnknownTag { offset: head.start, tag }),
         }
     }
 
@@ -333,11 +295,7 @@ impl<R: Read> DiffReader<R> {
         loop {
             let head = match self.read_head()? {
                 Some(h) => h,
-                None => {
-                    return Err(Error::MissingEnd {
-                        offset: self.position(),
-                    })
-                }
+                None => return Err(Error::MissingEnd { offset: self.position() }),
             };
             let dup = Error::DuplicateRecord {
                 offset: head.start,
@@ -413,8 +371,7 @@ impl<R: Read> DiffReader<R> {
             });
         }
         let mut name = vec![0u8; n as usize];
-        self.input
-            .read_exact_at(&mut name, head.start, "snapshot name record")?;
+        self.input.read_exact_at(&mut name, head.start, "snapshot name record")?;
         String::from_utf8(name).map_err(|_| Error::InvalidUtf8 {
             offset: head.start,
             what: "snapshot name",
@@ -426,23 +383,13 @@ impl<R: Read> DiffReader<R> {
         if head.tag == TAG_ZERO {
             expect_len(head, 16)?;
         }
-        let what = if head.tag == TAG_ZERO {
-            "'z' record"
-        } else {
-            "'w' record header"
-        };
+        let what = if head.tag == TAG_ZERO { "'z' record" } else { "'w' record header" };
         let offset = self.input.read_u64(head.start, what)?;
         let length = self.input.read_u64(head.start, what)?;
         if head.tag == TAG_WRITE {
             expect_len(head, 16u64.saturating_add(length))?;
         }
-        self.prev_end = check_extent(
-            head.start,
-            offset,
-            length,
-            self.header.image_size,
-            self.prev_end,
-        )?;
+        self.prev_end = check_extent(head.start, offset, length, self.header.image_size, self.prev_end)?;
         Ok((offset, length))
     }
 
@@ -474,10 +421,7 @@ fn expect_len(head: &Head, expected: u64) -> Result<(), Error> {
 }
 
 /// Reads one of `banners` (which must all have the same length); returns its index.
-pub(crate) fn read_banner<R: Read>(
-    input: &mut Input<R>,
-    banners: &[&[u8]],
-) -> Result<usize, Error> {
+pub(crate) fn read_banner<R: Read>(input: &mut Input<R>, banners: &[&[u8]]) -> Result<usize, Error> {
     let start = input.position();
     let len = banners.iter().map(|b| b.len()).max().unwrap_or(0);
     let mut buf = vec![0u8; len];

@@ -3,8 +3,8 @@
 use std::io::Write;
 
 use crate::{
-    check_extent, DiffHeader, Error, Format, BANNER_V1, BANNER_V2, MAX_SNAP_NAME, TAG_END,
-    TAG_FROM, TAG_PROTECTED, TAG_SIZE, TAG_TO, TAG_WRITE, TAG_ZERO,
+    check_extent, DiffHeader, Error, Format, BANNER_V1, BANNER_V2, MAX_SNAP_NAME, TAG_END, TAG_FROM, TAG_PROTECTED, TAG_SIZE, TAG_TO,
+    TAG_WRITE, TAG_ZERO,
 };
 
 /// Streaming writer of an RBD diff stream: v1 (what `rbd import-diff` reads) or v2 (as embedded
@@ -43,13 +43,7 @@ impl<W: Write> DiffWriter<W> {
         Self::start(writer, header, Format::V2, pacific_p_quirk, 0)
     }
 
-    pub(crate) fn start(
-        writer: W,
-        header: &DiffHeader,
-        format: Format,
-        pacific_p_quirk: bool,
-        start: u64,
-    ) -> Result<Self, Error> {
+    pub(crate) fn start(writer: W, header: &DiffHeader, format: Format, pacific_p_quirk: bool, start: u64) -> Result<Self, Error> {
         let v2 = format == Format::V2;
         let mut buf = Vec::with_capacity(64);
         buf.extend_from_slice(if v2 { BANNER_V2 } else { BANNER_V1 });
@@ -168,10 +162,7 @@ impl<W: Write> DiffWriter<W> {
         self.ready()?;
         self.write_raw(&[TAG_END])?;
         if let Err(source) = self.inner.flush() {
-            return Err(Error::Io {
-                offset: self.pos,
-                source,
-            });
+            return Err(Error::Io { offset: self.pos, source });
         }
         Ok((self.inner, self.pos))
     }
@@ -207,10 +198,7 @@ impl<W: Write> DiffWriter<W> {
     fn write_raw(&mut self, bytes: &[u8]) -> Result<(), Error> {
         if let Err(source) = self.inner.write_all(bytes) {
             self.failed = true;
-            return Err(Error::Io {
-                offset: self.pos,
-                source,
-            });
+            return Err(Error::Io { offset: self.pos, source });
         }
         self.pos += bytes.len() as u64;
         Ok(())

@@ -47,9 +47,7 @@ impl std::fmt::Debug for ChunkId {
 pub fn is_zero(data: &[u8]) -> bool {
     // Word-wise compare is several times faster than a byte loop on 4 MiB blocks.
     let (prefix, words, suffix) = unsafe { data.align_to::<u128>() };
-    prefix.iter().all(|&b| b == 0)
-        && words.iter().all(|&w| w == 0)
-        && suffix.iter().all(|&b| b == 0)
+    prefix.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && suffix.iter().all(|&b| b == 0)
 }
 
 /// A chunk ready for upload.
@@ -62,13 +60,7 @@ pub struct EncodedChunk {
 /// Hashes, compresses and encrypts one block.
 pub fn encode_chunk(key: &MasterKey, plaintext: &[u8], zstd_level: i32) -> Result<EncodedChunk> {
     let id = ChunkId::of(key, plaintext);
-    let bytes = encode_sealed(
-        key.seal_key(),
-        ObjectKind::Chunk,
-        &id.0,
-        plaintext,
-        Some(zstd_level),
-    )?;
+    let bytes = encode_sealed(key.seal_key(), ObjectKind::Chunk, &id.0, plaintext, Some(zstd_level))?;
     Ok(EncodedChunk {
         id,
         plain_len: plaintext.len(),
@@ -77,37 +69,14 @@ pub fn encode_chunk(key: &MasterKey, plaintext: &[u8], zstd_level: i32) -> Resul
 }
 
 /// Encodes a chunk whose ID is already known (saves a second hash).
-pub fn encode_chunk_with_id(
-    key: &MasterKey,
-    id: ChunkId,
-    plaintext: &[u8],
-    zstd_level: i32,
-) -> Result<Vec<u8>> {
-    encode_sealed(
-        key.seal_key(),
-        ObjectKind::Chunk,
-        &id.0,
-        plaintext,
-        Some(zstd_level),
-    )
+pub fn encode_chunk_with_id(key: &MasterKey, id: ChunkId, plaintext: &[u8], zstd_level: i32) -> Result<Vec<u8>> {
+    encode_sealed(key.seal_key(), ObjectKind::Chunk, &id.0, plaintext, Some(zstd_level))
 }
 
 /// Verifies, decrypts and decompresses a chunk object, and re-checks its ID.
-pub fn decode_chunk(
-    key: &MasterKey,
-    id: &ChunkId,
-    object: &[u8],
-    max_len: usize,
-) -> Result<Vec<u8>> {
+pub fn decode_chunk(key: &MasterKey, id: &ChunkId, object: &[u8], max_len: usize) -> Result<Vec<u8>> {
     let path = id.object_key();
-    let plain = decode_sealed(
-        key.seal_key(),
-        ObjectKind::Chunk,
-        &id.0,
-        object,
-        max_len,
-        &path,
-    )?;
+    let plain = decode_sealed(key.seal_key(), ObjectKind::Chunk, &id.0, object, max_len, &path)?;
     let actual = ChunkId::of(key, &plain);
     if &actual != id {
         return Err(Error::ChunkIdMismatch {

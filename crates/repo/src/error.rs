@@ -21,11 +21,7 @@ pub enum Error {
     #[error("invalid repository URL '{url}': {reason}")]
     InvalidUrl { url: String, reason: String },
     #[error("'{path}' uses repository format {found}, this ferry reads up to {supported}")]
-    UnsupportedFormat {
-        path: String,
-        found: u32,
-        supported: u32,
-    },
+    UnsupportedFormat { path: String, found: u32, supported: u32 },
     #[error("'{path}' is not a valid ferry object: {reason}")]
     BadObject { path: String, reason: String },
     #[error("wrong passphrase: it opens none of the {slots} key slot(s) of this repository")]
@@ -39,11 +35,7 @@ pub enum Error {
     #[error("integrity error in '{path}': authentication tag does not verify (tampered, corrupt, or encrypted with another key)")]
     Integrity { path: String },
     #[error("integrity error in '{path}': content hashes to chunk {actual}, expected {expected}")]
-    ChunkIdMismatch {
-        path: String,
-        expected: String,
-        actual: String,
-    },
+    ChunkIdMismatch { path: String, expected: String, actual: String },
     #[error("integrity error in '{path}': cannot decompress: {reason}")]
     Decompress { path: String, reason: String },
     #[error("manifest '{path}' is malformed: {reason}")]
@@ -86,15 +78,9 @@ impl Error {
         )
     }
 
-    pub(crate) fn store(
-        op: &'static str,
-        path: &object_store::path::Path,
-        source: object_store::Error,
-    ) -> Self {
+    pub(crate) fn store(op: &'static str, path: &object_store::path::Path, source: object_store::Error) -> Self {
         match source {
-            object_store::Error::NotFound { .. } => Error::NotFound {
-                path: path.to_string(),
-            },
+            object_store::Error::NotFound { .. } => Error::NotFound { path: path.to_string() },
             source => Error::Store {
                 op,
                 path: path.to_string(),

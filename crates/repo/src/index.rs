@@ -52,10 +52,7 @@ impl Index {
 
     /// An index that lives in memory only (`--no-index`).
     pub fn temporary() -> Result<Index> {
-        Self::from_db(
-            sled::Config::new().temporary(true).open(),
-            "(temporary)".into(),
-        )
+        Self::from_db(sled::Config::new().temporary(true).open(), "(temporary)".into())
     }
 
     fn from_db(db: sled::Result<sled::Db>, path: String) -> Result<Index> {
@@ -66,12 +63,7 @@ impl Index {
         let db = db.map_err(err)?;
         let backups = db.open_tree("backups").map_err(err)?;
         let chunks = db.open_tree("chunks").map_err(err)?;
-        Ok(Index {
-            db,
-            backups,
-            chunks,
-            path,
-        })
+        Ok(Index { db, backups, chunks, path })
     }
 
     fn err(&self) -> impl Fn(sled::Error) -> Error + '_ {

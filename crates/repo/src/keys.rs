@@ -87,10 +87,7 @@ impl KdfParams {
     fn derive(&self, passphrase: &[u8], salt: &[u8]) -> Result<[u8; 32]> {
         if self.algorithm != "argon2id" || self.version != 0x13 {
             return Err(Error::Kdf {
-                reason: format!(
-                    "unsupported KDF {} version {:#x}",
-                    self.algorithm, self.version
-                ),
+                reason: format!("unsupported KDF {} version {:#x}", self.algorithm, self.version),
             });
         }
         // Refuse absurd parameters from a (possibly hostile) key slot before allocating.
@@ -99,18 +96,11 @@ impl KdfParams {
                 reason: "KDF parameters out of range".into(),
             });
         }
-        let params =
-            Params::new(self.m_cost_kib, self.t_cost, self.p_cost, Some(32)).map_err(|e| {
-                Error::Kdf {
-                    reason: e.to_string(),
-                }
-            })?;
+        let params = Params::new(self.m_cost_kib, self.t_cost, self.p_cost, Some(32)).map_err(|e| Error::Kdf { reason: e.to_string() })?;
         let mut out = [0u8; 32];
         Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
             .hash_password_into(passphrase, salt, &mut out)
-            .map_err(|e| Error::Kdf {
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| Error::Kdf { reason: e.to_string() })?;
         Ok(out)
     }
 }
@@ -132,13 +122,7 @@ impl KeySlot {
     }
 
     /// Wraps `master` under `passphrase` in a new slot.
-    pub fn create(
-        master: &MasterKey,
-        passphrase: &[u8],
-        repository_id: &str,
-        label: &str,
-        kdf: KdfParams,
-    ) -> Result<KeySlot> {
+    pub fn create(master: &MasterKey, passphrase: &[u8], repository_id: &str, label: &str, kdf: KdfParams) -> Result<KeySlot> {
         let mut id = [0u8; 8];
         rand::rng().fill_bytes(&mut id);
         let id = hex::encode(id);
@@ -163,18 +147,12 @@ impl KeySlot {
             path: format!("keys/{}", self.id),
             reason: reason.to_string(),
         };
-        let salt = B64
-            .decode(&self.salt)
-            .map_err(|_| bad("salt is not base64"))?;
-        let sealed = B64
-            .decode(&self.nonce_and_wrapped)
-            .map_err(|_| bad("wrapped key is not base64"))?;
+        let salt = B64.decode(&self.salt).map_err(|_| bad("salt is not base64"))?;
+        let sealed = B64.decode(&self.nonce_and_wrapped).map_err(|_| bad("wrapped key is not base64"))?;
         let kek = SealKey::new(&self.kdf.derive(passphrase, &salt)?);
         match kek.open(&[], &Self::aad(repository_id, &self.id), sealed, "") {
             Ok(raw) => {
-                let raw: [u8; 32] = raw
-                    .try_into()
-                    .map_err(|_| bad("wrapped key is not 32 bytes"))?;
+                let raw: [u8; 32] = raw.try_into().map_err(|_| bad("wrapped key is not 32 bytes"))?;
                 Ok(Some(MasterKey::from_raw(raw)))
             }
             Err(Error::Integrity { .. }) => Ok(None),
@@ -212,14 +190,7 @@ mod tests {
     #[test]
     fn slot_round_trip() {
         let master = MasterKey::generate();
-        let slot = KeySlot::create(
-            &master,
-            b"secret",
-            "repo1",
-            "test",
-            KdfParams::argon2id_fast(),
-        )
-        .unwrap();
+        let slot = KeySlot::create(&master, b"secret", "repo1", "test", KdfParams::argon2id_fast()).unwrap();
         let decoded = KeySlot::decode(&slot.encode().unwrap(), "k").unwrap();
         let opened = decoded.open(b"secret", "repo1").unwrap().unwrap();
         assert_eq!(opened.id_key(), master.id_key());

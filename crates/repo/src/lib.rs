@@ -18,8 +18,5 @@ pub use error::{Error, Result};
 pub use index::{BackupSummary, Index, SyncReport};
 pub use keys::{KdfParams, KeySlot, MasterKey};
 pub use manifest::{block_count, BackupStats, Manifest, ManifestMeta, Source, MANIFEST_FORMAT};
-pub use repo::{
-    validate_volume_name, BackupRef, InitOptions, RepoConfig, Repository, MAX_BLOCK_SIZE,
-    REPO_FORMAT,
-};
+pub use repo::{validate_volume_name, BackupRef, InitOptions, RepoConfig, Repository, MAX_BLOCK_SIZE, REPO_FORMAT};
 pub use store::{open_store, Store, StoreOptions};

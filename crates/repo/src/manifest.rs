@@ -99,10 +99,7 @@ impl Manifest {
     /// Length of block `index` (the last one may be short).
     pub fn block_len(&self, index: u64) -> u64 {
         let start = index * self.meta.block_size;
-        self.meta
-            .image_size
-            .saturating_sub(start)
-            .min(self.meta.block_size)
+        self.meta.image_size.saturating_sub(start).min(self.meta.block_size)
     }
 
     pub fn encode(&self) -> Result<Vec<u8>> {
@@ -145,8 +142,7 @@ impl Manifest {
             return Err(bad("bad manifest magic".into()));
         }
         let meta_len = r.u32().map_err(&bad)? as usize;
-        let meta: ManifestMeta = serde_json::from_slice(r.take(meta_len).map_err(&bad)?)
-            .map_err(|e| bad(format!("metadata: {e}")))?;
+        let meta: ManifestMeta = serde_json::from_slice(r.take(meta_len).map_err(&bad)?).map_err(|e| bad(format!("metadata: {e}")))?;
         if meta.format > MANIFEST_FORMAT {
             return Err(Error::UnsupportedFormat {
                 path: path.to_string(),
@@ -183,11 +179,7 @@ impl Manifest {
                 0 => blocks.resize(blocks.len() + n as usize, None),
                 1 => {
                     let ids = r
-                        .take(
-                            (n as usize)
-                                .checked_mul(32)
-                                .ok_or_else(|| bad("run too long".into()))?,
-                        )
+                        .take((n as usize).checked_mul(32).ok_or_else(|| bad("run too long".into()))?)
                         .map_err(&bad)?;
                     for id in ids.chunks_exact(32) {
                         let mut a = [0u8; 32];

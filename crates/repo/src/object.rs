@@ -68,10 +68,7 @@ impl Header {
             reason,
         };
         if bytes.len() < HEADER_LEN {
-            return Err(bad(format!(
-                "{} bytes, shorter than the 8-byte header",
-                bytes.len()
-            )));
+            return Err(bad(format!("{} bytes, shorter than the 8-byte header", bytes.len())));
         }
         if &bytes[..4] != MAGIC {
             return Err(bad("bad magic (not written by ferry)".into()));
@@ -83,17 +80,13 @@ impl Header {
                 supported: u32::from(OBJECT_VERSION),
             });
         }
-        let kind = ObjectKind::from_u8(bytes[5])
-            .ok_or_else(|| bad(format!("unknown object kind {}", bytes[5])))?;
+        let kind = ObjectKind::from_u8(bytes[5]).ok_or_else(|| bad(format!("unknown object kind {}", bytes[5])))?;
         if kind != expected {
             return Err(bad(format!("is a {kind:?} object, expected {expected:?}")));
         }
         let flags = bytes[6];
         if flags & !(FLAG_ZSTD | FLAG_ENCRYPTED) != 0 || bytes[7] != 0 {
-            return Err(bad(format!(
-                "unknown flags {:#04x}/{:#04x}",
-                flags, bytes[7]
-            )));
+            return Err(bad(format!("unknown flags {:#04x}/{:#04x}", flags, bytes[7])));
         }
         Ok(Header { kind, flags })
     }
@@ -134,13 +127,7 @@ impl SealKey {
 
     /// Verifies and decrypts a sealed body (`nonce | ciphertext | tag`) in place; returns the
     /// plaintext. `header` is the object's 8 header bytes.
-    pub fn open(
-        &self,
-        header: &[u8],
-        identity: &[u8],
-        mut body: Vec<u8>,
-        path: &str,
-    ) -> Result<Vec<u8>> {
+    pub fn open(&self, header: &[u8], identity: &[u8], mut body: Vec<u8>, path: &str) -> Result<Vec<u8>> {
         if body.len() < NONCE_LEN + TAG_LEN {
             return Err(Error::BadObject {
                 path: path.to_string(),
@@ -157,15 +144,8 @@ impl SealKey {
         tag_bytes.copy_from_slice(&body[tag_at..]);
         let tag = Tag::from(tag_bytes);
         self.0
-            .decrypt_inout_detached(
-                &Nonce::from(nonce),
-                &aad,
-                (&mut body[NONCE_LEN..tag_at]).into(),
-                &tag,
-            )
-            .map_err(|_| Error::Integrity {
-                path: path.to_string(),
-            })?;
+            .decrypt_inout_detached(&Nonce::from(nonce), &aad, (&mut body[NONCE_LEN..tag_at]).into(), &tag)
+            .map_err(|_| Error::Integrity { path: path.to_string() })?;
         body.truncate(tag_at);
         body.drain(..NONCE_LEN);
         Ok(body)
@@ -174,13 +154,7 @@ impl SealKey {
 
 /// Seals `payload` as an object of `kind` with optional zstd compression (kept raw when it
 /// does not shrink). Returns the full object bytes.
-pub fn encode_sealed(
-    key: &SealKey,
-    kind: ObjectKind,
-    identity: &[u8],
-    payload: &[u8],
-    zstd_level: Option<i32>,
-) -> Result<Vec<u8>> {
+pub fn encode_sealed(key: &SealKey, kind: ObjectKind, identity: &[u8], payload: &[u8], zstd_level: Option<i32>) -> Result<Vec<u8>> {
     let compressed = match zstd_level {
         Some(level) => match zstd::bulk::compress(payload, level) {
             Ok(c) if c.len() < payload.len() => Some(c),
@@ -201,14 +175,7 @@ pub fn encode_sealed(
 
 /// Opens an object written by [`encode_sealed`]: checks the header, verifies the tag,
 /// decompresses (refusing output beyond `max_len`).
-pub fn decode_sealed(
-    key: &SealKey,
-    kind: ObjectKind,
-    identity: &[u8],
-    object: &[u8],
-    max_len: usize,
-    path: &str,
-) -> Result<Vec<u8>> {
+pub fn decode_sealed(key: &SealKey, kind: ObjectKind, identity: &[u8], object: &[u8], max_len: usize, path: &str) -> Result<Vec<u8>> {
     let header = Header::decode(object, kind, path)?;
     if header.flags & FLAG_ENCRYPTED == 0 {
         // v1 never writes unencrypted chunks or manifests; accepting one would allow a downgrade.
@@ -217,12 +184,7 @@ pub fn decode_sealed(
             reason: "object is not encrypted".into(),
         });
     }
-    let plain = key.open(
-        &object[..HEADER_LEN],
-        identity,
-        object[HEADER_LEN..].to_vec(),
-        path,
-    )?;
+    let plain = key.open(&object[..HEADER_LEN], identity, object[HEADER_LEN..].to_vec(), path)?;
     if header.flags & FLAG_ZSTD != 0 {
         decompress_bounded(&plain, max_len).map_err(|reason| Error::Decompress {
             path: path.to_string(),
@@ -236,9 +198,7 @@ pub fn decode_sealed(
 fn decompress_bounded(data: &[u8], max_len: usize) -> std::result::Result<Vec<u8>, String> {
     // The frame records its content size; checking it first avoids allocating for a lie.
     match zstd::zstd_safe::get_frame_content_size(data) {
-        Ok(Some(n)) if n > max_len as u64 => {
-            return Err(format!("content size {n} exceeds limit {max_len}"))
-        }
+        Ok(Some(n)) if n > max_len as u64 => return Err(format!("content size {n} exceeds limit {max_len}")),
         Err(_) => return Err("not a zstd frame".into()),
         _ => {}
     }

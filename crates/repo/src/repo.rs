@@ -86,15 +86,11 @@ pub fn validate_volume_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 200
         && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if ok {
         Ok(())
     } else {
-        Err(Error::InvalidVolumeName {
-            name: name.to_string(),
-        })
+        Err(Error::InvalidVolumeName { name: name.to_string() })
     }
 }
 
@@ -112,10 +108,7 @@ fn p(s: &str) -> Path {
 
 async fn get_bytes(store: &dyn ObjectStore, key: &str) -> Result<Bytes> {
     let path = p(key);
-    let res = store
-        .get(&path)
-        .await
-        .map_err(|e| Error::store("get", &path, e))?;
+    let res = store.get(&path).await.map_err(|e| Error::store("get", &path, e))?;
     res.bytes().await.map_err(|e| Error::store("get", &path, e))
 }
 
@@ -137,19 +130,14 @@ impl Repository {
     pub async fn read_config(store: &Store) -> Result<RepoConfig> {
         let bytes = match get_bytes(store.inner.as_ref(), "config").await {
             Ok(b) => b,
-            Err(Error::NotFound { .. }) => {
-                return Err(Error::NotARepository {
-                    url: store.url.clone(),
-                })
-            }
+            Err(Error::NotFound { .. }) => return Err(Error::NotARepository { url: store.url.clone() }),
             Err(e) => return Err(e),
         };
         Header::decode(&bytes, ObjectKind::Config, "config")?;
-        let config: RepoConfig =
-            serde_json::from_slice(&bytes[HEADER_LEN..]).map_err(|source| Error::Json {
-                context: "parsing config".into(),
-                source,
-            })?;
+        let config: RepoConfig = serde_json::from_slice(&bytes[HEADER_LEN..]).map_err(|source| Error::Json {
+            context: "parsing config".into(),
+            source,
+        })?;
         if config.format > REPO_FORMAT {
             return Err(Error::UnsupportedFormat {
                 path: "config".into(),
@@ -169,24 +157,14 @@ impl Repository {
     /// Creates a new repository: a master key, one key slot for `passphrase`, then `config`
     /// (written last and create-only, so two racing inits cannot both succeed).
     pub async fn init(store: Store, passphrase: &[u8], opts: InitOptions) -> Result<Repository> {
-        if !opts.block_size.is_power_of_two()
-            || opts.block_size < 4096
-            || opts.block_size > MAX_BLOCK_SIZE
-        {
+        if !opts.block_size.is_power_of_two() || opts.block_size < 4096 || opts.block_size > MAX_BLOCK_SIZE {
             return Err(Error::BadObject {
                 path: "config".into(),
-                reason: format!(
-                    "block size {} must be a power of two between 4 KiB and 64 MiB",
-                    opts.block_size
-                ),
+                reason: format!("block size {} must be a power of two between 4 KiB and 64 MiB", opts.block_size),
             });
         }
         match Self::read_config(&store).await {
-            Ok(_) => {
-                return Err(Error::RepositoryExists {
-                    url: store.url.clone(),
-                })
-            }
+            Ok(_) => return Err(Error::RepositoryExists { url: store.url.clone() }),
             Err(Error::NotARepository { .. }) => {}
             Err(e) => return Err(e),
         }
@@ -202,19 +180,8 @@ impl Repository {
             cipher: "aes-256-gcm".into(),
         };
         let key = MasterKey::generate();
-        let slot = KeySlot::create(
-            &key,
-            passphrase,
-            &config.repository_id,
-            &opts.label,
-            opts.kdf,
-        )?;
-        put_create(
-            store.inner.as_ref(),
-            &format!("keys/{}", slot.id),
-            slot.encode()?,
-        )
-        .await?;
+        let slot = KeySlot::create(&key, passphrase, &config.repository_id, &opts.label, opts.kdf)?;
+        put_create(store.inner.as_ref(), &format!("keys/{}", slot.id), slot.encode()?).await?;
         let mut body = Header {
             kind: ObjectKind::Config,
             flags: 0,
@@ -226,9 +193,7 @@ impl Repository {
             source,
         })?;
         if !put_create(store.inner.as_ref(), "config", body).await? {
-            return Err(Error::RepositoryExists {
-                url: store.url.clone(),
-            });
+            return Err(Error::RepositoryExists { url: store.url.clone() });
         }
         Ok(Repository { store, config, key })
     }
@@ -283,25 +248,9 @@ impl Repository {
     }
 
     /// Adds a key slot for another passphrase; returns its ID.
-    pub async fn add_key_slot(
-        &self,
-        passphrase: &[u8],
-        label: &str,
-        kdf: KdfParams,
-    ) -> Result<String> {
-        let slot = KeySlot::create(
-            &self.key,
-            passphrase,
-            &self.config.repository_id,
-            label,
-            kdf,
-        )?;
-        put_create(
-            self.store.inner.as_ref(),
-            &format!("keys/{}", slot.id),
-            slot.encode()?,
-        )
-        .await?;
+    pub async fn add_key_slot(&self, passphrase: &[u8], label: &str, kdf: KdfParams) -> Result<String> {
+        let slot = KeySlot::create(&self.key, passphrase, &self.config.repository_id, label, kdf)?;
+        put_create(self.store.inner.as_ref(), &format!("keys/{}", slot.id), slot.encode()?).await?;
         Ok(slot.id)
     }
 
@@ -315,11 +264,7 @@ impl Repository {
             return Err(Error::LastKeySlot);
         }
         let path = p(&format!("keys/{id}"));
-        self.store
-            .inner
-            .delete(&path)
-            .await
-            .map_err(|e| Error::store("delete", &path, e))
+        self.store.inner.delete(&path).await.map_err(|e| Error::store("delete", &path, e))
     }
 
     /// The slot that `passphrase` opens, if any.
@@ -360,21 +305,11 @@ impl Repository {
         validate_volume_name(&manifest.meta.volume)?;
         let r = BackupRef {
             volume: manifest.meta.volume.clone(),
-            name: format!(
-                "{}-{}",
-                manifest.meta.created.format("%Y%m%dT%H%M%S%.6fZ"),
-                manifest.meta.backup_id
-            ),
+            name: format!("{}-{}", manifest.meta.created.format("%Y%m%dT%H%M%S%.6fZ"), manifest.meta.backup_id),
         };
         let key = r.key();
         let plain = manifest.encode()?;
-        let sealed = encode_sealed(
-            self.key.seal_key(),
-            ObjectKind::Manifest,
-            key.as_bytes(),
-            &plain,
-            Some(3),
-        )?;
+        let sealed = encode_sealed(self.key.seal_key(), ObjectKind::Manifest, key.as_bytes(), &plain, Some(3))?;
         if !put_create(self.store.inner.as_ref(), &key, sealed).await? {
             return Err(Error::BadObject {
                 path: key,
@@ -396,10 +331,7 @@ impl Repository {
             &key,
         )?;
         let m = Manifest::decode(&plain, &key)?;
-        if m.meta.volume != r.volume
-            || m.meta.repository_id != self.config.repository_id
-            || r.backup_id() != m.meta.backup_id
-        {
+        if m.meta.volume != r.volume || m.meta.repository_id != self.config.repository_id || r.backup_id() != m.meta.backup_id {
             return Err(Error::ManifestDecode {
                 path: key,
                 reason: "manifest names another volume, repository or backup than its key".into(),
@@ -433,8 +365,7 @@ impl Repository {
         let mut out = Vec::new();
         for m in metas {
             let parts: Vec<_> = m.location.parts().collect();
-            if parts.len() == 4 && parts[0].as_ref() == "volumes" && parts[2].as_ref() == "backups"
-            {
+            if parts.len() == 4 && parts[0].as_ref() == "volumes" && parts[2].as_ref() == "backups" {
                 out.push(BackupRef {
                     volume: parts[1].as_ref().to_string(),
                     name: parts[3].as_ref().to_string(),
@@ -448,10 +379,6 @@ impl Repository {
     /// Deletes a manifest (the backup disappears; its chunks become garbage for GC).
     pub async fn delete_manifest(&self, r: &BackupRef) -> Result<()> {
         let path = p(&r.key());
-        self.store
-            .inner
-            .delete(&path)
-            .await
-            .map_err(|e| Error::store("delete", &path, e))
+        self.store.inner.delete(&path).await.map_err(|e| Error::store("delete", &path, e))
     }
 }

@@ -62,12 +62,8 @@ pub fn open_store(url: &str, opts: &StoreOptions) -> Result<Store> {
         retry_timeout: opts.retry_timeout.unwrap_or(Duration::from_secs(30)),
         ..Default::default()
     };
-    let mut client = ClientOptions::new()
-        .with_connect_timeout(opts.connect_timeout.unwrap_or(Duration::from_secs(5)));
-    let allow_http = opts
-        .allow_http
-        .or_else(|| env_flag("AWS_ALLOW_HTTP"))
-        .unwrap_or(false);
+    let mut client = ClientOptions::new().with_connect_timeout(opts.connect_timeout.unwrap_or(Duration::from_secs(5)));
+    let allow_http = opts.allow_http.or_else(|| env_flag("AWS_ALLOW_HTTP")).unwrap_or(false);
     if allow_http {
         client = client.with_allow_http(true);
     }
@@ -82,8 +78,7 @@ pub fn open_store(url: &str, opts: &StoreOptions) -> Result<Store> {
                 context: format!("creating repository directory {}", path.display()),
                 source,
             })?;
-            let store =
-                LocalFileSystem::new_with_prefix(path).map_err(|e| invalid(&e.to_string()))?;
+            let store = LocalFileSystem::new_with_prefix(path).map_err(|e| invalid(&e.to_string()))?;
             return Ok(Store {
                 inner: Arc::new(store),
                 url: url.to_string(),
@@ -99,11 +94,7 @@ pub fn open_store(url: &str, opts: &StoreOptions) -> Result<Store> {
                 .with_retry(retry)
                 .with_client_options(client)
                 .with_virtual_hosted_style_request(false);
-            if let Some(e) = opts
-                .endpoint
-                .clone()
-                .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
-            {
+            if let Some(e) = opts.endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL").ok()) {
                 b = b.with_endpoint(e);
             }
             if let Some(r) = &opts.region {

@@ -156,12 +156,7 @@ pub fn block_content(seed: u64, index: u64, block_size: usize) -> Vec<u8> {
 }
 
 /// Writes a raw image of `size` bytes of mixed content in `block_size` blocks.
-pub fn write_image<W: Write>(
-    out: &mut W,
-    size: u64,
-    block_size: usize,
-    seed: u64,
-) -> io::Result<()> {
+pub fn write_image<W: Write>(out: &mut W, size: u64, block_size: usize, seed: u64) -> io::Result<()> {
     let mut off = 0u64;
     let mut i = 0u64;
     while off < size {
@@ -176,13 +171,7 @@ pub fn write_image<W: Write>(
 
 /// Writes the full export-diff (v1) of a raw image, the way `rbd export-diff` does without
 /// `--from-snap`: one `w` per non-zero object, zero objects omitted.
-pub fn full_diff_of_image<R: Read, W: Write>(
-    image: &mut R,
-    size: u64,
-    object_size: usize,
-    to_snap: &str,
-    out: W,
-) -> io::Result<W> {
+pub fn full_diff_of_image<R: Read, W: Write>(image: &mut R, size: u64, object_size: usize, to_snap: &str, out: W) -> io::Result<W> {
     let header = DiffHeader {
         from_snap: None,
         to_snap: Some(to_snap.to_string()),
@@ -215,11 +204,7 @@ pub struct Volume {
 }
 
 fn add_range(map: &mut BTreeMap<u64, u64>, mut start: u64, mut end: u64) {
-    let overlapping: Vec<(u64, u64)> = map
-        .range(..=end)
-        .filter(|(_, &e)| e >= start)
-        .map(|(&s, &e)| (s, e))
-        .collect();
+    let overlapping: Vec<(u64, u64)> = map.range(..=end).filter(|(_, &e)| e >= start).map(|(&s, &e)| (s, e)).collect();
     for (s, e) in overlapping {
         map.remove(&s);
         start = start.min(s);
@@ -229,11 +214,7 @@ fn add_range(map: &mut BTreeMap<u64, u64>, mut start: u64, mut end: u64) {
 }
 
 fn remove_range(map: &mut BTreeMap<u64, u64>, start: u64, end: u64) {
-    let overlapping: Vec<(u64, u64)> = map
-        .range(..end)
-        .filter(|(_, &e)| e > start)
-        .map(|(&s, &e)| (s, e))
-        .collect();
+    let overlapping: Vec<(u64, u64)> = map.range(..end).filter(|(_, &e)| e > start).map(|(&s, &e)| (s, e)).collect();
     for (s, e) in overlapping {
         map.remove(&s);
         if s < start {
@@ -303,8 +284,7 @@ impl Volume {
             protected: None,
         };
         let mut w = DiffWriter::new(out, &header).map_err(io::Error::other)?;
-        let mut events: Vec<(u64, u64, bool)> =
-            self.dirty.iter().map(|(&s, &e)| (s, e, false)).collect();
+        let mut events: Vec<(u64, u64, bool)> = self.dirty.iter().map(|(&s, &e)| (s, e, false)).collect();
         events.extend(self.discarded.iter().map(|(&s, &e)| (s, e, true)));
         events.sort();
         for (s, e, discard) in events {
@@ -354,12 +334,8 @@ mod tests {
             let mut r = rbd_diff::DiffReader::new(&stream[..]).unwrap();
             loop {
                 match r.next_event().unwrap() {
-                    rbd_diff::Event::Data { offset, data } => {
-                        img[offset as usize..offset as usize + data.len()].copy_from_slice(data)
-                    }
-                    rbd_diff::Event::Zero { offset, length } => {
-                        img[offset as usize..(offset + length) as usize].fill(0)
-                    }
+                    rbd_diff::Event::Data { offset, data } => img[offset as usize..offset as usize + data.len()].copy_from_slice(data),
+                    rbd_diff::Event::Zero { offset, length } => img[offset as usize..(offset + length) as usize].fill(0),
                     rbd_diff::Event::End => break,
                 }
             }

@@ -41,22 +41,11 @@ fn run(args: &[String]) -> Result<(), String> {
             let f = File::open(&args[1]).map_err(e)?;
             let size = f.metadata().map_err(e)?.len();
             let out = BufWriter::with_capacity(4 << 20, File::create(&args[3]).map_err(e)?);
-            let mut out = full_diff_of_image(
-                &mut BufReader::with_capacity(4 << 20, f),
-                size,
-                4 << 20,
-                &args[2],
-                out,
-            )
-            .map_err(e)?;
+            let mut out = full_diff_of_image(&mut BufReader::with_capacity(4 << 20, f), size, 4 << 20, &args[2], out).map_err(e)?;
             out.flush().map_err(e)
         }
         Some("mutate") if args.len() == 7 => {
-            let img = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&args[1])
-                .map_err(e)?;
+            let img = OpenOptions::new().read(true).write(true).open(&args[1]).map_err(e)?;
             let size = img.metadata().map_err(e)?.len();
             let seed: u64 = args[2].parse().map_err(|_| "bad SEED")?;
             let writes: u64 = args[3].parse().map_err(|_| "bad WRITES")?;

@@ -1,10 +1,7 @@
 //! Image export (`rbd export --export-format 2`) container.
 
 use super::{drain, Rec, B};
-use crate::{
-    DiffHeader, Error, Event, ImageExportReader, ImageExportWriter, ImageHeader,
-    BANNER_IMAGE_DIFFS_V2, BANNER_IMAGE_V2,
-};
+use crate::{DiffHeader, Error, Event, ImageExportReader, ImageExportWriter, ImageHeader, BANNER_IMAGE_DIFFS_V2, BANNER_IMAGE_V2};
 
 fn diff_headers() -> Vec<DiffHeader> {
     vec![
@@ -35,10 +32,7 @@ fn image_header() -> ImageHeader {
         features: Some(61),
         stripe_unit: Some(4 << 20),
         stripe_count: Some(1),
-        metadata: vec![
-            ("conf_rbd_cache".into(), "false".into()),
-            ("owner".into(), "ferry ✓".into()),
-        ],
+        metadata: vec![("conf_rbd_cache".into(), "false".into()), ("owner".into(), "ferry ✓".into())],
     }
 }
 
@@ -123,10 +117,7 @@ fn header_layout_and_unknown_records() {
         metadata: vec![("k".into(), "vv".into())],
         ..Default::default()
     };
-    let bytes = ImageExportWriter::new(Vec::new(), &h, 0)
-        .unwrap()
-        .finish()
-        .unwrap();
+    let bytes = ImageExportWriter::new(Vec::new(), &h, 0).unwrap().finish().unwrap();
     let mut e = BANNER_IMAGE_V2.to_vec();
     e.push(b'O');
     e.extend_from_slice(&8u64.to_le_bytes());
@@ -157,8 +148,5 @@ fn truncated_inside_embedded_diff() {
     drain(&mut d).unwrap();
     let mut d = r.next_diff().unwrap().unwrap();
     let e = drain(&mut d).unwrap_err();
-    assert!(
-        matches!(e, Error::Truncated { eof_at, .. } if eof_at == cut as u64),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::Truncated { eof_at, .. } if eof_at == cut as u64), "{e:?}");
 }

@@ -3,10 +3,7 @@
 use std::io::{self, Write};
 
 use super::{parse, parse_err, FailAfter, B};
-use crate::{
-    DiffHeader, DiffReader, DiffWriter, Error, ImageExportReader, ImageExportWriter, ImageHeader,
-    MAX_SNAP_NAME,
-};
+use crate::{DiffHeader, DiffReader, DiffWriter, Error, ImageExportReader, ImageExportWriter, ImageHeader, MAX_SNAP_NAME};
 
 fn header(size: u64) -> DiffHeader {
     DiffHeader {
@@ -75,21 +72,13 @@ fn io_error_writer_and_poison() {
     let e = w.finish().unwrap_err();
     assert!(matches!(e, Error::Poisoned { .. }), "{e:?}");
     // Failing while writing the header.
-    let e = DiffWriter::new(FailingWriter { ok: 3 }, &header(1))
-        .err()
-        .unwrap();
+    let e = DiffWriter::new(FailingWriter { ok: 3 }, &header(1)).err().unwrap();
     assert!(matches!(e, Error::Io { offset: 0, .. }), "{e:?}");
 }
 
 #[test]
 fn unknown_banner() {
-    for bad in [
-        &b"rbd diff v3\n"[..],
-        b"RBD DIFF V1\n",
-        b"rbd diff v1\r\n",
-        b"hello",
-        b"\x00",
-    ] {
+    for bad in [&b"rbd diff v3\n"[..], b"RBD DIFF V1\n", b"rbd diff v1\r\n", b"hello", b"\x00"] {
         let e = parse_err(bad);
         assert!(matches!(e, Error::UnknownBanner { offset: 0, .. }), "{e:?}");
     }
@@ -102,26 +91,17 @@ fn unknown_tag_v1() {
     let b = B::v1().s(100);
     let at = b.pos();
     let e = parse_err(&b.raw(b"x").u64(0).e().v);
-    assert!(
-        matches!(e, Error::UnknownTag { offset, tag: b'x' } if offset == at),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::UnknownTag { offset, tag: b'x' } if offset == at), "{e:?}");
     // 'p' is a v2-only record; in v1 it is unknown.
     let b = B::v1().name(b't', b"snap").s(100);
     let at = b.pos();
     let e = parse_err(&b.raw(b"p\x01").e().v);
-    assert!(
-        matches!(e, Error::UnknownTag { offset, tag: b'p' } if offset == at),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::UnknownTag { offset, tag: b'p' } if offset == at), "{e:?}");
     // ... also in the data section.
     let b = B::v1().s(100).z(0, 10);
     let at = b.pos();
     let e = parse_err(&b.raw(b"\xff").e().v);
-    assert!(
-        matches!(e, Error::UnknownTag { offset, tag: 0xff } if offset == at),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::UnknownTag { offset, tag: 0xff } if offset == at), "{e:?}");
     assert!(e.to_string().contains(&at.to_string()));
 }
 
@@ -144,13 +124,7 @@ fn length_mismatch_v2() {
     // f: len must be 4 + n.
     let b = B::v2();
     let at = b.pos();
-    check(
-        b.head(b'f', 9).u32(4).raw(b"snap").s(10).e(),
-        at,
-        b'f',
-        8,
-        9,
-    );
+    check(b.head(b'f', 9).u32(4).raw(b"snap").s(10).e(), at, b'f', 8, 9);
     // t
     let b = B::v2().s(10);
     let at = b.pos();
@@ -162,13 +136,7 @@ fn length_mismatch_v2() {
     // w: len counts the payload.
     let b = B::v2().s(100);
     let at = b.pos();
-    check(
-        b.head(b'w', 16).u64(0).u64(3).raw(b"abc").e(),
-        at,
-        b'w',
-        19,
-        16,
-    );
+    check(b.head(b'w', 16).u64(0).u64(3).raw(b"abc").e(), at, b'w', 19, 16);
     // z
     let b = B::v2().s(100);
     let at = b.pos();
@@ -183,13 +151,7 @@ fn length_mismatch_v2() {
     // w whose 16 + L overflows: expected saturates.
     let b = B::v2().s(100);
     let at = b.pos();
-    check(
-        b.head(b'w', 5).u64(0).u64(u64::MAX).e(),
-        at,
-        b'w',
-        u64::MAX,
-        5,
-    );
+    check(b.head(b'w', 5).u64(0).u64(u64::MAX).e(), at, b'w', u64::MAX, 5);
 }
 
 #[test]
@@ -203,31 +165,15 @@ fn extent_overflow() {
     );
     let b = B::v2().s(u64::MAX);
     let at = b.pos();
-    let e = parse_err(
-        &b.head(b'w', 16 + 5)
-            .u64(u64::MAX)
-            .u64(5)
-            .raw(b"12345")
-            .e()
-            .v,
-    );
-    assert!(
-        matches!(e, Error::ExtentOverflow { offset, .. } if offset == at),
-        "{e:?}"
-    );
+    let e = parse_err(&b.head(b'w', 16 + 5).u64(u64::MAX).u64(5).raw(b"12345").e().v);
+    assert!(matches!(e, Error::ExtentOverflow { offset, .. } if offset == at), "{e:?}");
     // Writer: same variant, offset = bytes written so far.
     let mut w = DiffWriter::new(Vec::new(), &header(u64::MAX)).unwrap();
     let e = w.write_zero(u64::MAX, 1).unwrap_err();
-    assert!(
-        matches!(e, Error::ExtentOverflow { offset: 21, .. }),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::ExtentOverflow { offset: 21, .. }), "{e:?}");
     let mut w = DiffWriter::new_v2(Vec::new(), &header(u64::MAX), false).unwrap();
     let e = w.begin_data(0, u64::MAX - 3).unwrap_err();
-    assert!(
-        matches!(e, Error::ExtentOverflow { offset: 29, .. }),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::ExtentOverflow { offset: 29, .. }), "{e:?}");
 }
 
 #[test]
@@ -244,18 +190,12 @@ fn extent_beyond_image() {
     let b = B::v1().s(100);
     let at = b.pos();
     let e = parse_err(&b.w(101, b"").e().v);
-    assert!(
-        matches!(e, Error::ExtentBeyondImage { offset, .. } if offset == at),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::ExtentBeyondImage { offset, .. } if offset == at), "{e:?}");
     // Writer.
     let mut w = DiffWriter::new(Vec::new(), &header(100)).unwrap();
     w.write_data(0, b"ab").unwrap();
     let e = w.write_zero(90, 11).unwrap_err();
-    assert!(
-        matches!(e, Error::ExtentBeyondImage { offset: 40, .. }),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::ExtentBeyondImage { offset: 40, .. }), "{e:?}");
     // Nothing was written by the failed call; the writer is still usable.
     w.write_zero(90, 10).unwrap();
     let out = w.finish().unwrap();
@@ -343,10 +283,7 @@ fn truncated() {
     let at = b.pos();
     let bytes = b.head(b'Q', 100).raw(&[0; 50]).v;
     let e = parse_err(&bytes);
-    assert!(
-        matches!(e, Error::Truncated { offset, .. } if offset == at),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::Truncated { offset, .. } if offset == at), "{e:?}");
 }
 
 #[test]
@@ -354,18 +291,12 @@ fn missing_end() {
     let b = B::v1().s(100).w(0, b"abc");
     let at = b.pos();
     let e = parse_err(&b.v);
-    assert!(
-        matches!(e, Error::MissingEnd { offset } if offset == at),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::MissingEnd { offset } if offset == at), "{e:?}");
     // Only metadata, no 'e'.
     let b = B::v2().s(100).name(b'f', b"a");
     let at = b.pos();
     let e = parse_err(&b.v);
-    assert!(
-        matches!(e, Error::MissingEnd { offset } if offset == at),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::MissingEnd { offset } if offset == at), "{e:?}");
     // Banner only.
     let e = parse_err(crate::BANNER_V1);
     assert!(matches!(e, Error::MissingEnd { offset: 12 }), "{e:?}");
@@ -376,18 +307,12 @@ fn trailing_bytes() {
     let b = B::v1().s(100).z(0, 1).e();
     let at = b.pos();
     let e = parse_err(&b.raw(b"\n").v);
-    assert!(
-        matches!(e, Error::TrailingBytes { offset } if offset == at),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::TrailingBytes { offset } if offset == at), "{e:?}");
     // A second 'e' is trailing, too.
     let b = B::v2().s(100).e();
     let at = b.pos();
     let e = parse_err(&b.e().v);
-    assert!(
-        matches!(e, Error::TrailingBytes { offset } if offset == at),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::TrailingBytes { offset } if offset == at), "{e:?}");
 }
 
 #[test]
@@ -429,10 +354,7 @@ fn invalid_utf8() {
     let b = B::v1().s(1);
     let at = b.pos();
     let e = parse_err(&b.name(b'f', b"sn\xffap").e().v);
-    assert!(
-        matches!(e, Error::InvalidUtf8 { offset, .. } if offset == at),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::InvalidUtf8 { offset, .. } if offset == at), "{e:?}");
 }
 
 #[test]
@@ -440,10 +362,7 @@ fn missing_image_size() {
     let b = B::v1().name(b'f', b"a");
     let at = b.pos();
     let e = parse_err(&b.w(0, b"").s(10).e().v);
-    assert!(
-        matches!(e, Error::MissingImageSize { offset } if offset == at),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::MissingImageSize { offset } if offset == at), "{e:?}");
     let e = parse_err(&B::v2().e().v);
     assert!(matches!(e, Error::MissingImageSize { offset: 12 }), "{e:?}");
     let e = parse_err(&B::v2().z(0, 0).e().v);
@@ -503,10 +422,7 @@ fn poisoned_reader() {
     assert!(matches!(e, Error::OutOfOrder { .. }), "{e:?}");
     let pos = r.position();
     let e = r.next_event().unwrap_err();
-    assert!(
-        matches!(e, Error::Poisoned { offset } if offset == pos),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::Poisoned { offset } if offset == pos), "{e:?}");
 }
 
 #[test]
@@ -541,26 +457,14 @@ fn writer_misuse() {
         "{e:?}"
     );
     let e = w.write_zero(10, 1).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::IncompletePayload {
-                offset: 40,
-                remaining: 3
-            }
-        ),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::IncompletePayload { offset: 40, remaining: 3 }), "{e:?}");
     let e = w.write_data(10, b"").unwrap_err();
     assert!(matches!(e, Error::IncompletePayload { .. }), "{e:?}");
     w.write_payload(b"cde").unwrap();
     w.begin_data(10, 2).unwrap();
     w.write_payload(b"x").unwrap();
     let e = w.finish().unwrap_err();
-    assert!(
-        matches!(e, Error::IncompletePayload { remaining: 1, .. }),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::IncompletePayload { remaining: 1, .. }), "{e:?}");
 }
 
 #[test]
@@ -569,9 +473,7 @@ fn invalid_argument() {
     let e = DiffReader::with_max_piece(&bytes[..], 0).err().unwrap();
     assert!(matches!(e, Error::InvalidArgument { .. }), "{e:?}");
     assert_eq!(e.offset(), None);
-    let e = ImageExportReader::with_max_piece(&bytes[..], 0)
-        .err()
-        .unwrap();
+    let e = ImageExportReader::with_max_piece(&bytes[..], 0).err().unwrap();
     assert!(matches!(e, Error::InvalidArgument { .. }), "{e:?}");
 }
 
@@ -586,18 +488,11 @@ fn image_prefix(diffs: u64) -> Vec<u8> {
 #[test]
 fn container_errors() {
     // Unknown image banner.
-    let e = ImageExportReader::new(&b"rbd image v3\nE"[..])
-        .err()
-        .unwrap();
+    let e = ImageExportReader::new(&b"rbd image v3\nE"[..]).err().unwrap();
     assert!(matches!(e, Error::UnknownBanner { offset: 0, .. }), "{e:?}");
     // Wrong diff-section banner right after 'E' (offset 14).
-    let e = ImageExportReader::new(&b"rbd image v2\nErbd image diffs v1\n"[..])
-        .err()
-        .unwrap();
-    assert!(
-        matches!(e, Error::UnknownBanner { offset: 14, .. }),
-        "{e:?}"
-    );
+    let e = ImageExportReader::new(&b"rbd image v2\nErbd image diffs v1\n"[..]).err().unwrap();
+    assert!(matches!(e, Error::UnknownBanner { offset: 14, .. }), "{e:?}");
     // Truncated diff count.
     let mut v = image_prefix(1);
     v.truncate(v.len() - 3);
@@ -639,26 +534,14 @@ fn container_errors() {
         v.extend_from_slice(&22u64.to_le_bytes());
     }
     let e = ImageExportReader::new(&v[..]).err().unwrap();
-    assert!(
-        matches!(
-            e,
-            Error::DuplicateRecord {
-                offset: 30,
-                tag: b'O'
-            }
-        ),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::DuplicateRecord { offset: 30, tag: b'O' }), "{e:?}");
     // M record claiming a huge key: rejected before reading it.
     let mut v = crate::BANNER_IMAGE_V2.to_vec();
     v.push(b'M');
     v.extend_from_slice(&u64::MAX.to_le_bytes());
     v.extend_from_slice(&(crate::MAX_IMAGE_METADATA as u32 + 1).to_le_bytes());
     let e = ImageExportReader::new(&v[..]).err().unwrap();
-    assert!(
-        matches!(e, Error::MetadataTooLarge { offset: 13, .. }),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::MetadataTooLarge { offset: 13, .. }), "{e:?}");
     // M with the wrong len.
     let mut v = crate::BANNER_IMAGE_V2.to_vec();
     v.push(b'M');
@@ -700,9 +583,7 @@ fn container_errors() {
         "{e:?}"
     );
     // Truncated header.
-    let e = ImageExportReader::new(&b"rbd image v2\nO\x08\x00"[..])
-        .err()
-        .unwrap();
+    let e = ImageExportReader::new(&b"rbd image v2\nO\x08\x00"[..]).err().unwrap();
     assert!(
         matches!(
             e,
@@ -720,10 +601,7 @@ fn container_errors() {
     v.extend_from_slice(&B::v1().s(1).e().v);
     let mut r = ImageExportReader::new(&v[..]).unwrap();
     let e = r.next_diff().err().unwrap();
-    assert!(
-        matches!(e, Error::UnknownBanner { offset, .. } if offset == at),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::UnknownBanner { offset, .. } if offset == at), "{e:?}");
     let e = r.next_diff().err().unwrap();
     assert!(matches!(e, Error::Poisoned { .. }), "{e:?}");
     // Error offsets inside an embedded diff are absolute.
@@ -734,10 +612,7 @@ fn container_errors() {
     let mut r = ImageExportReader::new(&v[..]).unwrap();
     let mut d = r.next_diff().unwrap().unwrap();
     let e = d.next_event().unwrap_err();
-    assert!(
-        matches!(e, Error::ExtentBeyondImage { offset, .. } if offset == at),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::ExtentBeyondImage { offset, .. } if offset == at), "{e:?}");
     // Trailing bytes after the last diff.
     let mut v = image_prefix(1);
     v.extend_from_slice(&B::v2().s(10).e().v);
@@ -748,10 +623,7 @@ fn container_errors() {
     assert_eq!(d.next_event().unwrap(), crate::Event::End);
     drop(d);
     let e = r.next_diff().err().unwrap();
-    assert!(
-        matches!(e, Error::TrailingBytes { offset } if offset == at),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::TrailingBytes { offset } if offset == at), "{e:?}");
     // Fewer diffs than declared: the missing one is truncated.
     let mut v = image_prefix(2);
     v.extend_from_slice(&B::v2().s(10).e().v);
@@ -811,9 +683,7 @@ fn container_writer_misuse() {
     );
     // An error inside a diff poisons the container writer.
     let mut w = ImageExportWriter::new(Vec::new(), &ImageHeader::default(), 2).unwrap();
-    let e = w
-        .write_diff(&header(1), false, |d| d.write_zero(0, 2))
-        .unwrap_err();
+    let e = w.write_diff(&header(1), false, |d| d.write_zero(0, 2)).unwrap_err();
     assert!(matches!(e, Error::ExtentBeyondImage { .. }), "{e:?}");
     let e = w.write_diff(&header(1), false, |_| Ok(())).unwrap_err();
     assert!(matches!(e, Error::Poisoned { .. }), "{e:?}");

@@ -102,9 +102,7 @@ impl B {
         }
     }
     pub fn name(self, tag: u8, name: &[u8]) -> B {
-        self.head(tag, 4 + name.len() as u64)
-            .u32(name.len() as u32)
-            .raw(name)
+        self.head(tag, 4 + name.len() as u64).u32(name.len() as u32).raw(name)
     }
     pub fn s(self, size: u64) -> B {
         self.head(b's', 8).u64(size)
@@ -113,10 +111,7 @@ impl B {
         self.head(b'p', len).raw(&[val])
     }
     pub fn w(self, off: u64, data: &[u8]) -> B {
-        self.head(b'w', 16 + data.len() as u64)
-            .u64(off)
-            .u64(data.len() as u64)
-            .raw(data)
+        self.head(b'w', 16 + data.len() as u64).u64(off).u64(data.len() as u64).raw(data)
     }
     pub fn z(self, off: u64, len: u64) -> B {
         self.head(b'z', 16).u64(off).u64(len)

@@ -5,8 +5,8 @@ use proptest::sample::Index;
 
 use super::{drain, Rec, Trickle};
 use crate::{
-    DiffHeader, DiffReader, DiffWriter, Event, ImageExportReader, ImageExportWriter, ImageHeader,
-    BANNER_IMAGE_DIFFS_V2, BANNER_IMAGE_V2, BANNER_V1, BANNER_V2,
+    DiffHeader, DiffReader, DiffWriter, Event, ImageExportReader, ImageExportWriter, ImageHeader, BANNER_IMAGE_DIFFS_V2, BANNER_IMAGE_V2,
+    BANNER_V1, BANNER_V2,
 };
 
 /// A valid diff: header plus ascending, non-overlapping records within the image.
@@ -71,11 +71,7 @@ fn gen_diff() -> impl Strategy<Value = Diff> {
 }
 
 /// Writes the records; `chunk` > 0 streams `w` payloads in chunks of that size.
-fn write_records<W: std::io::Write>(
-    w: &mut DiffWriter<W>,
-    records: &[Rec],
-    chunk: usize,
-) -> Result<(), crate::Error> {
+fn write_records<W: std::io::Write>(w: &mut DiffWriter<W>, records: &[Rec], chunk: usize) -> Result<(), crate::Error> {
     for r in records {
         match r {
             Rec::W(o, d) if chunk > 0 => {
@@ -190,8 +186,7 @@ fn gen_image() -> impl Strategy<Value = (ImageHeader, Vec<Diff>)> {
 fn encode_image(h: &ImageHeader, diffs: &[Diff], quirk: bool) -> Vec<u8> {
     let mut w = ImageExportWriter::new(Vec::new(), h, diffs.len() as u64).unwrap();
     for d in diffs {
-        w.write_diff(&d.header, quirk, |dw| write_records(dw, &d.records, 5))
-            .unwrap();
+        w.write_diff(&d.header, quirk, |dw| write_records(dw, &d.records, 5)).unwrap();
     }
     w.finish().unwrap()
 }

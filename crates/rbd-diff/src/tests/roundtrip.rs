@@ -109,10 +109,7 @@ fn v2_p_only_with_to_snap() {
         protected: Some(true),
         ..Default::default()
     };
-    let bytes = DiffWriter::new_v2(Vec::new(), &h, true)
-        .unwrap()
-        .finish()
-        .unwrap();
+    let bytes = DiffWriter::new_v2(Vec::new(), &h, true).unwrap().finish().unwrap();
     assert_eq!(bytes, B::v2().name(b'f', b"a").s(5).e().v);
     let r = DiffReader::new(&bytes[..]).unwrap();
     assert_eq!(r.header().protected, None);
@@ -122,10 +119,7 @@ fn v2_p_only_with_to_snap() {
         image_size: 5,
         ..Default::default()
     };
-    let bytes = DiffWriter::new_v2(Vec::new(), &h, false)
-        .unwrap()
-        .finish()
-        .unwrap();
+    let bytes = DiffWriter::new_v2(Vec::new(), &h, false).unwrap().finish().unwrap();
     assert_eq!(bytes, B::v2().name(b't', b"b").p(1, 0).s(5).e().v);
     let r = DiffReader::new(&bytes[..]).unwrap();
     assert_eq!(r.header().protected, Some(false));
@@ -141,13 +135,7 @@ fn v2_p_only_with_to_snap() {
 #[test]
 fn pacific_p_quirk_len8_one_byte() {
     for (len, val, expected) in [(8, 1, true), (8, 0, false), (1, 1, true), (1, 0x80, true)] {
-        let bytes = B::v2()
-            .name(b't', b"snap")
-            .p(len, val)
-            .s(4096)
-            .z(0, 4096)
-            .e()
-            .v;
+        let bytes = B::v2().name(b't', b"snap").p(len, val).s(4096).z(0, 4096).e().v;
         let mut r = DiffReader::new(&bytes[..]).unwrap();
         assert_eq!(r.header().protected, Some(expected));
         assert_eq!(r.header().to_snap.as_deref(), Some("snap"));
@@ -163,27 +151,12 @@ fn metadata_in_any_order() {
         image_size: 77,
         protected: None,
     };
-    let v1 = B::v1()
-        .s(77)
-        .name(b't', b"b")
-        .name(b'f', b"a")
-        .w(70, b"1234567")
-        .e()
-        .v;
+    let v1 = B::v1().s(77).name(b't', b"b").name(b'f', b"a").w(70, b"1234567").e().v;
     let mut r = DiffReader::new(&v1[..]).unwrap();
     assert_eq!(r.header(), &expect);
-    assert_eq!(
-        drain(&mut r).unwrap(),
-        vec![Rec::W(70, b"1234567".to_vec())]
-    );
+    assert_eq!(drain(&mut r).unwrap(), vec![Rec::W(70, b"1234567".to_vec())]);
 
-    let v2 = B::v2()
-        .s(77)
-        .p(8, 1)
-        .name(b't', b"b")
-        .name(b'f', b"a")
-        .e()
-        .v;
+    let v2 = B::v2().s(77).p(8, 1).name(b't', b"b").name(b'f', b"a").e().v;
     let mut r = DiffReader::new(&v2[..]).unwrap();
     assert_eq!(
         r.header(),
@@ -213,10 +186,7 @@ fn unknown_v2_tags_are_skipped() {
     let mut r = DiffReader::with_max_piece(&bytes[..], 2).unwrap();
     assert_eq!(r.header().image_size, 100);
     assert_eq!(r.skipped_records(), 2);
-    assert_eq!(
-        drain(&mut r).unwrap(),
-        vec![Rec::W(0, b"data".to_vec()), Rec::Z(10, 5)]
-    );
+    assert_eq!(drain(&mut r).unwrap(), vec![Rec::W(0, b"data".to_vec()), Rec::Z(10, 5)]);
     assert_eq!(r.skipped_records(), 4);
 }
 
