@@ -3,5 +3,6 @@
 
 mod util;
 
+mod ceph;
 mod cli;
 mod core;

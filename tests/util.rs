@@ -119,3 +119,138 @@ pub fn apply_diff(image: &mut Vec<u8>, stream: &[u8]) {
         }
     }
 }
+
+/// The project's dev cluster (mon, mgr, OSD, RGW on 127.0.0.1), started once per test run by
+/// `scripts/ceph-dev up` unless `FERRY_CEPH_DIR` names a running one. A cluster that cannot
+/// start fails the tests loudly; they never skip.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+static CLUSTER: std::sync::OnceLock<Result<Cluster, String>> = std::sync::OnceLock::new();
+
+pub fn cluster() -> &'static Cluster {
+    let c = CLUSTER.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = std::env::var("FERRY_CEPH_DIR").unwrap_or_else(|_| "/tmp/ferry-ceph".into());
+        let up = Command::new(root.join("scripts/ceph-dev"))
+            .args(["up", &dir])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run scripts/ceph-dev: {e}"))?;
+        if !up.status.success() {
+            return Err(format!(
+                "the Ceph dev cluster did not come up:\n{}",
+                String::from_utf8_lossy(&up.stderr)
+            ));
+        }
+        let mut env = Vec::new();
+        for line in String::from_utf8_lossy(&up.stdout).lines() {
+            if let Some((k, v)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
+                env.push((k.to_string(), v.trim_matches('\'').to_string()));
+            }
+        }
+        Ok(Cluster {
+            dir: PathBuf::from(dir),
+            env,
+        })
+    });
+    match c {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+impl Cluster {
+    pub fn var(&self, k: &str) -> &str {
+        self.env
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("ceph-dev env lacks {k}"))
+    }
+
+    /// Runs the real `rbd` against the cluster; panics with its stderr on failure.
+    pub fn rbd(&self, args: &[&str]) -> Vec<u8> {
+        self.rbd_with_stdin(args, None)
+    }
+
+    pub fn rbd_with_stdin(&self, args: &[&str], input: Option<&[u8]>) -> Vec<u8> {
+        use std::io::Write;
+        let mut c = Command::new("rbd");
+        c.args(args)
+            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().expect("spawn rbd");
+        if let Some(data) = input {
+            let mut stdin = child.stdin.take().expect("stdin");
+            let data = data.to_vec();
+            std::thread::spawn(move || stdin.write_all(&data));
+        }
+        let out = child.wait_with_output().expect("rbd");
+        assert!(
+            out.status.success(),
+            "rbd {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    /// BLAKE3 of `rbd export POOL/IMAGE@SNAP -`.
+    pub fn export_hash(&self, spec: &str) -> String {
+        blake3::hash(&self.rbd(&["export", "--no-progress", spec, "-"]))
+            .to_hex()
+            .to_string()
+    }
+
+    pub fn snaps(&self, image: &str) -> Vec<String> {
+        let out = self.rbd(&["snap", "ls", "--format", "json", image]);
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|s| s["name"].as_str().expect("name").to_string())
+            .collect()
+    }
+
+    /// Creates a bucket on RGW (idempotent).
+    pub fn bucket(&self, name: &str) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new(root.join("scripts/ceph-dev"))
+            .args(["bucket", name, self.dir.to_str().expect("utf8")])
+            .output()
+            .expect("ceph-dev bucket");
+        assert!(out.status.success(), "bucket: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// A `file://` repository whose commands see the cluster's environment.
+    pub fn file_repo(&self) -> Repo {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("file://{}/repo", dir.path().display());
+        Repo::at(dir, url, self.env.clone(), &[])
+    }
+
+    /// An `s3://` repository in RGW (a fresh prefix in a shared bucket).
+    pub fn s3_repo(&self) -> Repo {
+        self.bucket("ferry-tests");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("s3://ferry-tests/{}", unique("repo"));
+        Repo::at(dir, url, self.env.clone(), &[])
+    }
+}
+
+/// A name unique to this process and call.
+pub fn unique(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        rand::random::<u16>()
+    )
+}

@@ -75,7 +75,19 @@ impl RepoArgs {
         } else {
             let dir = self.index_dir.clone().unwrap_or_else(default_index_dir);
             std::fs::create_dir_all(&dir).with_context(|| format!("creating index directory {}", dir.display()))?;
-            Index::open(&dir, repo.id())?
+            match Index::open(&dir, repo.id()) {
+                Ok(i) => i,
+                // The index is a cache: while another ferry process holds it, work from the
+                // bucket with a private in-memory index rather than wait or fail.
+                Err(e) if e.is_index_locked() => {
+                    tracing::info!(
+                        "local index {} is in use by another ferry process; using a temporary one",
+                        dir.display()
+                    );
+                    Index::temporary()?
+                }
+                Err(e) => return Err(e.into()),
+            }
         };
         Ok(Ctx {
             repo: Arc::new(repo),

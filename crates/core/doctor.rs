@@ -129,7 +129,7 @@ pub async fn doctor(a: DoctorArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
                         }),
                     );
                     if let Some(image) = image {
-                        let rbd = ferry_ceph::RbdCli::new(ceph.config());
+                        let rbd = ceph.rbd();
                         push(
                             "source image",
                             rbd.info(&pool, &image)

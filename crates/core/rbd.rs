@@ -32,6 +32,9 @@ pub struct CephArgs {
     /// Ceph client id (the part after "client."), default admin.
     #[arg(long, env = "FERRY_CEPH_ID", global = true)]
     pub ceph_id: Option<String>,
+    /// The rbd program to run (default: rbd on PATH).
+    #[arg(long, env = "FERRY_RBD_PROGRAM", global = true, hide = true)]
+    pub rbd_program: Option<PathBuf>,
 }
 
 impl CephArgs {
@@ -40,6 +43,14 @@ impl CephArgs {
             conf: self.ceph_conf.clone(),
             keyring: self.ceph_keyring.clone(),
             client_id: self.ceph_id.clone(),
+        }
+    }
+
+    pub fn rbd(&self) -> RbdCli {
+        let cli = RbdCli::new(self.config());
+        match &self.rbd_program {
+            Some(p) => cli.with_program(p.clone()),
+            None => cli,
         }
     }
 }
@@ -108,7 +119,7 @@ pub async fn backup_rbd(
     opts: RbdBackupOptions,
 ) -> Result<(BackupRef, Manifest, RbdBackupNotes)> {
     let cfg = ceph.config();
-    let rbd = RbdCli::new(cfg.clone());
+    let rbd = ceph.rbd();
     let volume = opts.volume.clone().unwrap_or_else(|| spec.volume());
     ferry_repo::validate_volume_name(&volume)?;
 
@@ -283,7 +294,7 @@ pub async fn restore_rbd(
     snap: Option<String>,
     opts: &crate::restore::RestoreOptions,
 ) -> Result<crate::restore::RestoreReport> {
-    let rbd = RbdCli::new(ceph.config());
+    let rbd = ceph.rbd();
     let (pool, image) = (spec.pool.clone(), spec.image.clone());
     let exists = rbd.exists(&pool, &image).with_context(|| format!("looking up rbd:{spec}"))?;
     if exists && !force {

@@ -78,6 +78,13 @@ impl Error {
         )
     }
 
+    /// True when the local index is held by another ferry process (sled locks it).
+    pub fn is_index_locked(&self) -> bool {
+        // sled reports the flock failure as an io::Error of kind Other with this text.
+        matches!(self, Error::Index { source: sled::Error::Io(e), .. }
+            if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock"))
+    }
+
     pub(crate) fn store(op: &'static str, path: &object_store::path::Path, source: object_store::Error) -> Self {
         match source {
             object_store::Error::NotFound { .. } => Error::NotFound { path: path.to_string() },
