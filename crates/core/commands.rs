@@ -346,7 +346,7 @@ async fn restore(a: RestoreArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
     let pb = progress_bar(
         Some(manifest.meta.image_size),
         "restore",
-        a.json || (to_stdout && a.format == OutFormat::Raw && false),
+        a.json,
     );
     let progress: Option<Arc<dyn Fn(u64) + Send + Sync>> = pb
         .clone()

@@ -227,7 +227,7 @@ impl Repository {
             let bytes = get_bytes(store.inner.as_ref(), &key).await?;
             slots.push(KeySlot::decode(&bytes, &key)?);
         }
-        slots.sort_by(|a, b| a.created.cmp(&b.created));
+        slots.sort_by_key(|s| s.created);
         Ok(slots)
     }
 
