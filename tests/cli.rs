@@ -135,3 +135,24 @@ fn help_lists_commands_and_exit_codes() {
         assert!(s.contains(w), "--help lacks {w}: {s}");
     }
 }
+
+#[test]
+fn config_file_supplies_the_repository() {
+    let repo = Repo::file(&[]);
+    let cfg = repo.path("ferry.toml");
+    std::fs::write(&cfg, format!("[repository]\nurl = \"{}\"\n", repo.url)).expect("write");
+    let out = repo
+        .cmd(&["ls", "--config", cfg.to_str().expect("utf8")])
+        .env_remove("FERRY_REPO")
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&cfg, "[repository]\npassword = \"secret\"\n").expect("write");
+    let out = repo.cmd(&["ls", "--config", cfg.to_str().expect("utf8")]).output().expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown field"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

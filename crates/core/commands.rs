@@ -343,11 +343,7 @@ async fn restore(a: RestoreArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
     let (br, manifest) = ctx.resolve(volume, spec).await?;
     let manifest = Arc::new(manifest);
     let to_stdout = a.to.as_os_str() == "-";
-    let pb = progress_bar(
-        Some(manifest.meta.image_size),
-        "restore",
-        a.json,
-    );
+    let pb = progress_bar(Some(manifest.meta.image_size), "restore", a.json);
     let progress: Option<Arc<dyn Fn(u64) + Send + Sync>> = pb
         .clone()
         .map(|pb| Arc::new(move |n| pb.set_position(n)) as Arc<dyn Fn(u64) + Send + Sync>);

@@ -5,6 +5,7 @@
 mod audit;
 mod commands;
 mod common;
+mod config;
 mod doctor;
 mod errors;
 mod ingest;
@@ -19,6 +20,7 @@ use crate::common::RepoArgs;
 
 const AFTER_HELP: &str = "\
 Environment:
+  FERRY_CONFIG          TOML file with defaults (instead of --config)
   FERRY_REPO            repository URL (instead of --repo)
   FERRY_PASSWORD        repository passphrase (or --password-file / FERRY_PASSWORD_FILE, or a prompt)
   FERRY_INDEX_DIR       local index cache directory
@@ -40,6 +42,9 @@ struct Cli {
     repo: RepoArgs,
     #[command(flatten)]
     ceph: rbd::CephArgs,
+    /// TOML file with defaults for repository, S3 and Ceph settings (see config/ferry.toml).
+    #[arg(long, env = "FERRY_CONFIG", global = true)]
+    config: Option<std::path::PathBuf>,
     /// More log output (-v, -vv); logs go to stderr and never contain secrets.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
@@ -48,7 +53,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     let filter = match cli.verbose {
         0 => "warn",
         1 => "info,ferry=debug",
@@ -67,6 +72,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(path) = &cli.config {
+        match config::ConfigFile::load(path) {
+            Ok(c) => c.apply(&mut cli.repo, &mut cli.ceph),
+            Err(e) => return errors::report(&e),
+        }
+    }
     match rt.block_on(commands::run(cli.command, cli.repo, cli.ceph)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => errors::report(&e),
