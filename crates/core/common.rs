@@ -13,6 +13,7 @@ use crate::errors::Refused;
 
 /// Options shared by every command that touches a repository.
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Repository options")]
 pub struct RepoArgs {
     /// Repository URL: file:///path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix.
     #[arg(long, short = 'r', env = "FERRY_REPO", global = true)]

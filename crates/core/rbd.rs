@@ -22,6 +22,7 @@ use crate::ingest::{ingest, IngestParams};
 
 /// How to reach the Ceph cluster (defaults: $CEPH_ARGS / $CEPH_CONF, /etc/ceph, client.admin).
 #[derive(Args, Debug, Clone, Default)]
+#[command(next_help_heading = "Ceph options")]
 pub struct CephArgs {
     /// ceph.conf of the cluster.
     #[arg(long, env = "CEPH_CONF", global = true)]
