@@ -424,6 +424,7 @@ async fn store_block(
     level: i32,
 ) -> Result<(u64, Option<ChunkId>, Outcome)> {
     let key = repo.key().clone();
+    let permit = crate::restore::cpu_permit().await;
     let (data, id) = tokio::task::spawn_blocking(move || {
         if is_zero(&data) {
             (data, None)
@@ -434,6 +435,7 @@ async fn store_block(
     })
     .await
     .context("hash worker panicked")?;
+    drop(permit);
     let Some(id) = id else {
         return Ok((i, None, Outcome::Zero));
     };
@@ -448,9 +450,11 @@ async fn store_block(
     }
     let key = repo.key().clone();
     let plain = data.len() as u64;
+    let permit = crate::restore::cpu_permit().await;
     let bytes = tokio::task::spawn_blocking(move || ferry_repo::encode_chunk_with_id(&key, id, &data, level))
         .await
         .context("encode worker panicked")??;
+    drop(permit);
     let stored = bytes.len() as u64;
     let created = repo
         .put_chunk(&id, bytes)

@@ -17,10 +17,13 @@ use serde::Serialize;
 
 /// Downloads, verifies and decodes one chunk.
 pub async fn fetch_block(repo: &Repository, id: &ChunkId) -> Result<Vec<u8>, ferry_repo::Error> {
-    let object = repo.get_chunk_object(id).await?;
+    let object = Vec::from(repo.get_chunk_object(id).await?);
     let key = repo.key().clone();
     let id = *id;
-    tokio::task::spawn_blocking(move || decode_chunk(&key, &id, &object, MAX_BLOCK_SIZE as usize))
+    // Decoding is CPU work: at most one per core at a time, however many downloads are in
+    // flight, so memory stays bounded.
+    let _permit = cpu_permit().await;
+    tokio::task::spawn_blocking(move || decode_chunk(&key, &id, object, MAX_BLOCK_SIZE as usize))
         .await
         .unwrap_or_else(|e| {
             Err(ferry_repo::Error::Io {
@@ -28,6 +31,14 @@ pub async fn fetch_block(repo: &Repository, id: &ChunkId) -> Result<Vec<u8>, fer
                 source: std::io::Error::other(e.to_string()),
             })
         })
+}
+
+/// A permit for CPU-heavy work (hashing, compression, encryption): one per core.
+pub async fn cpu_permit() -> tokio::sync::SemaphorePermit<'static> {
+    static CPU: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    let sem = CPU.get_or_init(|| tokio::sync::Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)));
+    // The semaphore is never closed.
+    sem.acquire().await.unwrap_or_else(|_| unreachable!("CPU semaphore closed"))
 }
 
 /// A block that could not be restored.

@@ -74,7 +74,7 @@ pub fn encode_chunk_with_id(key: &MasterKey, id: ChunkId, plaintext: &[u8], zstd
 }
 
 /// Verifies, decrypts and decompresses a chunk object, and re-checks its ID.
-pub fn decode_chunk(key: &MasterKey, id: &ChunkId, object: &[u8], max_len: usize) -> Result<Vec<u8>> {
+pub fn decode_chunk(key: &MasterKey, id: &ChunkId, object: Vec<u8>, max_len: usize) -> Result<Vec<u8>> {
     let path = id.object_key();
     let plain = decode_sealed(key.seal_key(), ObjectKind::Chunk, &id.0, object, max_len, &path)?;
     let actual = ChunkId::of(key, &plain);
@@ -112,7 +112,7 @@ mod tests {
             let mut plain = data.clone();
             for _ in 0..rep { plain.extend_from_slice(&data); }
             let enc = encode_chunk(&key, &plain, level).unwrap();
-            let back = decode_chunk(&key, &enc.id, &enc.bytes, plain.len().max(1)).unwrap();
+            let back = decode_chunk(&key, &enc.id, enc.bytes.clone(), plain.len().max(1)).unwrap();
             prop_assert_eq!(back, plain);
         }
 
@@ -123,7 +123,7 @@ mod tests {
             let mut bad = enc.bytes.clone();
             let i = pos.index(bad.len());
             bad[i] ^= 1 << bit;
-            prop_assert!(decode_chunk(&key, &enc.id, &bad, 1 << 20).is_err());
+            prop_assert!(decode_chunk(&key, &enc.id, bad.clone(), 1 << 20).is_err());
         }
     }
 }

@@ -46,13 +46,17 @@ impl Index {
     /// Opens (or creates) the index for `repository_id` under `dir`.
     pub fn open(dir: &Path, repository_id: &str) -> Result<Index> {
         let path: PathBuf = dir.join(repository_id);
-        let db = sled::Config::new().path(&path).open();
+        // sled's default page cache is 1 GiB; the index is small and read sparsely.
+        let db = sled::Config::new().path(&path).cache_capacity(8 << 20).open();
         Self::from_db(db, path.display().to_string())
     }
 
     /// An index that lives in memory only (`--no-index`).
     pub fn temporary() -> Result<Index> {
-        Self::from_db(sled::Config::new().temporary(true).open(), "(temporary)".into())
+        Self::from_db(
+            sled::Config::new().temporary(true).cache_capacity(8 << 20).open(),
+            "(temporary)".into(),
+        )
     }
 
     fn from_db(db: sled::Result<sled::Db>, path: String) -> Result<Index> {

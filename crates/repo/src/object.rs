@@ -126,8 +126,8 @@ impl SealKey {
     }
 
     /// Verifies and decrypts a sealed body (`nonce | ciphertext | tag`) in place; returns the
-    /// plaintext. `header` is the object's 8 header bytes.
-    pub fn open(&self, header: &[u8], identity: &[u8], mut body: Vec<u8>, path: &str) -> Result<Vec<u8>> {
+    /// range of the plaintext within `body`. `header` is the object's 8 header bytes.
+    pub fn open_in_place(&self, header: &[u8], identity: &[u8], body: &mut [u8], path: &str) -> Result<std::ops::Range<usize>> {
         if body.len() < NONCE_LEN + TAG_LEN {
             return Err(Error::BadObject {
                 path: path.to_string(),
@@ -146,37 +146,68 @@ impl SealKey {
         self.0
             .decrypt_inout_detached(&Nonce::from(nonce), &aad, (&mut body[NONCE_LEN..tag_at]).into(), &tag)
             .map_err(|_| Error::Integrity { path: path.to_string() })?;
-        body.truncate(tag_at);
-        body.drain(..NONCE_LEN);
+        Ok(NONCE_LEN..tag_at)
+    }
+
+    /// [`Self::open_in_place`] on an owned body, returning the plaintext.
+    pub fn open(&self, header: &[u8], identity: &[u8], mut body: Vec<u8>, path: &str) -> Result<Vec<u8>> {
+        let range = self.open_in_place(header, identity, &mut body, path)?;
+        body.truncate(range.end);
+        body.drain(..range.start);
         Ok(body)
     }
 }
 
 /// Seals `payload` as an object of `kind` with optional zstd compression (kept raw when it
-/// does not shrink). Returns the full object bytes.
+/// does not shrink). Returns the full object bytes. Compresses straight into the output and
+/// encrypts in place: one buffer per object.
 pub fn encode_sealed(key: &SealKey, kind: ObjectKind, identity: &[u8], payload: &[u8], zstd_level: Option<i32>) -> Result<Vec<u8>> {
-    let compressed = match zstd_level {
-        Some(level) => match zstd::bulk::compress(payload, level) {
-            Ok(c) if c.len() < payload.len() => Some(c),
-            _ => None,
-        },
-        None => None,
-    };
-    let (flags, body) = match &compressed {
-        Some(c) => (FLAG_ZSTD | FLAG_ENCRYPTED, c.as_slice()),
-        None => (FLAG_ENCRYPTED, payload),
-    };
+    let start = HEADER_LEN + NONCE_LEN;
+    let mut flags = FLAG_ENCRYPTED;
+    let mut out = Vec::new();
+    if let Some(level) = zstd_level {
+        out.resize(start + zstd::zstd_safe::compress_bound(payload.len()), 0);
+        let compressed = zstd::bulk::Compressor::new(level).and_then(|mut c| c.compress_to_buffer(payload, &mut out[start..]));
+        match compressed {
+            Ok(n) if n < payload.len() => {
+                out.truncate(start + n);
+                flags |= FLAG_ZSTD;
+            }
+            _ => out.clear(),
+        }
+    }
+    if flags & FLAG_ZSTD == 0 {
+        out.reserve_exact(start + payload.len() + TAG_LEN);
+        out.resize(start, 0);
+        out.extend_from_slice(payload);
+    }
     let header = Header { kind, flags }.encode();
-    let mut out = Vec::with_capacity(HEADER_LEN + NONCE_LEN + body.len() + TAG_LEN);
-    out.extend_from_slice(&header);
-    key.seal_into(&mut out, identity, body)?;
+    out[..HEADER_LEN].copy_from_slice(&header);
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::rng().fill_bytes(&mut nonce);
+    out[HEADER_LEN..start].copy_from_slice(&nonce);
+    let mut aad = Vec::with_capacity(HEADER_LEN + identity.len());
+    aad.extend_from_slice(&header);
+    aad.extend_from_slice(identity);
+    let tag = key
+        .0
+        .encrypt_inout_detached(&Nonce::from(nonce), &aad, (&mut out[start..]).into())
+        .map_err(|_| Error::Kdf {
+            reason: "plaintext too long for AES-GCM".into(),
+        })?;
+    out.extend_from_slice(tag.as_slice());
+    // A well-compressed block must not pin the compression bound's worth of memory while it
+    // waits for its upload.
+    if out.capacity() > out.len() * 5 / 4 + 4096 {
+        out.shrink_to_fit();
+    }
     Ok(out)
 }
 
-/// Opens an object written by [`encode_sealed`]: checks the header, verifies the tag,
+/// Opens an object written by [`encode_sealed`]: checks the header, verifies the tag in place,
 /// decompresses (refusing output beyond `max_len`).
-pub fn decode_sealed(key: &SealKey, kind: ObjectKind, identity: &[u8], object: &[u8], max_len: usize, path: &str) -> Result<Vec<u8>> {
-    let header = Header::decode(object, kind, path)?;
+pub fn decode_sealed(key: &SealKey, kind: ObjectKind, identity: &[u8], mut object: Vec<u8>, max_len: usize, path: &str) -> Result<Vec<u8>> {
+    let header = Header::decode(&object, kind, path)?;
     if header.flags & FLAG_ENCRYPTED == 0 {
         // v1 never writes unencrypted chunks or manifests; accepting one would allow a downgrade.
         return Err(Error::BadObject {
@@ -184,14 +215,19 @@ pub fn decode_sealed(key: &SealKey, kind: ObjectKind, identity: &[u8], object: &
             reason: "object is not encrypted".into(),
         });
     }
-    let plain = key.open(&object[..HEADER_LEN], identity, object[HEADER_LEN..].to_vec(), path)?;
+    let mut head = [0u8; HEADER_LEN];
+    head.copy_from_slice(&object[..HEADER_LEN]);
+    let range = key.open_in_place(&head, identity, &mut object[HEADER_LEN..], path)?;
+    let (s, e) = (HEADER_LEN + range.start, HEADER_LEN + range.end);
     if header.flags & FLAG_ZSTD != 0 {
-        decompress_bounded(&plain, max_len).map_err(|reason| Error::Decompress {
+        decompress_bounded(&object[s..e], max_len).map_err(|reason| Error::Decompress {
             path: path.to_string(),
             reason,
         })
     } else {
-        Ok(plain)
+        object.truncate(e);
+        object.drain(..s);
+        Ok(object)
     }
 }
 
@@ -215,38 +251,38 @@ mod tests {
         let payload = vec![42u8; 10_000];
         let obj = encode_sealed(&key, ObjectKind::Chunk, b"id", &payload, Some(3)).unwrap();
         assert_eq!(obj[6], FLAG_ZSTD | FLAG_ENCRYPTED);
-        let back = decode_sealed(&key, ObjectKind::Chunk, b"id", &obj, 1 << 20, "p").unwrap();
+        let back = decode_sealed(&key, ObjectKind::Chunk, b"id", obj.clone(), 1 << 20, "p").unwrap();
         assert_eq!(back, payload);
         // Another identity, another key, a flipped bit, a changed flag: all refused.
         assert!(matches!(
-            decode_sealed(&key, ObjectKind::Chunk, b"other", &obj, 1 << 20, "p"),
+            decode_sealed(&key, ObjectKind::Chunk, b"other", obj.clone(), 1 << 20, "p"),
             Err(Error::Integrity { .. })
         ));
         let other = SealKey::new(&[8u8; 32]);
         assert!(matches!(
-            decode_sealed(&other, ObjectKind::Chunk, b"id", &obj, 1 << 20, "p"),
+            decode_sealed(&other, ObjectKind::Chunk, b"id", obj.clone(), 1 << 20, "p"),
             Err(Error::Integrity { .. })
         ));
         for i in HEADER_LEN..obj.len() {
             let mut bad = obj.clone();
             bad[i] ^= 0x01;
             assert!(
-                decode_sealed(&key, ObjectKind::Chunk, b"id", &bad, 1 << 20, "p").is_err(),
+                decode_sealed(&key, ObjectKind::Chunk, b"id", bad.clone(), 1 << 20, "p").is_err(),
                 "flip at {i}"
             );
         }
         let mut bad = obj.clone();
         bad[6] = FLAG_ENCRYPTED;
         assert!(matches!(
-            decode_sealed(&key, ObjectKind::Chunk, b"id", &bad, 1 << 20, "p"),
+            decode_sealed(&key, ObjectKind::Chunk, b"id", bad.clone(), 1 << 20, "p"),
             Err(Error::Integrity { .. })
         ));
         assert!(matches!(
-            decode_sealed(&key, ObjectKind::Manifest, b"id", &obj, 1 << 20, "p"),
+            decode_sealed(&key, ObjectKind::Manifest, b"id", obj.clone(), 1 << 20, "p"),
             Err(Error::BadObject { .. })
         ));
         assert!(matches!(
-            decode_sealed(&key, ObjectKind::Chunk, b"id", &obj[..5], 1 << 20, "p"),
+            decode_sealed(&key, ObjectKind::Chunk, b"id", obj[..5].to_vec(), 1 << 20, "p"),
             Err(Error::BadObject { .. })
         ));
     }
@@ -261,7 +297,7 @@ mod tests {
         let zeros = vec![0u8; 1 << 20];
         let obj = encode_sealed(&key, ObjectKind::Chunk, b"x", &zeros, Some(3)).unwrap();
         assert!(matches!(
-            decode_sealed(&key, ObjectKind::Chunk, b"x", &obj, 1000, "p"),
+            decode_sealed(&key, ObjectKind::Chunk, b"x", obj.clone(), 1000, "p"),
             Err(Error::Decompress { .. })
         ));
     }

@@ -326,7 +326,7 @@ impl Repository {
             self.key.seal_key(),
             ObjectKind::Manifest,
             key.as_bytes(),
-            &bytes,
+            Vec::from(bytes),
             MAX_MANIFEST_LEN,
             &key,
         )?;

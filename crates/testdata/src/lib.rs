@@ -3,6 +3,8 @@
 //!
 //! * [`block_content`]: mixed content per block (about 25% zero, 35% binary-like, 25% text,
 //!   15% random), the reference mix of ferry's benchmarks.
+//! * [`data_block_content`], [`scattered_blocks`]: sparse volumes (e.g. 1 TiB with a few
+//!   hundred data blocks) for the scale benchmark, as export-diff streams only.
 //! * [`Volume`]: an in-memory image that records changes like librbd does and emits the
 //!   export-diff stream between two points, for exact expected images in tests.
 
@@ -153,6 +155,46 @@ pub fn block_content(seed: u64, index: u64, block_size: usize) -> Vec<u8> {
     let mut rng = Rng::new(seed ^ index.wrapping_mul(0x1000_0000_01B3));
     fill_kind(block_kind(seed, index), &mut rng, &mut buf);
     buf
+}
+
+/// Content of data block `index` of a sparse volume: like [`block_content`], but never all
+/// zero (a zero-kind block gets binary-like content instead).
+pub fn data_block_content(seed: u64, index: u64, block_size: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; block_size];
+    let mut rng = Rng::new(seed ^ index.wrapping_mul(0x1000_0000_01B3));
+    let kind = match block_kind(seed, index) {
+        Kind::Zero => Kind::Binary,
+        k => k,
+    };
+    fill_kind(kind, &mut rng, &mut buf);
+    if buf.iter().all(|&b| b == 0) {
+        buf[0] = 1;
+    }
+    buf
+}
+
+/// `count` distinct block indices below `blocks`, sorted, chosen by `seed` (all of them when
+/// `count >= blocks`).
+pub fn scattered_blocks(blocks: u64, count: u64, seed: u64) -> Vec<u64> {
+    if count >= blocks {
+        return (0..blocks).collect();
+    }
+    let mut rng = Rng::new(seed);
+    let mut set = std::collections::BTreeSet::new();
+    while (set.len() as u64) < count {
+        set.insert(rng.below(blocks));
+    }
+    set.into_iter().collect()
+}
+
+/// How many blocks of each kind a generated image of `size` bytes has:
+/// `[zero, binary, text, random]` (the last, partial block counts too).
+pub fn kind_counts(size: u64, block_size: u64, seed: u64) -> [u64; 4] {
+    let mut counts = [0u64; 4];
+    for i in 0..size.div_ceil(block_size) {
+        counts[block_kind(seed, i) as usize] += 1;
+    }
+    counts
 }
 
 /// Writes a raw image of `size` bytes of mixed content in `block_size` blocks.
@@ -319,6 +361,18 @@ mod tests {
         }
         assert!((400..600).contains(&counts[0]), "{counts:?}");
         assert!((600..800).contains(&counts[1]), "{counts:?}");
+    }
+
+    #[test]
+    fn scattered_and_data_blocks() {
+        let b = scattered_blocks(1000, 50, 9);
+        assert_eq!(b.len(), 50);
+        assert!(b.windows(2).all(|w| w[0] < w[1]) && b[49] < 1000);
+        assert_eq!(scattered_blocks(5, 9, 1), vec![0, 1, 2, 3, 4]);
+        for i in 0..40 {
+            assert!(data_block_content(3, i, 4096).iter().any(|&x| x != 0));
+        }
+        assert_eq!(kind_counts(10 * 4096 + 1, 4096, 7).iter().sum::<u64>(), 11);
     }
 
     #[test]

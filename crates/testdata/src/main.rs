@@ -5,14 +5,25 @@
 //! ferry-testdata image SIZE SEED OUT                 raw image of mixed content (4 MiB blocks)
 //! ferry-testdata full-diff IMAGE SNAP OUT            full export-diff of a raw image
 //! ferry-testdata mutate IMAGE SEED WRITES FROM TO OUT  random 64 KiB writes into IMAGE (in place), incremental diff to OUT
+//! ferry-testdata sparse-diff SIZE SEED DATA_BLOCKS SNAP OUT
+//!                                                    full export-diff of a sparse volume: DATA_BLOCKS
+//!                                                    scattered 4 MiB data blocks, the rest never written
+//! ferry-testdata sparse-incr SIZE SEED CHANGED FROM TO OUT
+//!                                                    incremental diff of such a volume: CHANGED scattered
+//!                                                    4 MiB blocks, 7 of 8 rewritten (`w`), 1 of 8 discarded (`z`)
+//! ferry-testdata diff-json DIFF                     the extents of an export-diff stream as `rbd diff
+//!                                                    --format json` prints them (Benji's hints format)
+//! ferry-testdata kinds SIZE SEED                     block counts per content kind of `image SIZE SEED` (JSON)
 //! ```
+//! OUT may be `-` (stdout) for `sparse-diff` and `sparse-incr`, so a 1 TiB volume never needs
+//! a file: `ferry-testdata sparse-diff 1T 7 256 s1 - | ferry backup --volume big --diff -`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::process::ExitCode;
 
-use ferry_testdata::{full_diff_of_image, write_image, Rng};
+use ferry_testdata::{data_block_content, full_diff_of_image, kind_counts, scattered_blocks, write_image, Rng};
 use rbd_diff::{DiffHeader, DiffWriter};
 
 fn parse_size(s: &str) -> Option<u64> {
@@ -26,8 +37,24 @@ fn parse_size(s: &str) -> Option<u64> {
     n.parse::<u64>().ok()?.checked_mul(m)
 }
 
+/// Block size of the sparse volumes (RBD's default object size).
+const SPARSE_BLOCK: u64 = 4 << 20;
+
+/// A buffered file, or stdout for `-`.
+fn output(path: &str) -> Result<Box<dyn Write>, String> {
+    Ok(if path == "-" {
+        Box::new(BufWriter::with_capacity(1 << 20, std::io::stdout().lock()))
+    } else {
+        Box::new(BufWriter::with_capacity(
+            1 << 20,
+            File::create(path).map_err(|x| format!("{path}: {x}"))?,
+        ))
+    })
+}
+
 fn run(args: &[String]) -> Result<(), String> {
-    let usage = "usage: ferry-testdata image SIZE SEED OUT | full-diff IMAGE SNAP OUT | mutate IMAGE SEED WRITES FROM TO OUT";
+    let usage = "usage: ferry-testdata image SIZE SEED OUT | full-diff IMAGE SNAP OUT | mutate IMAGE SEED WRITES FROM TO OUT\n       \
+                 | sparse-diff SIZE SEED DATA_BLOCKS SNAP OUT | sparse-incr SIZE SEED CHANGED FROM TO OUT | kinds SIZE SEED | diff-json DIFF";
     let e = |x: std::io::Error| x.to_string();
     match args.first().map(String::as_str) {
         Some("image") if args.len() == 4 => {
@@ -74,6 +101,83 @@ fn run(args: &[String]) -> Result<(), String> {
                 w.write_data(o, &buf).map_err(|x| x.to_string())?;
             }
             w.finish().map_err(|x| x.to_string())?.flush().map_err(e)
+        }
+        Some("sparse-diff") if args.len() == 6 => {
+            let size = parse_size(&args[1]).ok_or("bad SIZE")?;
+            let seed: u64 = args[2].parse().map_err(|_| "bad SEED")?;
+            let count: u64 = args[3].parse().map_err(|_| "bad DATA_BLOCKS")?;
+            let header = DiffHeader {
+                from_snap: None,
+                to_snap: Some(args[4].clone()),
+                image_size: size,
+                protected: None,
+            };
+            let mut w = DiffWriter::new(output(&args[5])?, &header).map_err(|x| x.to_string())?;
+            for i in scattered_blocks(size.div_ceil(SPARSE_BLOCK), count, seed) {
+                let off = i * SPARSE_BLOCK;
+                let len = (size - off).min(SPARSE_BLOCK) as usize;
+                let data = data_block_content(seed, i, SPARSE_BLOCK as usize);
+                w.write_data(off, &data[..len]).map_err(|x| x.to_string())?;
+            }
+            w.finish().map_err(|x| x.to_string())?.flush().map_err(e)
+        }
+        Some("sparse-incr") if args.len() == 7 => {
+            let size = parse_size(&args[1]).ok_or("bad SIZE")?;
+            let seed: u64 = args[2].parse().map_err(|_| "bad SEED")?;
+            let count: u64 = args[3].parse().map_err(|_| "bad CHANGED")?;
+            let header = DiffHeader {
+                from_snap: Some(args[4].clone()),
+                to_snap: Some(args[5].clone()),
+                image_size: size,
+                protected: None,
+            };
+            let mut w = DiffWriter::new(output(&args[6])?, &header).map_err(|x| x.to_string())?;
+            // A different stream of positions and contents than the full diff's.
+            let seed2 = seed ^ 0x5EED_0002;
+            for (n, i) in scattered_blocks(size.div_ceil(SPARSE_BLOCK), count, seed2).into_iter().enumerate() {
+                let off = i * SPARSE_BLOCK;
+                let len = (size - off).min(SPARSE_BLOCK);
+                if n % 8 == 7 {
+                    w.write_zero(off, len).map_err(|x| x.to_string())?;
+                } else {
+                    let data = data_block_content(seed2, i, SPARSE_BLOCK as usize);
+                    w.write_data(off, &data[..len as usize]).map_err(|x| x.to_string())?;
+                }
+            }
+            w.finish().map_err(|x| x.to_string())?.flush().map_err(e)
+        }
+        Some("diff-json") if args.len() == 2 => {
+            let f = File::open(&args[1]).map_err(e)?;
+            let mut r = rbd_diff::DiffReader::new(f).map_err(|x| x.to_string())?;
+            // (offset, length, exists) with adjacent pieces of one `w` record merged.
+            let mut extents: Vec<(u64, u64, bool)> = Vec::new();
+            loop {
+                let (offset, length, exists) = match r.next_event().map_err(|x| x.to_string())? {
+                    rbd_diff::Event::Data { offset, data } => (offset, data.len() as u64, true),
+                    rbd_diff::Event::Zero { offset, length } => (offset, length, false),
+                    rbd_diff::Event::End => break,
+                };
+                match extents.last_mut() {
+                    Some(last) if last.2 && exists && last.0 + last.1 == offset => last.1 += length,
+                    _ => extents.push((offset, length, exists)),
+                }
+            }
+            let items: Vec<String> = extents
+                .iter()
+                .map(|(o, l, x)| format!("{{\"offset\":{o},\"length\":{l},\"exists\":\"{x}\"}}"))
+                .collect();
+            println!("[{}]", items.join(","));
+            Ok(())
+        }
+        Some("kinds") if args.len() == 3 => {
+            let size = parse_size(&args[1]).ok_or("bad SIZE")?;
+            let seed: u64 = args[2].parse().map_err(|_| "bad SEED")?;
+            let [zero, binary, text, random] = kind_counts(size, 4 << 20, seed);
+            println!(
+                "{{\"block_size\":{},\"zero\":{zero},\"binary\":{binary},\"text\":{text},\"random\":{random}}}",
+                4u64 << 20
+            );
+            Ok(())
         }
         _ => Err(usage.into()),
     }
