@@ -10,7 +10,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use ferry_repo::{InitOptions, KdfParams, Manifest, Repository, Source};
 use serde::Serialize;
 
-use crate::common::{human_bytes, parse_size, passphrase_from, print_json, progress_bar, RepoArgs};
+use crate::common::{human_bytes, parse_size, passphrase_from, print_json, progress_bar, progress_callback, RepoArgs};
 use crate::errors::{exit, IntegrityFailure, Refused};
 use crate::ingest::{ingest, IngestParams};
 use crate::rbd::{backup_rbd, restore_rbd, CephArgs, RbdBackupOptions, RbdSpec};
@@ -269,9 +269,7 @@ async fn backup(a: BackupArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
         (Box::new(f), len)
     };
     let pb = progress_bar(total, "backup", a.json);
-    let progress: Option<Arc<dyn Fn(u64) + Send + Sync>> = pb
-        .clone()
-        .map(|pb| Arc::new(move |n| pb.set_position(n)) as Arc<dyn Fn(u64) + Send + Sync>);
+    let progress = progress_callback(&pb);
     let params = IngestParams {
         volume: volume.clone(),
         block_size: a.block_size.unwrap_or(ctx.repo.config().block_size),
@@ -344,9 +342,7 @@ async fn restore(a: RestoreArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
     let manifest = Arc::new(manifest);
     let to_stdout = a.to.as_os_str() == "-";
     let pb = progress_bar(Some(manifest.meta.image_size), "restore", a.json);
-    let progress: Option<Arc<dyn Fn(u64) + Send + Sync>> = pb
-        .clone()
-        .map(|pb| Arc::new(move |n| pb.set_position(n)) as Arc<dyn Fn(u64) + Send + Sync>);
+    let progress = progress_callback(&pb);
     let mut opts = RestoreOptions {
         jobs: a.jobs,
         best_effort: a.best_effort,

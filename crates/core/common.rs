@@ -230,6 +230,13 @@ pub fn progress_bar(total: Option<u64>, what: &str, quiet: bool) -> Option<indic
     Some(pb)
 }
 
+/// Progress reporting for the pipelines: moves the bar, if there is one.
+pub type Progress = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
+
+pub fn progress_callback(pb: &Option<indicatif::ProgressBar>) -> Option<Progress> {
+    pb.clone().map(|pb| std::sync::Arc::new(move |n| pb.set_position(n)) as Progress)
+}
+
 pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())

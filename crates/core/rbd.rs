@@ -16,7 +16,7 @@ use clap::Args;
 use ferry_ceph::{CephConfig, Cluster, RbdCli};
 use ferry_repo::{BackupRef, Manifest, Source};
 
-use crate::common::{progress_bar, Ctx};
+use crate::common::{progress_bar, progress_callback, Ctx};
 use crate::errors::Refused;
 use crate::ingest::{ingest, IngestParams};
 
@@ -218,9 +218,7 @@ async fn backup_locked(
         }
     };
     let pb = progress_bar(None, "backup", opts.quiet);
-    let progress: Option<Arc<dyn Fn(u64) + Send + Sync>> = pb
-        .clone()
-        .map(|pb| Arc::new(move |n| pb.set_position(n)) as Arc<dyn Fn(u64) + Send + Sync>);
+    let progress = progress_callback(&pb);
     let params = IngestParams {
         volume: volume.to_string(),
         // Whole-object diffs line up with the image's objects when blocks are objects.

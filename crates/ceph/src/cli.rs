@@ -317,13 +317,13 @@ impl RbdCli {
             kill_and_reap(&mut child);
             return Err(pipe_missing(&command));
         };
-        Ok(ExportDiff {
+        Ok(ExportDiff(Piped {
             child: Some(child),
-            stdout: Some(stdout),
+            pipe: Some(stdout),
             stderr: Some(drain(stderr)),
             command,
             target,
-        })
+        }))
     }
 
     /// Spawns `rbd import-diff --no-progress - POOL/IMAGE`; write a diff stream to the returned
@@ -340,13 +340,13 @@ impl RbdCli {
             kill_and_reap(&mut child);
             return Err(pipe_missing(&command));
         };
-        Ok(ImportDiff {
+        Ok(ImportDiff(Piped {
             child: Some(child),
-            stdin: Some(stdin),
+            pipe: Some(stdin),
             stderr: Some(drain(stderr)),
             command,
             target,
-        })
+        }))
     }
 
     // ---- plumbing ------------------------------------------------------------------------
@@ -483,45 +483,31 @@ impl Target {
     }
 }
 
-/// A running `rbd export-diff … -`. Read the stream through [`Read`] or [`ExportDiff::stdout`],
-/// then [`ExportDiff::wait`]. Dropping it without `wait` kills the child.
-pub struct ExportDiff {
+/// A spawned `rbd` child with one pipe to it (`P` = stdout or stdin) and a thread draining its
+/// stderr. Shared by [`ExportDiff`] and [`ImportDiff`]; dropping it kills the child.
+struct Piped<P> {
     child: Option<Child>,
-    stdout: Option<ChildStdout>,
+    pipe: Option<P>,
     stderr: Option<JoinHandle<String>>,
     command: String,
     target: Target,
 }
 
-impl ExportDiff {
-    /// The child's stdout, the diff stream.
-    pub fn stdout(&mut self) -> &mut ChildStdout {
-        // Invariant: only `wait` (which consumes self) and `drop` take it.
-        self.stdout.as_mut().expect("ExportDiff stdout is present until wait")
-    }
-
-    /// The command line, for messages.
-    pub fn command(&self) -> &str {
-        &self.command
-    }
-
-    /// Process id of the `rbd` child.
-    pub fn id(&self) -> Option<u32> {
+impl<P> Piped<P> {
+    fn id(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Kills the child (SIGKILL); a later [`ExportDiff::wait`] then returns an error.
-    pub fn kill(&mut self) {
+    fn kill(&mut self) {
         if let Some(child) = self.child.as_mut() {
             let _ = child.kill();
         }
     }
 
-    /// Closes stdout, waits for the child and checks it: `Err` if it exited non-zero, was
-    /// killed, or printed an error line on stderr; the error carries the stderr text. Read the
-    /// stream to its end first: closing it early makes `rbd` fail with EPIPE.
-    pub fn wait(mut self) -> Result<(), Error> {
-        drop(self.stdout.take());
+    /// Closes the pipe, waits for the child and checks it: `Err` if it exited non-zero, was
+    /// killed, or printed an error line on stderr; the error carries the stderr text.
+    fn finish(&mut self) -> Result<(), Error> {
+        drop(self.pipe.take());
         let status = match self.child.take() {
             Some(mut child) => child.wait().map_err(|source| Error::Io {
                 context: format!("waiting for `{}`", self.command),
@@ -538,18 +524,9 @@ impl ExportDiff {
     }
 }
 
-impl Read for ExportDiff {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.stdout.as_mut() {
-            Some(s) => s.read(buf),
-            None => Ok(0),
-        }
-    }
-}
-
-impl Drop for ExportDiff {
+impl<P> Drop for Piped<P> {
     fn drop(&mut self) {
-        drop(self.stdout.take());
+        drop(self.pipe.take());
         if let Some(mut child) = self.child.take() {
             kill_and_reap(&mut child);
         }
@@ -559,10 +536,53 @@ impl Drop for ExportDiff {
     }
 }
 
+/// A running `rbd export-diff … -`. Read the stream through [`Read`] or [`ExportDiff::stdout`],
+/// then [`ExportDiff::wait`]. Dropping it without `wait` kills the child.
+pub struct ExportDiff(Piped<ChildStdout>);
+
+impl ExportDiff {
+    /// The child's stdout, the diff stream.
+    pub fn stdout(&mut self) -> &mut ChildStdout {
+        // Invariant: only `wait` (which consumes self) and `drop` take it.
+        self.0.pipe.as_mut().expect("ExportDiff stdout is present until wait")
+    }
+
+    /// The command line, for messages.
+    pub fn command(&self) -> &str {
+        &self.0.command
+    }
+
+    /// Process id of the `rbd` child.
+    pub fn id(&self) -> Option<u32> {
+        self.0.id()
+    }
+
+    /// Kills the child (SIGKILL); a later [`ExportDiff::wait`] then returns an error.
+    pub fn kill(&mut self) {
+        self.0.kill()
+    }
+
+    /// Closes stdout, waits for the child and checks it: `Err` if it exited non-zero, was
+    /// killed, or printed an error line on stderr; the error carries the stderr text. Read the
+    /// stream to its end first: closing it early makes `rbd` fail with EPIPE.
+    pub fn wait(mut self) -> Result<(), Error> {
+        self.0.finish()
+    }
+}
+
+impl Read for ExportDiff {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.0.pipe.as_mut() {
+            Some(s) => s.read(buf),
+            None => Ok(0),
+        }
+    }
+}
+
 impl std::fmt::Debug for ExportDiff {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ExportDiff")
-            .field("command", &self.command)
+            .field("command", &self.0.command)
             .field("pid", &self.id())
             .finish()
     }
@@ -572,91 +592,58 @@ impl std::fmt::Debug for ExportDiff {
 /// [`ImportDiff::stdin`], then [`ImportDiff::finish`]. If a write fails (EPIPE: `rbd` gave up),
 /// call `finish` for `rbd`'s own error. Dropping it without `finish` kills the child; the image
 /// then holds whatever part of the stream was applied (the end snapshot is not created).
-pub struct ImportDiff {
-    child: Option<Child>,
-    stdin: Option<ChildStdin>,
-    stderr: Option<JoinHandle<String>>,
-    command: String,
-    target: Target,
-}
+pub struct ImportDiff(Piped<ChildStdin>);
 
 impl ImportDiff {
     /// The child's stdin.
     pub fn stdin(&mut self) -> &mut ChildStdin {
         // Invariant: only `finish` (which consumes self) and `drop` take it.
-        self.stdin.as_mut().expect("ImportDiff stdin is present until finish")
+        self.0.pipe.as_mut().expect("ImportDiff stdin is present until finish")
     }
 
     /// The command line, for messages.
     pub fn command(&self) -> &str {
-        &self.command
+        &self.0.command
     }
 
     /// Process id of the `rbd` child.
     pub fn id(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.0.id()
     }
 
     /// Kills the child (SIGKILL); a later [`ImportDiff::finish`] then returns an error.
     pub fn kill(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-        }
+        self.0.kill()
     }
 
     /// Closes stdin, waits for the child and checks its exit status and stderr.
     pub fn finish(mut self) -> Result<(), Error> {
-        drop(self.stdin.take());
-        let status = match self.child.take() {
-            Some(mut child) => child.wait().map_err(|source| Error::Io {
-                context: format!("waiting for `{}`", self.command),
-                source,
-            })?,
-            None => return Err(pipe_missing(&self.command)),
-        };
-        let stderr = self.stderr.take().map(join_drain).unwrap_or_default();
-        if status.success() && !stderr_has_error(&stderr) {
-            Ok(())
-        } else {
-            Err(classify(std::mem::take(&mut self.command), status, stderr, &self.target))
-        }
-    }
-}
-
-impl Write for ImportDiff {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self.stdin.as_mut() {
-            Some(s) => s.write(buf),
-            None => Err(io::Error::from(io::ErrorKind::BrokenPipe)),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self.stdin.as_mut() {
-            Some(s) => s.flush(),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for ImportDiff {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        if let Some(mut child) = self.child.take() {
-            kill_and_reap(&mut child);
-        }
-        if let Some(h) = self.stderr.take() {
-            let _ = h.join();
-        }
+        self.0.finish()
     }
 }
 
 impl std::fmt::Debug for ImportDiff {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ImportDiff")
-            .field("command", &self.command)
+            .field("command", &self.0.command)
             .field("pid", &self.id())
             .finish()
+    }
+}
+
+impl Write for ImportDiff {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.0.pipe.as_mut() {
+            Some(s) => s.write(buf),
+            None => Err(io::Error::from(io::ErrorKind::BrokenPipe)),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.0.pipe.as_mut() {
+            Some(s) => s.flush(),
+            None => Ok(()),
+        }
     }
 }
 
