@@ -321,3 +321,68 @@ fn doctor_names_a_wrong_keyring_and_an_unreachable_endpoint() {
         "{s}"
     );
 }
+
+/// An rbd whose incremental export-diff drops every data record (a diff bug like the ones
+/// Ceph has had): ferry's re-read of unchanged blocks catches it and takes a full backup.
+#[test]
+fn a_diff_that_misses_changes_is_caught_and_a_full_backup_taken() {
+    let c = cluster();
+    let repo = c.file_repo();
+    let name = unique("lying");
+    let image = format!("rbd/{name}");
+    c.rbd(&["create", "--size", "24M", &image]);
+    apply(c, &image, 24 * MIB, &[(0, Some(pattern(11, 20 * MIB as usize)), 0)]);
+    repo.ok(&["backup", &format!("rbd:{image}")]);
+    apply(c, &image, 24 * MIB, &[(2 * MIB, Some(pattern(12, 6 * MIB as usize)), 0)]);
+    let wrapper = repo.dir.path().join("rbd-lying");
+    let filter = r#"import struct, sys
+r, w = sys.stdin.buffer, sys.stdout.buffer
+w.write(r.read(12))
+while True:
+    t = r.read(1)
+    if t in (b"f", b"t"):
+        n = r.read(4); w.write(t + n + r.read(struct.unpack("<I", n)[0]))
+    elif t == b"s":
+        w.write(t + r.read(8))
+    else:
+        break
+w.write(b"e"); w.flush()
+while r.read(1 << 20): pass
+"#;
+    std::fs::write(repo.dir.path().join("filter.py"), filter).expect("write filter");
+    let script = format!(
+        "#!/bin/bash\nfor a in \"$@\"; do [[ $a = --from-snap ]] && {{ rbd \"$@\" | python3 {}; exit ${{PIPESTATUS[0]}}; }}; done\nexec rbd \"$@\"\n",
+        repo.dir.path().join("filter.py").display()
+    );
+    std::fs::write(&wrapper, script).expect("write wrapper");
+    let mut perm = std::fs::metadata(&wrapper).expect("md").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(&wrapper, perm).expect("chmod");
+
+    let out = repo
+        .cmd(&["backup", &format!("rbd:{image}"), "--json", "--verify-blocks", "64"])
+        .env("FERRY_RBD_PROGRAM", &wrapper)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(j["kind"], "full", "{j}");
+    assert!(
+        j["rbd"]["full_reason"]
+            .as_str()
+            .expect("reason")
+            .contains("diff verification failed"),
+        "{j}"
+    );
+    let restored = repo.path("r.raw");
+    repo.ok(&["restore", &format!("rbd.{name}"), "--to", restored.to_str().expect("utf8")]);
+    assert_eq!(
+        hash_file(&restored),
+        c.export_hash(&format!("{image}@{}", j["to_snap"].as_str().expect("snap")))
+    );
+    // Two backups committed (the discarded incremental is not), one ferry snapshot left.
+    assert_eq!(repo.backups(&format!("rbd.{name}")).len(), 2);
+    assert_eq!(ferry_snaps(c, &image).len(), 1);
+    c.rbd(&["snap", "purge", "--no-progress", &image]);
+    c.rbd(&["rm", "--no-progress", &image]);
+}

@@ -110,6 +110,11 @@ pub struct BackupArgs {
     /// rbd source: lease duration of the per-image lock (renewed while the backup runs).
     #[arg(long, default_value = "60", value_name = "SECONDS")]
     lease_seconds: u64,
+    /// rbd source: after an incremental, re-read this many blocks the diff called unchanged
+    /// from the new snapshot and check them against the parent backup; on a mismatch the
+    /// incremental is discarded and a full backup taken (0 disables).
+    #[arg(long, default_value_t = 8, value_name = "BLOCKS")]
+    verify_blocks: usize,
     /// Build on this backup (ID or prefix) instead of the volume's newest one.
     #[arg(long)]
     parent: Option<String>,
@@ -223,6 +228,7 @@ async fn backup(a: BackupArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
             labels: a.labels.into_iter().collect(),
             lease: (a.lease_seconds > 0).then(|| std::time::Duration::from_secs(a.lease_seconds)),
             quiet: a.json,
+            verify_blocks: a.verify_blocks,
         };
         let (br, m, notes) = backup_rbd(&ctx, ceph, &spec, opts)
             .await
@@ -283,6 +289,7 @@ async fn backup(a: BackupArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
         labels: a.labels.into_iter().collect::<BTreeMap<_, _>>(),
         progress,
         expect_to_snap: None,
+        verify: None,
     };
     let result = ingest(ctx.repo.clone(), ctx.index.clone(), reader, |_, _| Ok(()), params).await;
     if let Some(pb) = pb {

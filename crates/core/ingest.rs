@@ -35,7 +35,12 @@ pub struct IngestParams {
     /// Checked after the header is read, before anything is uploaded (e.g. the rbd source
     /// insists the stream's to-snapshot is the one it created).
     pub expect_to_snap: Option<String>,
+    /// Runs on a blocking thread with the finished manifest just before the commit; an error
+    /// aborts the backup (the rbd source re-reads blocks the diff called unchanged).
+    pub verify: Option<Verifier>,
 }
+
+pub type Verifier = Box<dyn FnOnce(&Manifest) -> Result<()> + Send>;
 
 /// What the parser thread hands to the workers.
 enum Work {
@@ -396,6 +401,12 @@ where
             stats,
         },
         blocks,
+    };
+    let manifest = match params.verify {
+        Some(verify) => tokio::task::spawn_blocking(move || verify(&manifest).map(|_| manifest))
+            .await
+            .context("verifier panicked")??,
+        None => manifest,
     };
     let r = repo
         .put_manifest(&manifest)

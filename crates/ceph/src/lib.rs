@@ -20,7 +20,7 @@ mod rados;
 pub use cli::{ExportDiff, ImageInfo, ImageParent, ImportDiff, RbdCli, SnapInfo, DEFAULT_COMMAND_TIMEOUT, DEFAULT_MOUNT_TIMEOUT};
 pub use config::CephConfig;
 pub use error::{Error, RbdContext};
-pub use rados::{Cluster, Health, HealthCheck, Lease, DEFAULT_CONNECT_TIMEOUT, LEASE_LOCK_NAME};
+pub use rados::{Cluster, Health, HealthCheck, Lease, SnapshotReader, DEFAULT_CONNECT_TIMEOUT, LEASE_LOCK_NAME};
 
 /// Result type of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -829,3 +829,73 @@ mod tests {
         assert_eq!(h.to_string(), "HEALTH_WARN; HEALTH_WARN OSDMAP_FLAGS: noout flag(s) set");
     }
 }
+
+// ---- librbd: read-only access to a snapshot -------------------------------------------------
+// The `ceph` crate has no RBD API; these few functions of librbd.h are all ferry needs to
+// re-read blocks of a snapshot independently of the diff machinery.
+
+type RbdImageRaw = *mut std::ffi::c_void;
+
+#[link(name = "rbd")]
+extern "C" {
+    fn rbd_open_read_only(
+        io: sys::rados_ioctx_t,
+        name: *const std::ffi::c_char,
+        image: *mut RbdImageRaw,
+        snap_name: *const std::ffi::c_char,
+    ) -> i32;
+    fn rbd_read(image: RbdImageRaw, ofs: u64, len: usize, buf: *mut std::ffi::c_char) -> isize;
+    fn rbd_close(image: RbdImageRaw) -> i32;
+}
+
+/// A snapshot of an RBD image opened read-only through librbd.
+pub struct SnapshotReader {
+    image: RbdImageRaw,
+    // Field order: the image is closed (in Drop) before the I/O context goes.
+    _io: IoCtx,
+    what: String,
+}
+
+// librbd image handles are safe to use from one thread at a time; `read` takes &mut self.
+unsafe impl Send for SnapshotReader {}
+
+impl SnapshotReader {
+    /// Reads `buf.len()` bytes at `offset` (short at the end of the image).
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<usize, Error> {
+        // SAFETY: open image handle, buffer valid for its length.
+        let n = unsafe { rbd_read(self.image, offset, buf.len(), buf.as_mut_ptr().cast()) };
+        if n < 0 {
+            return Err(rados_err(format!("rbd_read {} at {offset}", self.what), n as i32, ""));
+        }
+        Ok(n as usize)
+    }
+}
+
+impl Drop for SnapshotReader {
+    fn drop(&mut self) {
+        // SAFETY: opened by rbd_open_read_only, closed once.
+        unsafe {
+            rbd_close(self.image);
+        }
+    }
+}
+
+impl Cluster {
+    /// Opens `pool/image@snap` read-only through librbd.
+    pub fn open_snapshot(&self, pool: &str, image: &str, snap: &str) -> Result<SnapshotReader, Error> {
+        let io = self.ioctx(pool)?;
+        let name = cstring("image", image)?;
+        let snap_c = cstring("snapshot", snap)?;
+        let mut raw: RbdImageRaw = ptr::null_mut();
+        // SAFETY: live I/O context, valid C strings, out pointer.
+        let rc = unsafe { rbd_open_read_only(io.raw, name.as_ptr(), &mut raw, snap_c.as_ptr()) };
+        if rc < 0 || raw.is_null() {
+            return Err(rados_err(format!("rbd_open_read_only {pool}/{image}@{snap}"), rc.min(-1), ""));
+        }
+        Ok(SnapshotReader {
+            image: raw,
+            _io: io,
+            what: format!("{pool}/{image}@{snap}"),
+        })
+    }
+}
