@@ -251,3 +251,57 @@ fn dedup_across_volumes_and_zero_blocks_are_holes() {
     let holes = ls[0]["blocks_with_data"].as_u64().expect("n");
     assert!(holes < 8, "zero blocks must be holes: {ls}");
 }
+
+#[test]
+fn one_damaged_manifest_does_not_hide_the_other_volumes() {
+    let repo = Repo::file(&[]);
+    let mut a = Volume::generated(2 * MIB, 1 << 20, 31);
+    let ja = repo.backup_bytes("a", &a.diff("s1", Vec::new()).expect("diff"));
+    let mut b = Volume::generated(2 * MIB, 1 << 20, 32);
+    repo.backup_bytes("b", &b.diff("s1", Vec::new()).expect("diff"));
+    let key = repo.repo_dir().join(ja["object"].as_str().expect("object"));
+    let mut bytes = std::fs::read(&key).expect("read");
+    bytes[30] ^= 0x04;
+    std::fs::write(&key, bytes).expect("write");
+    // Disaster recovery without an index: volume b restores; ls lists b and exits 3 for a.
+    let out = repo.path("b.raw");
+    repo.ok(&["restore", "b", "--no-index", "--to", out.to_str().expect("utf8")]);
+    assert_eq!(hash_file(&out), b.hash());
+    let ls = repo.run(&["ls", "--no-index"]);
+    assert_eq!(ls.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&ls.stdout).contains("b "),
+        "{}",
+        String::from_utf8_lossy(&ls.stdout)
+    );
+    assert!(String::from_utf8_lossy(&ls.stderr).contains("unreadable"));
+}
+
+#[test]
+fn invalid_block_sizes_are_refused() {
+    let repo = Repo::file(&[]);
+    let mut v = Volume::generated(MIB, 1 << 20, 3);
+    let f = repo.path("s.diff");
+    std::fs::write(&f, v.diff("s1", Vec::new()).expect("diff")).expect("write");
+    for bs in ["0", "128M", "5000"] {
+        let err = repo.fails(
+            &["backup", "--volume", "v", "--diff", f.to_str().expect("utf8"), "--block-size", bs],
+            5,
+        );
+        assert!(err.contains("power of two"), "{err}");
+    }
+    assert!(repo.backups("v").is_empty());
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "init",
+            "--block-size",
+            "3M",
+            "--repo",
+            &format!("file://{}/r", dir.path().display()),
+        ])
+        .env("FERRY_PASSWORD", "x")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -82,6 +82,12 @@ pub async fn audit(a: AuditArgs, r: RepoArgs) -> Result<u8> {
         report.manifests_checked += 1;
         match m {
             Ok(m) => manifests.push((b, m)),
+            // An unreachable store is not a finding about the data: stop with exit 1.
+            Err(e)
+                if !(e.is_integrity() || matches!(e, ferry_repo::Error::NotFound { .. } | ferry_repo::Error::UnsupportedFormat { .. })) =>
+            {
+                return Err(anyhow::Error::new(e).context(format!("audit could not read manifest {}", b.key())))
+            }
             Err(e) => report.findings.push(Finding {
                 kind: "manifest",
                 volume: b.volume.clone(),

@@ -530,11 +530,29 @@ pub struct LsArgs {
 
 async fn ls(a: LsArgs, r: RepoArgs) -> Result<u8> {
     let ctx = r.open().await?;
-    ctx.index.sync(&ctx.repo).await.context("reading backups from the repository")?;
+    let sync = ctx.index.sync(&ctx.repo).await.context("reading backups from the repository")?;
     if let Some(v) = &a.volume {
         ferry_repo::validate_volume_name(v)?;
     }
+    let unreadable: Vec<_> = sync
+        .unreadable
+        .iter()
+        .filter(|(r, _)| a.volume.as_deref().is_none_or(|v| v == r.volume))
+        .collect();
     let backups = ctx.index.backups(a.volume.as_deref())?;
+    // Listed last so the good backups are still shown; exit 3 says something is damaged.
+    let damaged = || -> Result<u8> {
+        if unreadable.is_empty() {
+            return Ok(exit::OK);
+        }
+        for (r, e) in &unreadable {
+            eprintln!("ferry: backup {} of volume '{}' is unreadable: {e}", r.backup_id(), r.volume);
+        }
+        bail!(IntegrityFailure(format!(
+            "{} backup manifest(s) are damaged; run `ferry audit`",
+            unreadable.len()
+        )))
+    };
     if a.json {
         #[derive(Serialize)]
         struct Entry<'a> {
@@ -573,11 +591,14 @@ async fn ls(a: LsArgs, r: RepoArgs) -> Result<u8> {
             })
             .collect();
         print_json(&out)?;
-        return Ok(exit::OK);
+        return damaged();
     }
     if backups.is_empty() {
-        println!("no backups{}", a.volume.map(|v| format!(" of volume '{v}'")).unwrap_or_default());
-        return Ok(exit::OK);
+        println!(
+            "no backups{}",
+            a.volume.as_ref().map(|v| format!(" of volume '{v}'")).unwrap_or_default()
+        );
+        return damaged();
     }
     println!(
         "{:<24} {:<16} {:<20} {:<5} {:<30} {:>10} {:>10} {:>10}",
@@ -601,7 +622,7 @@ async fn ls(a: LsArgs, r: RepoArgs) -> Result<u8> {
             human_bytes(b.meta.stats.bytes_uploaded)
         );
     }
-    Ok(exit::OK)
+    damaged()
 }
 
 // ---------------------------------------------------------------- key

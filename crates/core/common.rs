@@ -141,7 +141,13 @@ impl Ctx {
     /// Syncs the index with the bucket and returns the summaries of one volume (oldest first).
     pub async fn chain(&self, volume: &str) -> Result<Vec<BackupSummary>> {
         ferry_repo::validate_volume_name(volume)?;
-        self.index.sync(&self.repo).await.context("reading backups from the repository")?;
+        let report = self.index.sync(&self.repo).await.context("reading backups from the repository")?;
+        for (r, e) in report.unreadable.iter().filter(|(r, _)| r.volume == volume) {
+            eprintln!(
+                "ferry: warning: backup {} of volume '{volume}' is unreadable and left out: {e}",
+                r.backup_id()
+            );
+        }
         Ok(self.index.backups(Some(volume))?)
     }
 

@@ -75,7 +75,9 @@ pub async fn doctor(a: DoctorArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
     // Ceph: the rbd tool, the cluster (keyring, monitors), health, the pool/image.
     if !a.no_ceph {
         let cfg = ceph.config();
-        let rbd_ok = std::process::Command::new("rbd").arg("--version").output();
+        let rbd_ok = std::process::Command::new(ceph.rbd_program.clone().unwrap_or_else(|| "rbd".into()))
+            .arg("--version")
+            .output();
         push(
             "rbd command",
             rbd_ok

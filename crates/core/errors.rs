@@ -53,7 +53,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         use ferry_repo::Error as E;
         return match e {
             E::WrongPassword { .. } | E::NoKeySlots => exit::AUTH,
-            E::RepositoryExists { .. } | E::LastKeySlot | E::InvalidVolumeName { .. } => exit::REFUSED,
+            E::RepositoryExists { .. } | E::LastKeySlot | E::InvalidVolumeName { .. } | E::InvalidArgument(_) => exit::REFUSED,
             e if e.is_integrity() => exit::INTEGRITY,
             _ => exit::FAILURE,
         };

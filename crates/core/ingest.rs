@@ -25,7 +25,7 @@ pub struct IngestParams {
     pub block_size: u64,
     /// The chain head (or `--parent`), with its manifest.
     pub parent: Option<(BackupRef, Manifest)>,
-    /// The parent was chosen explicitly (`--parent`): a full stream then still records it.
+    /// Where the data comes from (recorded in the manifest).
     pub source: Source,
     pub zstd_level: i32,
     pub jobs: usize,
@@ -41,6 +41,18 @@ pub struct IngestParams {
 }
 
 pub type Verifier = Box<dyn FnOnce(&Manifest) -> Result<()> + Send>;
+
+/// The parser's send failed because the workers stopped (their error says why).
+#[derive(Debug)]
+struct WorkersStopped;
+
+impl std::fmt::Display for WorkersStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("backup workers stopped")
+    }
+}
+
+impl std::error::Error for WorkersStopped {}
 
 /// What the parser thread hands to the workers.
 enum Work {
@@ -98,7 +110,7 @@ impl Assembler<'_> {
     }
 
     fn send(&self, w: Work) -> Result<()> {
-        self.tx.blocking_send(w).map_err(|_| anyhow!("backup workers stopped"))
+        self.tx.blocking_send(w).map_err(|_| anyhow::Error::new(WorkersStopped))
     }
 
     /// Starts (or continues) the pending block `index`.
@@ -264,6 +276,12 @@ where
     let (tx, mut rx) = mpsc::channel::<Work>(2);
     let parent = params.parent.map(Arc::new);
     let default_block_size = params.block_size;
+    if !default_block_size.is_power_of_two() || !(4096..=ferry_repo::MAX_BLOCK_SIZE).contains(&default_block_size) {
+        return Err(Refused(format!(
+            "block size {default_block_size} must be a power of two from 4 KiB to 64 MiB"
+        ))
+        .into());
+    }
     let volume = params.volume.clone();
     let expect_to_snap = params.expect_to_snap.clone();
     let progress = params.progress.clone();
@@ -338,8 +356,10 @@ where
         }
     }
     let parsed = parse.await.context("diff parser panicked")?;
-    // A parse error explains an upload stop, so report it first.
+    // A parse error explains an upload stop, so report it first — unless the parser only
+    // stopped because the workers did: then the workers' error is the cause.
     let (header, pstats, block_size) = match (parsed, first_error) {
+        (Err(e), Some(w)) if e.is::<WorkersStopped>() => return Err(w),
         (Err(e), _) => return Err(e),
         (Ok(_), Some(e)) => return Err(e),
         (Ok(v), None) => v,

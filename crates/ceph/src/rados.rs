@@ -794,42 +794,6 @@ impl Drop for Lease {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nul_lists_split() {
-        assert_eq!(split_nul_list(b"rbd\0.rgw.root\0\0"), ["rbd", ".rgw.root"]);
-        assert!(split_nul_list(b"").is_empty());
-        assert!(split_nul_list(b"\0").is_empty());
-    }
-
-    #[test]
-    fn random_cookies_differ() {
-        let a = random_hex();
-        assert_eq!(a.len(), 16);
-        assert_ne!(a, random_hex());
-    }
-
-    #[test]
-    fn health_parses() {
-        let h = Health::from_json(br#"{"status":"HEALTH_OK","checks":{},"mutes":[]}"#).expect("parse");
-        assert!(h.is_ok());
-        assert!(h.checks.is_empty());
-        let h = Health::from_json(
-            br#"{"status":"HEALTH_WARN","checks":{"OSDMAP_FLAGS":{"severity":"HEALTH_WARN","summary":{"message":"noout flag(s) set","count":5},"muted":false}},"mutes":[]}"#,
-        )
-        .expect("parse");
-        assert!(!h.is_ok());
-        assert_eq!(h.checks.len(), 1);
-        assert_eq!(h.checks[0].name, "OSDMAP_FLAGS");
-        assert_eq!(h.checks[0].message, "noout flag(s) set");
-        assert_eq!(h.checks[0].count, 5);
-        assert_eq!(h.to_string(), "HEALTH_WARN; HEALTH_WARN OSDMAP_FLAGS: noout flag(s) set");
-    }
-}
-
 // ---- librbd: read-only access to a snapshot -------------------------------------------------
 // The `ceph` crate has no RBD API; these few functions of librbd.h are all ferry needs to
 // re-read blocks of a snapshot independently of the diff machinery.
@@ -897,5 +861,41 @@ impl Cluster {
             _io: io,
             what: format!("{pool}/{image}@{snap}"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nul_lists_split() {
+        assert_eq!(split_nul_list(b"rbd\0.rgw.root\0\0"), ["rbd", ".rgw.root"]);
+        assert!(split_nul_list(b"").is_empty());
+        assert!(split_nul_list(b"\0").is_empty());
+    }
+
+    #[test]
+    fn random_cookies_differ() {
+        let a = random_hex();
+        assert_eq!(a.len(), 16);
+        assert_ne!(a, random_hex());
+    }
+
+    #[test]
+    fn health_parses() {
+        let h = Health::from_json(br#"{"status":"HEALTH_OK","checks":{},"mutes":[]}"#).expect("parse");
+        assert!(h.is_ok());
+        assert!(h.checks.is_empty());
+        let h = Health::from_json(
+            br#"{"status":"HEALTH_WARN","checks":{"OSDMAP_FLAGS":{"severity":"HEALTH_WARN","summary":{"message":"noout flag(s) set","count":5},"muted":false}},"mutes":[]}"#,
+        )
+        .expect("parse");
+        assert!(!h.is_ok());
+        assert_eq!(h.checks.len(), 1);
+        assert_eq!(h.checks[0].name, "OSDMAP_FLAGS");
+        assert_eq!(h.checks[0].message, "noout flag(s) set");
+        assert_eq!(h.checks[0].count, 5);
+        assert_eq!(h.to_string(), "HEALTH_WARN; HEALTH_WARN OSDMAP_FLAGS: noout flag(s) set");
     }
 }

@@ -60,6 +60,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}")]
+    InvalidArgument(String),
     #[error("key derivation failed: {reason}")]
     Kdf { reason: String },
 }

@@ -24,11 +24,14 @@ pub struct BackupSummary {
 }
 
 /// Result of a sync with the bucket.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
 pub struct SyncReport {
     pub manifests_read: usize,
     pub manifests_forgotten: usize,
     pub backups: usize,
+    /// Manifests that failed authentication or decoding: left out of the index (and so out
+    /// of listings and restores) and reported, so one damaged backup does not hide the rest.
+    pub unreadable: Vec<(BackupRef, String)>,
 }
 
 pub struct Index {
@@ -162,8 +165,14 @@ impl Index {
         }))
         .buffer_unordered(8);
         while let Some((r, m)) = reads.next().await {
-            self.insert_backup(&r, &m?)?;
-            report.manifests_read += 1;
+            match m {
+                Ok(m) => {
+                    self.insert_backup(&r, &m)?;
+                    report.manifests_read += 1;
+                }
+                Err(e) if e.is_integrity() || matches!(e, Error::UnsupportedFormat { .. }) => report.unreadable.push((r, e.to_string())),
+                Err(e) => return Err(e),
+            }
         }
         report.backups = self.backups.len();
         self.flush()?;

@@ -75,7 +75,7 @@ impl KdfParams {
         }
     }
 
-    /// Cheap parameters for tests (FERRY_INSECURE_FAST_KDF=1); never the default.
+    /// Cheap parameters for unit tests; never used by the binary.
     pub fn argon2id_fast() -> Self {
         KdfParams {
             m_cost_kib: 64,

@@ -158,10 +158,10 @@ impl Repository {
     /// (written last and create-only, so two racing inits cannot both succeed).
     pub async fn init(store: Store, passphrase: &[u8], opts: InitOptions) -> Result<Repository> {
         if !opts.block_size.is_power_of_two() || opts.block_size < 4096 || opts.block_size > MAX_BLOCK_SIZE {
-            return Err(Error::BadObject {
-                path: "config".into(),
-                reason: format!("block size {} must be a power of two between 4 KiB and 64 MiB", opts.block_size),
-            });
+            return Err(Error::InvalidArgument(format!(
+                "block size {} must be a power of two between 4 KiB and 64 MiB",
+                opts.block_size
+            )));
         }
         match Self::read_config(&store).await {
             Ok(_) => return Err(Error::RepositoryExists { url: store.url.clone() }),
