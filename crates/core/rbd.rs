@@ -153,13 +153,14 @@ pub async fn backup_rbd(
         .await??
     };
     let cluster = Arc::new(cluster);
-    let mut result = backup_locked(ctx, &rbd, &cluster, spec, &volume, &opts, opts.full).await;
+    let lease = lease.map(Arc::new);
+    let mut result = backup_locked(ctx, &rbd, &cluster, lease.clone(), spec, &volume, &opts, opts.full).await;
     if let Err(e) = &result {
         if let Some(v) = e.downcast_ref::<DiffVerificationFailed>() {
             // librbd's diff missed changes: the incremental was not committed; take a full one.
             tracing::warn!("{v}; taking a full backup instead");
             let why = v.to_string();
-            result = backup_locked(ctx, &rbd, &cluster, spec, &volume, &opts, true)
+            result = backup_locked(ctx, &rbd, &cluster, lease.clone(), spec, &volume, &opts, true)
                 .await
                 .map(|(r, m, mut notes)| {
                     notes.full_reason = Some(format!("{why}; the incremental was discarded"));
@@ -167,7 +168,7 @@ pub async fn backup_rbd(
                 });
         }
     }
-    if let Some(l) = lease {
+    if let Some(l) = lease.and_then(|l| Arc::try_unwrap(l).ok()) {
         let healthy = l.is_healthy();
         let _ = tokio::task::spawn_blocking(move || l.release()).await;
         if !healthy && result.is_ok() {
@@ -245,6 +246,7 @@ async fn backup_locked(
     ctx: &Ctx,
     rbd: &RbdCli,
     cluster: &Arc<Cluster>,
+    lease: Option<Arc<ferry_ceph::Lease>>,
     spec: &RbdSpec,
     volume: &str,
     opts: &RbdBackupOptions,
@@ -320,12 +322,30 @@ async fn backup_locked(
         labels: opts.labels.clone(),
         progress,
         expect_to_snap: Some(snap.clone()),
-        verify: match (&parent_manifest, opts.verify_blocks) {
-            (Some(pm), n) if n > 0 => {
-                let (cluster, spec, snap, pm, key) = (cluster.clone(), spec.clone(), snap.clone(), pm.clone(), ctx.repo.key().clone());
-                Some(Box::new(move |m: &Manifest| verify_unchanged(&cluster, &spec, &snap, &pm, m, n, &key)) as crate::ingest::Verifier)
-            }
-            _ => None,
+        verify: {
+            let sample = parent_manifest.clone().filter(|_| opts.verify_blocks > 0);
+            let (cluster, spec, snap, key, n) = (
+                cluster.clone(),
+                spec.clone(),
+                snap.clone(),
+                ctx.repo.key().clone(),
+                opts.verify_blocks,
+            );
+            Some(Box::new(move |m: &Manifest| {
+                // Commit only while we still hold the image exclusively.
+                if let Some(l) = &lease {
+                    if !l.is_healthy() {
+                        bail!(
+                            "the backup lease of {spec} was lost ({}); not committing",
+                            l.failure().unwrap_or_else(|| "renewal overdue".into())
+                        );
+                    }
+                }
+                match &sample {
+                    Some(pm) => verify_unchanged(&cluster, &spec, &snap, pm, m, n, &key),
+                    None => Ok(()),
+                }
+            }) as crate::ingest::Verifier)
         },
     };
     let finish = |mut export: ferry_ceph::ExportDiff, complete: bool| -> Result<()> {
