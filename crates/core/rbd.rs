@@ -242,6 +242,7 @@ fn verify_unchanged(
     .into())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn backup_locked(
     ctx: &Ctx,
     rbd: &RbdCli,
