@@ -133,7 +133,7 @@ pub struct BackupArgs {
 }
 
 pub fn default_jobs() -> usize {
-    std::thread::available_parallelism().map(|n| n.get() * 4).unwrap_or(8).clamp(4, 16)
+    std::thread::available_parallelism().map(|n| n.get() * 3).unwrap_or(6).clamp(4, 16)
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
