@@ -1,0 +1,469 @@
+#!/usr/bin/env bash
+# compare.sh — ferry against its peers (restic, borg, Benji), against the rbd pipes, and against
+# this machine's ceiling for the backup pipeline. See benches/README.md.
+#
+#   benches/compare.sh [--size SIZE] [--work DIR] [--seed N] [--rounds N] [--with-ceph]
+#                      [--skip-peers] [--no-ceiling] [--keep] [--out FILE]
+#
+#   --size SIZE    test image size (default 2G; K/M/G suffixes)
+#   --work DIR     work directory (default /tmp/ferry-bench); needs about 8 x SIZE free
+#   --seed N       content seed of the test image (default 42)
+#   --rounds N     repeat the whole comparison N times, tools interleaved (default 1); the report
+#                  takes each measurement's best wall time and CPU, and its worst peak RSS
+#   --with-ceph    also measure the rbd pipes (export-diff, import) and ferry's rbd: source and
+#                  target on the dev cluster (scripts/ceph-dev up; started if not running)
+#   --skip-peers   measure ferry only (no restic, borg, Benji)
+#   --no-ceiling   do not run the criterion kernels for the machine's ceiling
+#   --keep         keep the repositories and restored images (default: repositories are
+#                  kept until the next run, restored images are deleted after verification)
+#   --out FILE     also write the Markdown report to FILE (default DIR/report.md)
+#
+# Environment: CARGO_TARGET_DIR (default /tmp/target-bench), CARGO_JOBS (default 2),
+# FERRY_CEPH_DIR (dev cluster directory, default /tmp/ferry-ceph), BENCH_POOL (default rbd),
+# QUIET_BUSY / QUIET_WAIT (before each run, wait up to QUIET_WAIT s, default 180, until other
+# processes use at most QUIET_BUSY %, default 15, of the CPUs).
+set -Eeuo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+
+SIZE=2G
+WORK=/tmp/ferry-bench
+SEED=42
+ROUNDS=1
+WITH_CEPH=0
+SKIP_PEERS=0
+CEILING=1
+KEEP=0
+OUT=""
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/tmp/target-bench}
+CARGO_JOBS=${CARGO_JOBS:-2}
+POOL=${BENCH_POOL:-rbd}
+
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+
+while [[ $# -gt 0 ]]; do
+    case $1 in
+    --size) SIZE=$2; shift ;;
+    --work) WORK=$2; shift ;;
+    --seed) SEED=$2; shift ;;
+    --rounds) ROUNDS=$2; shift ;;
+    --with-ceph) WITH_CEPH=1 ;;
+    --skip-peers) SKIP_PEERS=1 ;;
+    --no-ceiling) CEILING=0 ;;
+    --keep) KEEP=1 ;;
+    --out) OUT=$2; shift ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "compare.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
+    esac
+    shift
+done
+OUT=${OUT:-$WORK/report.md}
+
+log() { printf '[compare %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+size_bytes() { # 2G -> bytes
+    local s=$1 n m=1
+    case $s in
+    *[kK]) m=$((1 << 10)); n=${s%?} ;;
+    *[mM]) m=$((1 << 20)); n=${s%?} ;;
+    *[gG]) m=$((1 << 30)); n=${s%?} ;;
+    *[tT]) m=$((1 << 40)); n=${s%?} ;;
+    *) n=$s ;;
+    esac
+    echo $((n * m))
+}
+BYTES=$(size_bytes "$SIZE")
+
+DATA=$WORK/data
+REPOS=$WORK/repos
+REST=$WORK/restore
+LOGS=$WORK/logs
+RESULTS=$WORK/results.tsv
+mkdir -p "$DATA" "$REPOS" "$REST" "$LOGS"
+: >"$RESULTS"
+
+# ------------------------------------------------------------------ helpers
+
+record() { printf '%s\t%s\n' "$1" "$2" >>"$RESULTS"; }
+
+drop_caches() {
+    sync
+    if ! { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null; then
+        if [[ -z ${DROP_WARNED:-} ]]; then
+            log "cannot drop the page cache (not root or read-only /proc): runs see a warm cache"
+            DROP_WARNED=1
+        fi
+        record cache_dropped 0
+    fi
+}
+
+# cpu_busy: percent of all CPUs busy over one second (from /proc/stat).
+cpu_busy() {
+    local a b
+    a=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
+    sleep 1
+    b=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
+    awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " "); t = y[2] - x[2]; printf "%d", (t > 0 ? 100 * (y[1] - x[1]) / t : 0) }'
+}
+
+# wait_quiet: this machine is shared; wait (at most QUIET_WAIT seconds) until other processes
+# use at most QUIET_BUSY percent of the CPUs, so a run does not compete with someone's build.
+# Sets BUSY to the last reading.
+QUIET_WAIT=${QUIET_WAIT:-180}
+QUIET_BUSY=${QUIET_BUSY:-15}
+wait_quiet() {
+    local start=$SECONDS said=0
+    while :; do
+        BUSY=$(cpu_busy)
+        [[ $BUSY -le $QUIET_BUSY ]] && return 0
+        if [[ $((SECONDS - start)) -ge $QUIET_WAIT ]]; then
+            log "CPUs still ${BUSY}% busy after ${QUIET_WAIT} s of waiting: measuring anyway"
+            return 0
+        fi
+        [[ $said -eq 1 ]] || log "CPUs ${BUSY}% busy (other processes): waiting for quiet (up to ${QUIET_WAIT} s)"
+        said=1
+        sleep 4
+    done
+}
+
+# timed NAME CMD... : runs CMD after dropping caches; records NAME.s (wall seconds, from the
+# shell's clock), NAME.rss (peak RSS in KiB of the largest process, from GNU time) and NAME.cpu
+# (user + system CPU seconds of all its processes).
+# stdin/stdout redirections of the call apply to CMD. stderr goes to $LOGS/NAME.err.
+timed() {
+    local name=$1; shift
+    drop_caches
+    wait_quiet
+    record "$name.busy" "$BUSY"
+    local t0 t1 rc=0
+    t0=$EPOCHREALTIME
+    /usr/bin/time -f '%e %M %U %S' -o "$LOGS/$name.time" "$@" 2>"$LOGS/$name.err" || rc=$?
+    t1=$EPOCHREALTIME
+    if [[ $rc -ne 0 ]]; then
+        log "$name failed (exit $rc): $(tail -n 5 "$LOGS/$name.err" | tr '\n' ' ')"
+        record "$name.error" "exit $rc: $(grep -v '^{"event"' "$LOGS/$name.err" | tail -n 2 | tr '\n\t' '  ' | cut -c1-300)"
+        return "$rc"
+    fi
+    local secs rss cpu
+    secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
+    rss=$(awk 'END { print $2 }' "$LOGS/$name.time")
+    cpu=$(awk 'END { printf "%.2f", $3 + $4 }' "$LOGS/$name.time")
+    record "$name.s" "$secs"
+    record "$name.rss" "$rss"
+    record "$name.cpu" "$cpu"
+    log "$name: ${secs} s, ${cpu} CPU s, peak RSS $((rss / 1024)) MiB"
+}
+
+osd_cpu() { # CPU seconds used so far by the dev cluster's OSD (0 when not found)
+    local pid
+    pid=$(pgrep -o -x ceph-osd || true)
+    if [[ -n $pid && -r /proc/$pid/stat ]]; then
+        awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$pid/stat"
+    else
+        echo 0
+    fi
+}
+
+# timed_osd NAME CMD...: timed, plus NAME.osd_cpu (CPU seconds the OSD spent meanwhile).
+timed_osd() {
+    local name=$1 before after
+    before=$(osd_cpu)
+    timed "$@" || return $?
+    after=$(osd_cpu)
+    record "$name.osd_cpu" "$(awk -v a="$before" -v b="$after" 'BEGIN { printf "%.2f", b - a }')"
+}
+
+dir_bytes() { du -sb "$1" | awk '{ print $1 }'; }
+
+verify() { # verify NAME FILE: compares FILE with the mutated image, then deletes FILE
+    local name=$1 file=$2
+    if cmp -s "$file" "$DATA/image2.raw"; then
+        record "$name.verified" 1
+    else
+        log "$name: restored image DIFFERS from the source"
+        record "$name.verified" 0
+    fi
+    [[ $KEEP -eq 1 ]] || rm -f "$file"
+}
+
+apt_updated=0
+apt_install() {
+    if [[ $apt_updated -eq 0 ]]; then
+        log "apt-get update"
+        apt-get update -qq >"$LOGS/apt-update.log" 2>&1 || die "apt-get update failed (see $LOGS/apt-update.log)"
+        apt_updated=1
+    fi
+    log "apt-get install $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >"$LOGS/apt-install.log" 2>&1 ||
+        die "apt-get install $* failed (see $LOGS/apt-install.log)"
+}
+
+# ------------------------------------------------------------------ setup
+
+avail=$(df -B1 --output=avail "$WORK" | tail -n 1)
+need=$((BYTES * 8))
+[[ $avail -ge $need ]] || die "$WORK has $((avail >> 30)) GiB free, needs about $((need >> 30)) GiB"
+
+[[ -x /usr/bin/time ]] || apt_install time
+
+log "building ferry (release, target dir $CARGO_TARGET_DIR)"
+(cd "$ROOT" && cargo build --release --workspace -j "$CARGO_JOBS" --quiet) || die "cargo build failed"
+COMMIT="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo +dirty)"
+DIRTY="$(git -C "$ROOT" status --short 2>/dev/null | awk '{ print $2 }' | grep -v '^benches/' | tr '\n' ' ' || true)"
+FERRY=$CARGO_TARGET_DIR/release/ferry
+TESTDATA=$CARGO_TARGET_DIR/release/ferry-testdata
+
+stamp="$SIZE $SEED v2"
+if [[ $(cat "$DATA/stamp" 2>/dev/null) != "$stamp" ]]; then
+    log "generating the $SIZE test image (seed $SEED), its full diff, and the incremental variant"
+    rm -f "$DATA"/*
+    "$TESTDATA" image "$SIZE" "$SEED" "$DATA/image.raw"
+    "$TESTDATA" full-diff "$DATA/image.raw" s1 "$DATA/full.diff"
+    cp "$DATA/image.raw" "$DATA/image2.raw"
+    # Ten random 64 KiB writes in place, and the s1 -> s2 diff of them.
+    "$TESTDATA" mutate "$DATA/image2.raw" 7 10 s1 s2 "$DATA/incr.diff"
+    "$TESTDATA" diff-json "$DATA/incr.diff" >"$DATA/incr.hints.json"
+    echo "$stamp" >"$DATA/stamp"
+fi
+record size "$BYTES"
+record full_diff_bytes "$(stat -c %s "$DATA/full.diff")"
+record incr_diff_bytes "$(stat -c %s "$DATA/incr.diff")"
+record kinds "$("$TESTDATA" kinds "$SIZE" "$SEED")"
+record cores "$(nproc)"
+record cpu "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
+record commit "$COMMIT"
+record date "$(date -u +%Y-%m-%dT%H:%MZ)"
+record dirty "$DIRTY"
+
+# Fixed bench credentials (these repositories hold generated data only).
+export FERRY_PASSWORD=ferry-bench-password
+export RESTIC_PASSWORD=ferry-bench-password
+export BORG_PASSPHRASE=ferry-bench-password
+BENJI_PASSWORD=ferry-bench-password
+
+# ------------------------------------------------------------------ ferry
+
+run_ferry() {
+    log "ferry"
+    rm -rf "$REPOS/ferry" "$REPOS/ferry-index"
+    export FERRY_REPO="file://$REPOS/ferry" FERRY_INDEX_DIR="$REPOS/ferry-index"
+    "$FERRY" init >"$LOGS/ferry-init.log" 2>&1 || die "ferry init failed: $(cat "$LOGS/ferry-init.log")"
+    timed ferry.full "$FERRY" backup --volume bench --diff "$DATA/full.diff" --json >"$LOGS/ferry.full.json"
+    record ferry.full.repo "$(dir_bytes "$REPOS/ferry")"
+    timed ferry.incr "$FERRY" backup --volume bench --diff "$DATA/incr.diff" --json >"$LOGS/ferry.incr.json"
+    record ferry.repo "$(dir_bytes "$REPOS/ferry")"
+    timed ferry.restore "$FERRY" restore bench --to "$REST/ferry.raw" --force --json >"$LOGS/ferry.restore.json"
+    verify ferry.restore "$REST/ferry.raw"
+}
+
+# ------------------------------------------------------------------ peers
+
+ensure_peers() {
+    local pkgs=()
+    command -v restic >/dev/null || pkgs+=(restic)
+    command -v borg >/dev/null || pkgs+=(borgbackup)
+    [[ ${#pkgs[@]} -eq 0 ]] || apt_install "${pkgs[@]}"
+    ensure_benji
+}
+
+BENJI_VENV=$WORK/benji-venv
+BENJI=$BENJI_VENV/bin/benji
+ensure_benji() {
+    if [[ -x $BENJI ]] && "$BENJI" --help >/dev/null 2>&1; then
+        return 0
+    fi
+    log "installing Benji 0.17 into $BENJI_VENV"
+    local py
+    for py in /usr/bin/python3 "$(command -v python3 || true)"; do
+        [[ -x $py ]] || continue
+        rm -rf "$BENJI_VENV"
+        if "$py" -m venv "$BENJI_VENV" >"$LOGS/benji-venv.log" 2>&1; then break; fi
+    done
+    [[ -x $BENJI_VENV/bin/pip ]] || { log "no python3 with a working venv: Benji skipped"; return 1; }
+    local pip=("$BENJI_VENV/bin/pip" install -q --disable-pip-version-check)
+    # Benji pins ruamel.yaml<0.16, which no longer builds on Python 3.11: install Benji without
+    # its dependencies, then the dependencies from its metadata with a newer ruamel.yaml, and
+    # zstandard for its zstd transform.
+    if ! { "${pip[@]}" --no-deps 'benji==0.17.0' &&
+        "${pip[@]}" 'PrettyTable>=0.7.2,<1' 'sqlalchemy>=1.4.14,<2' 'setproctitle>=1.1.8,<2' \
+            'python-dateutil>=2.6.0,<3' 'alembic>=1.0.5,<2' 'ruamel.yaml<0.18' 'psycopg2-binary>=2.7.4,<3' \
+            'argcomplete>=1.9.4,<2' 'sparsebitfield>=0.2.3,<1' 'cerberus>=1.2,<2' 'pycryptodome>=3.6.1,<4' \
+            'pyparsing>=2.3.0,<3' 'semantic-version>=2.8.1,<3' 'dateparser>=1.1.1,<2' 'structlog>=19.1.0' \
+            'colorama>=0.4.1,<1' 'diskcache>=3.0.6' 'attrs>=21.4.0,<22' 'zstandard>=0.9.0'; } >"$LOGS/benji-pip.log" 2>&1; then
+        log "Benji install failed: $(tail -n 3 "$LOGS/benji-pip.log" | tr '\n' ' ')"
+        return 1
+    fi
+    "$BENJI" --help >/dev/null 2>"$LOGS/benji-help.err" || { log "benji does not start: $(tail -n 3 "$LOGS/benji-help.err")"; return 1; }
+}
+
+run_restic() {
+    log "restic $(restic version | awk '{ print $2 }')"
+    export RESTIC_REPOSITORY=$REPOS/restic RESTIC_CACHE_DIR=$REPOS/restic-cache
+    rm -rf "$RESTIC_REPOSITORY" "$RESTIC_CACHE_DIR"
+    restic init --repository-version 2 >"$LOGS/restic-init.log" 2>&1 || die "restic init failed: $(cat "$LOGS/restic-init.log")"
+    timed restic.full restic backup --stdin --stdin-filename bench.raw --host bench --json <"$DATA/image.raw" >"$LOGS/restic.full.json"
+    local parent
+    parent=$(python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("message_type") == "summary": print(m["snapshot_id"])' <"$LOGS/restic.full.json")
+    record restic.full.repo "$(dir_bytes "$RESTIC_REPOSITORY")"
+    timed restic.incr restic backup --stdin --stdin-filename bench.raw --host bench --parent "$parent" --json \
+        <"$DATA/image2.raw" >"$LOGS/restic.incr.json"
+    record restic.repo "$(dir_bytes "$RESTIC_REPOSITORY")"
+    timed restic.restore restic dump latest /bench.raw >"$REST/restic.raw"
+    verify restic.restore "$REST/restic.raw"
+}
+
+run_borg() {
+    log "$(borg --version)"
+    export BORG_REPO=$REPOS/borg BORG_BASE_DIR=$REPOS/borg-base
+    rm -rf "$BORG_REPO" "$BORG_BASE_DIR"
+    borg init --encryption repokey-blake2 >"$LOGS/borg-init.log" 2>&1 || die "borg init failed: $(cat "$LOGS/borg-init.log")"
+    local opts=(--chunker-params 'fixed,4194304' --compression 'zstd,3' --stdin-name bench.raw)
+    timed borg.full borg create "${opts[@]}" ::full - <"$DATA/image.raw"
+    record borg.full.repo "$(dir_bytes "$BORG_REPO")"
+    timed borg.incr borg create "${opts[@]}" ::incr - <"$DATA/image2.raw"
+    record borg.repo "$(dir_bytes "$BORG_REPO")"
+    timed borg.restore borg extract --stdout ::incr >"$REST/borg.raw"
+    verify borg.restore "$REST/borg.raw"
+}
+
+run_benji() {
+    log "Benji $("$BENJI_VENV/bin/pip" show benji 2>/dev/null | awk '/^Version/ { print $2 }')"
+    local dir=$REPOS/benji
+    rm -rf "$dir"
+    mkdir -p "$dir/storage"
+    # Schema: benji/schemas/v1/benji.config.yaml, benji.storage.file.yaml,
+    # benji.transform.{zstd,aes_256_gcm}.yaml, benji.io.file.yaml in the installed package.
+    cat >"$dir/benji.yaml" <<EOF
+configurationVersion: '1'
+databaseEngine: sqlite:///$dir/benji.sqlite
+defaultStorage: storage-1
+logFile: $dir/benji.log
+blockSize: 4194304
+storages:
+  - name: storage-1
+    storageId: 1
+    module: file
+    configuration:
+      path: $dir/storage
+      activeTransforms: [zstd, encryption]
+transforms:
+  - name: zstd
+    module: zstd
+    configuration:
+      level: 3
+  - name: encryption
+    module: aes_256_gcm
+    configuration:
+      kdfSalt: 'ZmVycnktYmVuY2gtc2FsdA=='
+      kdfIterations: 20000
+      password: '$BENJI_PASSWORD'
+ios:
+  - name: file
+    module: file
+EOF
+    local b=("$BENJI" -c "$dir/benji.yaml" --log-level WARNING)
+    "${b[@]}" database-init >"$LOGS/benji-init.log" 2>&1 || { record benji.error "database-init: $(tail -n 2 "$LOGS/benji-init.log")"; return 1; }
+    timed benji.full "${b[@]}" -m backup -u bench-1 -s s1 "file:$DATA/image.raw" bench >"$LOGS/benji.full.json" || return 1
+    record benji.full.repo "$(dir_bytes "$dir/storage")"
+    timed benji.incr "${b[@]}" -m backup -u bench-2 -s s2 -r "$DATA/incr.hints.json" -f bench-1 \
+        "file:$DATA/image2.raw" bench >"$LOGS/benji.incr.json" || return 1
+    # The repository proper is the storage; the sqlite database is Benji's metadata cache (it
+    # also keeps a metadata backup per version in the storage).
+    record benji.repo "$(dir_bytes "$dir/storage")"
+    record benji.db "$(stat -c %s "$dir/benji.sqlite")"
+    timed benji.restore "${b[@]}" restore --sparse bench-2 "file:$REST/benji.raw" || return 1
+    verify benji.restore "$REST/benji.raw"
+}
+
+# ------------------------------------------------------------------ ceph
+
+run_ceph() {
+    local ceph_dev=$ROOT/scripts/ceph-dev
+    if ! "$ceph_dev" status >/dev/null 2>&1; then
+        log "starting the dev cluster (scripts/ceph-dev up)"
+        "$ceph_dev" up >"$LOGS/ceph-up.log" 2>&1 || { record ceph.error "ceph-dev up failed: $(tail -n 2 "$LOGS/ceph-up.log")"; return 1; }
+    fi
+    eval "$("$ceph_dev" env)"
+    local src=ferry-bench-src dst=ferry-bench-import dst2=ferry-bench-restore
+    cleanup_ceph() {
+        local i
+        for i in "$src" "$dst" "$dst2"; do
+            rbd snap purge "$POOL/$i" >/dev/null 2>&1 || true
+            rbd rm --no-progress "$POOL/$i" >/dev/null 2>&1 || true
+        done
+    }
+    cleanup_ceph
+    log "rbd: importing the image as $POOL/$src"
+    rbd import --no-progress "$DATA/image.raw" "$POOL/$src" >"$LOGS/rbd-import-src.log" 2>&1 || { record ceph.error "rbd import failed: $(tail -n 2 "$LOGS/rbd-import-src.log")"; return 1; }
+    rbd snap create --no-progress "$POOL/$src@s1" >/dev/null
+    timed_osd rbd.export_diff bash -c "rbd export-diff --no-progress --whole-object '$POOL/$src@s1' - >/dev/null" || true
+    timed_osd rbd.import rbd import --no-progress "$DATA/image.raw" "$POOL/$dst" || true
+    rbd rm --no-progress "$POOL/$dst" >/dev/null 2>&1 || true
+    if "$FERRY" backup --help 2>/dev/null | grep -q 'rbd:'; then
+        export FERRY_REPO="file://$REPOS/ferry-rbd" FERRY_INDEX_DIR="$REPOS/ferry-rbd-index"
+        rm -rf "$REPOS/ferry-rbd" "$REPOS/ferry-rbd-index"
+        "$FERRY" init >"$LOGS/ferry-rbd-init.log" 2>&1 || die "ferry init failed"
+        timed_osd ferry.rbd_backup "$FERRY" backup "rbd:$POOL/$src" --volume rbdbench --json >"$LOGS/ferry.rbd_backup.json" || true
+        timed_osd ferry.rbd_restore "$FERRY" restore rbdbench --to "rbd:$POOL/$dst2" --json >"$LOGS/ferry.rbd_restore.json" || true
+        if rbd export --no-progress "$POOL/$dst2" "$REST/ferry-rbd.raw" >/dev/null 2>&1 && cmp -s "$REST/ferry-rbd.raw" "$DATA/image.raw"; then
+            record ferry.rbd_restore.verified 1
+        else
+            record ferry.rbd_restore.verified 0
+        fi
+        rm -f "$REST/ferry-rbd.raw"
+    else
+        log "this ferry has no rbd: source yet (ferry backup --help does not mention it): skipping its RBD runs"
+        record ferry.rbd.skipped "ferry backup --help does not mention rbd:"
+    fi
+    cleanup_ceph
+}
+
+# ------------------------------------------------------------------ ceiling
+
+run_ceiling() {
+    log "criterion kernels for the ceiling (cargo bench --bench pipeline -- 'chunk_encode|chunk_decode|zero_check')"
+    (cd "$ROOT" && cargo bench -j "$CARGO_JOBS" --quiet --bench pipeline --no-run) >"$LOGS/criterion-build.log" 2>&1 || true
+    wait_quiet
+    record kernel.busy "$BUSY"
+    (cd "$ROOT" && cargo bench -j "$CARGO_JOBS" --quiet --bench pipeline -- 'chunk_encode|chunk_decode|zero_check') \
+        >"$LOGS/criterion.log" 2>&1 || { log "cargo bench failed (see $LOGS/criterion.log)"; return 1; }
+    local g k f
+    for g in chunk_encode chunk_decode; do
+        for k in binary text random; do
+            f=$CARGO_TARGET_DIR/criterion/$g/$k/new/estimates.json
+            record "kernel.$g.$k" "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mean"]["point_estimate"])' "$f")"
+        done
+    done
+    f=$CARGO_TARGET_DIR/criterion/zero_check/zero_4MiB/new/estimates.json
+    record kernel.zero "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mean"]["point_estimate"])' "$f")"
+}
+
+# ------------------------------------------------------------------ run
+
+if [[ $SKIP_PEERS -eq 0 ]]; then
+    ensure_peers || record benji.error "install failed: $(tail -n 2 "$LOGS/benji-pip.log" 2>/dev/null | tr '\n' ' ')"
+fi
+record rounds "$ROUNDS"
+# What reading the inputs from this disk costs after the cache drop (the VM's block device costs
+# CPU time in the guest): part of every tool's run, and of the machine's limit.
+timed read.full_diff dd if="$DATA/full.diff" of=/dev/null bs=4M
+timed read.image dd if="$DATA/image.raw" of=/dev/null bs=4M
+for ((round = 1; round <= ROUNDS; round++)); do
+    [[ $ROUNDS -eq 1 ]] || log "round $round of $ROUNDS"
+    run_ferry
+    if [[ $SKIP_PEERS -eq 0 ]]; then
+        run_restic || true
+        run_borg || true
+        if [[ -x $BENJI ]]; then run_benji || true; fi
+    fi
+    if [[ $WITH_CEPH -eq 1 ]]; then run_ceph || true; fi
+done
+if [[ $CEILING -eq 1 ]]; then run_ceiling || true; fi
+
+python3 "$HERE/report.py" "$RESULTS" | tee "$OUT"
+log "report written to $OUT (raw numbers: $RESULTS, logs: $LOGS)"
