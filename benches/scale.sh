@@ -65,34 +65,9 @@ ROWS=$WORK/rows.md
 
 drop_caches() { sync; { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null || true; }
 
-# cpu_busy: percent of all CPUs busy over one second (from /proc/stat).
-cpu_busy() {
-    local a b
-    a=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
-    sleep 1
-    b=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
-    awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " "); t = y[2] - x[2]; printf "%d", (t > 0 ? 100 * (y[1] - x[1]) / t : 0) }'
-}
-
-# wait_quiet: this machine is shared; wait (at most QUIET_WAIT seconds) until other processes
-# use at most QUIET_BUSY percent of the CPUs, so a run does not compete with someone's build.
-# Sets BUSY to the last reading.
-QUIET_WAIT=${QUIET_WAIT:-180}
-QUIET_BUSY=${QUIET_BUSY:-15}
-wait_quiet() {
-    local start=$SECONDS said=0
-    while :; do
-        BUSY=$(cpu_busy)
-        [[ $BUSY -le $QUIET_BUSY ]] && return 0
-        if [[ $((SECONDS - start)) -ge $QUIET_WAIT ]]; then
-            log "CPUs still ${BUSY}% busy after ${QUIET_WAIT} s of waiting: measuring anyway"
-            return 0
-        fi
-        [[ $said -eq 1 ]] || log "CPUs ${BUSY}% busy (other processes): waiting for quiet (up to ${QUIET_WAIT} s)"
-        said=1
-        sleep 4
-    done
-}
+# cpu_busy and wait_quiet (the machine is shared: measure when it is quiet).
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # timed NAME CMD...: sets SECS, CPU, RSS_MIB (of the largest process).
 timed() {
