@@ -7,7 +7,7 @@
 //! ferry-testdata mutate IMAGE SEED WRITES FROM TO OUT  random 64 KiB writes into IMAGE (in place), incremental diff to OUT
 //! ferry-testdata sparse-diff SIZE SEED DATA_BLOCKS SNAP OUT
 //!                                                    full export-diff of a sparse volume: DATA_BLOCKS
-//!                                                    scattered 4 MiB data blocks, the rest never written
+//!                                                    scattered 4 MiB data blocks (content by ordinal), the rest never written
 //! ferry-testdata sparse-incr SIZE SEED CHANGED FROM TO OUT
 //!                                                    incremental diff of such a volume: CHANGED scattered
 //!                                                    4 MiB blocks, 7 of 8 rewritten (`w`), 1 of 8 discarded (`z`)
@@ -113,10 +113,12 @@ fn run(args: &[String]) -> Result<(), String> {
                 protected: None,
             };
             let mut w = DiffWriter::new(output(&args[5])?, &header).map_err(|x| x.to_string())?;
-            for i in scattered_blocks(size.div_ceil(SPARSE_BLOCK), count, seed) {
+            // Content follows the block's ordinal, not its position: volumes of different sizes
+            // with the same SEED and DATA_BLOCKS hold the same data.
+            for (n, i) in scattered_blocks(size.div_ceil(SPARSE_BLOCK), count, seed).into_iter().enumerate() {
                 let off = i * SPARSE_BLOCK;
                 let len = (size - off).min(SPARSE_BLOCK) as usize;
-                let data = data_block_content(seed, i, SPARSE_BLOCK as usize);
+                let data = data_block_content(seed, n as u64, SPARSE_BLOCK as usize);
                 w.write_data(off, &data[..len]).map_err(|x| x.to_string())?;
             }
             w.finish().map_err(|x| x.to_string())?.flush().map_err(e)
@@ -140,7 +142,7 @@ fn run(args: &[String]) -> Result<(), String> {
                 if n % 8 == 7 {
                     w.write_zero(off, len).map_err(|x| x.to_string())?;
                 } else {
-                    let data = data_block_content(seed2, i, SPARSE_BLOCK as usize);
+                    let data = data_block_content(seed2, n as u64, SPARSE_BLOCK as usize);
                     w.write_data(off, &data[..len as usize]).map_err(|x| x.to_string())?;
                 }
             }
