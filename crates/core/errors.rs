@@ -2,12 +2,15 @@
 
 use std::process::ExitCode;
 
+use ferry_engine::ErrorKind;
+
 /// Exit codes (documented in README and `--help`).
 pub mod exit {
     pub const OK: u8 = 0;
-    /// Operational failure: I/O, network, store unreachable, bad input stream.
+    /// Operational failure: I/O, network, store unreachable, bad input stream, Ceph.
     pub const FAILURE: u8 = 1;
-    // 2 is clap's usage error.
+    /// Usage (clap's, and contradicting options).
+    pub const USAGE: u8 = 2;
     /// Data integrity: tampered, corrupt or missing objects; audit findings.
     pub const INTEGRITY: u8 = 3;
     /// Authentication: wrong or missing passphrase.
@@ -16,49 +19,35 @@ pub mod exit {
     pub const REFUSED: u8 = 5;
 }
 
-/// A request ferry refuses on purpose (nothing was changed).
-#[derive(Debug)]
-pub struct Refused(pub String);
-
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+pub fn code_of(kind: ErrorKind) -> u8 {
+    match kind {
+        ErrorKind::Refused => exit::REFUSED,
+        ErrorKind::Integrity => exit::INTEGRITY,
+        ErrorKind::Auth => exit::AUTH,
+        ErrorKind::Usage => exit::USAGE,
+        ErrorKind::Transient | ErrorKind::Source | ErrorKind::Input | ErrorKind::Failed => exit::FAILURE,
     }
 }
 
-impl std::error::Error for Refused {}
-
-/// Findings of an integrity check (audit, restore): the message was already printed.
-#[derive(Debug)]
-pub struct IntegrityFailure(pub String);
-
-impl std::fmt::Display for IntegrityFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+/// The kind of the most specific typed cause in an error chain.
+pub fn kind_of(err: &anyhow::Error) -> ErrorKind {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<ferry_engine::Error>() {
+            return e.kind();
+        }
+        if let Some(e) = cause.downcast_ref::<ferry_repo::Error>() {
+            return ferry_engine::error::repo_error_kind(e);
+        }
+        if cause.downcast_ref::<ferry_ceph::Error>().is_some() {
+            return ErrorKind::Source;
+        }
     }
+    ErrorKind::Failed
 }
 
-impl std::error::Error for IntegrityFailure {}
-
-/// Maps an error chain to an exit code by the most specific cause found.
+/// Maps an error chain to an exit code by its kind.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
-    // anyhow's downcast sees through every layer of context.
-    if err.downcast_ref::<Refused>().is_some() {
-        return exit::REFUSED;
-    }
-    if err.downcast_ref::<IntegrityFailure>().is_some() || err.downcast_ref::<crate::restore::RestoreFailed>().is_some() {
-        return exit::INTEGRITY;
-    }
-    if let Some(e) = err.downcast_ref::<ferry_repo::Error>() {
-        use ferry_repo::Error as E;
-        return match e {
-            E::WrongPassword { .. } | E::NoKeySlots => exit::AUTH,
-            E::RepositoryExists { .. } | E::LastKeySlot | E::InvalidVolumeName { .. } | E::InvalidArgument(_) => exit::REFUSED,
-            e if e.is_integrity() => exit::INTEGRITY,
-            _ => exit::FAILURE,
-        };
-    }
-    exit::FAILURE
+    code_of(kind_of(err))
 }
 
 pub fn report(err: &anyhow::Error) -> ExitCode {

@@ -1,22 +1,26 @@
 //! ferry — carries Ceph RBD volumes to object storage in another datacenter and brings them
-//! back. This is the binary's edge: argument parsing, output, exit codes. The pipelines live
-//! in the modules below; the repository and the diff codec are crates of their own.
+//! back. This is the binary's edge: argument parsing, configuration, output and exit codes,
+//! one file per command (`cmd_*.rs`). The pipelines live in `ferry-engine`, the repository
+//! in `ferry-repo`, the diff codec in `rbd-diff`, the Ceph driver in `ferry-ceph`.
 
-mod audit;
-mod commands;
-mod common;
+mod args;
+mod cmd_audit;
+mod cmd_backup;
+mod cmd_doctor;
+mod cmd_index;
+mod cmd_init;
+mod cmd_key;
+mod cmd_ls;
+mod cmd_restore;
 mod config;
-mod doctor;
 mod errors;
-mod ingest;
-mod rbd;
-mod restore;
+mod output;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
-use crate::common::RepoArgs;
+use crate::args::{CephArgs, RepoArgs};
 
 const AFTER_HELP: &str = "\
 Environment:
@@ -41,7 +45,7 @@ struct Cli {
     #[command(flatten)]
     repo: RepoArgs,
     #[command(flatten)]
-    ceph: rbd::CephArgs,
+    ceph: CephArgs,
     /// TOML file with defaults for repository, S3 and Ceph settings (see config/ferry.toml).
     #[arg(long, env = "FERRY_CONFIG", global = true)]
     config: Option<std::path::PathBuf>,
@@ -49,7 +53,43 @@ struct Cli {
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
     #[command(subcommand)]
-    command: commands::Command,
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new repository (config and a first key slot).
+    Init(cmd_init::InitArgs),
+    /// Back up an RBD image (rbd:POOL/IMAGE) or an export-diff stream (--diff FILE|-).
+    Backup(cmd_backup::BackupArgs),
+    /// Rebuild a backup as a full volume: raw file, block device, stdout, RBD image, or an
+    /// import-diff stream.
+    Restore(cmd_restore::RestoreArgs),
+    /// Check the source cluster and the repository, and say precisely what is wrong.
+    Doctor(cmd_doctor::DoctorArgs),
+    /// List volumes and their backup chains.
+    Ls(cmd_ls::LsArgs),
+    /// Prove chains complete, manifests authentic, chunks present (and optionally intact).
+    Audit(cmd_audit::AuditArgs),
+    /// Manage the passphrases (key slots) that open the repository.
+    #[command(subcommand)]
+    Key(cmd_key::KeyCommand),
+    /// The local index cache.
+    #[command(subcommand)]
+    Index(cmd_index::IndexCommand),
+}
+
+async fn run(cmd: Command, repo: RepoArgs, ceph: CephArgs) -> anyhow::Result<u8> {
+    match cmd {
+        Command::Init(a) => cmd_init::run(a, repo).await,
+        Command::Backup(a) => cmd_backup::run(a, repo, &ceph).await,
+        Command::Restore(a) => cmd_restore::run(a, repo, &ceph).await,
+        Command::Doctor(a) => cmd_doctor::run(a, repo, &ceph).await,
+        Command::Ls(a) => cmd_ls::run(a, repo).await,
+        Command::Audit(a) => cmd_audit::run(a, repo).await,
+        Command::Key(a) => cmd_key::run(a, repo).await,
+        Command::Index(a) => cmd_index::run(a, repo).await,
+    }
 }
 
 /// Large block buffers come and go on many threads. glibc's default of one arena per thread
@@ -94,7 +134,7 @@ fn main() -> ExitCode {
             Err(e) => return errors::report(&e),
         }
     }
-    match rt.block_on(commands::run(cli.command, cli.repo, cli.ceph)) {
+    match rt.block_on(run(cli.command, cli.repo, cli.ceph)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => errors::report(&e),
     }

@@ -62,6 +62,14 @@ pub enum Error {
     },
     #[error("{0}")]
     InvalidArgument(String),
+    #[error("block size {bytes} is not a power of two from 4 KiB to 64 MiB")]
+    InvalidBlockSize { bytes: u64 },
+    #[error("volume '{volume}' has no backups")]
+    NoBackups { volume: String },
+    #[error("volume '{volume}' has no backup '{spec}'")]
+    NoSuchBackup { volume: String, spec: String },
+    #[error("'{spec}' is ambiguous in volume '{volume}': {detail}")]
+    AmbiguousBackup { volume: String, spec: String, detail: String },
     #[error("key derivation failed: {reason}")]
     Kdf { reason: String },
 }
@@ -78,6 +86,33 @@ impl Error {
                 | Error::BadObject { .. }
                 | Error::ManifestDecode { .. }
         )
+    }
+
+    /// True when the store could not be reached or failed a request (network, timeouts,
+    /// 5xx): retrying later may help. Never true for damaged data.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Store { .. })
+    }
+
+    /// True when the request itself cannot be satisfied as given (a bad name, size, spec, an
+    /// existing repository, the last key slot): nothing was changed.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Error::RepositoryExists { .. }
+                | Error::LastKeySlot
+                | Error::InvalidVolumeName { .. }
+                | Error::InvalidArgument(_)
+                | Error::InvalidBlockSize { .. }
+                | Error::NoBackups { .. }
+                | Error::NoSuchBackup { .. }
+                | Error::AmbiguousBackup { .. }
+        )
+    }
+
+    /// True when the passphrase is wrong or there is none to try.
+    pub fn is_auth(&self) -> bool {
+        matches!(self, Error::WrongPassword { .. } | Error::NoKeySlots)
     }
 
     /// True when the local index is held by another ferry process (sled locks it).

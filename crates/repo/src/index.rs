@@ -34,6 +34,28 @@ pub struct SyncReport {
     pub unreadable: Vec<(BackupRef, String)>,
 }
 
+/// One volume's backups as the bucket has them now.
+#[derive(Debug, Clone, Default)]
+pub struct Chain {
+    /// Readable backups, oldest first.
+    pub backups: Vec<BackupSummary>,
+    /// This volume's manifests that failed authentication or decoding (left out above).
+    pub unreadable: Vec<(BackupRef, String)>,
+}
+
+impl Chain {
+    /// The newest backup.
+    pub fn head(&self) -> Option<&BackupSummary> {
+        self.backups.last()
+    }
+
+    /// The backup `spec` names (see [`crate::spec`]).
+    pub fn resolve(&self, volume: &str, spec: &crate::spec::BackupSpec) -> Result<&BackupSummary> {
+        crate::spec::resolve(volume, &self.backups, spec)
+    }
+}
+
+/// The local cache (see the module documentation).
 pub struct Index {
     db: sled::Db,
     backups: sled::Tree,
@@ -141,6 +163,16 @@ impl Index {
             out.push(s);
         }
         Ok(out)
+    }
+
+    /// Syncs with the bucket and returns one volume's chain.
+    pub async fn chain(&self, repo: &Repository, volume: &str) -> Result<Chain> {
+        crate::repo::validate_volume_name(volume)?;
+        let report = self.sync(repo).await?;
+        Ok(Chain {
+            backups: self.backups(Some(volume))?,
+            unreadable: report.unreadable.into_iter().filter(|(r, _)| r.volume == volume).collect(),
+        })
     }
 
     /// Brings the index in line with the bucket: reads manifests it lacks, forgets vanished ones.

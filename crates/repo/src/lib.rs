@@ -4,6 +4,7 @@
 //! and chains, and the local chain index (a sled cache). Knows nothing of Ceph or of diff
 //! streams: it stores blocks and block maps.
 
+pub mod block_size;
 pub mod chunk;
 pub mod error;
 pub mod index;
@@ -11,12 +12,15 @@ pub mod keys;
 pub mod manifest;
 pub mod object;
 pub mod repo;
+pub mod spec;
 pub mod store;
 
+pub use block_size::{BlockSize, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 pub use chunk::{decode_chunk, encode_chunk, encode_chunk_with_id, is_zero, ChunkId, EncodedChunk};
 pub use error::{Error, Result};
-pub use index::{BackupSummary, Index, SyncReport};
+pub use index::{BackupSummary, Chain, Index, SyncReport};
 pub use keys::{KdfParams, KeySlot, MasterKey};
-pub use manifest::{block_count, BackupStats, Manifest, ManifestMeta, Source, MANIFEST_FORMAT};
-pub use repo::{validate_volume_name, BackupRef, InitOptions, RepoConfig, Repository, MAX_BLOCK_SIZE, REPO_FORMAT};
+pub use manifest::{BackupStats, Manifest, ManifestMeta, Source, MANIFEST_FORMAT};
+pub use repo::{validate_volume_name, BackupDraft, BackupRef, InitOptions, RepoConfig, Repository, REPO_FORMAT};
+pub use spec::{resolve, BackupSpec};
 pub use store::{open_store, Store, StoreOptions};

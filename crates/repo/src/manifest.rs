@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::block_size::BlockSize;
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 
@@ -75,7 +76,7 @@ pub struct ManifestMeta {
     pub to_snap: Option<String>,
     pub parent: Option<String>,
     pub image_size: u64,
-    pub block_size: u64,
+    pub block_size: BlockSize,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
@@ -90,16 +91,11 @@ pub struct Manifest {
     pub blocks: Vec<Option<ChunkId>>,
 }
 
-/// Number of blocks of an image of `size` bytes.
-pub fn block_count(size: u64, block_size: u64) -> u64 {
-    size.div_ceil(block_size)
-}
-
 impl Manifest {
     /// Length of block `index` (the last one may be short).
     pub fn block_len(&self, index: u64) -> u64 {
-        let start = index * self.meta.block_size;
-        self.meta.image_size.saturating_sub(start).min(self.meta.block_size)
+        let bs = self.meta.block_size.get();
+        self.meta.image_size.saturating_sub(index * bs).min(bs)
     }
 
     pub fn encode(&self) -> Result<Vec<u8>> {
@@ -150,11 +146,8 @@ impl Manifest {
                 supported: MANIFEST_FORMAT,
             });
         }
-        if meta.block_size == 0 {
-            return Err(bad("block size 0".into()));
-        }
         let count = r.u64().map_err(&bad)?;
-        let expected = block_count(meta.image_size, meta.block_size);
+        let expected = meta.block_size.blocks_in(meta.image_size);
         if count != expected {
             return Err(bad(format!(
                 "{count} blocks for an image of {} bytes in {}-byte blocks (expected {expected})",
@@ -226,7 +219,7 @@ impl<'a> Cursor<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -245,7 +238,7 @@ mod tests {
             to_snap: Some("s1".into()),
             parent: None,
             image_size,
-            block_size,
+            block_size: BlockSize::new(block_size).unwrap(),
             labels: BTreeMap::new(),
             protected: false,
             stats: BackupStats::default(),
@@ -254,7 +247,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn block_map_round_trip(map in proptest::collection::vec(proptest::option::of(any::<[u8; 32]>().prop_map(ChunkId)), 0..300), bs_log in 9u32..23) {
+        fn block_map_round_trip(map in proptest::collection::vec(proptest::option::of(any::<[u8; 32]>().prop_map(ChunkId)), 0..300), bs_log in 12u32..23) {
             let bs = 1u64 << bs_log;
             let size = if map.is_empty() { 0 } else { (map.len() as u64 - 1) * bs + 1 + (bs_log as u64 % 7) };
             let m = Manifest { meta: meta(size, bs), blocks: map };

@@ -15,17 +15,16 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::ChunkId;
+use crate::block_size::{BlockSize, MAX_BLOCK_SIZE};
+use crate::chunk::{decode_chunk, encode_chunk_with_id, ChunkId};
 use crate::error::{Error, Result};
 use crate::keys::{KdfParams, KeySlot, MasterKey};
-use crate::manifest::Manifest;
+use crate::manifest::{BackupStats, Manifest, ManifestMeta, Source, MANIFEST_FORMAT};
 use crate::object::{decode_sealed, encode_sealed, Header, ObjectKind, HEADER_LEN};
 use crate::store::Store;
 
 /// Highest repository format this build reads and the one it writes.
 pub const REPO_FORMAT: u32 = 1;
-/// Largest block size a repository may use (bounds memory when decoding).
-pub const MAX_BLOCK_SIZE: u64 = 64 << 20;
 /// Largest manifest plaintext accepted (a 64 TiB volume in 4 MiB blocks is ~512 MiB... be generous
 /// but bounded).
 const MAX_MANIFEST_LEN: usize = 1 << 30;
@@ -37,7 +36,7 @@ pub struct RepoConfig {
     pub repository_id: String,
     pub created: chrono::DateTime<chrono::Utc>,
     /// Default block size of new volumes (each manifest records its own).
-    pub block_size: u64,
+    pub block_size: BlockSize,
     /// Default zstd level for new chunks.
     pub zstd_level: i32,
     pub chunk_id: String,
@@ -47,7 +46,7 @@ pub struct RepoConfig {
 /// Options for `init`.
 #[derive(Debug, Clone)]
 pub struct InitOptions {
-    pub block_size: u64,
+    pub block_size: BlockSize,
     pub zstd_level: i32,
     pub kdf: KdfParams,
     pub label: String,
@@ -56,12 +55,40 @@ pub struct InitOptions {
 impl Default for InitOptions {
     fn default() -> Self {
         InitOptions {
-            block_size: 4 << 20,
+            block_size: BlockSize::DEFAULT,
             zstd_level: 3,
             kdf: KdfParams::argon2id_default(),
             label: String::new(),
         }
     }
+}
+
+/// A backup as the caller describes it; [`Repository::commit`] mints its ID and time and fills
+/// the format fields.
+#[derive(Debug, Clone)]
+pub struct BackupDraft {
+    /// The volume the backup belongs to.
+    pub volume: String,
+    /// Where the data came from.
+    pub source: Source,
+    /// The snapshot the diff started from (`None`: a full backup).
+    pub from_snap: Option<String>,
+    /// The snapshot the backup is of.
+    pub to_snap: Option<String>,
+    /// The backup ID of the parent (an incremental's base).
+    pub parent: Option<String>,
+    /// Size of the volume in bytes.
+    pub image_size: u64,
+    /// The block size of the map.
+    pub block_size: BlockSize,
+    /// Free-form labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Whether the source marked the snapshot protected.
+    pub protected: bool,
+    /// What the backup cost.
+    pub stats: BackupStats,
+    /// The complete block map (`None` = hole).
+    pub blocks: Vec<Option<ChunkId>>,
 }
 
 /// A backup's manifest as named in the bucket, before it is read.
@@ -100,6 +127,8 @@ pub struct Repository {
     store: Store,
     config: RepoConfig,
     key: MasterKey,
+    /// The key slot the passphrase opened.
+    slot: String,
 }
 
 fn p(s: &str) -> Path {
@@ -145,23 +174,14 @@ impl Repository {
                 supported: REPO_FORMAT,
             });
         }
-        if config.block_size == 0 || config.block_size > MAX_BLOCK_SIZE {
-            return Err(Error::BadObject {
-                path: "config".into(),
-                reason: format!("block size {} out of range", config.block_size),
-            });
-        }
         Ok(config)
     }
 
     /// Creates a new repository: a master key, one key slot for `passphrase`, then `config`
     /// (written last and create-only, so two racing inits cannot both succeed).
     pub async fn init(store: Store, passphrase: &[u8], opts: InitOptions) -> Result<Repository> {
-        if !opts.block_size.is_power_of_two() || opts.block_size < 4096 || opts.block_size > MAX_BLOCK_SIZE {
-            return Err(Error::InvalidArgument(format!(
-                "block size {} must be a power of two between 4 KiB and 64 MiB",
-                opts.block_size
-            )));
+        if !(1..=19).contains(&opts.zstd_level) {
+            return Err(Error::InvalidArgument(format!("zstd level {} is not in 1..=19", opts.zstd_level)));
         }
         match Self::read_config(&store).await {
             Ok(_) => return Err(Error::RepositoryExists { url: store.url.clone() }),
@@ -195,7 +215,12 @@ impl Repository {
         if !put_create(store.inner.as_ref(), "config", body).await? {
             return Err(Error::RepositoryExists { url: store.url.clone() });
         }
-        Ok(Repository { store, config, key })
+        Ok(Repository {
+            store,
+            config,
+            key,
+            slot: slot.id,
+        })
     }
 
     /// Opens a repository with a passphrase (tries every key slot).
@@ -207,7 +232,12 @@ impl Repository {
         }
         for slot in &slots {
             if let Some(key) = slot.open(passphrase, &config.repository_id)? {
-                return Ok(Repository { store, config, key });
+                return Ok(Repository {
+                    store,
+                    config,
+                    key,
+                    slot: slot.id.clone(),
+                });
             }
         }
         Err(Error::WrongPassword { slots: slots.len() })
@@ -237,9 +267,6 @@ impl Repository {
     pub fn id(&self) -> &str {
         &self.config.repository_id
     }
-    pub fn key(&self) -> &MasterKey {
-        &self.key
-    }
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -267,18 +294,32 @@ impl Repository {
         self.store.inner.delete(&path).await.map_err(|e| Error::store("delete", &path, e))
     }
 
-    /// The slot that `passphrase` opens, if any.
-    pub async fn slot_for(&self, passphrase: &[u8]) -> Result<Option<String>> {
-        for slot in Self::read_key_slots(&self.store).await? {
-            if slot.open(passphrase, &self.config.repository_id)?.is_some() {
-                return Ok(Some(slot.id));
-            }
-        }
-        Ok(None)
+    /// The ID of the key slot the passphrase opened (or `init` created).
+    pub fn slot_id(&self) -> &str {
+        &self.slot
     }
 
     // ---- chunks ----
 
+    /// The ID of a block's content: keyed BLAKE3 under this repository's ID key. CPU work
+    /// (about 1 ms per MiB): call it off the async threads.
+    pub fn chunk_id(&self, plaintext: &[u8]) -> ChunkId {
+        ChunkId::of(&self.key, plaintext)
+    }
+
+    /// Compresses (at the repository's zstd level) and seals a block whose ID is `id`, ready
+    /// for [`Repository::put_chunk`]. CPU work: call it off the async threads.
+    pub fn encode_chunk(&self, id: ChunkId, plaintext: &[u8]) -> Result<Vec<u8>> {
+        encode_chunk_with_id(&self.key, id, plaintext, self.config.zstd_level)
+    }
+
+    /// Opens a chunk object and checks that its content hashes to `id` (a block is never
+    /// larger than [`MAX_BLOCK_SIZE`]). CPU work: call it off the async threads.
+    pub fn decode_chunk(&self, id: &ChunkId, object: Vec<u8>) -> Result<Vec<u8>> {
+        decode_chunk(&self.key, id, object, MAX_BLOCK_SIZE as usize)
+    }
+
+    /// True when the chunk object exists (HEAD).
     pub async fn chunk_exists(&self, id: &ChunkId) -> Result<bool> {
         let path = p(&id.object_key());
         match self.store.inner.head(&path).await {
@@ -300,9 +341,40 @@ impl Repository {
 
     // ---- manifests ----
 
-    /// Commits a backup: writes its manifest create-only. Nothing before this is visible.
-    pub async fn put_manifest(&self, manifest: &Manifest) -> Result<BackupRef> {
-        validate_volume_name(&manifest.meta.volume)?;
+    /// Commits a backup: mints its ID, fills the format fields, and writes its manifest
+    /// create-only. Nothing of a backup is visible before this; everything is after it.
+    pub async fn commit(&self, draft: BackupDraft) -> Result<(BackupRef, Manifest)> {
+        validate_volume_name(&draft.volume)?;
+        let expected = draft.block_size.blocks_in(draft.image_size);
+        if draft.blocks.len() as u64 != expected {
+            return Err(Error::InvalidArgument(format!(
+                "block map of {} blocks for an image of {} bytes in {} blocks (expected {expected})",
+                draft.blocks.len(),
+                draft.image_size,
+                draft.block_size
+            )));
+        }
+        let mut id = [0u8; 8];
+        rand::rng().fill_bytes(&mut id);
+        let manifest = Manifest {
+            meta: ManifestMeta {
+                format: MANIFEST_FORMAT,
+                backup_id: hex::encode(id),
+                repository_id: self.config.repository_id.clone(),
+                volume: draft.volume,
+                created: chrono::Utc::now(),
+                source: draft.source,
+                from_snap: draft.from_snap,
+                to_snap: draft.to_snap,
+                parent: draft.parent,
+                image_size: draft.image_size,
+                block_size: draft.block_size,
+                labels: draft.labels,
+                protected: draft.protected,
+                stats: draft.stats,
+            },
+            blocks: draft.blocks,
+        };
         let r = BackupRef {
             volume: manifest.meta.volume.clone(),
             name: format!("{}-{}", manifest.meta.created.format("%Y%m%dT%H%M%S%.6fZ"), manifest.meta.backup_id),
@@ -316,7 +388,7 @@ impl Repository {
                 reason: "a manifest with this name already exists".into(),
             });
         }
-        Ok(r)
+        Ok((r, manifest))
     }
 
     pub async fn read_manifest(&self, r: &BackupRef) -> Result<Manifest> {
@@ -335,12 +407,6 @@ impl Repository {
             return Err(Error::ManifestDecode {
                 path: key,
                 reason: "manifest names another volume, repository or backup than its key".into(),
-            });
-        }
-        if m.meta.block_size == 0 || m.meta.block_size > MAX_BLOCK_SIZE {
-            return Err(Error::ManifestDecode {
-                path: key,
-                reason: format!("block size {} out of range", m.meta.block_size),
             });
         }
         Ok(m)

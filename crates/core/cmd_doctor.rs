@@ -5,9 +5,11 @@ use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
 
-use crate::common::{print_json, RepoArgs};
+use ferry_engine::RbdImage;
+
+use crate::args::{CephArgs, RepoArgs};
 use crate::errors::exit;
-use crate::rbd::{CephArgs, RbdSpec};
+use crate::output::print_json;
 
 #[derive(Args, Debug)]
 pub struct DoctorArgs {
@@ -28,7 +30,7 @@ struct Check {
     detail: String,
 }
 
-pub async fn doctor(a: DoctorArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
+pub async fn run(a: DoctorArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
     let mut checks: Vec<Check> = Vec::new();
     let mut push = |check: &str, res: Result<String>| {
         checks.push(match res {
@@ -74,10 +76,9 @@ pub async fn doctor(a: DoctorArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
 
     // Ceph: the rbd tool, the cluster (keyring, monitors), health, the pool/image.
     if !a.no_ceph {
-        let cfg = ceph.config();
-        let rbd_ok = std::process::Command::new(ceph.rbd_program.clone().unwrap_or_else(|| "rbd".into()))
-            .arg("--version")
-            .output();
+        let cfg = ceph.ceph().config;
+        let program = ceph.rbd_program.clone().unwrap_or_else(|| "rbd".into());
+        let rbd_ok = tokio::task::spawn_blocking(move || std::process::Command::new(program).arg("--version").output()).await?;
         push(
             "rbd command",
             rbd_ok
@@ -113,7 +114,7 @@ pub async fn doctor(a: DoctorArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
                     }),
                 );
                 if let Some(src) = &a.source {
-                    let (pool, image) = match RbdSpec::parse(src) {
+                    let (pool, image) = match RbdImage::parse(src) {
                         Some(s) => (s.pool, Some(s.image)),
                         None => (src.strip_prefix("rbd:").unwrap_or(src).to_string(), None),
                     };
@@ -131,11 +132,12 @@ pub async fn doctor(a: DoctorArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
                         }),
                     );
                     if let Some(image) = image {
-                        let rbd = ceph.rbd();
+                        let rbd = ceph.ceph().rbd();
+                        let p = pool.clone();
+                        let info = tokio::task::spawn_blocking(move || rbd.info(&p, &image).map(|i| (image, i))).await?;
                         push(
                             "source image",
-                            rbd.info(&pool, &image)
-                                .map(|i| format!("{pool}/{image}: {} bytes, object size {}, id {}", i.size, i.object_size, i.id))
+                            info.map(|(image, i)| format!("{pool}/{image}: {} bytes, object size {}, id {}", i.size, i.object_size, i.id))
                                 .map_err(anyhow::Error::new),
                         );
                     }

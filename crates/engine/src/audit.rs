@@ -1,69 +1,104 @@
-//! `ferry audit`: prove chains complete, manifests authentic, chunks present and intact.
+//! Audit: prove chains complete, manifests authentic, chunks present (and, sampled, intact).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
-use anyhow::{bail, Result};
-use clap::Args;
-use ferry_repo::{BackupRef, ChunkId, Manifest};
+use ferry_repo::{BackupRef, ChunkId, Manifest, Repository};
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::common::{print_json, RepoArgs};
-use crate::errors::{exit, IntegrityFailure};
-use crate::restore::fetch_block;
+use crate::chunks::fetch_block;
+use crate::error::{Error, Result};
+use crate::observer::{Event, Observer, Operation};
 
-#[derive(Args, Debug)]
-pub struct AuditArgs {
-    /// Volumes to audit (default: all).
-    volumes: Vec<String>,
-    /// Also download, decrypt and re-hash chunks: all of them, or PERCENT of them (sampled).
-    #[arg(long, num_args = 0..=1, default_missing_value = "100", value_name = "PERCENT")]
-    read_data: Option<f64>,
+/// What to audit.
+#[derive(Debug, Clone)]
+pub struct AuditOptions {
+    /// Volumes to audit (empty: all).
+    pub volumes: Vec<String>,
+    /// Percentage of chunks to download and verify (0: only check they exist).
+    pub read_data_percent: f64,
     /// Requests in flight.
-    #[arg(long, default_value_t = 16)]
-    jobs: usize,
-    #[arg(long)]
-    json: bool,
+    pub jobs: usize,
 }
 
+impl Default for AuditOptions {
+    fn default() -> Self {
+        AuditOptions {
+            volumes: Vec::new(),
+            read_data_percent: 0.0,
+            jobs: 16,
+        }
+    }
+}
+
+/// One problem found.
 #[derive(Debug, Serialize, Clone)]
 pub struct Finding {
+    /// `manifest`, `chain`, `missing-chunk` or `corrupt-chunk`.
     pub kind: &'static str,
+    /// The volume.
     pub volume: String,
+    /// The backup, if the finding concerns one.
     pub backup: Option<String>,
+    /// What is wrong.
     pub detail: String,
 }
 
-#[derive(Debug, Serialize, Default)]
-struct VolumeReport {
-    backups: usize,
-    full: usize,
-    incremental: usize,
-    newest: Option<String>,
+/// Per-volume counts.
+#[derive(Debug, Serialize, Default, Clone)]
+pub struct VolumeReport {
+    /// Readable backups.
+    pub backups: usize,
+    /// Full backups.
+    pub full: usize,
+    /// Incremental backups.
+    pub incremental: usize,
+    /// The newest backup's ID.
+    pub newest: Option<String>,
 }
 
-#[derive(Debug, Serialize, Default)]
-struct AuditReport {
-    repository: String,
-    volumes: BTreeMap<String, VolumeReport>,
-    manifests_checked: usize,
-    chunks_referenced: usize,
-    chunks_present: usize,
-    chunks_read: usize,
-    findings: Vec<Finding>,
-    ok: bool,
+/// The audit's result; `ok` is true when there are no findings.
+#[derive(Debug, Serialize, Default, Clone)]
+pub struct AuditReport {
+    /// The repository URL.
+    pub repository: String,
+    /// Per-volume counts.
+    pub volumes: BTreeMap<String, VolumeReport>,
+    /// Manifests read.
+    pub manifests_checked: usize,
+    /// Distinct chunks referenced by the manifests.
+    pub chunks_referenced: usize,
+    /// Chunks found present.
+    pub chunks_present: usize,
+    /// Chunks downloaded and verified.
+    pub chunks_read: usize,
+    /// The problems found.
+    pub findings: Vec<Finding>,
+    /// No findings.
+    pub ok: bool,
 }
 
-pub async fn audit(a: AuditArgs, r: RepoArgs) -> Result<u8> {
-    let ctx = r.open().await?;
-    let repo = ctx.repo.clone();
+/// Runs the audit. Findings are data (the report); an unreachable store is an error.
+pub(crate) async fn audit(repo: Arc<Repository>, observer: Arc<dyn Observer>, opts: &AuditOptions) -> Result<AuditReport> {
+    observer.event(Event::Started {
+        op: Operation::Audit,
+        total: None,
+    });
+    let r = run(repo, observer.as_ref(), opts).await;
+    observer.event(Event::Finished { op: Operation::Audit });
+    r
+}
+
+async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions) -> Result<AuditReport> {
     let mut refs = repo.list_backups(None).await?;
-    if !a.volumes.is_empty() {
-        for v in &a.volumes {
+    if !opts.volumes.is_empty() {
+        for v in &opts.volumes {
             ferry_repo::validate_volume_name(v)?;
         }
-        refs.retain(|b| a.volumes.contains(&b.volume));
+        refs.retain(|b| opts.volumes.contains(&b.volume));
     }
+    let jobs = opts.jobs.max(1);
     let mut report = AuditReport {
         repository: repo.url().to_string(),
         ..Default::default()
@@ -77,16 +112,16 @@ pub async fn audit(a: AuditArgs, r: RepoArgs) -> Result<u8> {
             (b, m)
         }
     }))
-    .buffered(a.jobs.max(1));
+    .buffered(jobs);
     while let Some((b, m)) = reads.next().await {
         report.manifests_checked += 1;
         match m {
             Ok(m) => manifests.push((b, m)),
-            // An unreachable store is not a finding about the data: stop with exit 1.
+            // An unreachable store is not a finding about the data: stop.
             Err(e)
                 if !(e.is_integrity() || matches!(e, ferry_repo::Error::NotFound { .. } | ferry_repo::Error::UnsupportedFormat { .. })) =>
             {
-                return Err(anyhow::Error::new(e).context(format!("audit could not read manifest {}", b.key())))
+                return Err(Error::from(e).context(format!("audit could not read manifest {}", b.key())))
             }
             Err(e) => report.findings.push(Finding {
                 kind: "manifest",
@@ -126,12 +161,16 @@ pub async fn audit(a: AuditArgs, r: RepoArgs) -> Result<u8> {
                     "from-snapshot '{from}' differs from parent {}'s to-snapshot {:?}",
                     p.meta.backup_id, p.meta.to_snap
                 ))),
-                Some(p) if p.meta.block_size != m.meta.block_size => report.findings.push(finding(format!("block size {} differs from parent's {}", m.meta.block_size, p.meta.block_size))),
+                Some(p) if p.meta.block_size != m.meta.block_size => report.findings.push(finding(format!(
+                    "block size {} differs from parent's {}",
+                    m.meta.block_size.get(),
+                    p.meta.block_size.get()
+                ))),
                 Some(_) => {}
             }
         }
     }
-    // 3. Every referenced chunk exists (and, with --read-data, decodes to its ID).
+    // 3. Every referenced chunk exists (and, sampled, decodes to its ID).
     let mut chunk_refs: HashMap<ChunkId, (String, String, u64)> = HashMap::new();
     for (b, m) in &manifests {
         for (i, id) in m.blocks.iter().enumerate() {
@@ -143,19 +182,15 @@ pub async fn audit(a: AuditArgs, r: RepoArgs) -> Result<u8> {
         }
     }
     report.chunks_referenced = chunk_refs.len();
-    let percent = a.read_data.unwrap_or(0.0).clamp(0.0, 100.0);
+    let percent = opts.read_data_percent.clamp(0.0, 100.0);
     let read_key = blake3::hash(format!("{:?}", std::time::SystemTime::now()).as_bytes());
     let checks = chunk_refs.iter().map(|(id, (vol, backup, block))| {
         let repo = repo.clone();
         // Sample by a per-run keyed hash of the ID: uniform, and different each run.
-        let sample = percent >= 100.0
-            || (percent > 0.0
-                && (u64::from_le_bytes(
-                    blake3::keyed_hash(read_key.as_bytes(), &id.0).as_bytes()[..8]
-                        .try_into()
-                        .unwrap_or([0; 8]),
-                ) % 10_000)
-                    < (percent * 100.0) as u64);
+        let h = blake3::keyed_hash(read_key.as_bytes(), &id.0);
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&h.as_bytes()[..8]);
+        let sample = percent >= 100.0 || (percent > 0.0 && (u64::from_le_bytes(first) % 10_000) < (percent * 100.0) as u64);
         async move {
             let res = if sample {
                 fetch_block(&repo, id).await.map(|_| true)
@@ -171,8 +206,14 @@ pub async fn audit(a: AuditArgs, r: RepoArgs) -> Result<u8> {
             (id, vol, backup, *block, res)
         }
     });
-    let mut results = futures::stream::iter(checks).buffer_unordered(a.jobs.max(1));
+    let mut results = futures::stream::iter(checks).buffer_unordered(jobs);
+    let mut done = 0u64;
     while let Some((id, vol, backup, block, res)) = results.next().await {
+        done += 1;
+        observer.event(Event::Progress {
+            op: Operation::Audit,
+            done,
+        });
         match res {
             Ok(read) => {
                 report.chunks_present += 1;
@@ -192,43 +233,9 @@ pub async fn audit(a: AuditArgs, r: RepoArgs) -> Result<u8> {
                 backup: Some(backup.clone()),
                 detail: format!("chunk {id} (first referenced by block {block}): {e}"),
             }),
-            Err(e) => return Err(anyhow::Error::new(e).context("audit could not check the repository")),
+            Err(e) => return Err(Error::from(e).context("audit could not check the repository")),
         }
     }
     report.ok = report.findings.is_empty();
-    if a.json {
-        print_json(&report)?;
-    } else {
-        println!("{:<24} {:>8} {:>6} {:>12}  NEWEST", "VOLUME", "BACKUPS", "FULL", "INCREMENTAL");
-        for (v, s) in &report.volumes {
-            println!(
-                "{:<24} {:>8} {:>6} {:>12}  {}",
-                v,
-                s.backups,
-                s.full,
-                s.incremental,
-                s.newest.as_deref().unwrap_or("-")
-            );
-        }
-        println!(
-            "{} manifests checked, {} chunks referenced, {} present, {} read and verified",
-            report.manifests_checked, report.chunks_referenced, report.chunks_present, report.chunks_read
-        );
-        for f in &report.findings {
-            println!(
-                "FINDING [{}] {} {}: {}",
-                f.kind,
-                f.volume,
-                f.backup.as_deref().unwrap_or("-"),
-                f.detail
-            );
-        }
-        if report.ok {
-            println!("audit passed: chains complete, manifests authentic, all chunks present");
-        }
-    }
-    if !report.ok {
-        bail!(IntegrityFailure(format!("audit found {} problem(s)", report.findings.len())));
-    }
-    Ok(exit::OK)
+    Ok(report)
 }

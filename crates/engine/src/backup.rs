@@ -1,58 +1,45 @@
-//! Backup ingest: an export-diff stream → fixed blocks → chunks → a committed manifest.
+//! Backup: an export-diff stream → fixed blocks → chunks → a committed manifest.
 //!
 //! The stream is parsed on a blocking thread that assembles blocks in order (the diff's
 //! extents ascend) and hands finished blocks to async workers that hash, deduplicate,
 //! compress, encrypt and upload them with bounded concurrency. Blocks the stream covers only
 //! partly are completed from the parent backup's chunk. The manifest is written last.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::{anyhow, Context, Result};
-use ferry_repo::{block_count, is_zero, BackupRef, BackupStats, ChunkId, Index, Manifest, ManifestMeta, Repository, Source};
-use rbd_diff::{DiffHeader, DiffReader, Event};
+use ferry_repo::{is_zero, BackupDraft, BackupRef, BackupStats, BlockSize, ChunkId, Index, Manifest, Repository, Source};
+use rbd_diff::{DiffHeader, DiffReader, Event as DiffEvent};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::errors::Refused;
-use crate::restore::fetch_block;
+use crate::chunks::fetch_block;
+use crate::error::{Error, Result, ResultExt};
+use crate::observer::{Event, Observer, Operation};
 
 /// What the caller knows before the stream is read.
-pub struct IngestParams {
+pub(crate) struct IngestParams {
     pub volume: String,
     /// Block size for a volume without backups (a chain keeps its parent's block size).
-    pub block_size: u64,
-    /// The chain head (or `--parent`), with its manifest.
-    pub parent: Option<(BackupRef, Manifest)>,
+    pub block_size: BlockSize,
+    /// The chain head (or a chosen parent), with its manifest.
+    pub parent: Option<(BackupRef, Arc<Manifest>)>,
     /// Where the data comes from (recorded in the manifest).
     pub source: Source,
-    pub zstd_level: i32,
     pub jobs: usize,
-    pub labels: std::collections::BTreeMap<String, String>,
-    /// Called with the stream position as bytes are consumed (progress bars).
-    pub progress: Option<Arc<dyn Fn(u64) + Send + Sync>>,
-    /// Checked after the header is read, before anything is uploaded (e.g. the rbd source
-    /// insists the stream's to-snapshot is the one it created).
+    pub labels: BTreeMap<String, String>,
+    /// Checked after the header is read, before anything is uploaded (the rbd source insists
+    /// the stream's to-snapshot is the one it created).
     pub expect_to_snap: Option<String>,
-    /// Runs on a blocking thread with the finished manifest just before the commit; an error
-    /// aborts the backup (the rbd source re-reads blocks the diff called unchanged).
+    /// Runs on a blocking thread with the finished block map just before the commit; an
+    /// error aborts the backup (the rbd source checks its lease and re-reads blocks the diff
+    /// called unchanged).
     pub verify: Option<Verifier>,
 }
 
-pub type Verifier = Box<dyn FnOnce(&Manifest) -> Result<()> + Send>;
-
-/// The parser's send failed because the workers stopped (their error says why).
-#[derive(Debug)]
-struct WorkersStopped;
-
-impl std::fmt::Display for WorkersStopped {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("backup workers stopped")
-    }
-}
-
-impl std::error::Error for WorkersStopped {}
+/// The pre-commit check: sees the draft (its complete block map) before it is committed.
+pub(crate) type Verifier = Box<dyn FnOnce(&BackupDraft) -> Result<()> + Send>;
 
 /// What the parser thread hands to the workers.
 enum Work {
@@ -92,7 +79,7 @@ impl Pending {
 
 /// The blocking half: parses and assembles blocks.
 struct Assembler<'a> {
-    repo: &'a Repository,
+    repo: &'a Arc<Repository>,
     rt: tokio::runtime::Handle,
     block_size: u64,
     image_size: u64,
@@ -102,6 +89,8 @@ struct Assembler<'a> {
     tx: mpsc::Sender<Work>,
     stats: ParseStats,
     touched: Vec<bool>,
+    /// Set when a send failed because the workers stopped (their error is the cause).
+    workers_stopped: bool,
 }
 
 impl Assembler<'_> {
@@ -109,8 +98,12 @@ impl Assembler<'_> {
         (self.image_size - index * self.block_size).min(self.block_size)
     }
 
-    fn send(&self, w: Work) -> Result<()> {
-        self.tx.blocking_send(w).map_err(|_| anyhow::Error::new(WorkersStopped))
+    fn send(&mut self, w: Work) -> Result<()> {
+        if self.tx.blocking_send(w).is_err() {
+            self.workers_stopped = true;
+            return Err(Error::failed("backup workers stopped"));
+        }
+        Ok(())
     }
 
     /// Starts (or continues) the pending block `index`.
@@ -126,7 +119,7 @@ impl Assembler<'_> {
                 covered: Vec::new(),
             });
         }
-        Ok(self.pending.as_mut().expect("set above"))
+        self.pending.as_mut().ok_or_else(|| Error::failed("no pending block"))
     }
 
     fn finish_pending(&mut self) -> Result<()> {
@@ -218,7 +211,7 @@ impl Assembler<'_> {
     /// a later grow would bring stale bytes back.
     fn finish(&mut self) -> Result<()> {
         self.finish_pending()?;
-        let nblocks = block_count(self.image_size, self.block_size);
+        let nblocks = self.image_size.div_ceil(self.block_size);
         if nblocks > 0 && self.image_size < self.parent_size && !self.image_size.is_multiple_of(self.block_size) {
             let last = nblocks - 1;
             if !self.touched[last as usize] {
@@ -237,18 +230,20 @@ impl Assembler<'_> {
 }
 
 /// Checks the stream's from-snapshot against the chain.
-pub fn check_chain(header: &DiffHeader, volume: &str, parent: Option<&(BackupRef, Manifest)>) -> Result<()> {
+pub(crate) fn check_chain(header: &DiffHeader, volume: &str, parent: Option<&(BackupRef, Arc<Manifest>)>) -> Result<()> {
     if let Some(from) = &header.from_snap {
         match parent {
-            None => return Err(Refused(format!("the stream is incremental (from snapshot '{from}') but volume '{volume}' has no backup to build on; back up a full stream first")).into()),
+            None => {
+                return Err(Error::refused(format!(
+                    "the stream is incremental (from snapshot '{from}') but volume '{volume}' has no backup to build on; back up a full stream first"
+                )))
+            }
             Some((r, m)) if m.meta.to_snap.as_deref() != Some(from.as_str()) => {
-                return Err(Refused(format!(
-                    "the stream's from-snapshot '{from}' does not match the to-snapshot '{}' of {} backup {} of volume '{volume}'; refusing to build a broken chain",
+                return Err(Error::refused(format!(
+                    "the stream's from-snapshot '{from}' does not match the to-snapshot '{}' of parent backup {} of volume '{volume}'; refusing to build a broken chain",
                     m.meta.to_snap.as_deref().unwrap_or("(none)"),
-                    "parent",
                     r.backup_id()
-                ))
-                .into())
+                )))
             }
             Some(_) => {}
         }
@@ -256,61 +251,97 @@ pub fn check_chain(header: &DiffHeader, volume: &str, parent: Option<&(BackupRef
     Ok(())
 }
 
+/// What a finished backup reports.
+#[derive(Debug, Clone)]
+pub struct BackupOutcome {
+    /// Where the manifest is.
+    pub backup: BackupRef,
+    /// The committed manifest.
+    pub manifest: Manifest,
+}
+
 /// Ingests one export-diff stream as a new backup and commits it.
 ///
-/// `finish` is called with the source once parsing ended (the flag says whether the stream
-/// was complete and valid); it checks the producer (e.g. `rbd export-diff`'s exit status) and
-/// must fail if the producer failed, so nothing is committed from a failed export.
-pub async fn ingest<R, F>(
+/// `finish` is called on the parser thread with the source once parsing ended (the flag
+/// says whether the stream was complete and valid); it checks the producer (e.g. `rbd
+/// export-diff`'s exit status) and must fail if the producer failed, so nothing is committed
+/// from a failed export.
+pub(crate) async fn ingest<R, F>(
     repo: Arc<Repository>,
     index: Arc<Index>,
+    observer: Arc<dyn Observer>,
+    source: R,
+    total: Option<u64>,
+    finish: F,
+    params: IngestParams,
+) -> Result<BackupOutcome>
+where
+    R: Read + Send + 'static,
+    F: FnOnce(R, bool) -> Result<()> + Send + 'static,
+{
+    observer.event(Event::Started {
+        op: Operation::Backup,
+        total,
+    });
+    let result = ingest_inner(repo, index, observer.clone(), source, finish, params).await;
+    observer.event(Event::Finished { op: Operation::Backup });
+    if let Ok(o) = &result {
+        observer.event(Event::Committed {
+            backup: &o.backup,
+            stats: &o.manifest.meta.stats,
+        });
+    }
+    result
+}
+
+async fn ingest_inner<R, F>(
+    repo: Arc<Repository>,
+    index: Arc<Index>,
+    observer: Arc<dyn Observer>,
     source: R,
     finish: F,
     params: IngestParams,
-) -> Result<(BackupRef, Manifest)>
+) -> Result<BackupOutcome>
 where
     R: Read + Send + 'static,
     F: FnOnce(R, bool) -> Result<()> + Send + 'static,
 {
     let started = Instant::now();
     let (tx, mut rx) = mpsc::channel::<Work>(2);
-    let parent = params.parent.map(Arc::new);
+    let parent = params.parent.clone();
     let default_block_size = params.block_size;
-    if !default_block_size.is_power_of_two() || !(4096..=ferry_repo::MAX_BLOCK_SIZE).contains(&default_block_size) {
-        return Err(Refused(format!(
-            "block size {default_block_size} must be a power of two from 4 KiB to 64 MiB"
-        ))
-        .into());
-    }
     let volume = params.volume.clone();
     let expect_to_snap = params.expect_to_snap.clone();
-    let progress = params.progress.clone();
 
     // Parser thread.
     let parse = {
         let repo = repo.clone();
         let parent = parent.clone();
+        let observer = observer.clone();
         let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || -> Result<(DiffHeader, ParseStats, u64)> {
+        tokio::task::spawn_blocking(move || -> (Result<Parsed>, bool) {
             let mut source = source;
+            let mut workers_stopped = false;
             let parsed = parse_stream(
                 &mut source,
                 &repo,
                 rt,
                 tx,
-                parent.as_deref(),
+                parent.as_ref(),
                 &volume,
                 expect_to_snap.as_deref(),
                 default_block_size,
-                progress.as_deref(),
+                observer.as_ref(),
+                &mut workers_stopped,
             );
             let complete = parsed.is_ok();
-            match (parsed, finish(source, complete)) {
+            let result = match (parsed, finish(source, complete)) {
                 (Ok(v), Ok(())) => Ok(v),
                 (Ok(_), Err(e)) => Err(e.context("the diff stream's producer failed")),
                 (Err(e), Ok(())) => Err(e),
-                (Err(e), Err(f)) => Err(e.context(format!("{f:#}"))),
-            }
+                (Err(e), Err(f)) => Err(e.context(format!("{f}"))),
+            };
+            (result, workers_stopped)
         })
     };
 
@@ -319,11 +350,11 @@ where
     let claimed: Arc<Mutex<HashSet<ChunkId>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     let mut results: Vec<(u64, Option<ChunkId>, Outcome)> = Vec::new();
-    let mut first_error: Option<anyhow::Error> = None;
+    let mut first_error: Option<Error> = None;
     while let Some(work) = rx.recv().await {
         // Reap finished tasks as we go so errors surface early and memory stays bounded.
         while let Some(done) = tasks.try_join_next() {
-            match done.context("backup worker panicked")? {
+            match done.map_err(Error::from).and_then(|r| r) {
                 Ok(r) => results.push(r),
                 Err(e) => {
                     first_error.get_or_insert(e);
@@ -333,41 +364,49 @@ where
         if first_error.is_some() {
             break;
         }
-        let permit = sem.clone().acquire_owned().await.context("semaphore closed")?;
+        let permit = sem
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::failed("the upload semaphore was closed"))?;
         let repo = repo.clone();
         let index = index.clone();
         let claimed = claimed.clone();
-        let level = params.zstd_level;
         tasks.spawn(async move {
             let _permit = permit;
             match work {
                 Work::Hole { index: i } => Ok((i, None, Outcome::Zero)),
-                Work::Block { index: i, data } => store_block(&repo, &index, &claimed, i, data, level).await,
+                Work::Block { index: i, data } => store_block(&repo, &index, &claimed, i, data).await,
             }
         });
     }
     drop(rx);
     while let Some(done) = tasks.join_next().await {
-        match done.context("backup worker panicked")? {
+        match done.map_err(Error::from).and_then(|r| r) {
             Ok(r) => results.push(r),
             Err(e) => {
                 first_error.get_or_insert(e);
             }
         }
     }
-    let parsed = parse.await.context("diff parser panicked")?;
+    let (parsed, workers_stopped) = parse.await?;
     // A parse error explains an upload stop, so report it first — unless the parser only
     // stopped because the workers did: then the workers' error is the cause.
-    let (header, pstats, block_size) = match (parsed, first_error) {
-        (Err(e), Some(w)) if e.is::<WorkersStopped>() => return Err(w),
+    let parsed = match (parsed, first_error) {
+        (Err(_), Some(w)) if workers_stopped => return Err(w),
         (Err(e), _) => return Err(e),
         (Ok(_), Some(e)) => return Err(e),
         (Ok(v), None) => v,
     };
+    let Parsed {
+        header,
+        stats: pstats,
+        block_size,
+    } = parsed;
 
     // The new block map: the parent's (incremental) or holes (full), resized, then the changes.
-    let nblocks = block_count(header.image_size, block_size) as usize;
-    let mut blocks: Vec<Option<ChunkId>> = match (&header.from_snap, parent.as_deref()) {
+    let nblocks = block_size.blocks_in(header.image_size) as usize;
+    let mut blocks: Vec<Option<ChunkId>> = match (&header.from_snap, parent.as_ref()) {
         (Some(_), Some((_, m))) => m.blocks.clone(),
         _ => Vec::new(),
     };
@@ -397,46 +436,36 @@ where
         }
     }
     stats.duration_ms = started.elapsed().as_millis() as u64;
-    let mut id = [0u8; 8];
-    rand::Rng::fill(&mut rand::rng(), &mut id);
     let parent_id = match &header.from_snap {
         Some(_) => parent.as_ref().map(|p| p.0.backup_id().to_string()),
         None => None,
     };
-    let manifest = Manifest {
-        meta: ManifestMeta {
-            format: ferry_repo::MANIFEST_FORMAT,
-            backup_id: hex::encode(id),
-            repository_id: repo.id().to_string(),
-            volume: params.volume.clone(),
-            created: chrono::Utc::now(),
-            source: params.source,
-            from_snap: header.from_snap.clone(),
-            to_snap: header.to_snap.clone(),
-            parent: parent_id,
-            image_size: header.image_size,
-            block_size,
-            labels: params.labels,
-            protected: header.protected.unwrap_or(false),
-            stats,
-        },
+    let draft = BackupDraft {
+        volume: params.volume.clone(),
+        source: params.source,
+        from_snap: header.from_snap.clone(),
+        to_snap: header.to_snap.clone(),
+        parent: parent_id,
+        image_size: header.image_size,
+        block_size,
+        labels: params.labels,
+        protected: header.protected.unwrap_or(false),
+        stats,
         blocks,
     };
-    let manifest = match params.verify {
-        Some(verify) => tokio::task::spawn_blocking(move || verify(&manifest).map(|_| manifest))
-            .await
-            .context("verifier panicked")??,
-        None => manifest,
+    let draft = match params.verify {
+        Some(verify) => crate::cpu::blocking(move || verify(&draft).map(|_| draft)).await?,
+        None => draft,
     };
-    let r = repo
-        .put_manifest(&manifest)
-        .await
-        .context("committing the backup (writing its manifest)")?;
+    let (backup, manifest) = repo.commit(draft).await.context("committing the backup (writing its manifest)")?;
     // The index is a cache: a failure here does not undo the commit.
-    if let Err(e) = index.insert_backup(&r, &manifest).and_then(|_| index.flush()) {
-        tracing::warn!("backup committed, but the local index was not updated: {e}");
+    if let Err(e) = index.insert_backup(&backup, &manifest).and_then(|_| index.flush()) {
+        crate::observer::warn(
+            observer.as_ref(),
+            &format!("backup committed, but the local index was not updated: {e}"),
+        );
     }
-    Ok((r, manifest))
+    Ok(BackupOutcome { backup, manifest })
 }
 
 enum Outcome {
@@ -447,45 +476,49 @@ enum Outcome {
 }
 
 async fn store_block(
-    repo: &Repository,
+    repo: &Arc<Repository>,
     index: &Index,
     claimed: &Mutex<HashSet<ChunkId>>,
     i: u64,
     data: Vec<u8>,
-    level: i32,
 ) -> Result<(u64, Option<ChunkId>, Outcome)> {
-    let key = repo.key().clone();
-    let permit = crate::restore::cpu_permit().await;
-    let (data, id) = tokio::task::spawn_blocking(move || {
-        if is_zero(&data) {
-            (data, None)
-        } else {
-            let id = ChunkId::of(&key, &data);
-            (data, Some(id))
-        }
-    })
-    .await
-    .context("hash worker panicked")?;
-    drop(permit);
+    let (data, id) = {
+        let repo = repo.clone();
+        crate::cpu::run(move || {
+            if is_zero(&data) {
+                (data, None)
+            } else {
+                let id = repo.chunk_id(&data);
+                (data, Some(id))
+            }
+        })
+        .await?
+    };
     let Some(id) = id else {
         return Ok((i, None, Outcome::Zero));
     };
     if index.has_chunk(&id)? {
         return Ok((i, Some(id), Outcome::Known));
     }
-    if !claimed.lock().map_err(|_| anyhow!("lock poisoned"))?.insert(id) {
+    if !claimed
+        .lock()
+        .map_err(|_| Error::failed("the dedup set's lock was poisoned"))?
+        .insert(id)
+    {
         return Ok((i, Some(id), Outcome::Known));
     }
-    if repo.chunk_exists(&id).await? {
+    if repo
+        .chunk_exists(&id)
+        .await
+        .with_context(|| format!("checking for chunk {id} (block {i})"))?
+    {
         return Ok((i, Some(id), Outcome::FoundInRepo));
     }
-    let key = repo.key().clone();
     let plain = data.len() as u64;
-    let permit = crate::restore::cpu_permit().await;
-    let bytes = tokio::task::spawn_blocking(move || ferry_repo::encode_chunk_with_id(&key, id, &data, level))
-        .await
-        .context("encode worker panicked")??;
-    drop(permit);
+    let bytes = {
+        let repo = repo.clone();
+        crate::cpu::run(move || repo.encode_chunk(id, &data)).await??
+    };
     let stored = bytes.len() as u64;
     let created = repo
         .put_chunk(&id, bytes)
@@ -502,38 +535,49 @@ async fn store_block(
     ))
 }
 
+/// What the parser thread found.
+struct Parsed {
+    header: DiffHeader,
+    stats: ParseStats,
+    block_size: BlockSize,
+}
+
 /// The parser thread's work: header, chain check, block assembly.
 #[allow(clippy::too_many_arguments)]
 fn parse_stream<R: Read>(
     source: &mut R,
-    repo: &Repository,
+    repo: &Arc<Repository>,
     rt: tokio::runtime::Handle,
     tx: mpsc::Sender<Work>,
-    parent: Option<&(BackupRef, Manifest)>,
+    parent: Option<&(BackupRef, Arc<Manifest>)>,
     volume: &str,
     expect_to_snap: Option<&str>,
-    default_block_size: u64,
-    progress: Option<&(dyn Fn(u64) + Send + Sync)>,
-) -> Result<(DiffHeader, ParseStats, u64)> {
+    default_block_size: BlockSize,
+    observer: &dyn Observer,
+    workers_stopped: &mut bool,
+) -> Result<Parsed> {
     let mut reader = DiffReader::new(source).context("reading the diff stream header")?;
     let header = reader.header().clone();
     check_chain(&header, volume, parent)?;
     if let Some(want) = expect_to_snap {
         if header.to_snap.as_deref() != Some(want) {
-            return Err(anyhow!("the diff stream's to-snapshot is {:?}, expected '{want}'", header.to_snap));
+            return Err(Error::input(format!(
+                "the diff stream's to-snapshot is {:?}, expected '{want}'",
+                header.to_snap
+            )));
         }
     }
     // Full stream: untouched blocks are zero. Incremental: they are the parent's, and the
     // chain keeps the parent's block size.
-    let (base, parent_size, block_size): (&[Option<ChunkId>], u64, u64) = match (&header.from_snap, parent) {
+    let (base, parent_size, block_size): (&[Option<ChunkId>], u64, BlockSize) = match (&header.from_snap, parent) {
         (Some(_), Some((_, m))) => (&m.blocks, m.meta.image_size, m.meta.block_size),
         _ => (&[], 0, default_block_size),
     };
-    let nblocks = block_count(header.image_size, block_size);
+    let nblocks = block_size.blocks_in(header.image_size);
     let mut asm = Assembler {
         repo,
         rt,
-        block_size,
+        block_size: block_size.get(),
         image_size: header.image_size,
         base,
         parent_size,
@@ -541,26 +585,39 @@ fn parse_stream<R: Read>(
         tx,
         stats: ParseStats::default(),
         touched: vec![false; nblocks as usize],
+        workers_stopped: false,
     };
+    let result = assemble(&mut reader, &mut asm, observer);
+    *workers_stopped = asm.workers_stopped;
+    result?;
+    asm.stats.stream_bytes = reader.position();
+    observer.event(Event::Progress {
+        op: Operation::Backup,
+        done: asm.stats.stream_bytes,
+    });
+    Ok(Parsed {
+        header,
+        stats: asm.stats,
+        block_size,
+    })
+}
+
+fn assemble<R: Read>(reader: &mut DiffReader<R>, asm: &mut Assembler<'_>, observer: &dyn Observer) -> Result<()> {
     let mut last_report = 0u64;
     loop {
         match reader.next_event().context("the diff stream is invalid")? {
-            Event::Data { offset, data } => asm.data(offset, data)?,
-            Event::Zero { offset, length } => asm.zero(offset, length)?,
-            Event::End => break,
+            DiffEvent::Data { offset, data } => asm.data(offset, data)?,
+            DiffEvent::Zero { offset, length } => asm.zero(offset, length)?,
+            DiffEvent::End => break,
         }
-        if let Some(cb) = progress {
-            let pos = reader.position();
-            if pos - last_report >= 4 << 20 {
-                cb(pos);
-                last_report = pos;
-            }
+        let pos = reader.position();
+        if pos - last_report >= 4 << 20 {
+            observer.event(Event::Progress {
+                op: Operation::Backup,
+                done: pos,
+            });
+            last_report = pos;
         }
     }
-    asm.finish()?;
-    asm.stats.stream_bytes = reader.position();
-    if let Some(cb) = progress {
-        cb(asm.stats.stream_bytes);
-    }
-    Ok((header, asm.stats, block_size))
+    asm.finish()
 }

@@ -1,0 +1,128 @@
+//! `ferry restore`: a backup back as a file, block device, stream, or RBD image.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use ferry_engine::{FileTarget, RbdImage, RestoreIncomplete, RestoreOptions, RestoreReport, RestoreTarget, StreamFormat, StreamTarget};
+use ferry_repo::{BackupRef, BackupSpec, Manifest};
+use serde::Serialize;
+
+use crate::args::{CephArgs, RepoArgs};
+use crate::errors::exit;
+use crate::output::{human_bytes, print_json, Progress};
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutFormat {
+    /// The volume's bytes.
+    Raw,
+    /// An `rbd export-diff` v1 stream, for `rbd import-diff - POOL/IMAGE`.
+    ImportDiff,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// VOLUME or VOLUME@BACKUP: BACKUP is 'latest', a backup ID or unique prefix, a snapshot
+    /// name, or explicitly id:PREFIX / snap:NAME (a bare word that is both is refused).
+    target: String,
+    /// Where to write: a file (sparse), a block device, '-' for stdout, or rbd:POOL/IMAGE.
+    #[arg(long)]
+    to: PathBuf,
+    #[arg(long, value_enum, default_value_t = OutFormat::Raw)]
+    format: OutFormat,
+    /// With --format import-diff or rbd:POOL/IMAGE: the to-snapshot the stream names
+    /// (import-diff then creates it); default: the backup's snapshot for RBD targets.
+    #[arg(long)]
+    snap_name: Option<String>,
+    /// Overwrite an existing non-empty file or an existing RBD image.
+    #[arg(long)]
+    force: bool,
+    /// Write every block that can be read, report the rest (exit code 3), instead of failing.
+    #[arg(long)]
+    best_effort: bool,
+    /// Chunks in flight.
+    #[arg(long, default_value_t = ferry_engine::default_jobs())]
+    jobs: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(a: RestoreArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
+    let (volume, spec) = BackupSpec::split_target(&a.target)?;
+    let engine = r.engine(Progress::new(a.json)).await?;
+    let (br, manifest) = engine.resolve(volume, &spec).await?;
+    let to = a.to.to_string_lossy().to_string();
+    let format = match a.format {
+        OutFormat::Raw => StreamFormat::Raw,
+        OutFormat::ImportDiff => StreamFormat::ImportDiff,
+    };
+    let target: Box<dyn RestoreTarget> = if let Some(image) = RbdImage::parse(&to) {
+        Box::new(engine.rbd_target(&ceph.ceph(), &image, a.force, a.snap_name.clone()))
+    } else if to == "-" {
+        Box::new(StreamTarget::new("-", Box::new(std::io::stdout()), format, a.snap_name.clone()))
+    } else if format == StreamFormat::ImportDiff {
+        Box::new(StreamTarget::file(&a.to, a.force, format, a.snap_name.clone()))
+    } else {
+        Box::new(FileTarget::new(&a.to, a.force))
+    };
+    let opts = RestoreOptions {
+        jobs: a.jobs,
+        best_effort: a.best_effort,
+    };
+    match engine.restore(manifest.clone(), target, &opts).await {
+        Ok(report) => {
+            print_restore(&br, &manifest, &report, &a, true)?;
+            Ok(exit::OK)
+        }
+        Err(e) => {
+            // A machine reader gets the report of what was written, then the error.
+            if let (true, Some(RestoreIncomplete(report))) = (a.json, e.find::<RestoreIncomplete>()) {
+                print_restore(&br, &manifest, report, &a, false)?;
+            }
+            Err(anyhow::Error::new(e).context(format!("restore of {}", a.target)))
+        }
+    }
+}
+
+fn print_restore(br: &BackupRef, m: &Manifest, rep: &RestoreReport, a: &RestoreArgs, ok: bool) -> Result<()> {
+    if a.json {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            volume: &'a str,
+            backup_id: &'a str,
+            to: String,
+            format: String,
+            ok: bool,
+            report: &'a RestoreReport,
+        }
+        return print_json(&Out {
+            volume: &br.volume,
+            backup_id: &m.meta.backup_id,
+            to: a.to.display().to_string(),
+            format: format!("{:?}", a.format).to_lowercase(),
+            ok,
+            report: rep,
+        });
+    }
+    // Human output goes to stderr when the data goes to stdout.
+    let secs = (rep.duration_ms as f64 / 1000.0).max(0.001);
+    let line = format!(
+        "restored {}@{} ({}) to {}: {} blocks written, {} holes, {} in {:.2} s ({:.1} MiB/s)",
+        br.volume,
+        m.meta.backup_id,
+        m.meta.to_snap.as_deref().unwrap_or("-"),
+        a.to.display(),
+        rep.blocks_written,
+        rep.blocks_hole,
+        human_bytes(rep.image_size),
+        secs,
+        rep.image_size as f64 / (1 << 20) as f64 / secs
+    );
+    if a.to.as_os_str() == "-" {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+    }
+    Ok(())
+}

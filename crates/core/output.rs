@@ -1,0 +1,99 @@
+//! Output helpers: sizes, JSON, and the progress bars that observe the engine.
+
+use std::io::IsTerminal;
+use std::sync::Mutex;
+
+use anyhow::Result;
+use ferry_engine::{Event, Observer};
+
+/// Parses sizes like 4194304, 4M, 4MiB, 1G.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        "t" | "tib" | "tb" => 1 << 40,
+        u => return Err(format!("unknown size unit '{u}'")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Draws a byte progress bar on stderr (when it is a terminal and not in `--json` mode) and
+/// prints the engine's warnings.
+pub struct Progress {
+    enabled: bool,
+    bar: Mutex<Option<indicatif::ProgressBar>>,
+}
+
+impl Progress {
+    pub fn new(quiet: bool) -> std::sync::Arc<Progress> {
+        std::sync::Arc::new(Progress {
+            enabled: !quiet && std::io::stderr().is_terminal(),
+            bar: Mutex::new(None),
+        })
+    }
+}
+
+impl Observer for Progress {
+    fn event(&self, event: Event<'_>) {
+        let Ok(mut bar) = self.bar.lock() else { return };
+        match event {
+            Event::Started { op, total } if self.enabled => {
+                let pb = match total {
+                    Some(t) => indicatif::ProgressBar::new(t),
+                    None => indicatif::ProgressBar::new_spinner(),
+                };
+                let style = if total.is_some() {
+                    "{msg} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
+                } else {
+                    "{msg} [{elapsed_precise}] {spinner} {bytes} {bytes_per_sec}"
+                };
+                if let Ok(st) = indicatif::ProgressStyle::with_template(style) {
+                    pb.set_style(st);
+                }
+                pb.set_message(format!("{op:?}").to_lowercase());
+                *bar = Some(pb);
+            }
+            Event::Progress { done, .. } => {
+                if let Some(pb) = bar.as_ref() {
+                    pb.set_position(done);
+                }
+            }
+            Event::Finished { .. } => {
+                if let Some(pb) = bar.take() {
+                    pb.finish_and_clear();
+                }
+            }
+            Event::Warning { message } => match bar.as_ref() {
+                Some(pb) => pb.suspend(|| eprintln!("ferry: warning: {message}")),
+                None => eprintln!("ferry: warning: {message}"),
+            },
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! ferry's pipelines as a library: backup of export-diff streams and RBD images, restore into
+//! files, block devices, streams and RBD images, and audit — with no argument parsing, no
+//! printing and no exit codes. The `ferry` binary and the daemon are thin callers.
+//!
+//! ```no_run
+//! # async fn demo(repo: ferry_repo::Repository, index: ferry_repo::Index) -> ferry_engine::Result<()> {
+//! use ferry_engine::{Engine, FileTarget, RestoreOptions, StreamBackupOptions};
+//! let engine = Engine::new(repo, index);
+//! let stream = std::fs::File::open("full.diff").map_err(|e| ferry_engine::Error::failed(e.to_string()))?;
+//! let b = engine.backup_stream(stream, StreamBackupOptions::new("vm-1")).await?;
+//! let (_, manifest) = engine.resolve("vm-1", &ferry_repo::BackupSpec::Latest).await?;
+//! engine.restore(manifest, Box::new(FileTarget::new("/tmp/vm-1.raw", false)), &RestoreOptions::default()).await?;
+//! # let _ = b; Ok(()) }
+//! ```
+//!
+//! Errors say what a caller must know ([`ErrorKind`]); progress and results go to an
+//! [`Observer`]. CPU work runs on the blocking pool under one permit per core; every Ceph
+//! call and every blocking write runs on the blocking pool, never on an async worker.
+
+#![deny(missing_docs)]
+
+mod audit;
+mod backup;
+mod chunks;
+mod cpu;
+pub mod error;
+pub mod observer;
+mod rbd;
+mod restore;
+mod target;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::sync::Arc;
+
+use ferry_repo::{BackupRef, BackupSpec, BlockSize, Chain, Index, Manifest, Repository, Source};
+
+pub use audit::{AuditOptions, AuditReport, Finding, VolumeReport};
+pub use backup::BackupOutcome;
+pub use chunks::fetch_block;
+pub use error::{Error, ErrorKind, Result, ResultExt};
+pub use observer::{Event, NoObserver, Observer, Operation, Recorder};
+pub use rbd::{Ceph, RbdBackupNotes, RbdBackupOptions, RbdBackupOutcome, RbdImage, RbdTarget, SNAP_PREFIX};
+pub use restore::{BlockFailure, Layout, RestoreIncomplete, RestoreOptions, RestoreReport, RestoreTarget, StreamFormat};
+pub use target::{FileTarget, StreamTarget};
+
+/// Default number of blocks in flight: three per core, 4 to 16.
+pub fn default_jobs() -> usize {
+    std::thread::available_parallelism().map(|n| n.get() * 3).unwrap_or(6).clamp(4, 16)
+}
+
+/// An opened repository, its local index, and who is watching.
+#[derive(Clone)]
+pub struct Engine {
+    repo: Arc<Repository>,
+    index: Arc<Index>,
+    observer: Arc<dyn Observer>,
+}
+
+/// How a backup of an export-diff stream runs.
+#[derive(Debug, Clone)]
+pub struct StreamBackupOptions {
+    /// The volume the backup belongs to.
+    pub volume: String,
+    /// Build on this backup instead of the volume's newest one.
+    pub parent: Option<BackupSpec>,
+    /// Block size of a new volume (default: the repository's); a chain keeps its own.
+    pub block_size: Option<BlockSize>,
+    /// Labels recorded in the manifest.
+    pub labels: BTreeMap<String, String>,
+    /// Blocks in flight.
+    pub jobs: usize,
+    /// The stream's length, if known (for progress).
+    pub total: Option<u64>,
+}
+
+impl StreamBackupOptions {
+    /// Defaults for `volume`.
+    pub fn new(volume: impl Into<String>) -> StreamBackupOptions {
+        StreamBackupOptions {
+            volume: volume.into(),
+            parent: None,
+            block_size: None,
+            labels: BTreeMap::new(),
+            jobs: default_jobs(),
+            total: None,
+        }
+    }
+}
+
+impl Engine {
+    /// An engine over an opened repository and its index, observed by nobody.
+    pub fn new(repo: Repository, index: Index) -> Engine {
+        Engine {
+            repo: Arc::new(repo),
+            index: Arc::new(index),
+            observer: Arc::new(NoObserver),
+        }
+    }
+
+    /// The same engine reporting to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Engine {
+        self.observer = observer;
+        self
+    }
+
+    /// The repository.
+    pub fn repository(&self) -> &Arc<Repository> {
+        &self.repo
+    }
+
+    /// The local index (a cache of the bucket).
+    pub fn index(&self) -> &Arc<Index> {
+        &self.index
+    }
+
+    /// One volume's backups, oldest first, after syncing the index with the bucket. Damaged
+    /// manifests are left out and reported to the observer as warnings.
+    pub async fn chain(&self, volume: &str) -> Result<Chain> {
+        let chain = self
+            .index
+            .chain(&self.repo, volume)
+            .await
+            .context("reading backups from the repository")?;
+        for (r, e) in &chain.unreadable {
+            observer::warn(
+                self.observer.as_ref(),
+                &format!("backup {} of volume '{volume}' is unreadable and left out: {e}", r.backup_id()),
+            );
+        }
+        Ok(chain)
+    }
+
+    /// The backup `spec` names in `volume`, with its manifest.
+    pub async fn resolve(&self, volume: &str, spec: &BackupSpec) -> Result<(BackupRef, Arc<Manifest>)> {
+        let chain = self.chain(volume).await?;
+        let found = chain.resolve(volume, spec).map_err(|e| match e {
+            ferry_repo::Error::NoBackups { .. } => Error::refused(format!("volume '{volume}' has no backups in {}", self.repo.url())),
+            e => e.into(),
+        })?;
+        let m = self.repo.read_manifest(&found.backup).await?;
+        Ok((found.backup.clone(), Arc::new(m)))
+    }
+
+    /// Backs up one export-diff stream (full, or incremental on the volume's newest backup or
+    /// `opts.parent`) and commits it. The stream is read on a blocking thread.
+    pub async fn backup_stream<R: Read + Send + 'static>(&self, stream: R, opts: StreamBackupOptions) -> Result<BackupOutcome> {
+        let volume = opts.volume.clone();
+        let result = async {
+            ferry_repo::validate_volume_name(&volume)?;
+            let chain = self.chain(&volume).await?;
+            let parent = match &opts.parent {
+                Some(spec) => Some(self.resolve(&volume, spec).await?),
+                None => match chain.head() {
+                    Some(s) => Some((s.backup.clone(), Arc::new(self.repo.read_manifest(&s.backup).await?))),
+                    None => None,
+                },
+            };
+            let params = backup::IngestParams {
+                volume: volume.clone(),
+                block_size: opts.block_size.unwrap_or(self.repo.config().block_size),
+                parent,
+                source: Source {
+                    kind: "diff-stream".into(),
+                    ..Default::default()
+                },
+                jobs: opts.jobs,
+                labels: opts.labels.clone(),
+                expect_to_snap: None,
+                verify: None,
+            };
+            backup::ingest(
+                self.repo.clone(),
+                self.index.clone(),
+                self.observer.clone(),
+                stream,
+                opts.total,
+                |_, _| Ok(()),
+                params,
+            )
+            .await
+        }
+        .await;
+        result.with_context(|| format!("backup of volume '{volume}' failed; nothing was committed"))
+    }
+
+    /// Restores `manifest` into `target`. A restore that could not write every block fails
+    /// (integrity, or transient when only the store was unavailable) and carries its report
+    /// as a [`RestoreIncomplete`] cause; without `best_effort` the target is abandoned.
+    pub async fn restore(&self, manifest: Arc<Manifest>, target: Box<dyn RestoreTarget>, opts: &RestoreOptions) -> Result<RestoreReport> {
+        restore::restore(self.repo.clone(), self.observer.clone(), manifest, target, opts).await
+    }
+
+    /// Audits the repository (see [`AuditOptions`]); findings are in the report.
+    pub async fn audit(&self, opts: &AuditOptions) -> Result<AuditReport> {
+        audit::audit(self.repo.clone(), self.observer.clone(), opts).await
+    }
+}

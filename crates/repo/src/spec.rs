@@ -1,0 +1,192 @@
+//! `VOLUME@SPEC`: naming one backup of a volume, unambiguously.
+//!
+//! A spec is `latest`, `id:HEX` (a backup ID or a unique prefix of one), `snap:NAME` (the
+//! backup whose to-snapshot is exactly NAME), or a bare word. A bare word is looked up both
+//! ways; when it names exactly one backup by to-snapshot and nothing else by ID prefix, or
+//! exactly one by ID prefix and nothing by snapshot, that backup is meant. When the two readings
+//! disagree, ferry refuses and asks for `id:` or `snap:` — it never guesses.
+
+use crate::error::{Error, Result};
+use crate::index::BackupSummary;
+
+/// How a user names a backup within a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackupSpec {
+    /// The newest backup.
+    Latest,
+    /// A backup ID or a unique prefix of one (`id:…`).
+    Id(String),
+    /// The backup whose to-snapshot has exactly this name (`snap:…`).
+    Snapshot(String),
+    /// A bare word: an ID prefix or a snapshot name, whichever is unambiguous.
+    Either(String),
+}
+
+impl BackupSpec {
+    /// Parses the part after `@` (`None`: no `@` was given, meaning the newest backup).
+    pub fn parse(s: Option<&str>) -> Result<BackupSpec> {
+        let invalid = |why: &str| Error::InvalidArgument(format!("'{}' does not name a backup: {why}", s.unwrap_or("")));
+        match s {
+            None | Some("latest") => Ok(BackupSpec::Latest),
+            Some("") => Err(invalid("nothing after '@'")),
+            Some(s) => {
+                if let Some(id) = s.strip_prefix("id:") {
+                    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(invalid("a backup ID is hexadecimal"));
+                    }
+                    Ok(BackupSpec::Id(id.to_ascii_lowercase()))
+                } else if let Some(snap) = s.strip_prefix("snap:") {
+                    if snap.is_empty() {
+                        return Err(invalid("no snapshot name after 'snap:'"));
+                    }
+                    Ok(BackupSpec::Snapshot(snap.to_string()))
+                } else {
+                    Ok(BackupSpec::Either(s.to_string()))
+                }
+            }
+        }
+    }
+
+    /// Splits `VOLUME[@SPEC]`.
+    pub fn split_target(target: &str) -> Result<(&str, BackupSpec)> {
+        match target.split_once('@') {
+            Some((v, s)) => Ok((v, BackupSpec::parse(Some(s))?)),
+            None => Ok((target, BackupSpec::Latest)),
+        }
+    }
+}
+
+impl std::fmt::Display for BackupSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackupSpec::Latest => f.write_str("latest"),
+            BackupSpec::Id(s) => write!(f, "id:{s}"),
+            BackupSpec::Snapshot(s) => write!(f, "snap:{s}"),
+            BackupSpec::Either(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Picks the backup `spec` names in `chain` (one volume's backups, oldest first).
+pub fn resolve<'a>(volume: &str, chain: &'a [BackupSummary], spec: &BackupSpec) -> Result<&'a BackupSummary> {
+    let no_such = || Error::NoSuchBackup {
+        volume: volume.to_string(),
+        spec: spec.to_string(),
+    };
+    if chain.is_empty() {
+        return Err(Error::NoBackups {
+            volume: volume.to_string(),
+        });
+    }
+    let by_id = |p: &str| -> Vec<&'a BackupSummary> {
+        let p = p.to_ascii_lowercase();
+        // An exact ID wins over longer IDs it is a prefix of (IDs have one length, but be exact).
+        let exact: Vec<_> = chain.iter().filter(|b| b.meta.backup_id == p).collect();
+        if !exact.is_empty() {
+            return exact;
+        }
+        chain.iter().filter(|b| b.meta.backup_id.starts_with(&p)).collect()
+    };
+    let by_snap = |s: &str| -> Vec<&'a BackupSummary> { chain.iter().filter(|b| b.meta.to_snap.as_deref() == Some(s)).collect() };
+    let one = |found: Vec<&'a BackupSummary>, what: &str| -> Result<&'a BackupSummary> {
+        match found.as_slice() {
+            [] => Err(no_such()),
+            [b] => Ok(b),
+            many => Err(Error::AmbiguousBackup {
+                volume: volume.to_string(),
+                spec: spec.to_string(),
+                detail: format!(
+                    "{} backups match {what} ({}); give more of the ID",
+                    many.len(),
+                    many.iter().map(|b| b.meta.backup_id.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            }),
+        }
+    };
+    match spec {
+        BackupSpec::Latest => chain.last().ok_or_else(no_such),
+        BackupSpec::Id(p) => one(by_id(p), "by ID prefix"),
+        BackupSpec::Snapshot(s) => one(by_snap(s), "by snapshot name"),
+        BackupSpec::Either(s) => {
+            let snaps = by_snap(s);
+            let is_hex = s.bytes().all(|b| b.is_ascii_hexdigit());
+            let ids = if is_hex { by_id(s) } else { Vec::new() };
+            match (snaps.is_empty(), ids.is_empty()) {
+                (true, true) => Err(no_such()),
+                (false, true) => one(snaps, "by snapshot name"),
+                (true, false) => one(ids, "by ID prefix"),
+                (false, false) => {
+                    if snaps.len() == 1 && ids.len() == 1 && snaps[0].meta.backup_id == ids[0].meta.backup_id {
+                        return Ok(snaps[0]);
+                    }
+                    Err(Error::AmbiguousBackup {
+                        volume: volume.to_string(),
+                        spec: spec.to_string(),
+                        detail: format!(
+                            "it is the snapshot of backup {} and a prefix of backup ID {}; say snap:{s} or id:{s}",
+                            snaps.iter().map(|b| b.meta.backup_id.as_str()).collect::<Vec<_>>().join(", "),
+                            ids.iter().map(|b| b.meta.backup_id.as_str()).collect::<Vec<_>>().join(", ")
+                        ),
+                    })
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::tests::meta;
+    use crate::repo::BackupRef;
+
+    fn chain(items: &[(&str, &str)]) -> Vec<BackupSummary> {
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, (id, snap))| {
+                let mut m = meta(4096, 4096);
+                m.backup_id = id.to_string();
+                m.to_snap = Some(snap.to_string());
+                BackupSummary {
+                    backup: BackupRef {
+                        volume: "v".into(),
+                        name: format!("{i}-{id}"),
+                    },
+                    meta: m,
+                    chunk_blocks: 0,
+                }
+            })
+            .collect()
+    }
+
+    fn pick(c: &[BackupSummary], s: &str) -> Result<String> {
+        let spec = BackupSpec::parse(Some(s))?;
+        resolve("v", c, &spec).map(|b| b.meta.backup_id.clone())
+    }
+
+    #[test]
+    fn forms() {
+        let c = chain(&[("aa11", "s1"), ("ab22", "s2"), ("cafe", "ab"), ("dd44", "dd44")]);
+        assert_eq!(pick(&c, "latest").unwrap(), "dd44");
+        assert_eq!(pick(&c, "aa").unwrap(), "aa11");
+        assert_eq!(pick(&c, "s2").unwrap(), "ab22");
+        assert_eq!(pick(&c, "id:AB2").unwrap(), "ab22");
+        assert_eq!(pick(&c, "snap:ab").unwrap(), "cafe");
+        // A snapshot named like a prefix of another backup's ID: refused, never a guess.
+        let e = pick(&c, "ab").unwrap_err();
+        assert!(matches!(e, Error::AmbiguousBackup { .. }), "{e}");
+        assert!(e.to_string().contains("snap:ab"), "{e}");
+        // Both readings name the same backup: fine.
+        assert_eq!(pick(&c, "dd44").unwrap(), "dd44");
+        assert!(matches!(pick(&c, "a").unwrap_err(), Error::AmbiguousBackup { .. }));
+        assert!(matches!(pick(&c, "zz").unwrap_err(), Error::NoSuchBackup { .. }));
+        assert!(matches!(pick(&c, "snap:nope").unwrap_err(), Error::NoSuchBackup { .. }));
+        assert!(matches!(pick(&c, "id:xyz").unwrap_err(), Error::InvalidArgument(_)));
+        assert!(matches!(pick(&c, "").unwrap_err(), Error::InvalidArgument(_)));
+        assert!(matches!(
+            resolve("v", &[], &BackupSpec::Latest).unwrap_err(),
+            Error::NoBackups { .. }
+        ));
+    }
+}

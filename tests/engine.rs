@@ -1,0 +1,115 @@
+//! The engine's Rust API, with no CLI: a full backup, an incremental and restores, observed.
+
+use std::sync::Arc;
+
+use ferry_engine::{Engine, FileTarget, Recorder, RestoreOptions, StreamBackupOptions, StreamFormat, StreamTarget};
+use ferry_repo::{open_store, BackupSpec, Index, InitOptions, KdfParams, Repository, StoreOptions};
+use ferry_testdata::Volume;
+
+const MIB: u64 = 1 << 20;
+
+async fn engine(dir: &std::path::Path, recorder: Arc<Recorder>) -> Engine {
+    let url = format!("file://{}/repo", dir.display());
+    let store = open_store(&url, &StoreOptions::default()).expect("store");
+    let opts = InitOptions {
+        block_size: ferry_repo::BlockSize::new(MIB).expect("1 MiB"),
+        kdf: KdfParams::argon2id_fast(),
+        ..Default::default()
+    };
+    let repo = Repository::init(store, b"pass", opts).await.expect("init");
+    let index = Index::open(&dir.join("index"), repo.id()).expect("index");
+    Engine::new(repo, index).with_observer(recorder)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_incremental_and_restore_through_the_api() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rec = Recorder::new();
+    let engine = engine(dir.path(), rec.clone()).await;
+
+    let mut v = Volume::generated(5 * MIB + 333, 1 << 20, 11);
+    let full = v.diff("s1", Vec::new()).expect("diff");
+    let mut opts = StreamBackupOptions::new("api");
+    opts.total = Some(full.len() as u64);
+    let b1 = engine
+        .backup_stream(std::io::Cursor::new(full), opts.clone())
+        .await
+        .expect("full backup");
+    assert_eq!(b1.manifest.meta.from_snap, None);
+    assert_eq!(b1.manifest.meta.to_snap.as_deref(), Some("s1"));
+    let h1 = v.hash();
+
+    v.write(2 * MIB + 17, &[0x5a; 3000]);
+    v.discard(4 * MIB, MIB);
+    let inc = v.diff("s2", Vec::new()).expect("diff");
+    let b2 = engine.backup_stream(std::io::Cursor::new(inc), opts).await.expect("incremental");
+    assert_eq!(b2.manifest.meta.parent.as_deref(), Some(b1.manifest.meta.backup_id.as_str()));
+    assert_eq!(b2.manifest.meta.stats.blocks_partial, 1, "{:?}", b2.manifest.meta.stats);
+
+    let events = rec.events();
+    let count = |needle: &str| events.iter().filter(|e| e.contains(needle)).count();
+    assert_eq!(count("Started { op: Backup"), 2, "{events:#?}");
+    assert_eq!(count("Finished { op: Backup"), 2, "{events:#?}");
+    assert_eq!(count("Committed"), 2, "{events:#?}");
+    assert!(count("Progress { op: Backup") >= 2, "{events:#?}");
+
+    // Restore both, by snapshot and by ID, to a file and to an in-memory stream.
+    let (_, m1) = engine
+        .resolve("api", &BackupSpec::parse(Some("snap:s1")).expect("spec"))
+        .await
+        .expect("resolve");
+    let out = dir.path().join("s1.raw");
+    let rep = engine
+        .restore(m1, Box::new(FileTarget::new(&out, false)), &RestoreOptions::default())
+        .await
+        .expect("restore s1");
+    assert_eq!(rep.image_size, 5 * MIB + 333);
+    assert_eq!(blake3::hash(&std::fs::read(&out).expect("read")).to_hex().to_string(), h1);
+
+    let (_, m2) = engine
+        .resolve("api", &BackupSpec::Id(b2.manifest.meta.backup_id.clone()))
+        .await
+        .expect("resolve");
+    let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    engine
+        .restore(
+            m2,
+            Box::new(StreamTarget::new("memory", Box::new(Sink(buf.clone())), StreamFormat::Raw, None)),
+            &RestoreOptions::default(),
+        )
+        .await
+        .expect("restore s2");
+    assert_eq!(blake3::hash(&buf.lock().expect("lock")).to_hex().to_string(), v.hash());
+    let events = rec.events();
+    assert_eq!(events.iter().filter(|e| e.contains("Finished { op: Restore")).count(), 2);
+    assert!(events
+        .iter()
+        .any(|e| e.contains(&format!("Progress {{ op: Restore, done: {} }}", 5 * MIB + 333))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_chain_is_refused_with_its_kind() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let engine = engine(dir.path(), Recorder::new()).await;
+    let mut v = Volume::generated(MIB, 1 << 20, 3);
+    v.diff("s1", Vec::new()).expect("diff");
+    v.write(10, b"x");
+    let inc = v.diff("s2", Vec::new()).expect("diff");
+    let err = engine
+        .backup_stream(std::io::Cursor::new(inc), StreamBackupOptions::new("api"))
+        .await
+        .expect_err("an incremental without a base");
+    assert_eq!(err.kind(), ferry_engine::ErrorKind::Refused, "{err}");
+    let err = engine.resolve("api", &BackupSpec::Latest).await.expect_err("no backups");
+    assert_eq!(err.kind(), ferry_engine::ErrorKind::Refused, "{err}");
+}
