@@ -6,3 +6,4 @@ mod util;
 mod ceph;
 mod cli;
 mod core;
+mod golden;
