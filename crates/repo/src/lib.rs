@@ -20,3 +20,7 @@ pub use keys::{KdfParams, KeySlot, MasterKey};
 pub use manifest::{block_count, BackupStats, Manifest, ManifestMeta, Source, MANIFEST_FORMAT};
 pub use repo::{validate_volume_name, BackupRef, InitOptions, RepoConfig, Repository, MAX_BLOCK_SIZE, REPO_FORMAT};
 pub use store::{open_store, Store, StoreOptions};
+pub use store::{
+    CountingStore, FaultAction, FaultMethod, FaultPlan, FaultRule, FaultStore, RequestCounter, RequestStats, UploadLimitStore,
+    UploadLimiter,
+};
