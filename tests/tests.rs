@@ -7,3 +7,4 @@ mod ceph;
 mod cli;
 mod core;
 mod engine;
+mod golden;

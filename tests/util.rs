@@ -254,3 +254,126 @@ pub fn unique(prefix: &str) -> String {
         rand::random::<u16>()
     )
 }
+
+impl Cluster {
+    /// Runs the real `rbd` against the cluster and returns its output, whatever its exit code
+    /// (for cleanup and for commands expected to fail).
+    pub fn rbd_output(&self, args: &[&str]) -> Output {
+        let mut c = Command::new("rbd");
+        c.args(args).stdin(Stdio::null());
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c.output().expect("spawn rbd")
+    }
+
+    /// Runs the real `rados` against the cluster; panics with its stderr on failure.
+    pub fn rados(&self, args: &[&str]) -> Vec<u8> {
+        let mut c = Command::new("rados");
+        c.args(args).stdin(Stdio::null());
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        let out = c.output().expect("spawn rados");
+        assert!(
+            out.status.success(),
+            "rados {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    /// `rbd export POOL/IMAGE[@SNAP] -`: the image's bytes as the real rbd reads them.
+    pub fn export(&self, spec: &str) -> Vec<u8> {
+        self.rbd(&["export", "--no-progress", spec, "-"])
+    }
+}
+
+/// Removes RBD images (snapshots first) when dropped, also when a test panics.
+pub struct ImageGuard<'a> {
+    pub cluster: &'a Cluster,
+    pub images: Vec<String>,
+}
+
+impl<'a> ImageGuard<'a> {
+    pub fn new(cluster: &'a Cluster) -> ImageGuard<'a> {
+        ImageGuard {
+            cluster,
+            images: Vec::new(),
+        }
+    }
+
+    /// Registers `POOL/IMAGE` for removal and returns it.
+    pub fn add(&mut self, image: &str) -> String {
+        self.images.push(image.to_string());
+        image.to_string()
+    }
+}
+
+impl Drop for ImageGuard<'_> {
+    fn drop(&mut self) {
+        for image in self.images.iter().rev() {
+            let _ = self.cluster.rbd_output(&["snap", "purge", "--no-progress", image]);
+            let _ = self.cluster.rbd_output(&["rm", "--no-progress", image]);
+            // The lease object ferry leaves next to the image.
+            if let Some((pool, name)) = image.split_once('/') {
+                let mut c = Command::new("rados");
+                c.args(["-p", pool, "rm", &format!("ferry.lease.{name}")])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                for (k, v) in &self.cluster.env {
+                    c.env(k, v);
+                }
+                let _ = c.status();
+            }
+        }
+    }
+}
+
+/// Why two byte strings differ, for assertion messages: sizes, first and last differing
+/// offsets (with the block of `block` bytes they fall in), how many bytes differ, and the bytes
+/// around the first difference. None when equal.
+pub fn difference(expected: &[u8], actual: &[u8], block: u64) -> Option<String> {
+    if expected == actual {
+        return None;
+    }
+    let common = expected.len().min(actual.len());
+    let differing: Vec<usize> = (0..common).filter(|&i| expected[i] != actual[i]).collect();
+    let mut s = String::new();
+    if expected.len() != actual.len() {
+        s.push_str(&format!("sizes differ: expected {} bytes, got {}; ", expected.len(), actual.len()));
+    }
+    match (differing.first(), differing.last()) {
+        (Some(&first), Some(&last)) => {
+            let end = (first + 16).min(common);
+            s.push_str(&format!(
+                "{} of the first {common} bytes differ, first at offset {first} (block {} of {block} bytes, +{}), last at {last} (block {}); \
+                 expected {:02x?}, got {:02x?}",
+                differing.len(),
+                first as u64 / block,
+                first as u64 % block,
+                last as u64 / block,
+                &expected[first..end],
+                &actual[first..end],
+            ));
+            if differing.iter().all(|&i| actual[i] == 0xFF) {
+                s.push_str("; every differing byte reads 0xFF (stale, never written)");
+            }
+        }
+        _ => s.push_str("the common prefix is equal"),
+    }
+    Some(s)
+}
+
+/// Asserts `actual` equals `expected` by BLAKE3, naming what differed otherwise.
+pub fn assert_same(what: &str, expected: &[u8], actual: &[u8], block: u64) {
+    if blake3::hash(expected) != blake3::hash(actual) {
+        panic!(
+            "{what}: BLAKE3 {} expected, got {}: {}",
+            blake3::hash(expected).to_hex(),
+            blake3::hash(actual).to_hex(),
+            difference(expected, actual, block).unwrap_or_else(|| "(equal bytes?)".into())
+        );
+    }
+}

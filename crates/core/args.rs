@@ -38,7 +38,14 @@ pub struct RepoArgs {
     /// Retries of a failed store request.
     #[arg(long, env = "FERRY_STORE_RETRIES", global = true)]
     pub store_retries: Option<usize>,
+    /// Upload bandwidth limit shared by all connections, bytes per second (e.g. 50M).
+    #[arg(long, env = "FERRY_LIMIT_UPLOAD", global = true, value_parser = crate::output::parse_size, value_name = "BYTES_PER_S")]
+    pub limit_upload: Option<u64>,
 }
+
+/// Environment variable that turns on the store fault injector (tests only; see
+/// `ferry_repo::FaultPlan` for the syntax). Naming it is the explicit opt-in.
+pub const FAULTS_ENV: &str = "FERRY_TEST_FAULTS";
 
 impl RepoArgs {
     pub fn url(&self) -> Result<&str> {
@@ -49,11 +56,21 @@ impl RepoArgs {
     }
 
     pub fn store(&self) -> Result<Store> {
+        let faults = match std::env::var(FAULTS_ENV) {
+            Ok(plan) if !plan.trim().is_empty() => {
+                let plan = ferry_repo::FaultPlan::parse(&plan).map_err(|e| anyhow::anyhow!("${FAULTS_ENV}: {e}"))?;
+                eprintln!("ferry: warning: ${FAULTS_ENV} is set: injecting store faults ({plan})");
+                Some(plan)
+            }
+            _ => None,
+        };
         let opts = StoreOptions {
             endpoint: self.s3_endpoint.clone(),
             region: self.s3_region.clone(),
             allow_http: self.s3_allow_http.then_some(true),
             max_retries: self.store_retries,
+            upload_limit: self.limit_upload,
+            faults,
             ..Default::default()
         };
         Ok(open_store(self.url()?, &opts)?)

@@ -6,7 +6,7 @@ use ferry_engine::{AuditOptions, Error as EngineError};
 
 use crate::args::RepoArgs;
 use crate::errors::exit;
-use crate::output::{print_json, Progress};
+use crate::output::{print_json, requests_line, Progress};
 
 #[derive(Args, Debug)]
 pub struct AuditArgs {
@@ -31,8 +31,11 @@ pub async fn run(a: AuditArgs, r: RepoArgs) -> Result<u8> {
         jobs: a.jobs,
     };
     let report = engine.audit(&opts).await?;
+    let requests = engine.repository().store().requests();
     if a.json {
-        print_json(&report)?;
+        let mut v = serde_json::to_value(&report)?;
+        v["requests"] = serde_json::to_value(requests)?;
+        print_json(&v)?;
     } else {
         println!("{:<24} {:>8} {:>6} {:>12}  NEWEST", "VOLUME", "BACKUPS", "FULL", "INCREMENTAL");
         for (v, s) in &report.volumes {
@@ -58,6 +61,7 @@ pub async fn run(a: AuditArgs, r: RepoArgs) -> Result<u8> {
                 f.detail
             );
         }
+        println!("requests: {}", requests_line(&requests));
         if report.ok {
             println!("audit passed: chains complete, manifests authentic, all chunks present");
         }

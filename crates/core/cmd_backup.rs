@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::args::{CephArgs, RepoArgs};
 use crate::errors::exit;
-use crate::output::{human_bytes, parse_size, print_json, Progress};
+use crate::output::{human_bytes, parse_size, print_json, requests_line, Progress};
 
 #[derive(Args, Debug)]
 pub struct BackupArgs {
@@ -78,6 +78,7 @@ struct BackupOutput<'a> {
     block_size: u64,
     stats: &'a ferry_repo::BackupStats,
     throughput_mib_s: f64,
+    requests: ferry_repo::RequestStats,
 }
 
 fn kind(m: &Manifest) -> &'static str {
@@ -94,7 +95,7 @@ fn mib_s(m: &Manifest) -> (f64, f64) {
     (secs, s.stream_bytes as f64 / (1 << 20) as f64 / secs)
 }
 
-fn backup_output(o: &BackupOutcome) -> BackupOutput<'_> {
+fn backup_output(o: &BackupOutcome, requests: ferry_repo::RequestStats) -> BackupOutput<'_> {
     let m = &o.manifest;
     let (_, mib_s) = mib_s(m);
     BackupOutput {
@@ -109,10 +110,11 @@ fn backup_output(o: &BackupOutcome) -> BackupOutput<'_> {
         block_size: m.meta.block_size.get(),
         stats: &m.meta.stats,
         throughput_mib_s: (mib_s * 10.0).round() / 10.0,
+        requests,
     }
 }
 
-fn print_summary(o: &BackupOutcome) {
+fn print_summary(o: &BackupOutcome, requests: &ferry_repo::RequestStats) {
     let m = &o.manifest;
     let s = &m.meta.stats;
     let (secs, mib_s) = mib_s(m);
@@ -146,6 +148,7 @@ fn print_summary(o: &BackupOutcome) {
         human_bytes(s.bytes_new)
     );
     println!("  time      {secs:.2} s, {mib_s:.1} MiB/s");
+    println!("  requests  {}", requests_line(requests));
 }
 
 pub async fn run(a: BackupArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
@@ -162,15 +165,16 @@ pub async fn run(a: BackupArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
             verify_blocks: a.verify_blocks,
         };
         let done = engine.backup_rbd(&ceph.ceph(), &image, opts).await?;
+        let requests = engine.repository().store().requests();
         if a.json {
-            let mut v = serde_json::to_value(backup_output(&done.outcome))?;
+            let mut v = serde_json::to_value(backup_output(&done.outcome, requests))?;
             v["rbd"] = serde_json::to_value(&done.notes)?;
             print_json(&v)?;
         } else {
             if let Some(why) = &done.notes.full_reason {
                 println!("full backup: {why}");
             }
-            print_summary(&done.outcome);
+            print_summary(&done.outcome, &requests);
             println!(
                 "  snapshot  {image}@{} is the base of the next backup; removed: {}",
                 done.notes.snapshot,
@@ -206,10 +210,11 @@ pub async fn run(a: BackupArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
         total,
     };
     let done = engine.backup_stream(reader, opts).await?;
+    let requests = engine.repository().store().requests();
     if a.json {
-        print_json(&backup_output(&done))?;
+        print_json(&backup_output(&done, requests))?;
     } else {
-        print_summary(&done);
+        print_summary(&done, &requests);
     }
     Ok(exit::OK)
 }

@@ -25,7 +25,9 @@ pub async fn run(cmd: IndexCommand, r: RepoArgs) -> Result<u8> {
             index.clear()?;
             let rep = index.sync(engine.repository()).await?;
             if json {
-                print_json(&rep)?;
+                let mut v = serde_json::to_value(&rep)?;
+                v["requests"] = serde_json::to_value(engine.repository().store().requests())?;
+                print_json(&v)?;
             } else {
                 println!(
                     "index {} rebuilt: {} backups, {} known chunks",

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::args::{CephArgs, RepoArgs};
 use crate::errors::exit;
-use crate::output::{human_bytes, print_json, Progress};
+use crate::output::{human_bytes, print_json, requests_line, Progress};
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutFormat {
@@ -72,20 +72,29 @@ pub async fn run(a: RestoreArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
     };
     match engine.restore(manifest.clone(), target, &opts).await {
         Ok(report) => {
-            print_restore(&br, &manifest, &report, &a, true)?;
+            let requests = engine.repository().store().requests();
+            print_restore(&br, &manifest, &report, &a, true, &requests)?;
             Ok(exit::OK)
         }
         Err(e) => {
             // A machine reader gets the report of what was written, then the error.
             if let (true, Some(RestoreIncomplete(report))) = (a.json, e.find::<RestoreIncomplete>()) {
-                print_restore(&br, &manifest, report, &a, false)?;
+                let requests = engine.repository().store().requests();
+                print_restore(&br, &manifest, report, &a, false, &requests)?;
             }
             Err(anyhow::Error::new(e).context(format!("restore of {}", a.target)))
         }
     }
 }
 
-fn print_restore(br: &BackupRef, m: &Manifest, rep: &RestoreReport, a: &RestoreArgs, ok: bool) -> Result<()> {
+fn print_restore(
+    br: &BackupRef,
+    m: &Manifest,
+    rep: &RestoreReport,
+    a: &RestoreArgs,
+    ok: bool,
+    requests: &ferry_repo::RequestStats,
+) -> Result<()> {
     if a.json {
         #[derive(Serialize)]
         struct Out<'a> {
@@ -95,6 +104,7 @@ fn print_restore(br: &BackupRef, m: &Manifest, rep: &RestoreReport, a: &RestoreA
             format: String,
             ok: bool,
             report: &'a RestoreReport,
+            requests: &'a ferry_repo::RequestStats,
         }
         return print_json(&Out {
             volume: &br.volume,
@@ -103,6 +113,7 @@ fn print_restore(br: &BackupRef, m: &Manifest, rep: &RestoreReport, a: &RestoreA
             format: format!("{:?}", a.format).to_lowercase(),
             ok,
             report: rep,
+            requests,
         });
     }
     // Human output goes to stderr when the data goes to stdout.
@@ -119,6 +130,7 @@ fn print_restore(br: &BackupRef, m: &Manifest, rep: &RestoreReport, a: &RestoreA
         secs,
         rep.image_size as f64 / (1 << 20) as f64 / secs
     );
+    let line = format!("{line}\n  requests  {}", requests_line(requests));
     if a.to.as_os_str() == "-" {
         eprintln!("{line}");
     } else {

@@ -97,3 +97,22 @@ impl Observer for Progress {
         }
     }
 }
+
+/// One line saying what a run cost on the store.
+pub fn requests_line(r: &ferry_repo::RequestStats) -> String {
+    format!(
+        "{} PUT, {} GET, {} HEAD, {} LIST, {} DELETE; {} up, {} down{}",
+        r.put + r.parts,
+        r.get,
+        r.head,
+        r.list,
+        r.delete,
+        human_bytes(r.bytes_up),
+        human_bytes(r.bytes_down),
+        if r.failed > 0 {
+            format!("; {} failed", r.failed)
+        } else {
+            String::new()
+        }
+    )
+}

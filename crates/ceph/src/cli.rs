@@ -24,32 +24,42 @@ pub const DEFAULT_MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
 const STDERR_LIMIT: usize = 256 * 1024;
 
 /// `rbd info --format json`.
+///
+/// Fields `rbd` may leave out are `#[serde(default)]`: empty, zero or `None` when absent.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct ImageInfo {
+    /// Image name.
     pub name: String,
     /// Image id (empty for old format-1 images).
     #[serde(default)]
     pub id: String,
     /// Size in bytes.
     pub size: u64,
-    /// Object size in bytes (`1 << order`).
+    /// Object size in bytes (`1 << order`; [`ImageInfo::from_json`] fills it in from `order`
+    /// when `rbd` does not print it).
     #[serde(default)]
     pub object_size: u64,
+    /// log2 of the object size in bytes (22 for 4 MiB objects).
     pub order: u32,
+    /// Enabled features by name, e.g. `layering`, `exclusive-lock`, `fast-diff`.
     #[serde(default)]
     pub features: Vec<String>,
     /// Number of objects the image spans (`size / object_size`, rounded up).
     #[serde(default)]
     pub objects: u64,
+    /// Number of snapshots of the image.
     #[serde(default)]
     pub snapshot_count: u64,
+    /// Name prefix of the RADOS objects holding the image's data, e.g. `rbd_data.<id>`.
     #[serde(default)]
     pub block_name_prefix: String,
-    /// Image format, 2 for every image made since Jewel.
+    /// Image format: 1 (old) or 2 (the default for new images in current Ceph).
     #[serde(default)]
     pub format: u32,
+    /// Operation features by name, as `rbd` prints them (e.g. `clone-child`).
     #[serde(default)]
     pub op_features: Vec<String>,
+    /// Image flags by name, as `rbd` prints them (e.g. `object map invalid`).
     #[serde(default)]
     pub flags: Vec<String>,
     /// Separate data pool (erasure-coded setups), if any.
@@ -58,10 +68,13 @@ pub struct ImageInfo {
     /// Set for clones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ImageParent>,
+    /// When the image was created, as `rbd` prints it, e.g. "Tue Nov 24 19:01:55 2026".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub create_timestamp: Option<String>,
+    /// When the image was last read, as `rbd` prints it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_timestamp: Option<String>,
+    /// When the image was last written, as `rbd` prints it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub modify_timestamp: Option<String>,
 }
@@ -85,15 +98,23 @@ impl ImageInfo {
 /// The `parent` of a cloned image in `rbd info --format json`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct ImageParent {
+    /// Pool of the parent image.
     pub pool: String,
+    /// RADOS namespace of the parent image (empty: the default namespace).
     #[serde(default)]
     pub pool_namespace: String,
+    /// Name of the parent image.
     pub image: String,
+    /// Id of the parent image.
     #[serde(default)]
     pub id: String,
+    /// The parent snapshot the clone was made from.
     pub snapshot: String,
+    /// Whether the parent image is in the trash (string or JSON bool accepted).
     #[serde(default, deserialize_with = "lenient_bool")]
     pub trash: bool,
+    /// The parent overlap, in bytes: how much of the clone, from offset 0, is backed by the
+    /// parent snapshot.
     #[serde(default)]
     pub overlap: u64,
 }
@@ -101,7 +122,9 @@ pub struct ImageParent {
 /// One entry of `rbd snap ls --format json`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct SnapInfo {
+    /// Snapshot id (Ceph's numeric id for the snapshot).
     pub id: u64,
+    /// Snapshot name.
     pub name: String,
     /// Image size at the snapshot, bytes.
     pub size: u64,
@@ -202,10 +225,12 @@ impl RbdCli {
         self
     }
 
+    /// The connection settings every command gets.
     pub fn config(&self) -> &CephConfig {
         &self.config
     }
 
+    /// The `rbd` binary that is run (default `rbd`, looked up in `PATH`).
     pub fn program(&self) -> &Path {
         &self.program
     }

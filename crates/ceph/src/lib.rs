@@ -7,10 +7,13 @@
 //!   `export-diff` / `import-diff` pipes ([`ExportDiff`], [`ImportDiff`]).
 //! * [`Cluster`] talks to librados (through the raw bindings of the `ceph` crate): cluster fsid,
 //!   health, pool list, and [`Lease`]s — exclusive RADOS object locks with a lease duration that a
-//!   background thread keeps renewing.
+//!   background thread keeps renewing. [`Cluster::open_snapshot`] opens a snapshot read-only
+//!   through librbd ([`SnapshotReader`]).
 //!
 //! Both honour one [`CephConfig`] (conf file, keyring, client id). The crate knows nothing about
 //! ferry's repository format.
+
+#![deny(missing_docs)]
 
 mod cli;
 mod config;

@@ -77,20 +77,27 @@ impl std::fmt::Debug for Cluster {
 pub struct Health {
     /// `HEALTH_OK`, `HEALTH_WARN` or `HEALTH_ERR`.
     pub status: String,
+    /// The active health checks, sorted by name (empty when healthy).
     pub checks: Vec<HealthCheck>,
 }
 
 /// One active health check, e.g. `OSDMAP_FLAGS` / `HEALTH_WARN` / "noout flag(s) set".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthCheck {
+    /// The check's code, e.g. `OSDMAP_FLAGS`.
     pub name: String,
+    /// `HEALTH_WARN` or `HEALTH_ERR` (empty if the monitor did not say).
     pub severity: String,
+    /// The one-line summary, e.g. "noout flag(s) set".
     pub message: String,
+    /// The summary's `count` field (0 if absent); what it counts depends on the check.
     pub count: u64,
+    /// Whether the check is muted (`ceph health mute`).
     pub muted: bool,
 }
 
 impl Health {
+    /// True if the status is `HEALTH_OK`.
     pub fn is_ok(&self) -> bool {
         self.status == "HEALTH_OK"
     }
@@ -742,6 +749,8 @@ impl Lease {
         &self.inner.cookie
     }
 
+    /// The lease duration given to [`Cluster::lease`]: the lock expires this long after the
+    /// last successful (re)lock request was started.
     pub fn duration(&self) -> Duration {
         self.inner.duration
     }

@@ -240,18 +240,20 @@ async fn run(
         format!("failed{}", undo_note(undone))
     };
     let list: Vec<String> = report.failures.iter().take(20).map(|f| format!("  {f}")).collect();
+    // Bad data is integrity; if every failure was the store being unavailable, say so.
+    let (kind, what_failed) = if report.failures.iter().all(|f| f.kind == ErrorKind::Transient) {
+        (ErrorKind::Transient, "block(s) could not be fetched (the store is unavailable)")
+    } else if report.failures.iter().all(|f| f.kind == ErrorKind::Integrity) {
+        (ErrorKind::Integrity, "bad block(s)")
+    } else {
+        (ErrorKind::Integrity, "block(s) failed, some damaged, some unreachable")
+    };
     let message = format!(
-        "restore to {what} {how}: {} bad block(s):\n{}{}",
+        "restore to {what} {how}: {} {what_failed}:\n{}{}",
         report.failures.len(),
         list.join("\n"),
         if report.failures.len() > 20 { "\n  ..." } else { "" }
     );
-    // Bad data is integrity; if every failure was the store being unavailable, say so.
-    let kind = if report.failures.iter().all(|f| f.kind == ErrorKind::Transient) {
-        ErrorKind::Transient
-    } else {
-        ErrorKind::Integrity
-    };
     Err(Error::new(kind, message, Some(Box::new(RestoreIncomplete(report)))))
 }
 

@@ -15,13 +15,13 @@ use crate::{
 /// The header records of an image export.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImageHeader {
-    /// `O`: log2 of the object size.
+    /// `O`: log2 of the object size in bytes (22 for 4 MiB objects).
     pub order: Option<u64>,
-    /// `T`: image features.
+    /// `T`: the image's feature bits (librbd's `RBD_FEATURE_*` mask).
     pub features: Option<u64>,
-    /// `U`: stripe unit.
+    /// `U`: stripe unit, in bytes.
     pub stripe_unit: Option<u64>,
-    /// `C`: stripe count.
+    /// `C`: stripe count (number of objects a stripe spans).
     pub stripe_count: Option<u64>,
     /// `M`: image-meta key/value pairs, in stream order.
     pub metadata: Vec<(String, String)>,

@@ -35,6 +35,7 @@
 //! ```
 
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 mod container;
 mod error;
@@ -96,9 +97,10 @@ pub struct DiffHeader {
     pub from_snap: Option<String>,
     /// `t`: the snapshot the diff ends at (None: the image HEAD).
     pub to_snap: Option<String>,
-    /// `s`: image size at the end point.
+    /// `s`: image size at the end point, in bytes.
     pub image_size: u64,
-    /// `p`: protection status of the to-snapshot (only from a v2 `p` record).
+    /// `p`: protection status of the to-snapshot (only from a v2 `p` record; None when the
+    /// stream has none, which is always the case for v1).
     pub protected: Option<bool>,
 }
 

@@ -18,10 +18,22 @@ use crate::{
 /// an empty slice.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
-    /// A piece of a `w` record; `offset` is the absolute image offset of `data[0]`.
-    Data { offset: u64, data: &'a [u8] },
-    /// A whole `z` record.
-    Zero { offset: u64, length: u64 },
+    /// A piece of a `w` record: `data` is to be written at `offset` in the image.
+    Data {
+        /// Absolute image offset of `data[0]`, in bytes.
+        offset: u64,
+        /// The payload bytes of this piece (at most `max_piece` bytes, borrowed until the
+        /// next call to [`DiffReader::next_event`]).
+        data: &'a [u8],
+    },
+    /// A whole `z` record: the extent reads back as zeros (zeroed, discarded or never
+    /// allocated).
+    Zero {
+        /// Image offset where the extent starts, in bytes.
+        offset: u64,
+        /// Length of the extent, in bytes.
+        length: u64,
+    },
     /// The `e` record. A standalone reader returns it only after end of stream was verified.
     End,
 }

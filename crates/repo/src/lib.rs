@@ -24,3 +24,7 @@ pub use manifest::{BackupStats, Manifest, ManifestMeta, Source, MANIFEST_FORMAT}
 pub use repo::{validate_volume_name, BackupDraft, BackupRef, InitOptions, RepoConfig, Repository, REPO_FORMAT};
 pub use spec::{resolve, BackupSpec};
 pub use store::{open_store, Store, StoreOptions};
+pub use store::{
+    CountingStore, FaultAction, FaultMethod, FaultPlan, FaultRule, FaultStore, RequestCounter, RequestStats, UploadLimitStore,
+    UploadLimiter,
+};

@@ -8,18 +8,23 @@
 //! * [`Volume`]: an in-memory image that records changes like librbd does and emits the
 //!   export-diff stream between two points, for exact expected images in tests.
 
+#![deny(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
 use rbd_diff::{DiffHeader, DiffWriter};
 
-/// A small, fast, seedable generator (xorshift64*), good enough for test data.
+/// A small, fast, seedable generator (xorshift64*), good enough for test data. Not for
+/// anything that needs real randomness: the whole sequence follows from the seed.
 pub struct Rng(u64);
 
 impl Rng {
+    /// A generator whose sequence is fixed by `seed` (any value, 0 included).
     pub fn new(seed: u64) -> Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
+    /// The next 64 pseudo-random bits.
     pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
@@ -28,9 +33,11 @@ impl Rng {
         self.0 = x;
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
+    /// A value in `0..n` (slightly biased: modulo reduction); 0 when `n` is 0.
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n.max(1)
     }
+    /// Fills `buf` with pseudo-random bytes (one [`Rng::next_u64`] per 8 bytes).
     pub fn fill(&mut self, buf: &mut [u8]) {
         for c in buf.chunks_mut(8) {
             let v = self.next_u64().to_le_bytes();
@@ -39,16 +46,23 @@ impl Rng {
     }
 }
 
-/// The kind of content of a generated block.
+/// The kind of content of a generated block. As `usize` it indexes the array returned by
+/// [`kind_counts`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// All zero bytes.
     Zero,
+    /// Like an executable: segments of random bytes, zero padding and repeats of earlier
+    /// segments (compresses partly).
     Binary,
+    /// Words and numbers from a small vocabulary, like a log file (compresses well).
     Text,
+    /// Pseudo-random bytes (incompressible).
     Random,
 }
 
-/// Which kind block `index` of a volume with `seed` gets (25/35/25/15 %).
+/// Which kind block `index` of a volume with `seed` gets (about 25/35/25/15 % for
+/// zero/binary/text/random).
 pub fn block_kind(seed: u64, index: u64) -> Kind {
     let h = blake3::hash(&[seed.to_le_bytes(), index.to_le_bytes()].concat());
     match h.as_bytes()[0] as u32 * 100 / 256 {
@@ -149,7 +163,8 @@ pub fn fill_kind(kind: Kind, rng: &mut Rng, buf: &mut [u8]) {
     }
 }
 
-/// Content of block `index` (deterministic in `seed` and `index`).
+/// Content of block `index`, `block_size` bytes (deterministic in `seed` and `index`; the kind
+/// is [`block_kind`]).
 pub fn block_content(seed: u64, index: u64, block_size: usize) -> Vec<u8> {
     let mut buf = vec![0u8; block_size];
     let mut rng = Rng::new(seed ^ index.wrapping_mul(0x1000_0000_01B3));
@@ -197,7 +212,8 @@ pub fn kind_counts(size: u64, block_size: u64, seed: u64) -> [u64; 4] {
     counts
 }
 
-/// Writes a raw image of `size` bytes of mixed content in `block_size` blocks.
+/// Writes a raw image of `size` bytes of mixed content: block `i` is
+/// [`block_content`]`(seed, i, block_size)`, the last one cut to fit.
 pub fn write_image<W: Write>(out: &mut W, size: u64, block_size: usize, seed: u64) -> io::Result<()> {
     let mut off = 0u64;
     let mut i = 0u64;
@@ -213,6 +229,10 @@ pub fn write_image<W: Write>(out: &mut W, size: u64, block_size: usize, seed: u6
 
 /// Writes the full export-diff (v1) of a raw image, the way `rbd export-diff` does without
 /// `--from-snap`: one `w` per non-zero object, zero objects omitted.
+///
+/// Reads `size` bytes from `image` in objects of `object_size` bytes, writes the stream
+/// (to-snapshot `to_snap`) to `out` and returns `out` after flushing it. Errors of the diff
+/// writer come back as [`io::Error`]s.
 pub fn full_diff_of_image<R: Read, W: Write>(image: &mut R, size: u64, object_size: usize, to_snap: &str, out: W) -> io::Result<W> {
     let header = DiffHeader {
         from_snap: None,
@@ -235,13 +255,20 @@ pub fn full_diff_of_image<R: Read, W: Write>(image: &mut R, size: u64, object_si
 }
 
 /// An in-memory volume that tracks changed ranges since the last diff, like librbd's diff.
+///
+/// All offsets, lengths and sizes are in bytes. Writes and discards beyond the end of the
+/// volume panic.
 #[derive(Clone)]
 pub struct Volume {
+    /// The current content of the whole volume (its length is the volume size). Writing to
+    /// it directly bypasses change tracking: the next diff will not carry such changes.
     pub data: Vec<u8>,
     /// Changed ranges since the last emitted diff: start → end (merged, non-overlapping).
     dirty: BTreeMap<u64, u64>,
     /// Ranges discarded (emitted as `z` regardless of content).
     discarded: BTreeMap<u64, u64>,
+    /// The snapshot of the last emitted diff (the next diff's from-snapshot); None before
+    /// the first diff.
     pub snap: Option<String>,
 }
 
@@ -269,7 +296,8 @@ fn remove_range(map: &mut BTreeMap<u64, u64>, start: u64, end: u64) {
 }
 
 impl Volume {
-    /// A volume of mixed content; everything counts as changed (the first diff is full).
+    /// A volume of `size` bytes of mixed content, as [`write_image`] writes it; everything
+    /// counts as changed (the first diff is full).
     pub fn generated(size: u64, block_size: usize, seed: u64) -> Volume {
         let mut data = Vec::with_capacity(size as usize);
         write_image(&mut data, size, block_size, seed).expect("writing to a Vec cannot fail");
@@ -285,10 +313,13 @@ impl Volume {
         v
     }
 
+    /// The volume size in bytes.
     pub fn size(&self) -> u64 {
         self.data.len() as u64
     }
 
+    /// Writes `bytes` at `offset` and records the range as changed (it undoes an earlier
+    /// discard there). Panics if the write goes beyond the end of the volume.
     pub fn write(&mut self, offset: u64, bytes: &[u8]) {
         let end = offset + bytes.len() as u64;
         assert!(end <= self.size(), "write beyond the end of the volume");
@@ -310,14 +341,18 @@ impl Volume {
         add_range(&mut self.discarded, offset, end);
     }
 
-    /// Resizes; a shrink drops changes past the end (the stream then only carries `s`).
+    /// Resizes to `size` bytes. Growing adds zeros that no diff reports; a shrink drops
+    /// changes past the end (the stream then only carries `s`).
     pub fn resize(&mut self, size: u64) {
         self.data.resize(size as usize, 0);
         remove_range(&mut self.dirty, size, u64::MAX);
         remove_range(&mut self.discarded, size, u64::MAX);
     }
 
-    /// Emits the diff since the last snapshot (or the full diff) as snapshot `to`.
+    /// Emits the diff since the last snapshot (or the full diff) as snapshot `to`: a v1
+    /// stream to `out`, which is returned after flushing. Changed ranges become `w` records,
+    /// or `z` if they read back all zero; discarded ranges become `z`. Afterwards nothing
+    /// counts as changed and [`Volume::snap`] is `to`.
     pub fn diff<W: Write>(&mut self, to: &str, out: W) -> io::Result<W> {
         let header = DiffHeader {
             from_snap: self.snap.clone(),
@@ -343,7 +378,7 @@ impl Volume {
         w.finish().map_err(io::Error::other)
     }
 
-    /// BLAKE3 of the current content, for comparing restores.
+    /// BLAKE3 of the current content (64 hex digits), for comparing restores.
     pub fn hash(&self) -> String {
         blake3::hash(&self.data).to_hex().to_string()
     }
