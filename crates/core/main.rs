@@ -28,6 +28,7 @@ Environment:
   FERRY_REPO            repository URL (instead of --repo)
   FERRY_PASSWORD        repository passphrase (or --password-file / FERRY_PASSWORD_FILE, or a prompt)
   FERRY_INDEX_DIR       local index cache directory
+  FERRY_LIMIT_UPLOAD    upload bandwidth limit, bytes per second (instead of --limit-upload)
   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT, AWS_REGION, AWS_ALLOW_HTTP
                         S3 / Ceph RGW access (standard AWS variables)
   CEPH_CONF, CEPH_KEYRING, CEPH_ARGS, FERRY_CEPH_ID
