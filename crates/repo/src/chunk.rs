@@ -4,7 +4,8 @@ use crate::error::{Error, Result};
 use crate::keys::MasterKey;
 use crate::object::{decode_sealed, encode_sealed, ObjectKind};
 
-/// Keyed BLAKE3 of a chunk's plaintext.
+/// A chunk's ID: the keyed BLAKE3 of its exact plaintext under the repository's `K_id`
+/// (FORMAT.md §3), 32 raw bytes. Names the chunk object and is part of its associated data.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChunkId(pub [u8; 32]);
 
@@ -14,10 +15,12 @@ impl ChunkId {
         ChunkId(*blake3::keyed_hash(key.id_key(), plaintext).as_bytes())
     }
 
+    /// The ID as 64 lowercase hex digits (as in the chunk's object key).
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
 
+    /// Parses 64 hex digits (either case); `None` for anything else.
     pub fn from_hex(s: &str) -> Option<ChunkId> {
         let mut out = [0u8; 32];
         hex::decode_to_slice(s, &mut out).ok()?;
@@ -52,8 +55,12 @@ pub fn is_zero(data: &[u8]) -> bool {
 
 /// A chunk ready for upload.
 pub struct EncodedChunk {
+    /// The chunk's ID (keyed BLAKE3 of the plaintext).
     pub id: ChunkId,
+    /// Length of the plaintext, in bytes.
     pub plain_len: usize,
+    /// The complete object to store under [`ChunkId::object_key`]: header, nonce, ciphertext
+    /// and tag (FORMAT.md §2).
     pub bytes: Vec<u8>,
 }
 

@@ -17,7 +17,9 @@ use crate::repo::{BackupRef, Repository};
 /// What the index keeps per backup: everything but the block map.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BackupSummary {
+    /// Where the manifest is in the bucket.
     pub backup: BackupRef,
+    /// The manifest's metadata.
     pub meta: ManifestMeta,
     /// Blocks that hold a chunk (not holes).
     pub chunk_blocks: u64,
@@ -26,8 +28,11 @@ pub struct BackupSummary {
 /// Result of a sync with the bucket.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
 pub struct SyncReport {
+    /// Manifests read from the bucket and added to the index.
     pub manifests_read: usize,
+    /// Index entries dropped because their manifest is no longer listed.
     pub manifests_forgotten: usize,
+    /// Backups in the index after the sync (all volumes).
     pub backups: usize,
     /// Manifests that failed authentication or decoding: left out of the index (and so out
     /// of listings and restores) and reported, so one damaged backup does not hide the rest.
@@ -102,6 +107,7 @@ impl Index {
         }
     }
 
+    /// The index directory, or `(temporary)` for an in-memory index (for messages).
     pub fn path(&self) -> &str {
         &self.path
     }
@@ -133,6 +139,7 @@ impl Index {
         Ok(())
     }
 
+    /// Writes pending changes to disk.
     pub fn flush(&self) -> Result<()> {
         self.db.flush().map_err(self.err())?;
         Ok(())
@@ -143,11 +150,13 @@ impl Index {
         self.chunks.contains_key(id.0).map_err(self.err())
     }
 
+    /// Number of chunk IDs the index knows.
     pub fn chunk_count(&self) -> usize {
         self.chunks.len()
     }
 
-    /// Summaries, oldest first, of one volume or all.
+    /// Summaries of one volume, oldest first, or of all volumes, by volume name and then
+    /// oldest first (the index's key order).
     pub fn backups(&self, volume: Option<&str>) -> Result<Vec<BackupSummary>> {
         let iter = match volume {
             Some(v) => self.backups.scan_prefix(format!("{v}\0").into_bytes()),

@@ -31,40 +31,54 @@ impl std::fmt::Debug for MasterKey {
 }
 
 impl MasterKey {
+    /// A new random master key (32 bytes from the thread RNG), as `init` creates.
     pub fn generate() -> Self {
         let mut raw = [0u8; 32];
         rand::rng().fill_bytes(&mut raw);
         Self::from_raw(raw)
     }
 
+    /// The master key `M` from its 32 raw bytes; derives `K_id` and `K_obj` with BLAKE3's
+    /// `derive_key` (FORMAT.md §3).
     pub fn from_raw(raw: [u8; 32]) -> Self {
         let id_key = blake3::derive_key(CHUNK_ID_CONTEXT, &raw);
         let seal = SealKey::new(&blake3::derive_key(OBJECT_KEY_CONTEXT, &raw));
         MasterKey { raw, id_key, seal }
     }
 
-    /// Key for chunk IDs (keyed BLAKE3), so IDs reveal nothing about content.
+    /// `K_id`, the key for chunk IDs (keyed BLAKE3), so IDs reveal nothing about content.
     pub fn id_key(&self) -> &[u8; 32] {
         &self.id_key
     }
 
-    /// Key for sealing chunks and manifests.
+    /// `K_obj`, the AES-256-GCM key sealing chunks and manifests.
     pub fn seal_key(&self) -> &SealKey {
         &self.seal
     }
 }
 
-/// Argon2id parameters recorded in each key slot.
+/// Argon2id parameters recorded in each key slot (the `kdf` object of FORMAT.md §3).
+///
+/// Accepted when deriving: `argon2id` version 19, `m_cost_kib` ≤ 4194304 (4 GiB),
+/// `t_cost` ≤ 100, `p_cost` ≤ 64, and Argon2's own minimums; anything else is
+/// [`Error::Kdf`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct KdfParams {
+    /// The KDF's name; only `"argon2id"` is supported.
     pub algorithm: String,
+    /// The Argon2 version; only 19 (`0x13`) is supported.
     pub version: u32,
+    /// Memory cost in KiB.
     pub m_cost_kib: u32,
+    /// Time cost: number of passes.
     pub t_cost: u32,
+    /// Parallelism: number of lanes.
     pub p_cost: u32,
 }
 
 impl KdfParams {
+    /// The parameters `init`, `key add` and `key passwd` use: Argon2id v19, 19 MiB
+    /// (19456 KiB), 2 passes, 1 lane.
     pub fn argon2id_default() -> Self {
         KdfParams {
             algorithm: "argon2id".into(),
@@ -105,14 +119,25 @@ impl KdfParams {
     }
 }
 
-/// The JSON body of a `keys/<id>` object.
+/// The JSON body of a `keys/<id>` object (FORMAT.md §3): the master key wrapped under a
+/// key-encryption key derived from one passphrase.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeySlot {
+    /// The slot ID: 16 hex digits (8 random bytes), also the object name's last segment and
+    /// part of the wrap's associated data.
     pub id: String,
+    /// When the slot was created (UTC); slots are tried in this order when opening.
     pub created: chrono::DateTime<chrono::Utc>,
+    /// Free text naming the passphrase for humans.
     pub label: String,
+    /// The KDF that turns the passphrase into the key-encryption key.
     pub kdf: KdfParams,
+    /// The 16-byte KDF salt, standard base64 with padding.
     pub salt: String,
+    /// 60 bytes, standard base64 with padding: `nonce[12] ‖ ciphertext[32] ‖ tag[16]`, the
+    /// master key sealed with AES-256-GCM under the key-encryption key. The associated data
+    /// is `"ferry key slot" ‖ 00 ‖ repository id ‖ 00 ‖ slot id`, so the slot opens only in
+    /// its own repository.
     pub nonce_and_wrapped: String,
 }
 
@@ -141,7 +166,10 @@ impl KeySlot {
         })
     }
 
-    /// Unwraps the master key; `Ok(None)` when the passphrase does not fit this slot.
+    /// Unwraps the master key; `Ok(None)` when the wrap's tag does not verify: another
+    /// passphrase, a slot of another repository, or a damaged slot. Errors:
+    /// [`Error::BadObject`] for malformed base64 or wrapped key, [`Error::Kdf`] for
+    /// unsupported or out-of-range KDF parameters.
     pub fn open(&self, passphrase: &[u8], repository_id: &str) -> Result<Option<MasterKey>> {
         let bad = |reason: &str| Error::BadObject {
             path: format!("keys/{}", self.id),
@@ -160,6 +188,8 @@ impl KeySlot {
         }
     }
 
+    /// The complete `keys/<id>` object: the key slot header (flags `00`) followed by the
+    /// slot as pretty-printed JSON.
     pub fn encode(&self) -> Result<Vec<u8>> {
         let mut out = Header {
             kind: ObjectKind::KeySlot,
@@ -174,6 +204,9 @@ impl KeySlot {
         Ok(out)
     }
 
+    /// Parses a `keys/<id>` object: checks the header as a key slot's (see
+    /// [`Header::decode`]), then the JSON ([`Error::Json`] if it does not parse). `path` names
+    /// the object in errors.
     pub fn decode(bytes: &[u8], path: &str) -> Result<KeySlot> {
         Header::decode(bytes, ObjectKind::KeySlot, path)?;
         serde_json::from_slice(&bytes[HEADER_LEN..]).map_err(|source| Error::Json {

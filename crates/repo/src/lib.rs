@@ -4,6 +4,8 @@
 //! and chains, and the local chain index (a sled cache). Knows nothing of Ceph or of diff
 //! streams: it stores blocks and block maps.
 
+#![deny(missing_docs)]
+
 pub mod block_size;
 pub mod chunk;
 pub mod error;

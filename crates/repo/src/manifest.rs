@@ -15,27 +15,36 @@ use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"FMAN";
-/// Version of the manifest metadata schema.
+/// The manifest format (meta `format`) this build writes and the highest it reads; it changes
+/// when the block-map encoding or the meaning of a meta field changes (FORMAT.md §10).
 pub const MANIFEST_FORMAT: u32 = 1;
 
-/// Where the backed-up data came from.
+/// Where the backed-up data came from (meta `source`). The optional fields are omitted from
+/// the JSON when absent; ferry fills them for `rbd` sources.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Source {
     /// "diff-stream" (ferry backup --diff) or "rbd".
     pub kind: String,
+    /// The Ceph cluster's fsid (`rbd` sources).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_fsid: Option<String>,
+    /// The RBD pool (`rbd` sources).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// The RBD image name (`rbd` sources).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// The RBD image's ID, which survives renames (`rbd` sources). With `cluster_fsid` it
+    /// tells whether a later backup can be an incremental of this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_id: Option<String>,
+    /// The RBD image's object size in bytes (`rbd` sources).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object_size: Option<u64>,
 }
 
-/// Per-backup statistics (also printed as the backup summary).
+/// Per-backup statistics (meta `stats`, also printed as the backup summary). Every field is
+/// required when reading.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BackupStats {
     /// Bytes of diff stream consumed.
@@ -44,50 +53,75 @@ pub struct BackupStats {
     pub data_bytes: u64,
     /// Bytes covered by `z` records.
     pub zeroed_bytes: u64,
-    /// Blocks the diff touched (wholly or partly).
+    /// Blocks the diff touched (wholly or partly), plus a last block rewritten by the shrink
+    /// rule (FORMAT.md §6.3); = `blocks_zero` + `blocks_new` + `blocks_dedup`.
     pub blocks_changed: u64,
     /// Changed blocks that turned out all zero (stored as holes).
     pub blocks_zero: u64,
-    /// Changed blocks whose chunk was uploaded by this backup.
+    /// Changed blocks whose chunk this backup created (uploaded).
     pub blocks_new: u64,
-    /// Changed blocks whose chunk already existed (index or repository).
+    /// Changed blocks whose chunk already existed (in the local index, earlier in the same
+    /// backup, found by HEAD, or found by the create-only PUT).
     pub blocks_dedup: u64,
     /// Of those, chunks found in the repository but not in the local index (e.g. left by an interrupted backup).
     pub blocks_found_in_repo: u64,
-    /// Blocks only partly covered by the diff, completed from the parent backup.
+    /// Blocks only partly covered by the diff, completed from the parent backup's chunk
+    /// (read-modify-write; not counted when the parent's block is a hole).
     pub blocks_partial: u64,
     /// Plaintext bytes of new chunks.
     pub bytes_new: u64,
-    /// Encoded (compressed + encrypted) bytes uploaded.
+    /// Object bytes of new chunks as uploaded (header, nonce, ciphertext, tag).
     pub bytes_uploaded: u64,
+    /// Milliseconds from the start of ingest to just before the manifest is written.
     pub duration_ms: u64,
 }
 
-/// Everything in a manifest but the block map.
+/// Everything in a manifest but the block map: the meta JSON of FORMAT.md §6.1.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ManifestMeta {
+    /// Manifest format, [`MANIFEST_FORMAT`]; a higher value is refused when reading.
     pub format: u32,
+    /// The backup ID: 16 hex digits (8 random bytes), the suffix of the manifest's name.
     pub backup_id: String,
+    /// The repository's ID (`config.repository_id`, 32 hex digits).
     pub repository_id: String,
+    /// The volume, equal to the `<volume>` segment of the manifest's key.
     pub volume: String,
+    /// Commit time on the writer's clock (UTC); the manifest name's time part is derived
+    /// from it.
     pub created: chrono::DateTime<chrono::Utc>,
+    /// Where the data came from.
     pub source: Source,
+    /// The diff stream's from-snapshot (its `f` record); `None` for a full backup.
     pub from_snap: Option<String>,
+    /// The diff stream's to-snapshot (its `t` record; for `rbd` sources the `ferry-…`
+    /// snapshot).
     pub to_snap: Option<String>,
+    /// Backup ID (same volume) of the backup this incremental was applied to; `None` for a
+    /// full backup.
     pub parent: Option<String>,
+    /// Volume size in bytes (the stream's `s` record).
     pub image_size: u64,
+    /// Bytes per block of the map; an incremental keeps its parent's.
     pub block_size: BlockSize,
+    /// Free-form labels (`--label K=V`); empty when absent from the JSON.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Whether the source marked the snapshot protected (the stream's v2 `p` record); false
+    /// when absent from the JSON.
     #[serde(default)]
     pub protected: bool,
+    /// What the backup cost.
     pub stats: BackupStats,
 }
 
 /// A backup: metadata and a full block map (`None` = hole).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
+    /// The metadata.
     pub meta: ManifestMeta,
+    /// The block map, one entry per block (⌈`image_size` / `block_size`⌉ entries): the
+    /// chunk holding the block's content, or `None` for a hole (reads as zeros).
     pub blocks: Vec<Option<ChunkId>>,
 }
 
@@ -98,6 +132,8 @@ impl Manifest {
         self.meta.image_size.saturating_sub(index * bs).min(bs)
     }
 
+    /// The manifest plaintext (FORMAT.md §6): `FMAN`, `meta_len`, the compact meta JSON,
+    /// `block_count`, then maximal runs. Compression and sealing are the caller's.
     pub fn encode(&self) -> Result<Vec<u8>> {
         let meta = serde_json::to_vec(&self.meta).map_err(|source| Error::Json {
             context: "encoding manifest".into(),
@@ -128,6 +164,13 @@ impl Manifest {
         Ok(out)
     }
 
+    /// Parses a manifest plaintext (the opened seal's payload); `path` names the manifest in
+    /// errors. A meta `format` above [`MANIFEST_FORMAT`] is [`Error::UnsupportedFormat`];
+    /// a bad magic, meta JSON, block count (not ⌈`image_size` / `block_size`⌉, or more than
+    /// the input can describe), run or trailing bytes is [`Error::ManifestDecode`]. Does not
+    /// compare the meta with the manifest's key ([`Repository::read_manifest`] does).
+    ///
+    /// [`Repository::read_manifest`]: crate::Repository::read_manifest
     pub fn decode(bytes: &[u8], path: &str) -> Result<Manifest> {
         let bad = |reason: String| Error::ManifestDecode {
             path: path.to_string(),

@@ -13,19 +13,28 @@ use rand::RngCore;
 
 use crate::error::{Error, Result};
 
+/// The first 4 bytes of every object: `FERY` (`46 45 52 59`).
 pub const MAGIC: &[u8; 4] = b"FERY";
+/// The envelope version this build writes and the only one it reads (header byte 4).
 pub const OBJECT_VERSION: u8 = 1;
+/// Length of the fixed header in bytes: magic, version, kind, flags, reserved.
 pub const HEADER_LEN: usize = 8;
+/// Length of the AES-GCM nonce in bytes (96 bits), random per object.
 pub const NONCE_LEN: usize = 12;
+/// Length of the AES-GCM authentication tag in bytes (128 bits).
 pub const TAG_LEN: usize = 16;
 
 /// What an object is; part of the header and of the associated data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum ObjectKind {
+    /// `config`: plain header and JSON (kind byte `01`).
     Config = 1,
+    /// `keys/<slot id>`: plain header and JSON with the wrapped master key (kind byte `02`).
     KeySlot = 2,
+    /// `chunks/<2 hex>/<64 hex>`: one block's content, sealed (kind byte `03`).
     Chunk = 3,
+    /// `volumes/<volume>/backups/<name>`: one backup's manifest, sealed (kind byte `04`).
     Manifest = 4,
 }
 
@@ -41,17 +50,24 @@ impl ObjectKind {
     }
 }
 
+/// Flags bit 0: the payload is one zstd frame of the plaintext.
 pub const FLAG_ZSTD: u8 = 0b01;
+/// Flags bit 1: the body is sealed (`nonce ‖ ciphertext ‖ tag`); required for chunks and
+/// manifests.
 pub const FLAG_ENCRYPTED: u8 = 0b10;
 
 /// The parsed fixed header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// The object kind (header byte 5).
     pub kind: ObjectKind,
+    /// The flags byte (header byte 6): [`FLAG_ZSTD`], [`FLAG_ENCRYPTED`]; no other bit is
+    /// valid.
     pub flags: u8,
 }
 
 impl Header {
+    /// The 8 header bytes: magic, [`OBJECT_VERSION`], kind, flags, reserved `00`.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[..4].copy_from_slice(MAGIC);
@@ -61,7 +77,10 @@ impl Header {
         h
     }
 
-    /// Parses and checks the header of `bytes` as an object of `expected` kind.
+    /// Parses and checks the header of `bytes` as an object of `expected` kind: length,
+    /// magic, version ([`Error::UnsupportedFormat`] if not 1), kind, no unknown flag bits,
+    /// reserved byte zero ([`Error::BadObject`] otherwise). `path` names the object in errors.
+    /// Does not check which flags the kind requires.
     pub fn decode(bytes: &[u8], expected: ObjectKind, path: &str) -> Result<Header> {
         let bad = |reason: String| Error::BadObject {
             path: path.to_string(),
@@ -97,6 +116,7 @@ impl Header {
 pub struct SealKey(Aes256Gcm);
 
 impl SealKey {
+    /// A seal key from 32 raw key bytes.
     pub fn new(key: &[u8; 32]) -> Self {
         // Length is fixed by the type, so this cannot fail.
         SealKey(Aes256Gcm::new(&(*key).into()))
@@ -126,7 +146,9 @@ impl SealKey {
     }
 
     /// Verifies and decrypts a sealed body (`nonce | ciphertext | tag`) in place; returns the
-    /// range of the plaintext within `body`. `header` is the object's 8 header bytes.
+    /// range of the plaintext within `body`. `header` is the object's 8 header bytes (empty
+    /// for a key slot's wrapped key); the associated data is `header ‖ identity`. A tag that
+    /// does not verify is [`Error::Integrity`].
     pub fn open_in_place(&self, header: &[u8], identity: &[u8], body: &mut [u8], path: &str) -> Result<std::ops::Range<usize>> {
         if body.len() < NONCE_LEN + TAG_LEN {
             return Err(Error::BadObject {

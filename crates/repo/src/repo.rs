@@ -29,26 +29,40 @@ pub const REPO_FORMAT: u32 = 1;
 /// but bounded).
 const MAX_MANIFEST_LEN: usize = 1 << 30;
 
-/// The `config` object.
+/// The JSON body of the `config` object (FORMAT.md §4): plain, neither encrypted nor
+/// authenticated, written once by `init`. Unknown fields are ignored when reading.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RepoConfig {
+    /// Repository format, [`REPO_FORMAT`]; a higher value is refused when opening.
     pub format: u32,
+    /// The repository ID: 32 hex digits (16 random bytes). Part of every key slot's wrap
+    /// associated data and recorded in every manifest.
     pub repository_id: String,
+    /// When `init` created the repository (UTC).
     pub created: chrono::DateTime<chrono::Utc>,
     /// Default block size of new volumes (each manifest records its own).
     pub block_size: BlockSize,
-    /// Default zstd level for new chunks.
+    /// Default zstd level for new chunks (1–19; `init` refuses others).
     pub zstd_level: i32,
+    /// The chunk ID algorithm; ferry writes `"blake3-keyed"` and does not check it when
+    /// reading.
     pub chunk_id: String,
+    /// The cipher of chunks and manifests; ferry writes `"aes-256-gcm"` and does not check
+    /// it when reading.
     pub cipher: String,
 }
 
-/// Options for `init`.
+/// Options for `init`; the defaults are 4 MiB blocks, zstd level 3, the default Argon2id
+/// parameters and an empty label.
 #[derive(Debug, Clone)]
 pub struct InitOptions {
+    /// Default block size of new volumes (`config.block_size`).
     pub block_size: BlockSize,
+    /// zstd level for new chunks (`config.zstd_level`), 1–19.
     pub zstd_level: i32,
+    /// KDF parameters of the first key slot.
     pub kdf: KdfParams,
+    /// Label of the first key slot.
     pub label: String,
 }
 
@@ -94,15 +108,20 @@ pub struct BackupDraft {
 /// A backup's manifest as named in the bucket, before it is read.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct BackupRef {
+    /// The volume (the key's `<volume>` segment).
     pub volume: String,
-    /// `<time>-<backup id>`, sortable by time.
+    /// The manifest name, `<time>-<backup id>` with the time as `%Y%m%dT%H%M%S%.6fZ` (UTC),
+    /// sortable by time within a volume.
     pub name: String,
 }
 
 impl BackupRef {
+    /// The manifest's object key, `volumes/<volume>/backups/<name>` (also its seal's
+    /// identity).
     pub fn key(&self) -> String {
         format!("volumes/{}/backups/{}", self.volume, self.name)
     }
+    /// The backup ID: the part of the name after the last `-`.
     pub fn backup_id(&self) -> &str {
         self.name.rsplit('-').next().unwrap_or(&self.name)
     }
@@ -243,6 +262,8 @@ impl Repository {
         Err(Error::WrongPassword { slots: slots.len() })
     }
 
+    /// Reads every object under `keys/` as a key slot, oldest `created` first. Fails if any of
+    /// them is not a valid key slot.
     pub async fn read_key_slots(store: &Store) -> Result<Vec<KeySlot>> {
         let prefix = p("keys");
         let metas: Vec<_> = store
@@ -261,15 +282,19 @@ impl Repository {
         Ok(slots)
     }
 
+    /// The `config` object as read (or written by `init`).
     pub fn config(&self) -> &RepoConfig {
         &self.config
     }
+    /// The repository ID (`config.repository_id`, 32 hex digits).
     pub fn id(&self) -> &str {
         &self.config.repository_id
     }
+    /// The object store the repository lives in.
     pub fn store(&self) -> &Store {
         &self.store
     }
+    /// The repository URL as given (for messages).
     pub fn url(&self) -> &str {
         &self.store.url
     }
@@ -391,6 +416,9 @@ impl Repository {
         Ok((r, manifest))
     }
 
+    /// Downloads, opens and decodes a manifest, and checks that its meta names the volume,
+    /// repository and backup ID its key says ([`Error::ManifestDecode`] if not). A compressed
+    /// plaintext beyond 1 GiB is refused ([`Error::Decompress`]).
     pub async fn read_manifest(&self, r: &BackupRef) -> Result<Manifest> {
         let key = r.key();
         let bytes = get_bytes(self.store.inner.as_ref(), &key).await?;
@@ -442,7 +470,8 @@ impl Repository {
         Ok(out)
     }
 
-    /// Deletes a manifest (the backup disappears; its chunks become garbage for GC).
+    /// Deletes a manifest (the backup disappears; chunks no other manifest references become
+    /// garbage, which ferry does not collect yet).
     pub async fn delete_manifest(&self, r: &BackupRef) -> Result<()> {
         let path = p(&r.key());
         self.store.inner.delete(&path).await.map_err(|e| Error::store("delete", &path, e))
