@@ -193,3 +193,17 @@ fn a_missing_passphrase_is_named_as_such() {
     assert!(err.contains("no passphrase"), "{err}");
     assert!(!err.contains("key slot"), "{err}");
 }
+
+/// Options that only apply to `--diff` streams are refused with an `rbd:` source instead of
+/// being silently ignored (an RBD backup's block size is the image's object size).
+#[test]
+fn diff_only_options_are_refused_with_an_rbd_source() {
+    let repo = Repo::file(&[]);
+    for args in [
+        ["backup", "rbd:rbd/img", "--block-size", "1M"],
+        ["backup", "rbd:rbd/img", "--parent", "latest"],
+    ] {
+        let err = repo.fails(&args, 2);
+        assert!(err.contains("cannot be used with"), "{args:?}: {err}");
+    }
+}
