@@ -3,6 +3,9 @@
 //! one file per command (`cmd_*.rs`). The pipelines live in `ferry-engine`, the repository
 //! in `ferry-repo`, the diff codec in `rbd-diff`, the Ceph driver in `ferry-ceph`.
 
+// Doc comments of the argument structs are `--help` text (plain text, URLs included).
+#![allow(rustdoc::bare_urls)]
+
 mod args;
 mod cmd_audit;
 mod cmd_backup;
