@@ -207,3 +207,10 @@ fn diff_only_options_are_refused_with_an_rbd_source() {
         assert!(err.contains("cannot be used with"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn an_upload_limit_of_zero_is_refused() {
+    let repo = Repo::file(&[]);
+    let err = repo.fails(&["ls", "--limit-upload", "0"], 2);
+    assert!(err.contains("would stop every upload"), "{err}");
+}

@@ -275,6 +275,21 @@ fn one_damaged_manifest_does_not_hide_the_other_volumes() {
         String::from_utf8_lossy(&ls.stdout)
     );
     assert!(String::from_utf8_lossy(&ls.stderr).contains("unreadable"));
+    // Damage is never answered with "no such backup" or with another backup: restoring the
+    // damaged volume is an integrity failure (exit 3), and so is `latest` when the newest
+    // backup of a volume is the damaged one, while older backups stay reachable by name.
+    let out_a = repo.path("a.raw");
+    let err = repo.fails(&["restore", "a", "--no-index", "--to", out_a.to_str().expect("utf8")], 3);
+    assert!(err.contains("unreadable"), "{err}");
+    b.write(5, b"newer");
+    let newer = repo.backup_bytes("b", &b.diff("s2", Vec::new()).expect("diff"));
+    let key = repo.repo_dir().join(newer["object"].as_str().expect("object"));
+    let mut bytes = std::fs::read(&key).expect("read");
+    bytes[40] ^= 0x01;
+    std::fs::write(&key, bytes).expect("write");
+    let err = repo.fails(&["restore", "b", "--no-index", "--to", out.to_str().expect("utf8"), "--force"], 3);
+    assert!(err.contains("newest backup") && err.contains("unreadable"), "{err}");
+    repo.ok(&["restore", "b@s1", "--no-index", "--to", out.to_str().expect("utf8"), "--force"]);
 }
 
 #[test]

@@ -39,8 +39,15 @@ pub struct RepoArgs {
     #[arg(long, env = "FERRY_STORE_RETRIES", global = true)]
     pub store_retries: Option<usize>,
     /// Upload bandwidth limit shared by all connections, bytes per second (e.g. 50M).
-    #[arg(long, env = "FERRY_LIMIT_UPLOAD", global = true, value_parser = crate::output::parse_size, value_name = "BYTES_PER_S")]
+    #[arg(long, env = "FERRY_LIMIT_UPLOAD", global = true, value_parser = parse_rate, value_name = "BYTES_PER_S")]
     pub limit_upload: Option<u64>,
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    match crate::output::parse_size(s)? {
+        0 => Err("an upload limit of 0 would stop every upload; omit the option for no limit".into()),
+        n => Ok(n),
+    }
 }
 
 /// Environment variable that turns on the store fault injector (tests only; see

@@ -22,7 +22,7 @@ pub enum OutFormat {
 
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
-    /// VOLUME or VOLUME@BACKUP: BACKUP is 'latest', a backup ID or unique prefix, a snapshot
+    /// VOLUME or VOLUME@BACKUP: BACKUP is 'latest', a backup ID or unique prefix (4+ digits), a snapshot
     /// name, or explicitly id:PREFIX / snap:NAME (a bare word that is both is refused).
     target: String,
     /// Where to write: a file (sparse), a block device, '-' for stdout, or rbd:POOL/IMAGE.

@@ -339,7 +339,12 @@ where
                 (Ok(v), Ok(())) => Ok(v),
                 (Ok(_), Err(e)) => Err(e.context("the diff stream's producer failed")),
                 (Err(e), Ok(())) => Err(e),
-                (Err(e), Err(f)) => Err(e.context(format!("{f}"))),
+                // The producer's failure is the cause (a cut stream fails to parse too).
+                (Err(e), Err(f)) => Err(Error::new(
+                    f.kind(),
+                    format!("the diff stream's producer failed: {f}"),
+                    Some(Box::new(e)),
+                )),
             };
             (result, workers_stopped)
         })
@@ -458,8 +463,17 @@ where
         None => draft,
     };
     let (backup, manifest) = repo.commit(draft).await.context("committing the backup (writing its manifest)")?;
-    // The index is a cache: a failure here does not undo the commit.
-    if let Err(e) = index.insert_backup(&backup, &manifest).and_then(|_| index.flush()) {
+    // The index is a cache: a failure here does not undo the commit. (sled flushes with
+    // fsync: off the async threads.)
+    // Nothing after the commit may turn it into a failure.
+    let indexed = {
+        let (index, backup, manifest) = (index.clone(), backup.clone(), manifest.clone());
+        tokio::task::spawn_blocking(move || index.insert_backup(&backup, &manifest).and_then(|_| index.flush()))
+            .await
+            .map_err(Error::from)
+            .and_then(|r| r.map_err(Error::from))
+    };
+    if let Err(e) = indexed {
         crate::observer::warn(
             observer.as_ref(),
             &format!("backup committed, but the local index was not updated: {e}"),

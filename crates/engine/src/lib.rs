@@ -132,12 +132,32 @@ impl Engine {
     }
 
     /// The backup `spec` names in `volume`, with its manifest.
+    ///
+    /// Damage never turns into a different answer: when the backup cannot be found and some of
+    /// the volume's manifests are unreadable, or `latest` would skip a newer unreadable one,
+    /// this fails with [`ErrorKind::Integrity`] instead of resolving to another backup.
     pub async fn resolve(&self, volume: &str, spec: &BackupSpec) -> Result<(BackupRef, Arc<Manifest>)> {
         let chain = self.chain(volume).await?;
-        let found = chain.resolve(volume, spec).map_err(|e| match e {
-            ferry_repo::Error::NoBackups { .. } => Error::refused(format!("volume '{volume}' has no backups in {}", self.repo.url())),
-            e => e.into(),
-        })?;
+        let damaged = |what: String| {
+            let list: Vec<String> = chain.unreadable.iter().map(|(r, e)| format!("  {}: {e}", r.backup_id())).collect();
+            Error::integrity(format!("{what}; unreadable manifests of volume '{volume}':\n{}", list.join("\n")))
+        };
+        let found = match chain.resolve(volume, spec) {
+            Ok(found) => found,
+            Err(ferry_repo::Error::NoBackups { .. } | ferry_repo::Error::NoSuchBackup { .. }) if !chain.unreadable.is_empty() => {
+                return Err(damaged(format!("volume '{volume}' has no readable backup '{spec}'")));
+            }
+            Err(ferry_repo::Error::NoBackups { .. }) => {
+                return Err(Error::refused(format!("volume '{volume}' has no backups in {}", self.repo.url())));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if *spec == BackupSpec::Latest && chain.unreadable.iter().any(|(r, _)| r.name > found.backup.name) {
+            return Err(damaged(format!(
+                "the newest backup of volume '{volume}' is unreadable, so 'latest' cannot be {}; name the backup to use",
+                found.meta.backup_id
+            )));
+        }
         let m = self.repo.read_manifest(&found.backup).await?;
         Ok((found.backup.clone(), Arc::new(m)))
     }

@@ -21,18 +21,19 @@ pub enum Operation {
 /// One thing that happened.
 #[derive(Debug, Clone, Copy)]
 pub enum Event<'a> {
-    /// An operation began; `total` is the number of bytes it will process, when known.
+    /// An operation began; `total` is the amount of work (in [`Event::Progress`]'s units), when known.
     Started {
         /// Which operation.
         op: Operation,
-        /// Bytes to process, if known (a stream from stdin has no known length).
+        /// Work to do, if known (a stream from stdin has no known length).
         total: Option<u64>,
     },
-    /// Bytes processed so far (monotonic within one operation).
+    /// Work done so far (monotonic within one operation): bytes of the diff stream for a
+    /// backup, bytes of the volume for a restore, chunks checked for an audit.
     Progress {
         /// Which operation.
         op: Operation,
-        /// Bytes processed so far.
+        /// Units done so far (see above).
         done: u64,
     },
     /// The operation ended (successfully or not).
@@ -97,8 +98,8 @@ impl Observer for Recorder {
 /// Shared observer handle.
 pub type SharedObserver = Arc<dyn Observer>;
 
-/// Sends a warning to the observer and to the log.
+/// Sends a warning to the observer (which decides where it is shown or logged).
 pub(crate) fn warn(obs: &dyn Observer, message: &str) {
-    tracing::warn!("{message}");
+    tracing::debug!("warning: {message}");
     obs.event(Event::Warning { message });
 }

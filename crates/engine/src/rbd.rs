@@ -158,6 +158,12 @@ impl Engine {
     /// Backs up `image`: lease, snapshot, export-diff from the base, ingest, commit, rotate
     /// snapshots, release.
     pub async fn backup_rbd(&self, ceph: &Ceph, image: &RbdImage, opts: RbdBackupOptions) -> Result<RbdBackupOutcome> {
+        self.backup_rbd_leased(ceph, image, opts)
+            .await
+            .with_context(|| format!("backup of rbd:{image} failed; nothing was committed"))
+    }
+
+    async fn backup_rbd_leased(&self, ceph: &Ceph, image: &RbdImage, opts: RbdBackupOptions) -> Result<RbdBackupOutcome> {
         let volume = opts.volume.clone().unwrap_or_else(|| image.volume());
         ferry_repo::validate_volume_name(&volume)?;
 
@@ -221,7 +227,9 @@ impl Engine {
                 );
             }
         }
-        result.with_context(|| format!("backup of rbd:{image} failed; nothing was committed"))
+        // Dropping the last handle shuts librados down, which blocks.
+        let _ = tokio::task::spawn_blocking(move || drop(cluster)).await;
+        result
     }
 
     /// A restore target for `image` (see [`RbdTarget`]).
@@ -557,10 +565,7 @@ impl RestoreTarget for RbdTarget {
                 self.created = false;
                 Some(format!("the incomplete image {} was removed", self.image))
             }
-            Err(e) => {
-                tracing::warn!("could not remove the incomplete image {}: {e}", self.image);
-                None
-            }
+            Err(e) => Some(format!("the incomplete image {} could not be removed: {e}", self.image)),
         }
     }
 }

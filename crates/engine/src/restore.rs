@@ -149,7 +149,11 @@ fn failure(m: &Manifest, index: u64, id: &ChunkId, e: &ferry_repo::Error) -> Blo
         offset: index * m.meta.block_size.get(),
         chunk: id.to_hex(),
         error: e.to_string(),
-        kind: crate::error::repo_error_kind(e),
+        // A chunk the manifest references and the store does not have is missing data.
+        kind: match e {
+            ferry_repo::Error::NotFound { .. } => ErrorKind::Integrity,
+            e => crate::error::repo_error_kind(e),
+        },
     }
 }
 

@@ -115,11 +115,14 @@ impl RestoreTarget for FileTarget {
 
     fn abandon(&mut self) -> Option<String> {
         self.file = None;
-        if self.created && std::fs::remove_file(&self.path).is_ok() {
-            self.created = false;
-            return Some(format!("the partial output {} was removed", self.path.display()));
+        if !self.created {
+            return None;
         }
-        None
+        self.created = false;
+        Some(match std::fs::remove_file(&self.path) {
+            Ok(()) => format!("the partial output {} was removed", self.path.display()),
+            Err(e) => format!("the partial output {} could not be removed: {e}", self.path.display()),
+        })
     }
 }
 
@@ -194,9 +197,12 @@ impl RestoreTarget for StreamTarget {
     fn abandon(&mut self) -> Option<String> {
         self.out = None;
         match &self.path {
-            Some((p, _)) if self.created && std::fs::remove_file(p).is_ok() => {
+            Some((p, _)) if self.created => {
                 self.created = false;
-                Some(format!("the partial output {} was removed", p.display()))
+                Some(match std::fs::remove_file(p) {
+                    Ok(()) => format!("the partial output {} was removed", p.display()),
+                    Err(e) => format!("the partial output {} could not be removed: {e}", p.display()),
+                })
             }
             _ => None,
         }

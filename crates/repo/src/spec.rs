@@ -2,12 +2,16 @@
 //!
 //! A spec is `latest`, `id:HEX` (a backup ID or a unique prefix of one), `snap:NAME` (the
 //! backup whose to-snapshot is exactly NAME), or a bare word. A bare word is looked up both
-//! ways; when it names exactly one backup by to-snapshot and nothing else by ID prefix, or
-//! exactly one by ID prefix and nothing by snapshot, that backup is meant. When the two readings
-//! disagree, ferry refuses and asks for `id:` or `snap:` — it never guesses.
+//! ways (as an ID prefix only if it has at least [`MIN_BARE_PREFIX`] hex digits); when it names
+//! exactly one backup by to-snapshot and nothing else by ID prefix, or exactly one by ID prefix
+//! and nothing by snapshot, that backup is meant. When the two readings disagree, ferry refuses
+//! and asks for `id:` or `snap:` — it never guesses.
 
 use crate::error::{Error, Result};
 use crate::index::BackupSummary;
+
+/// Shortest bare word taken as a backup-ID prefix (shorter prefixes need `id:`).
+pub const MIN_BARE_PREFIX: usize = 4;
 
 /// How a user names a backup within a volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,7 +113,9 @@ pub fn resolve<'a>(volume: &str, chain: &'a [BackupSummary], spec: &BackupSpec) 
         BackupSpec::Snapshot(s) => one(by_snap(s), "by snapshot name"),
         BackupSpec::Either(s) => {
             let snaps = by_snap(s);
-            let is_hex = s.bytes().all(|b| b.is_ascii_hexdigit());
+            // A short hex word (a snapshot named "4") is too likely to be something else to
+            // stand for an ID prefix; `id:` says it is one.
+            let is_hex = s.len() >= MIN_BARE_PREFIX && s.bytes().all(|b| b.is_ascii_hexdigit());
             let ids = if is_hex { by_id(s) } else { Vec::new() };
             match (snaps.is_empty(), ids.is_empty()) {
                 (true, true) => Err(no_such()),
@@ -169,17 +175,21 @@ mod tests {
     fn forms() {
         let c = chain(&[("aa11", "s1"), ("ab22", "s2"), ("cafe", "ab"), ("dd44", "dd44")]);
         assert_eq!(pick(&c, "latest").unwrap(), "dd44");
-        assert_eq!(pick(&c, "aa").unwrap(), "aa11");
+        assert_eq!(pick(&c, "aa11").unwrap(), "aa11");
+        // Short hex words are not ID prefixes unless said so.
+        assert!(matches!(pick(&c, "aa").unwrap_err(), Error::NoSuchBackup { .. }));
+        assert_eq!(pick(&c, "id:aa").unwrap(), "aa11");
         assert_eq!(pick(&c, "s2").unwrap(), "ab22");
         assert_eq!(pick(&c, "id:AB2").unwrap(), "ab22");
         assert_eq!(pick(&c, "snap:ab").unwrap(), "cafe");
         // A snapshot named like a prefix of another backup's ID: refused, never a guess.
-        let e = pick(&c, "ab").unwrap_err();
+        let c = chain(&[("aa11", "s1"), ("ab22cd", "s2"), ("cafe", "ab22"), ("dd44", "dd44")]);
+        let e = pick(&c, "ab22").unwrap_err();
         assert!(matches!(e, Error::AmbiguousBackup { .. }), "{e}");
-        assert!(e.to_string().contains("snap:ab"), "{e}");
+        assert!(e.to_string().contains("snap:ab22"), "{e}");
         // Both readings name the same backup: fine.
         assert_eq!(pick(&c, "dd44").unwrap(), "dd44");
-        assert!(matches!(pick(&c, "a").unwrap_err(), Error::AmbiguousBackup { .. }));
+        assert!(matches!(pick(&c, "id:a").unwrap_err(), Error::AmbiguousBackup { .. }));
         assert!(matches!(pick(&c, "zz").unwrap_err(), Error::NoSuchBackup { .. }));
         assert!(matches!(pick(&c, "snap:nope").unwrap_err(), Error::NoSuchBackup { .. }));
         assert!(matches!(pick(&c, "id:xyz").unwrap_err(), Error::InvalidArgument(_)));
