@@ -17,6 +17,7 @@
 #   --keep         keep the repositories and restored images (default: repositories are
 #                  kept until the next run, restored images are deleted after verification)
 #   --out FILE     also write the Markdown report to FILE (default DIR/report.md)
+#   --judge FILE   run nothing: print the report of an existing results.tsv (re-judge it)
 #
 # Environment: CARGO_TARGET_DIR (default /tmp/target-bench), CARGO_JOBS (default 2),
 # FERRY_CEPH_DIR (dev cluster directory, default /tmp/ferry-ceph), BENCH_POOL (default rbd),
@@ -36,11 +37,12 @@ SKIP_PEERS=0
 CEILING=1
 KEEP=0
 OUT=""
+JUDGE=""
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/tmp/target-bench}
 CARGO_JOBS=${CARGO_JOBS:-2}
 POOL=${BENCH_POOL:-rbd}
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -53,11 +55,227 @@ while [[ $# -gt 0 ]]; do
     --no-ceiling) CEILING=0 ;;
     --keep) KEEP=1 ;;
     --out) OUT=$2; shift ;;
+    --judge) JUDGE=$2; shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "compare.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
     esac
     shift
 done
+
+# ------------------------------------------------------------------ judging
+
+# judge RESULTS: the goals table. Every goal names the runs it rests on; it is **yes** only when
+# all of them ran in every round without failing and every restore among them matched the
+# source in every round. A run that failed, crashed, was not run because an earlier step failed,
+# or is missing from a round makes the goal **NO** with the reason; n/a only for what the
+# options did not ask for (--skip-peers, no --with-ceph, --no-ceiling). The peak-RSS bound
+# covers ferry's rbd: runs too.
+judge() {
+    python3 - "$1" <<'PY'
+import json, sys
+
+MIB = 1 << 20
+vals = {}
+with open(sys.argv[1]) as f:
+    for line in f:
+        k, _, v = line.rstrip("\n").partition("\t")
+        if k:
+            vals.setdefault(k, []).append(v)
+
+
+def last(k, default=None):
+    return vals[k][-1] if k in vals else default
+
+
+def floats(k):
+    out = []
+    for v in vals.get(k, []):
+        try:
+            out.append(float(v))
+        except ValueError:
+            pass
+    return out
+
+
+rounds = int(float(last("rounds", "1")))
+size = float(last("size", "0"))
+cores = int(float(last("cores", "1")))
+# What the options asked for (older results files lack the keys: infer from what is there).
+asked = {
+    "ferry": True,
+    "peers": last("skip_peers") == "0" if "skip_peers" in vals
+    else any(k.split(".")[0] in ("restic", "borg", "benji") for k in vals),
+    "ceph": last("with_ceph") == "1" if "with_ceph" in vals
+    else any(k.startswith(("rbd.", "ceph.", "ferry.rbd")) for k in vals),
+    "ceiling": last("ceiling") == "1" if "ceiling" in vals else any(k.startswith("kernel.") for k in vals),
+}
+why_not_asked = {"peers": "--skip-peers", "ceph": "no --with-ceph", "ceiling": "--no-ceiling"}
+
+
+def group(run):
+    tool = run.split(".")[0]
+    if tool in ("restic", "borg", "benji"):
+        return "peers"
+    if tool == "rbd" or run.startswith("ferry.rbd_"):
+        return "ceph"
+    return "ferry"
+
+
+def short(msg):
+    msg = " ".join(str(msg).split()).replace("|", "/")
+    return msg if len(msg) <= 160 else msg[:157] + "..."
+
+
+def status(run):
+    """None if RUN ran in every round without failing, else why not."""
+    tool = run.split(".")[0]
+    for k in (None if run.startswith("ferry.rbd_") else f"{tool}.error", "ceph.error" if group(run) == "ceph" else None,
+              "ferry.rbd.skipped" if run.startswith("ferry.rbd_") else None, f"{run}.error"):
+        if k and k in vals:
+            n = len(vals[k])
+            return f"{run}: {short(vals[k][0])}" + (f" ({n} of {rounds} rounds)" if rounds > 1 and k.startswith(run) else "")
+    n = len(floats(f"{run}.s"))
+    if n < rounds:
+        return f"{run}: measured in {n} of {rounds} rounds (crashed or not run)"
+    return None
+
+
+def verification(run):
+    """None if every round's restore of RUN was compared with the source and equal."""
+    v = vals.get(f"{run}.verified", [])
+    bad = sum(1 for x in v if x != "1")
+    if bad:
+        return f"{run}: the restored image DIFFERS from the source ({bad} of {len(v)} checks)"
+    if len(v) < rounds:
+        return f"{run}: compared with the source in only {len(v)} of {rounds} rounds"
+    return None
+
+
+def best(run):
+    return min(floats(f"{run}.s"))
+
+
+rows = []
+
+
+def goal(text, runs, restores, value, ok, shown):
+    groups = {group(r) for r in runs}
+    skipped = [why_not_asked[g] for g in sorted(groups) if not asked[g]]
+    if skipped:
+        rows.append((text, f"not measured ({', '.join(skipped)})", "n/a"))
+        return
+    problems = [p for p in map(status, runs) if p]
+    problems += [p for r in restores if not status(r) for p in [verification(r)] if p]
+    if problems:
+        rows.append((text, "failed: " + "; ".join(problems), "**NO**"))
+        return
+    try:
+        x = value()
+    except Exception as e:  # a measurement is unusable (e.g. missing kernels)
+        rows.append((text, f"failed: {short(e)}", "**NO**"))
+        return
+    rows.append((text, shown(x), "**yes**" if ok(x) else "**NO**"))
+
+
+ratio = lambda x: f"{x:.2f}×"
+PEERS = [("restic", "restic 0.14"), ("borg", "borg 1.2"), ("benji", "Benji 0.17")]
+for t, name in PEERS:
+    goal(f"full backup ≥ 3× {name}", ["ferry.full", f"{t}.full"], ["ferry.restore", f"{t}.restore"],
+         lambda t=t: best(f"{t}.full") / best("ferry.full"), lambda x: x >= 3, ratio)
+goal("incremental ≥ 10× restic", ["ferry.incr", "restic.incr"], ["ferry.restore", "restic.restore"],
+     lambda: best("restic.incr") / best("ferry.incr"), lambda x: x >= 10, ratio)
+goal("incremental ≥ 2× Benji with hints", ["ferry.incr", "benji.incr"], ["ferry.restore", "benji.restore"],
+     lambda: best("benji.incr") / best("ferry.incr"), lambda x: x >= 2, ratio)
+goal("restore ≥ 2× Benji", ["ferry.restore", "benji.restore"], ["ferry.restore", "benji.restore"],
+     lambda: best("benji.restore") / best("ferry.restore"), lambda x: x >= 2, ratio)
+goal("restore ≥ 3× restic", ["ferry.restore", "restic.restore"], ["ferry.restore", "restic.restore"],
+     lambda: best("restic.restore") / best("ferry.restore"), lambda x: x >= 3, ratio)
+
+
+def repo_ratio():
+    ferry, borg = floats("ferry.repo"), floats("borg.repo")
+    if not ferry or not borg:
+        raise ValueError("repository size not recorded")
+    return max(ferry) / max(borg)
+
+
+goal("repository ≤ 1.02 × borg's", ["ferry.full", "ferry.incr", "borg.full", "borg.incr"],
+     ["ferry.restore", "borg.restore"], repo_ratio, lambda x: x <= 1.02, lambda x: f"{x:.3f}")
+rss_runs = ["ferry.full", "ferry.incr", "ferry.restore"] + (
+    ["ferry.rbd_backup", "ferry.rbd_restore"] if asked["ceph"] else [])
+
+
+def peak_rss():
+    per = {r: max(floats(f"{r}.rss")) / 1024 for r in rss_runs if floats(f"{r}.rss")}
+    missing = [r for r in rss_runs if r not in per]
+    if missing:
+        raise ValueError(f"no peak RSS recorded for {', '.join(missing)}")
+    worst = max(per, key=per.get)
+    return per[worst], worst
+
+
+goal("ferry peak RSS ≤ 128 MiB" + (" (file and rbd: runs)" if asked["ceph"] else ""), rss_runs, [],
+     peak_rss, lambda x: x[0] <= 128, lambda x: f"{x[0]:.0f} MiB ({x[1]})")
+goal("RBD full backup ≤ 1.15 × bare export-diff", ["ferry.rbd_backup", "rbd.export_diff", "ferry.rbd_restore"],
+     ["ferry.rbd_restore"], lambda: best("ferry.rbd_backup") / best("rbd.export_diff"), lambda x: x <= 1.15, ratio)
+goal("RBD restore ≤ 1.25 × rbd import", ["ferry.rbd_restore", "rbd.import"], ["ferry.rbd_restore"],
+     lambda: best("ferry.rbd_restore") / best("rbd.import"), lambda x: x <= 1.25, ratio)
+
+
+def ceiling_share():
+    kinds = json.loads(last("kinds", "null") or "null")
+    kern = {k: floats(f"kernel.chunk_encode.{k}") for k in ("binary", "text", "random")}
+    kz = floats("kernel.zero")
+    if not kinds or not all(kern.values()) or not kz:
+        raise ValueError("criterion kernels or block mix missing (see logs/criterion.log)")
+    ns = kinds["zero"] * kz[-1] + sum(kinds[k] * kern[k][-1] for k in kern)
+    ceiling_bps = size / (ns / 1e9 / cores)
+    return (size / best("ferry.full")) / ceiling_bps
+
+
+# The ceiling is a goal of ferry's file run; it needs the kernels only when they were asked for.
+if asked["ceiling"]:
+    goal("backup pipeline ≥ 80% of the ceiling", ["ferry.full"], ["ferry.restore"], ceiling_share,
+         lambda x: x >= 0.8, lambda x: f"{x * 100:.0f}%")
+else:
+    rows.append(("backup pipeline ≥ 80% of the ceiling", "not measured (--no-ceiling)", "n/a"))
+
+# Restores compared with the source, per round.
+print("| restore | compared with the source (sha256) | result |")
+print("|---|---|---|")
+for run, g in [("ferry.restore", "ferry"), ("restic.restore", "peers"), ("borg.restore", "peers"),
+               ("benji.restore", "peers"), ("ferry.rbd_restore", "ceph")]:
+    if not asked[g]:
+        continue
+    v = vals.get(f"{run}.verified", [])
+    st = status(run)
+    if st:
+        res = f"**failed**: {st}"
+    elif verification(run):
+        res = f"**NO**: {verification(run)}"
+    else:
+        res = "equal"
+    print(f"| {run} | {sum(1 for x in v if x == '1')} equal of {len(v)} checked, {rounds} round(s) | {res} |")
+print()
+print("| goal | measured | met? |")
+print("|---|---|---|")
+for text, shown, mark in rows:
+    print(f"| {text} | {shown} | {mark} |")
+PY
+}
+
+# report RESULTS: report.py's tables without its goals table, then the judged goals.
+report() {
+    python3 "$HERE/report.py" "$1" | awk '/^\| goal \| measured \| met\? \|$/ { exit } { print }'
+    judge "$1"
+}
+
+if [[ -n $JUDGE ]]; then
+    [[ -r $JUDGE ]] || { echo "compare.sh: cannot read $JUDGE" >&2; exit 2; }
+    report "$JUDGE"
+    exit 0
+fi
+
 OUT=${OUT:-$WORK/report.md}
 
 log() { printf '[compare %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -152,15 +370,41 @@ timed_osd() {
 
 dir_bytes() { du -sb "$1" | awk '{ print $1 }'; }
 
-verify() { # verify NAME FILE: compares FILE with the mutated image, then deletes FILE
-    local name=$1 file=$2
-    if cmp -s "$file" "$DATA/image2.raw"; then
+# source_hash FILE: sha256 of a source image, computed once per data set (DATA/FILE.sha256).
+source_hash() {
+    local f=$1
+    if [[ ! -s $f.sha256 || $f.sha256 -ot $f ]]; then
+        sha256sum <"$f" | awk '{ print $1 }' >"$f.sha256"
+    fi
+    cat "$f.sha256"
+}
+
+# verify NAME FILE [SOURCE]: compares the sha256 of FILE (a restore of this round) with the
+# source image's (default: the mutated image), records NAME.verified 1 or 0 and NAME.sha256,
+# then deletes FILE. Called after every successful restore of every round.
+verify() {
+    local name=$1 file=$2 src=${3:-$DATA/image2.raw} want got
+    want=$(source_hash "$src")
+    if [[ -f $file ]]; then
+        got=$(sha256sum <"$file" | awk '{ print $1 }')
+    else
+        got="missing"
+    fi
+    record "$name.sha256" "$got"
+    if [[ $got == "$want" ]]; then
         record "$name.verified" 1
     else
-        log "$name: restored image DIFFERS from the source"
+        log "$name: restored image DIFFERS from the source (sha256 $got, source $want)"
         record "$name.verified" 0
     fi
     [[ $KEEP -eq 1 ]] || rm -f "$file"
+}
+
+# not_run TOOL REASON OP...: records TOOL.OP.error for steps skipped because an earlier one failed.
+not_run() {
+    local tool=$1 reason=$2 op
+    shift 2
+    for op in "$@"; do record "$tool.$op.error" "not run: $reason"; done
 }
 
 apt_updated=0
@@ -224,12 +468,19 @@ run_ferry() {
     log "ferry"
     rm -rf "$REPOS/ferry" "$REPOS/ferry-index"
     export FERRY_REPO="file://$REPOS/ferry" FERRY_INDEX_DIR="$REPOS/ferry-index"
-    "$FERRY" init >"$LOGS/ferry-init.log" 2>&1 || die "ferry init failed: $(cat "$LOGS/ferry-init.log")"
-    timed ferry.full "$FERRY" backup --volume bench --diff "$DATA/full.diff" --json >"$LOGS/ferry.full.json"
+    if ! "$FERRY" init >"$LOGS/ferry-init.log" 2>&1; then
+        log "ferry init failed: $(tail -n 2 "$LOGS/ferry-init.log" | tr '\n' ' ')"
+        not_run ferry "ferry init failed: $(tail -n 1 "$LOGS/ferry-init.log" | cut -c1-200)" full incr restore
+        return 1
+    fi
+    timed ferry.full "$FERRY" backup --volume bench --diff "$DATA/full.diff" --json >"$LOGS/ferry.full.json" ||
+        { not_run ferry "the full backup failed" incr restore; return 1; }
     record ferry.full.repo "$(dir_bytes "$REPOS/ferry")"
-    timed ferry.incr "$FERRY" backup --volume bench --diff "$DATA/incr.diff" --json >"$LOGS/ferry.incr.json"
+    timed ferry.incr "$FERRY" backup --volume bench --diff "$DATA/incr.diff" --json >"$LOGS/ferry.incr.json" ||
+        { not_run ferry "the incremental backup failed" restore; return 1; }
     record ferry.repo "$(dir_bytes "$REPOS/ferry")"
-    timed ferry.restore "$FERRY" restore bench --to "$REST/ferry.raw" --force --json >"$LOGS/ferry.restore.json"
+    rm -f "$REST/ferry.raw"
+    timed ferry.restore "$FERRY" restore bench --to "$REST/ferry.raw" --force --json >"$LOGS/ferry.restore.json" || return 1
     verify ferry.restore "$REST/ferry.raw"
 }
 
@@ -277,8 +528,10 @@ run_restic() {
     log "restic $(restic version | awk '{ print $2 }')"
     export RESTIC_REPOSITORY=$REPOS/restic RESTIC_CACHE_DIR=$REPOS/restic-cache
     rm -rf "$RESTIC_REPOSITORY" "$RESTIC_CACHE_DIR"
-    restic init --repository-version 2 >"$LOGS/restic-init.log" 2>&1 || die "restic init failed: $(cat "$LOGS/restic-init.log")"
-    timed restic.full restic backup --stdin --stdin-filename bench.raw --host bench --json <"$DATA/image.raw" >"$LOGS/restic.full.json"
+    restic init --repository-version 2 >"$LOGS/restic-init.log" 2>&1 ||
+        { not_run restic "restic init failed: $(tail -n 1 "$LOGS/restic-init.log" | cut -c1-200)" full incr restore; return 1; }
+    timed restic.full restic backup --stdin --stdin-filename bench.raw --host bench --json <"$DATA/image.raw" >"$LOGS/restic.full.json" ||
+        { not_run restic "the full backup failed" incr restore; return 1; }
     local parent
     parent=$(python3 -c 'import json,sys
 for l in sys.stdin:
@@ -286,9 +539,10 @@ for l in sys.stdin:
     if m.get("message_type") == "summary": print(m["snapshot_id"])' <"$LOGS/restic.full.json")
     record restic.full.repo "$(dir_bytes "$RESTIC_REPOSITORY")"
     timed restic.incr restic backup --stdin --stdin-filename bench.raw --host bench --parent "$parent" --json \
-        <"$DATA/image2.raw" >"$LOGS/restic.incr.json"
+        <"$DATA/image2.raw" >"$LOGS/restic.incr.json" || { not_run restic "the incremental backup failed" restore; return 1; }
     record restic.repo "$(dir_bytes "$RESTIC_REPOSITORY")"
-    timed restic.restore restic dump latest /bench.raw >"$REST/restic.raw"
+    rm -f "$REST/restic.raw"
+    timed restic.restore restic dump latest /bench.raw >"$REST/restic.raw" || return 1
     verify restic.restore "$REST/restic.raw"
 }
 
@@ -296,13 +550,15 @@ run_borg() {
     log "$(borg --version)"
     export BORG_REPO=$REPOS/borg BORG_BASE_DIR=$REPOS/borg-base
     rm -rf "$BORG_REPO" "$BORG_BASE_DIR"
-    borg init --encryption repokey-blake2 >"$LOGS/borg-init.log" 2>&1 || die "borg init failed: $(cat "$LOGS/borg-init.log")"
+    borg init --encryption repokey-blake2 >"$LOGS/borg-init.log" 2>&1 ||
+        { not_run borg "borg init failed: $(tail -n 1 "$LOGS/borg-init.log" | cut -c1-200)" full incr restore; return 1; }
     local opts=(--chunker-params 'fixed,4194304' --compression 'zstd,3' --stdin-name bench.raw)
-    timed borg.full borg create "${opts[@]}" ::full - <"$DATA/image.raw"
+    timed borg.full borg create "${opts[@]}" ::full - <"$DATA/image.raw" || { not_run borg "the full backup failed" incr restore; return 1; }
     record borg.full.repo "$(dir_bytes "$BORG_REPO")"
-    timed borg.incr borg create "${opts[@]}" ::incr - <"$DATA/image2.raw"
+    timed borg.incr borg create "${opts[@]}" ::incr - <"$DATA/image2.raw" || { not_run borg "the incremental backup failed" restore; return 1; }
     record borg.repo "$(dir_bytes "$BORG_REPO")"
-    timed borg.restore borg extract --stdout ::incr >"$REST/borg.raw"
+    rm -f "$REST/borg.raw"
+    timed borg.restore borg extract --stdout ::incr >"$REST/borg.raw" || return 1
     verify borg.restore "$REST/borg.raw"
 }
 
@@ -343,14 +599,16 @@ ios:
 EOF
     local b=("$BENJI" -c "$dir/benji.yaml" --log-level WARNING)
     "${b[@]}" database-init >"$LOGS/benji-init.log" 2>&1 || { record benji.error "database-init: $(tail -n 2 "$LOGS/benji-init.log")"; return 1; }
-    timed benji.full "${b[@]}" -m backup -u bench-1 -s s1 "file:$DATA/image.raw" bench >"$LOGS/benji.full.json" || return 1
+    timed benji.full "${b[@]}" -m backup -u bench-1 -s s1 "file:$DATA/image.raw" bench >"$LOGS/benji.full.json" ||
+        { not_run benji "the full backup failed" incr restore; return 1; }
     record benji.full.repo "$(dir_bytes "$dir/storage")"
     timed benji.incr "${b[@]}" -m backup -u bench-2 -s s2 -r "$DATA/incr.hints.json" -f bench-1 \
-        "file:$DATA/image2.raw" bench >"$LOGS/benji.incr.json" || return 1
+        "file:$DATA/image2.raw" bench >"$LOGS/benji.incr.json" || { not_run benji "the incremental backup failed" restore; return 1; }
     # The repository proper is the storage; the sqlite database is Benji's metadata cache (it
     # also keeps a metadata backup per version in the storage).
     record benji.repo "$(dir_bytes "$dir/storage")"
     record benji.db "$(stat -c %s "$dir/benji.sqlite")"
+    rm -f "$REST/benji.raw"
     timed benji.restore "${b[@]}" restore --sparse bench-2 "file:$REST/benji.raw" || return 1
     verify benji.restore "$REST/benji.raw"
 }
@@ -382,15 +640,16 @@ run_ceph() {
     if "$FERRY" backup --help 2>/dev/null | grep -q 'rbd:'; then
         export FERRY_REPO="file://$REPOS/ferry-rbd" FERRY_INDEX_DIR="$REPOS/ferry-rbd-index"
         rm -rf "$REPOS/ferry-rbd" "$REPOS/ferry-rbd-index"
-        "$FERRY" init >"$LOGS/ferry-rbd-init.log" 2>&1 || die "ferry init failed"
-        timed_osd ferry.rbd_backup "$FERRY" backup "rbd:$POOL/$src" --volume rbdbench --json >"$LOGS/ferry.rbd_backup.json" || true
-        timed_osd ferry.rbd_restore "$FERRY" restore rbdbench --to "rbd:$POOL/$dst2" --json >"$LOGS/ferry.rbd_restore.json" || true
-        if rbd export --no-progress "$POOL/$dst2" "$REST/ferry-rbd.raw" >/dev/null 2>&1 && cmp -s "$REST/ferry-rbd.raw" "$DATA/image.raw"; then
-            record ferry.rbd_restore.verified 1
-        else
-            record ferry.rbd_restore.verified 0
+        if ! "$FERRY" init >"$LOGS/ferry-rbd-init.log" 2>&1; then
+            not_run ferry "ferry init failed: $(tail -n 1 "$LOGS/ferry-rbd-init.log" | cut -c1-200)" rbd_backup rbd_restore
+        elif ! timed_osd ferry.rbd_backup "$FERRY" backup "rbd:$POOL/$src" --volume rbdbench --json >"$LOGS/ferry.rbd_backup.json"; then
+            not_run ferry "the rbd: backup failed" rbd_restore
+        elif timed_osd ferry.rbd_restore "$FERRY" restore rbdbench --to "rbd:$POOL/$dst2" --json >"$LOGS/ferry.rbd_restore.json"; then
+            # The restored image as rbd reads it, against the imported source image.
+            rm -f "$REST/ferry-rbd.raw"
+            rbd export --no-progress "$POOL/$dst2" "$REST/ferry-rbd.raw" >"$LOGS/ferry.rbd_restore.export.log" 2>&1 || true
+            verify ferry.rbd_restore "$REST/ferry-rbd.raw" "$DATA/image.raw"
         fi
-        rm -f "$REST/ferry-rbd.raw"
     else
         log "this ferry has no rbd: source yet (ferry backup --help does not mention it): skipping its RBD runs"
         record ferry.rbd.skipped "ferry backup --help does not mention rbd:"
@@ -424,13 +683,17 @@ if [[ $SKIP_PEERS -eq 0 ]]; then
     ensure_peers || record benji.error "install failed: $(tail -n 2 "$LOGS/benji-pip.log" 2>/dev/null | tr '\n' ' ')"
 fi
 record rounds "$ROUNDS"
+# What was asked for: the judging says n/a only for goals these options left out.
+record skip_peers "$SKIP_PEERS"
+record with_ceph "$WITH_CEPH"
+record ceiling "$CEILING"
 # What reading the inputs from this disk costs after the cache drop (the VM's block device costs
 # CPU time in the guest): part of every tool's run, and of the machine's limit.
 timed read.full_diff dd if="$DATA/full.diff" of=/dev/null bs=4M
 timed read.image dd if="$DATA/image.raw" of=/dev/null bs=4M
 for ((round = 1; round <= ROUNDS; round++)); do
     [[ $ROUNDS -eq 1 ]] || log "round $round of $ROUNDS"
-    run_ferry
+    run_ferry || true
     if [[ $SKIP_PEERS -eq 0 ]]; then
         run_restic || true
         run_borg || true
@@ -440,5 +703,5 @@ for ((round = 1; round <= ROUNDS; round++)); do
 done
 if [[ $CEILING -eq 1 ]]; then run_ceiling || true; fi
 
-python3 "$HERE/report.py" "$RESULTS" | tee "$OUT"
+report "$RESULTS" | tee "$OUT"
 log "report written to $OUT (raw numbers: $RESULTS, logs: $LOGS)"
