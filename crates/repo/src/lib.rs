@@ -14,6 +14,7 @@ pub mod keys;
 pub mod manifest;
 pub mod object;
 pub mod repo;
+pub mod retention;
 pub mod spec;
 pub mod store;
 
