@@ -692,22 +692,27 @@ impl LeaseInner {
                     return;
                 }
             }
-            let started = Instant::now();
-            // MUST_RENEW: if our lock expired meanwhile, do not silently take it again.
-            let rc = self.lock(LOCK_FLAG_MUST_RENEW);
-            let mut s = self.state();
-            if rc == 0 {
-                if s.failure.is_none() {
-                    s.expires = started + self.duration;
-                }
-            } else if s.failure.is_none() {
-                let why = match -rc {
-                    libc::ENOENT => "the lock had expired (renewal came too late)".to_owned(),
-                    libc::EBUSY => "another client holds the lock".to_owned(),
-                    code => format!("renewal failed: {} (errno {code})", crate::error::strerror(code)),
-                };
-                s.failure = Some(why);
+            self.renew_once();
+        }
+    }
+
+    /// One renewal; a failure is recorded for good.
+    fn renew_once(&self) {
+        let started = Instant::now();
+        // MUST_RENEW: if our lock expired or was broken meanwhile, do not silently take it again.
+        let rc = self.lock(LOCK_FLAG_MUST_RENEW);
+        let mut s = self.state();
+        if rc == 0 {
+            if s.failure.is_none() {
+                s.expires = started + self.duration;
             }
+        } else if s.failure.is_none() {
+            let why = match -rc {
+                libc::ENOENT => "the lock had expired or was broken".to_owned(),
+                libc::EBUSY => "another client holds the lock".to_owned(),
+                code => format!("renewal failed: {} (errno {code})", crate::error::strerror(code)),
+            };
+            s.failure = Some(why);
         }
     }
 
@@ -759,6 +764,16 @@ impl Lease {
     pub fn is_healthy(&self) -> bool {
         let s = self.inner.state();
         s.failure.is_none() && Instant::now() < s.expires
+    }
+
+    /// Renews the lock now, asking the cluster (not only the local renewal record), and
+    /// returns [`Lease::is_healthy`]. Call it right before a step that relies on exclusivity:
+    /// a lock broken by another client (e.g. `rados lock break`) since the last periodic
+    /// renewal is found here, not up to a third of the duration later. Blocks for one round
+    /// trip to the OSD.
+    pub fn renew_now(&self) -> bool {
+        self.inner.renew_once();
+        self.is_healthy()
     }
 
     /// Why the lease is unhealthy, if a renewal failed.

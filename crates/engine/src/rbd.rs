@@ -411,9 +411,10 @@ impl RbdRun<'_> {
             self.lease.clone(),
         );
         Box::new(move |draft: &BackupDraft| {
-            // Commit only while we still hold the image exclusively.
+            // Commit only while we still hold the image exclusively: ask the cluster now (a
+            // lock broken since the last periodic renewal is found here).
             if let Some(l) = &lease {
-                if !l.is_healthy() {
+                if !l.renew_now() {
                     return Err(Error::new(
                         ErrorKind::Source,
                         format!(
@@ -441,7 +442,7 @@ fn verify_unchanged(
     parent: &Manifest,
     new: &BackupDraft,
     count: usize,
-    repo: &ferry_repo::Repository,
+    repo: &Arc<ferry_repo::Repository>,
 ) -> Result<()> {
     use rand::seq::IndexedRandom;
     let bs = new.block_size.get();
@@ -471,11 +472,20 @@ fn verify_unchanged(
         } else {
             Some(repo.chunk_id(data))
         };
-        // Candidates have the same block length in both maps, so the stored chunk is the
-        // whole block: compare IDs directly.
-        if new.blocks[i] != actual {
-            bad.push(i);
+        if new.blocks[i] == actual {
+            continue;
         }
+        // The stored chunk may be shorter than the block (a block cut by a shrink keeps its
+        // short chunk after a regrow; the rest reads as zeros): compare the content itself.
+        if let Some(id) = &new.blocks[i] {
+            let chunk = tokio::runtime::Handle::current()
+                .block_on(crate::chunks::fetch_block(repo, id))
+                .with_context(|| format!("reading chunk {id} of block {i} to verify the diff"))?;
+            if chunk.len() < data.len() && data[..chunk.len()] == chunk[..] && ferry_repo::is_zero(&data[chunk.len()..]) {
+                continue;
+            }
+        }
+        bad.push(i);
     }
     if bad.is_empty() {
         return Ok(());
