@@ -8,3 +8,4 @@ mod cli;
 mod core;
 mod engine;
 mod golden;
+mod lifecycle;

@@ -64,6 +64,8 @@ pub async fn run(a: LsArgs, r: RepoArgs) -> Result<u8> {
             source: &'a Source,
             labels: &'a BTreeMap<String, String>,
             stats: &'a ferry_repo::BackupStats,
+            /// `ferry protect`: never forgotten or pruned.
+            protected: bool,
         }
         let out: Vec<_> = backups
             .iter()
@@ -82,6 +84,7 @@ pub async fn run(a: LsArgs, r: RepoArgs) -> Result<u8> {
                 source: &b.meta.source,
                 labels: &b.meta.labels,
                 stats: &b.meta.stats,
+                protected: sync.protected.contains(&b.backup),
             })
             .collect();
         print_json(&out)?;
@@ -95,8 +98,8 @@ pub async fn run(a: LsArgs, r: RepoArgs) -> Result<u8> {
         return damaged();
     }
     println!(
-        "{:<24} {:<16} {:<20} {:<5} {:<30} {:>10} {:>10} {:>10}",
-        "VOLUME", "BACKUP", "CREATED (UTC)", "KIND", "SNAPSHOTS (FROM -> TO)", "SIZE", "CHANGED", "UPLOADED"
+        "{:<24} {:<16} {:<20} {:<5} {:<4} {:<30} {:>10} {:>10} {:>10}",
+        "VOLUME", "BACKUP", "CREATED (UTC)", "KIND", "PROT", "SNAPSHOTS (FROM -> TO)", "SIZE", "CHANGED", "UPLOADED"
     );
     for b in &backups {
         let snaps = format!(
@@ -105,11 +108,12 @@ pub async fn run(a: LsArgs, r: RepoArgs) -> Result<u8> {
             b.meta.to_snap.as_deref().unwrap_or("-")
         );
         println!(
-            "{:<24} {:<16} {:<20} {:<5} {:<30} {:>10} {:>10} {:>10}",
+            "{:<24} {:<16} {:<20} {:<5} {:<4} {:<30} {:>10} {:>10} {:>10}",
             b.meta.volume,
             b.meta.backup_id,
             b.meta.created.format("%Y-%m-%d %H:%M:%S"),
             if b.meta.from_snap.is_some() { "incr" } else { "full" },
+            if sync.protected.contains(&b.backup) { "yes" } else { "" },
             snaps,
             human_bytes(b.meta.image_size),
             human_bytes(b.meta.stats.blocks_changed * b.meta.block_size.get()),

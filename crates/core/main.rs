@@ -10,10 +10,13 @@ mod args;
 mod cmd_audit;
 mod cmd_backup;
 mod cmd_doctor;
+mod cmd_forget;
 mod cmd_index;
 mod cmd_init;
 mod cmd_key;
 mod cmd_ls;
+mod cmd_protect;
+mod cmd_prune;
 mod cmd_restore;
 mod config;
 mod errors;
@@ -75,6 +78,14 @@ enum Command {
     Ls(cmd_ls::LsArgs),
     /// Prove chains complete, manifests authentic, chunks present (and optionally intact).
     Audit(cmd_audit::AuditArgs),
+    /// Delete chosen backups (never a protected one); their chunks stay until GC.
+    Forget(cmd_forget::ForgetArgs),
+    /// Apply a retention policy to volumes and forget the backups it does not keep.
+    Prune(cmd_prune::PruneArgs),
+    /// Protect a backup: it is never forgotten or pruned (the mark lives in the bucket).
+    Protect(cmd_protect::ProtectArgs),
+    /// Remove a backup's protection.
+    Unprotect(cmd_protect::UnprotectArgs),
     /// Manage the passphrases (key slots) that open the repository.
     #[command(subcommand)]
     Key(cmd_key::KeyCommand),
@@ -91,6 +102,10 @@ async fn run(cmd: Command, repo: RepoArgs, ceph: CephArgs) -> anyhow::Result<u8>
         Command::Doctor(a) => cmd_doctor::run(a, repo, &ceph).await,
         Command::Ls(a) => cmd_ls::run(a, repo).await,
         Command::Audit(a) => cmd_audit::run(a, repo).await,
+        Command::Forget(a) => cmd_forget::run(a, repo).await,
+        Command::Prune(a) => cmd_prune::run(a, repo).await,
+        Command::Protect(a) => cmd_protect::protect(a, repo).await,
+        Command::Unprotect(a) => cmd_protect::unprotect(a, repo).await,
         Command::Key(a) => cmd_key::run(a, repo).await,
         Command::Index(a) => cmd_index::run(a, repo).await,
     }

@@ -185,6 +185,14 @@ pub enum Error {
         /// The refused size, in bytes.
         bytes: u64,
     },
+    /// The backup is protected (`ferry protect`): it is never forgotten or pruned. A refusal.
+    #[error("backup {backup} of volume '{volume}' is protected; `ferry unprotect` it first")]
+    Protected {
+        /// The volume.
+        volume: String,
+        /// The backup ID.
+        backup: String,
+    },
     /// The volume has no (readable) backups. A refusal ([`Error::is_refusal`]).
     #[error("volume '{volume}' has no backups")]
     NoBackups {
@@ -250,6 +258,7 @@ impl Error {
                 | Error::InvalidVolumeName { .. }
                 | Error::InvalidArgument(_)
                 | Error::InvalidBlockSize { .. }
+                | Error::Protected { .. }
                 | Error::NoBackups { .. }
                 | Error::NoSuchBackup { .. }
                 | Error::AmbiguousBackup { .. }

@@ -37,6 +37,12 @@ pub struct SyncReport {
     /// Manifests that failed authentication or decoding: left out of the index (and so out
     /// of listings and restores) and reported, so one damaged backup does not hide the rest.
     pub unreadable: Vec<(BackupRef, String)>,
+    /// Manifests listed but gone when read (forgotten meanwhile): skipped, not an error.
+    pub manifests_vanished: usize,
+    /// Backups with a protection marker, as listed (not kept in the index: the bucket is
+    /// asked on every sync).
+    #[serde(skip)]
+    pub protected: std::collections::BTreeSet<BackupRef>,
 }
 
 /// One volume's backups as the bucket has them now.
@@ -46,12 +52,19 @@ pub struct Chain {
     pub backups: Vec<BackupSummary>,
     /// This volume's manifests that failed authentication or decoding (left out above).
     pub unreadable: Vec<(BackupRef, String)>,
+    /// This volume's backups with a protection marker.
+    pub protected: std::collections::BTreeSet<BackupRef>,
 }
 
 impl Chain {
     /// The newest backup.
     pub fn head(&self) -> Option<&BackupSummary> {
         self.backups.last()
+    }
+
+    /// True when the backup has a protection marker.
+    pub fn is_protected(&self, r: &BackupRef) -> bool {
+        self.protected.contains(r)
     }
 
     /// The backup `spec` names (see [`crate::spec`]).
@@ -181,14 +194,19 @@ impl Index {
         Ok(Chain {
             backups: self.backups(Some(volume))?,
             unreadable: report.unreadable.into_iter().filter(|(r, _)| r.volume == volume).collect(),
+            protected: report.protected.into_iter().filter(|r| r.volume == volume).collect(),
         })
     }
 
     /// Brings the index in line with the bucket: reads manifests it lacks, forgets vanished ones.
     pub async fn sync(&self, repo: &Repository) -> Result<SyncReport> {
-        let listed = repo.list_backups(None).await?;
+        let listing = repo.list_volumes(None).await?;
+        let listed = listing.backups;
         let listed_keys: std::collections::HashSet<Vec<u8>> = listed.iter().map(key_of).collect();
-        let mut report = SyncReport::default();
+        let mut report = SyncReport {
+            protected: listing.protected,
+            ..Default::default()
+        };
         for item in self.backups.iter() {
             let (k, _) = item.map_err(self.err())?;
             if !listed_keys.contains(k.as_ref()) {
@@ -212,6 +230,8 @@ impl Index {
                     report.manifests_read += 1;
                 }
                 Err(e) if e.is_integrity() || matches!(e, Error::UnsupportedFormat { .. }) => report.unreadable.push((r, e.to_string())),
+                // Forgotten between the listing and the read: it is simply not there.
+                Err(Error::NotFound { .. }) => report.manifests_vanished += 1,
                 Err(e) => return Err(e),
             }
         }

@@ -24,7 +24,7 @@ pub use error::{Error, Result};
 pub use index::{BackupSummary, Chain, Index, SyncReport};
 pub use keys::{KdfParams, KeySlot, MasterKey};
 pub use manifest::{BackupStats, Manifest, ManifestMeta, Source, MANIFEST_FORMAT};
-pub use repo::{validate_volume_name, BackupDraft, BackupRef, InitOptions, RepoConfig, Repository, REPO_FORMAT};
+pub use repo::{validate_volume_name, BackupDraft, BackupRef, InitOptions, Listing, RepoConfig, Repository, REPO_FORMAT};
 pub use spec::{resolve, BackupSpec};
 pub use store::{open_store, Store, StoreOptions};
 pub use store::{

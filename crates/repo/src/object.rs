@@ -36,6 +36,8 @@ pub enum ObjectKind {
     Chunk = 3,
     /// `volumes/<volume>/backups/<name>`: one backup's manifest, sealed (kind byte `04`).
     Manifest = 4,
+    /// `volumes/<volume>/protected/<name>`: a backup's protection marker, sealed (kind byte `05`).
+    Protection = 5,
 }
 
 impl ObjectKind {
@@ -45,6 +47,7 @@ impl ObjectKind {
             2 => ObjectKind::KeySlot,
             3 => ObjectKind::Chunk,
             4 => ObjectKind::Manifest,
+            5 => ObjectKind::Protection,
             _ => return None,
         })
     }

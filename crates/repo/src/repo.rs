@@ -105,6 +105,24 @@ pub struct BackupDraft {
     pub blocks: Vec<Option<ChunkId>>,
 }
 
+/// What a listing of `volumes/` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Manifests, sorted (oldest first within a volume).
+    pub backups: Vec<BackupRef>,
+    /// Backups with a protection marker (the marker may outlive a manifest deleted by hand).
+    pub protected: std::collections::BTreeSet<BackupRef>,
+}
+
+/// The sealed JSON body of a protection marker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ProtectionMarker {
+    volume: String,
+    backup_id: String,
+    created: chrono::DateTime<chrono::Utc>,
+    note: String,
+}
+
 /// A backup's manifest as named in the bucket, before it is read.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct BackupRef {
@@ -121,6 +139,12 @@ impl BackupRef {
     pub fn key(&self) -> String {
         format!("volumes/{}/backups/{}", self.volume, self.name)
     }
+    /// The backup ID: the part of the name after the last `-`.
+    /// The key of the backup's protection marker: `volumes/<volume>/protected/<name>`.
+    pub fn protection_key(&self) -> String {
+        format!("volumes/{}/protected/{}", self.volume, self.name)
+    }
+
     /// The backup ID: the part of the name after the last `-`.
     pub fn backup_id(&self) -> &str {
         self.name.rsplit('-').next().unwrap_or(&self.name)
@@ -442,10 +466,15 @@ impl Repository {
 
     /// Lists manifests in the bucket (names only), oldest first; one volume or all.
     pub async fn list_backups(&self, volume: Option<&str>) -> Result<Vec<BackupRef>> {
+        Ok(self.list_volumes(volume).await?.backups)
+    }
+
+    /// Lists the manifests and protection markers of one volume or all (one LIST).
+    pub async fn list_volumes(&self, volume: Option<&str>) -> Result<Listing> {
         let prefix = match volume {
             Some(v) => {
                 validate_volume_name(v)?;
-                p(&format!("volumes/{v}/backups"))
+                p(&format!("volumes/{v}"))
             }
             None => p("volumes"),
         };
@@ -456,18 +485,99 @@ impl Repository {
             .try_collect()
             .await
             .map_err(|e| Error::store("list", &prefix, e))?;
-        let mut out = Vec::new();
+        let mut out = Listing::default();
         for m in metas {
             let parts: Vec<_> = m.location.parts().collect();
-            if parts.len() == 4 && parts[0].as_ref() == "volumes" && parts[2].as_ref() == "backups" {
-                out.push(BackupRef {
-                    volume: parts[1].as_ref().to_string(),
-                    name: parts[3].as_ref().to_string(),
-                });
+            if parts.len() != 4 || parts[0].as_ref() != "volumes" {
+                continue;
+            }
+            let r = BackupRef {
+                volume: parts[1].as_ref().to_string(),
+                name: parts[3].as_ref().to_string(),
+            };
+            match parts[2].as_ref() {
+                "backups" => out.backups.push(r),
+                "protected" => {
+                    out.protected.insert(r);
+                }
+                _ => {}
             }
         }
-        out.sort();
+        out.backups.sort();
         Ok(out)
+    }
+
+    /// Protects a backup: writes its protection marker (create-only, sealed; `note` says why).
+    /// A protected backup is never forgotten or pruned. Returns `false` if it already was.
+    /// The marker is written first and the manifest read back after, so a backup forgotten
+    /// meanwhile is reported (`NotFound`) instead of claimed protected.
+    pub async fn protect(&self, r: &BackupRef, note: &str) -> Result<bool> {
+        validate_volume_name(&r.volume)?;
+        let key = r.protection_key();
+        let body = serde_json::to_vec(&ProtectionMarker {
+            volume: r.volume.clone(),
+            backup_id: r.backup_id().to_string(),
+            created: chrono::Utc::now(),
+            note: note.to_string(),
+        })
+        .map_err(|source| Error::Json {
+            context: "encoding a protection marker".into(),
+            source,
+        })?;
+        let sealed = encode_sealed(self.key.seal_key(), ObjectKind::Protection, key.as_bytes(), &body, None)?;
+        let created = put_create(self.store.inner.as_ref(), &key, sealed).await?;
+        if let Err(e) = self.read_manifest(r).await {
+            if matches!(e, Error::NotFound { .. }) {
+                let _ = self.store.inner.delete(&p(&key)).await;
+            }
+            return Err(e);
+        }
+        Ok(created)
+    }
+
+    /// Removes a backup's protection marker; `false` if it was not protected.
+    pub async fn unprotect(&self, r: &BackupRef) -> Result<bool> {
+        if !self.is_protected(r).await? {
+            return Ok(false);
+        }
+        let path = p(&r.protection_key());
+        match self.store.inner.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
+            Err(e) => Err(Error::store("delete", &path, e)),
+        }
+    }
+
+    /// True when the backup's protection marker exists and is authentic (a marker that does
+    /// not open under this repository's key is an integrity error, never silently ignored).
+    pub async fn is_protected(&self, r: &BackupRef) -> Result<bool> {
+        let key = r.protection_key();
+        let bytes = match get_bytes(self.store.inner.as_ref(), &key).await {
+            Ok(b) => b,
+            Err(Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        decode_sealed(
+            self.key.seal_key(),
+            ObjectKind::Protection,
+            key.as_bytes(),
+            Vec::from(bytes),
+            1 << 20,
+            &key,
+        )?;
+        Ok(true)
+    }
+
+    /// Forgets a backup: deletes its manifest, unless it is protected (checked right before
+    /// the delete; [`Error::Protected`]). Other backups are unaffected (every manifest is a
+    /// complete map); the backup's chunks stay until a garbage collection finds them unused.
+    pub async fn forget(&self, r: &BackupRef) -> Result<()> {
+        if self.is_protected(r).await? {
+            return Err(Error::Protected {
+                volume: r.volume.clone(),
+                backup: r.backup_id().to_string(),
+            });
+        }
+        self.delete_manifest(r).await
     }
 
     /// Deletes a manifest (the backup disappears; chunks no other manifest references become
