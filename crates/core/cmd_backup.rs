@@ -18,8 +18,9 @@ use crate::output::{human_bytes, parse_size, print_json, requests_line, Progress
 
 #[derive(Args, Debug)]
 pub struct BackupArgs {
-    /// rbd:POOL/IMAGE: snapshot the image, stream `rbd export-diff --whole-object` from the last
-    /// backup's snapshot, commit, then remove older ferry-* snapshots.
+    /// rbd:POOL/IMAGE: snapshot the image (ferry-<repo>-<volume>-<UTC time>), stream
+    /// `rbd export-diff --whole-object` from the last backup's snapshot, commit, then remove
+    /// older ferry snapshots of this repository and volume (see --keep-snapshots).
     source: Option<String>,
     /// Volume name the backup belongs to (letters, digits, '.', '_', '-'); for rbd:POOL/IMAGE
     /// the default is POOL.IMAGE.
@@ -40,6 +41,11 @@ pub struct BackupArgs {
     /// incremental is discarded and a full backup taken (0 disables).
     #[arg(long, default_value_t = 8, value_name = "BLOCKS")]
     verify_blocks: usize,
+    /// rbd source: ferry snapshots of this repository and volume to keep on the image after
+    /// the commit, the new one included (older ones are for fast local rollback). Other
+    /// repositories', other volumes', users' and protected snapshots are never removed.
+    #[arg(long, default_value_t = 1, value_name = "K", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "diff")]
+    keep_snapshots: u32,
     /// --diff streams: build on this backup (ID, id:PREFIX, snap:NAME) instead of the
     /// volume's newest one.
     #[arg(long, conflicts_with = "source")]
@@ -163,6 +169,7 @@ pub async fn run(a: BackupArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
             labels: a.labels.into_iter().collect(),
             lease: (a.lease_seconds > 0).then(|| Duration::from_secs(a.lease_seconds)),
             verify_blocks: a.verify_blocks,
+            keep_snapshots: a.keep_snapshots as usize,
         };
         let done = engine.backup_rbd(&ceph.ceph(), &image, opts).await?;
         let requests = engine.repository().store().requests();
@@ -175,15 +182,15 @@ pub async fn run(a: BackupArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
                 println!("full backup: {why}");
             }
             print_summary(&done.outcome, &requests);
+            let list = |v: &[String]| if v.is_empty() { "-".to_string() } else { v.join(", ") };
             println!(
                 "  snapshot  {image}@{} is the base of the next backup; removed: {}",
                 done.notes.snapshot,
-                if done.notes.removed_snapshots.is_empty() {
-                    "-".to_string()
-                } else {
-                    done.notes.removed_snapshots.join(", ")
-                }
+                list(&done.notes.removed_snapshots)
             );
+            if done.notes.kept_snapshots.len() > 1 {
+                println!("  kept      {}", list(&done.notes.kept_snapshots[1..]));
+            }
         }
         return Ok(exit::OK);
     }

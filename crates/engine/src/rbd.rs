@@ -1,13 +1,13 @@
 //! The primary side: back up an RBD image through `rbd export-diff`, restore into an RBD
-//! image through `rbd import-diff`, and the snapshot rotation that keeps exactly one
-//! `ferry-*` base snapshot per image.
+//! image through `rbd import-diff`, and the snapshot rotation that keeps the newest
+//! `--keep-snapshots` ferry snapshots of each repository and volume on the image.
 //!
 //! Order matters: snapshot, stream, commit the manifest, and only then remove older ferry
-//! snapshots. Any failure before the commit removes the new snapshot and leaves the base and
-//! every committed backup untouched. Every Ceph call blocks, so each runs on the blocking
-//! pool, never on an async worker thread.
+//! snapshots of this repository and volume (see [`plan_rotation`]). Any failure before the
+//! commit removes the new snapshot and leaves the base and every committed backup untouched.
+//! Every Ceph call blocks, so each runs on the blocking pool, never on an async worker thread.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,8 +80,115 @@ impl std::fmt::Display for RbdImage {
 /// Prefix of the snapshots ferry creates (and rotates).
 pub const SNAP_PREFIX: &str = "ferry-";
 
-fn new_snap_name() -> String {
-    format!("{SNAP_PREFIX}{}", chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"))
+/// The time part of a snapshot name: UTC, `%Y%m%dT%H%M%S%.3fZ` (`20260101T000000.000Z`).
+const SNAP_TIME_FORMAT: &str = "%Y%m%dT%H%M%S%.3fZ";
+
+/// The owner part of the snapshot names of one repository and volume:
+/// `<first 8 hex digits of the repository ID>-<first 8 hex digits of BLAKE3(volume name)>`.
+/// A repository ID that does not start with 8 lowercase hex digits (never written by
+/// ferry) is replaced by the first 8 hex digits of its BLAKE3 hash, so the name stays valid.
+pub fn snap_owner(repository_id: &str, volume: &str) -> String {
+    let repo = match repository_id.get(..8) {
+        Some(p) if is_hex8(p) => p.to_string(),
+        _ => blake3::hash(repository_id.as_bytes()).to_hex()[..8].to_string(),
+    };
+    format!("{repo}-{}", &blake3::hash(volume.as_bytes()).to_hex()[..8])
+}
+
+/// A new snapshot name of `owner` ([`snap_owner`]) at `time`:
+/// `ferry-<repo8>-<volume8>-<%Y%m%dT%H%M%S%.3fZ>`, 44 characters.
+pub fn snap_name(owner: &str, time: chrono::DateTime<chrono::Utc>) -> String {
+    format!("{SNAP_PREFIX}{owner}-{}", time.format(SNAP_TIME_FORMAT))
+}
+
+/// A snapshot name ferry made, parsed ([`parse_snap_name`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapName<'a> {
+    /// `ferry-<time>`, as ferry named snapshots before names carried an owner: whose it is
+    /// cannot be told from the name.
+    Legacy,
+    /// `ferry-<repo8>-<volume8>-<time>`; `owner` is `<repo8>-<volume8>`.
+    Owned {
+        /// The repository and volume the snapshot belongs to ([`snap_owner`]).
+        owner: &'a str,
+    },
+}
+
+fn is_hex8(s: &str) -> bool {
+    s.len() == 8 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// `YYYYMMDDTHHMMSS.mmmZ`, digits checked (not the calendar).
+fn is_snap_time(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 20
+        && b.iter().enumerate().all(|(i, &c)| match i {
+            8 => c == b'T',
+            15 => c == b'.',
+            19 => c == b'Z',
+            _ => c.is_ascii_digit(),
+        })
+}
+
+/// Parses a snapshot name of the forms ferry creates; `None` for anything else (a user's
+/// snapshot, even one that starts with `ferry-`).
+pub fn parse_snap_name(name: &str) -> Option<SnapName<'_>> {
+    let rest = name.strip_prefix(SNAP_PREFIX)?;
+    if is_snap_time(rest) {
+        return Some(SnapName::Legacy);
+    }
+    if rest.len() != 8 + 1 + 8 + 1 + 20 {
+        return None;
+    }
+    let (owner, time) = rest.split_at(17);
+    let ok = is_hex8(&owner[..8]) && &owner[8..9] == "-" && is_hex8(&owner[9..]) && time.starts_with('-');
+    (ok && is_snap_time(&time[1..])).then_some(SnapName::Owned { owner })
+}
+
+/// What rotation does after a commit ([`plan_rotation`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RotationPlan {
+    /// Snapshots to remove, oldest first.
+    pub remove: Vec<String>,
+    /// Committed snapshots of this repository and volume kept besides the new one, newest first.
+    pub keep: Vec<String>,
+    /// Snapshots of this repository and volume that would go but are protected: left alone,
+    /// newest first.
+    pub protected: Vec<String>,
+}
+
+/// Which snapshots go after a backup of `owner` ([`snap_owner`]) committed `new`.
+///
+/// `snaps` is the image's snapshot listing taken before `new` was created; `committed` holds
+/// the to-snapshots of this volume's backups in this repository that were taken from this
+/// very image (same image ID and cluster fsid). A snapshot is *ours* when it is named
+/// `ferry-<owner>-<time>`, or when it has the legacy form `ferry-<time>` and is in
+/// `committed` (our chain made it; any other legacy snapshot may be another repository's
+/// base and is never touched). Of ours, the `keep - 1` newest committed ones (by snapshot
+/// ID, i.e. creation order) stay with `new`, which always stays; protected ones are never
+/// removed and do not count; every other one of ours is removed (older committed ones, and
+/// leftovers of runs that never committed). Snapshots of other owners and users' snapshots
+/// are never touched.
+pub fn plan_rotation(snaps: &[ferry_ceph::SnapInfo], owner: &str, new: &str, committed: &BTreeSet<String>, keep: usize) -> RotationPlan {
+    let ours = |name: &str| match parse_snap_name(name) {
+        Some(SnapName::Owned { owner: o }) => o == owner,
+        Some(SnapName::Legacy) => committed.contains(name),
+        None => false,
+    };
+    let mut mine: Vec<&ferry_ceph::SnapInfo> = snaps.iter().filter(|s| s.name != new && ours(&s.name)).collect();
+    mine.sort_by_key(|s| std::cmp::Reverse(s.id));
+    let mut plan = RotationPlan::default();
+    for s in mine {
+        if s.protected {
+            plan.protected.push(s.name.clone());
+        } else if committed.contains(&s.name) && plan.keep.len() + 1 < keep {
+            plan.keep.push(s.name.clone());
+        } else {
+            plan.remove.push(s.name.clone());
+        }
+    }
+    plan.remove.reverse();
+    plan
 }
 
 /// How an RBD backup runs.
@@ -99,6 +206,9 @@ pub struct RbdBackupOptions {
     pub lease: Option<Duration>,
     /// Blocks the diff called unchanged to re-read and check after an incremental (0: none).
     pub verify_blocks: usize,
+    /// Committed snapshots of this repository and volume to keep on the image after a
+    /// backup, the new one included (at least 1; see [`plan_rotation`]).
+    pub keep_snapshots: usize,
 }
 
 impl Default for RbdBackupOptions {
@@ -110,6 +220,7 @@ impl Default for RbdBackupOptions {
             labels: BTreeMap::new(),
             lease: Some(Duration::from_secs(60)),
             verify_blocks: 8,
+            keep_snapshots: 1,
         }
     }
 }
@@ -123,8 +234,12 @@ pub struct RbdBackupNotes {
     pub base_snapshot: Option<String>,
     /// Why the backup is a full one.
     pub full_reason: Option<String>,
-    /// Older ferry snapshots removed after the commit.
+    /// Older ferry snapshots of this repository and volume removed after the commit.
     pub removed_snapshots: Vec<String>,
+    /// Ferry snapshots of this repository and volume left on the image: the new one, up to
+    /// `keep_snapshots - 1` older committed ones (newest first), then protected ones (a
+    /// snapshot whose removal failed is only warned about).
+    pub kept_snapshots: Vec<String>,
 }
 
 /// The result of an RBD backup.
@@ -166,6 +281,11 @@ impl Engine {
     async fn backup_rbd_leased(&self, ceph: &Ceph, image: &RbdImage, opts: RbdBackupOptions) -> Result<RbdBackupOutcome> {
         let volume = opts.volume.clone().unwrap_or_else(|| image.volume());
         ferry_repo::validate_volume_name(&volume)?;
+        if opts.keep_snapshots == 0 {
+            return Err(Error::refused(
+                "keep_snapshots must be at least 1: the newest snapshot is the base of the next backup",
+            ));
+        }
 
         // Exclusivity per image, across machines: a RADOS lock with a lease, renewed while we run.
         let (cluster, lease) = {
@@ -312,7 +432,8 @@ impl RbdRun<'_> {
         // Whole-object diffs line up with the image's objects when blocks are objects.
         let block_size = BlockSize::new(info.object_size)
             .map_err(|e| Error::from(e).context(format!("the object size of {spec} cannot be a block size")))?;
-        let snap = new_snap_name();
+        let owner = snap_owner(self.engine.repo.id(), self.volume);
+        let snap = snap_name(&owner, chrono::Utc::now());
         let export = {
             let (rbd, spec, snap, base) = (self.rbd.clone(), spec.clone(), snap.clone(), notes.base_snapshot.clone());
             blocking(move || {
@@ -335,7 +456,7 @@ impl RbdRun<'_> {
             parent: parent.clone(),
             source: Source {
                 kind: "rbd".into(),
-                cluster_fsid: Some(fsid),
+                cluster_fsid: Some(fsid.clone()),
                 pool: Some(spec.pool.clone()),
                 image: Some(spec.image.clone()),
                 image_id: Some(info.id.clone()),
@@ -371,30 +492,39 @@ impl RbdRun<'_> {
                 return Err(err);
             }
         };
-        // Committed. Now older ferry snapshots may go; the new one is the next base. Never a
-        // user's snapshot, never a protected one.
-        let (rbd, spec2, snap2) = (self.rbd.clone(), spec.clone(), snap.clone());
+        // Committed. Now older snapshots of this repository and volume may go; the new one is
+        // the next base. Never a user's snapshot, never a protected one, never another
+        // repository's or volume's.
+        let committed: BTreeSet<String> = chain
+            .backups
+            .iter()
+            .filter(|b| {
+                b.meta.source.image_id.as_deref() == Some(info.id.as_str()) && b.meta.source.cluster_fsid.as_deref() == Some(fsid.as_str())
+            })
+            .filter_map(|b| b.meta.to_snap.clone())
+            .collect();
+        let plan = plan_rotation(&snaps, &owner, &snap, &committed, self.opts.keep_snapshots);
+        let (rbd, spec2) = (self.rbd.clone(), spec.clone());
+        let to_remove = plan.remove.clone();
         let (removed, warnings) = blocking(move || {
             let mut removed = Vec::new();
             let mut warnings = Vec::new();
-            for s in &snaps {
-                if s.name.starts_with(SNAP_PREFIX) && s.name != snap2 {
-                    if s.protected {
-                        warnings.push(format!("keeping protected snapshot {spec2}@{}", s.name));
-                        continue;
-                    }
-                    match rbd.snap_remove(&spec2.pool, &spec2.image, &s.name) {
-                        Ok(()) => removed.push(s.name.clone()),
-                        Err(err) => warnings.push(format!("could not remove old snapshot {spec2}@{}: {err}", s.name)),
-                    }
+            for name in &to_remove {
+                match rbd.snap_remove(&spec2.pool, &spec2.image, name) {
+                    Ok(()) => removed.push(name.clone()),
+                    Err(err) => warnings.push(format!("could not remove old snapshot {spec2}@{name}: {err}")),
                 }
             }
             Ok((removed, warnings))
         })
         .await?;
+        for p in &plan.protected {
+            warn(e.observer.as_ref(), &format!("keeping protected snapshot {spec}@{p}"));
+        }
         for w in &warnings {
             warn(e.observer.as_ref(), w);
         }
+        notes.kept_snapshots = std::iter::once(snap.clone()).chain(plan.keep).chain(plan.protected).collect();
         notes.removed_snapshots = removed;
         Ok(RbdBackupOutcome { outcome, notes })
     }
@@ -577,5 +707,149 @@ impl RestoreTarget for RbdTarget {
             }
             Err(e) => Some(format!("the incomplete image {} could not be removed: {e}", self.image)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_ceph::SnapInfo;
+
+    const A: &str = "0123abcd-89abcdef";
+
+    fn snaps(list: &[(&str, bool)]) -> Vec<SnapInfo> {
+        list.iter()
+            .enumerate()
+            .map(|(i, (name, protected))| SnapInfo {
+                id: 10 + i as u64,
+                name: name.to_string(),
+                size: 1 << 20,
+                protected: *protected,
+                timestamp: None,
+            })
+            .collect()
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn names_carry_repository_and_volume() {
+        let owner = snap_owner("9809379e76ec114abf4b0b04b776b759", "rbd.vm-1");
+        assert_eq!(&owner[..9], "9809379e-");
+        assert_eq!(&owner[9..], &blake3::hash(b"rbd.vm-1").to_hex()[..8]);
+        assert_ne!(owner, snap_owner("9809379e76ec114abf4b0b04b776b759", "rbd.vm-2"));
+        let t = chrono::DateTime::parse_from_rfc3339("2026-03-04T05:06:07.089Z")
+            .expect("time")
+            .to_utc();
+        let name = snap_name(&owner, t);
+        assert_eq!(name, format!("ferry-{owner}-20260304T050607.089Z"));
+        assert_eq!(name.len(), 44);
+        assert_eq!(parse_snap_name(&name), Some(SnapName::Owned { owner: &owner }));
+        // An odd repository ID still gives a parseable name.
+        let odd = snap_owner("XYZ", "v");
+        assert_eq!(parse_snap_name(&snap_name(&odd, t)), Some(SnapName::Owned { owner: &odd }));
+    }
+
+    #[test]
+    fn parsing_accepts_only_ferry_forms() {
+        assert_eq!(parse_snap_name("ferry-20260101T000000.000Z"), Some(SnapName::Legacy));
+        assert_eq!(
+            parse_snap_name("ferry-0123abcd-89abcdef-20260101T000000.000Z"),
+            Some(SnapName::Owned { owner: A })
+        );
+        for user in [
+            "ferry-keep",
+            "ferry-",
+            "user-20260101T000000.000Z",
+            "ferry-20260101T000000.000",
+            "ferry-20260101T000000Z",
+            "ferry-2026010XT000000.000Z",
+            "ferry-0123ABCD-89abcdef-20260101T000000.000Z",
+            "ferry-0123abcd_89abcdef-20260101T000000.000Z",
+            "ferry-0123abcd-89abcdef-20260101T000000.000Z-x",
+            "ferry-0123abc-89abcdeff-20260101T000000.000Z",
+            "ferry-0123abcd-89abcdef_20260101T000000.000Z",
+        ] {
+            assert_eq!(parse_snap_name(user), None, "{user}");
+        }
+    }
+
+    #[test]
+    fn rotation_removes_only_our_older_snapshots() {
+        let old = "ferry-0123abcd-89abcdef-20260101T000000.000Z";
+        let base = "ferry-0123abcd-89abcdef-20260102T000000.000Z";
+        let other_repo = "ferry-ffff0000-89abcdef-20260102T000000.000Z";
+        let other_volume = "ferry-0123abcd-00000000-20260102T000000.000Z";
+        let new = "ferry-0123abcd-89abcdef-20260103T000000.000Z";
+        let list = snaps(&[
+            (old, false),
+            ("user-keep", false),
+            (other_repo, false),
+            ("ferry-20251231T000000.000Z", false),
+            ("ferry-by-hand", false),
+            (base, false),
+            (other_volume, false),
+            (new, false),
+        ]);
+        let plan = plan_rotation(&list, A, new, &set(&[old, base]), 1);
+        assert_eq!(plan.remove, vec![old.to_string(), base.to_string()]);
+        assert!(plan.keep.is_empty() && plan.protected.is_empty());
+        // keep 0 behaves as 1: the new snapshot always stays.
+        assert_eq!(plan_rotation(&list, A, new, &set(&[old, base]), 0), plan);
+        // keep 2: the newest committed older one stays too.
+        let plan = plan_rotation(&list, A, new, &set(&[old, base]), 2);
+        assert_eq!(plan.keep, vec![base.to_string()]);
+        assert_eq!(plan.remove, vec![old.to_string()]);
+    }
+
+    #[test]
+    fn rotation_keeps_the_newest_committed_and_protected_ones() {
+        let n = |d: u32| format!("ferry-{A}-202601{d:02}T000000.000Z");
+        let (s1, s2, s3, s4, s5, crashed) = (n(1), n(2), n(3), n(4), n(5), n(6));
+        let list = snaps(&[
+            (&s1, true),
+            (&s2, false),
+            (&s3, false),
+            (&crashed, false),
+            (&s4, false),
+            (&s5, false),
+        ]);
+        // `crashed` never committed (a run killed before its commit): removed even though newer.
+        let committed = set(&[&s1, &s2, &s3, &s4]);
+        let plan = plan_rotation(&list, A, &s5, &committed, 3);
+        assert_eq!(plan.keep, vec![s4.clone(), s3.clone()]);
+        assert_eq!(plan.remove, vec![s2.clone(), crashed.clone()]);
+        assert_eq!(plan.protected, vec![s1.clone()]);
+        // Order is creation order (snapshot ID), not the name.
+        let mut list = list;
+        list.swap(1, 2);
+        for (i, s) in list.iter_mut().enumerate() {
+            s.id = 10 + i as u64;
+        }
+        let plan = plan_rotation(&list, A, &s5, &committed, 3);
+        assert_eq!(plan.keep, vec![s4.clone(), s2.clone()]);
+        assert_eq!(plan.remove, vec![s3.clone(), crashed.clone()]);
+    }
+
+    /// A chain made before names carried an owner continues from its `ferry-<time>` base;
+    /// after the first new backup commits, that base (our chain's to-snapshot) goes, and no
+    /// other legacy snapshot does.
+    #[test]
+    fn a_legacy_base_of_our_chain_goes_and_other_legacy_snapshots_stay() {
+        let ours = "ferry-20260101T000000.000Z";
+        let theirs = "ferry-20260101T000001.000Z";
+        let new = format!("ferry-{A}-20260102T000000.000Z");
+        let list = snaps(&[(ours, false), (theirs, false), (&new, false)]);
+        let plan = plan_rotation(&list, A, &new, &set(&[ours]), 1);
+        assert_eq!(plan.remove, vec![ours.to_string()]);
+        // Kept while it is within --keep-snapshots, removed when it ages out.
+        let plan = plan_rotation(&list, A, &new, &set(&[ours]), 2);
+        assert_eq!(plan.keep, vec![ours.to_string()]);
+        assert!(plan.remove.is_empty());
+        // Not in our chain (e.g. another repository's base): never touched.
+        let plan = plan_rotation(&list, A, &new, &BTreeSet::new(), 1);
+        assert!(plan.remove.is_empty() && plan.keep.is_empty());
     }
 }
