@@ -1144,3 +1144,303 @@ fn no_known_plaintext_reaches_the_repository() {
         );
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Source snapshots per repository and volume: `ferry-<repo8>-<volume8>-<UTC time>`.
+
+/// The repository ID of `repo` (from its unencrypted `config`).
+fn repository_id(repo: &Repo) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let store = ferry_repo::open_store(&repo.url, &ferry_repo::StoreOptions::default()).expect("store");
+        ferry_repo::Repository::read_config(&store).await.expect("config").repository_id
+    })
+}
+
+/// The owner part of the snapshot names of `repo` and `volume`, computed here from the
+/// documented rule: first 8 hex of the repository ID, first 8 hex of BLAKE3(volume).
+fn snap_owner(repo: &Repo, volume: &str) -> String {
+    format!("{}-{}", &repository_id(repo)[..8], &blake3::hash(volume.as_bytes()).to_hex()[..8])
+}
+
+/// The image's snapshots of one owner, oldest first.
+fn owned_snaps(c: &Cluster, image: &str, owner: &str) -> Vec<String> {
+    let prefix = format!("ferry-{owner}-");
+    c.snaps(image).into_iter().filter(|s| s.starts_with(&prefix)).collect()
+}
+
+/// Asserts `name` is `ferry-<owner>-YYYYMMDDTHHMMSS.mmmZ`.
+fn assert_snap_name(name: &str, owner: &str) {
+    let time = name
+        .strip_prefix(&format!("ferry-{owner}-"))
+        .unwrap_or_else(|| panic!("{name} is not a snapshot of owner {owner}"));
+    let ok = time.len() == 20
+        && time.bytes().enumerate().all(|(i, b)| match i {
+            8 => b == b'T',
+            15 => b == b'.',
+            19 => b == b'Z',
+            _ => b.is_ascii_digit(),
+        });
+    assert!(ok, "{name}: the time part is not %Y%m%dT%H%M%S%.3fZ");
+}
+
+/// Restores `volume@id` of `repo` into a file and compares it with `rbd export` of `snap`.
+fn assert_restores_to(c: &Cluster, repo: &Repo, volume: &str, id: &str, image: &str, snap: &str) {
+    let out = repo.path(&format!("{id}.raw"));
+    repo.ok(&["restore", &format!("{volume}@{id}"), "--to", out.to_str().expect("utf8")]);
+    assert_same(
+        &format!("restore of {volume}@{id} vs rbd export {image}@{snap}"),
+        &c.export(&format!("{image}@{snap}")),
+        &std::fs::read(&out).expect("read restore"),
+        4 * MIB,
+    );
+    let _ = std::fs::remove_file(out);
+}
+
+/// Two repositories (two DR sites) back up one image in turn: A, B, A, B. Each keeps its own
+/// base snapshot, so the second backup of each is an incremental from its own first one, and
+/// each restore equals `rbd export` of its snapshot.
+#[test]
+fn two_repositories_alternating_on_one_image_both_stay_incremental() {
+    let c = cluster();
+    let (ra, rb) = (c.file_repo(), c.file_repo());
+    let mut images = ImageGuard::new(c);
+    let name = unique("tworepo");
+    let image = images.add(&format!("rbd/{name}"));
+    let volume = format!("rbd.{name}");
+    c.rbd(&["create", "--size", "16M", &image]);
+    apply(c, &image, 16 * MIB, &[(0, Some(pattern(51, 6 * MIB as usize)), 0)]);
+    c.rbd(&["snap", "create", "--no-progress", &format!("{image}@user-keep")]);
+    let owners = [snap_owner(&ra, &volume), snap_owner(&rb, &volume)];
+    assert_ne!(owners[0], owners[1]);
+
+    // (repo index, backup json)
+    let mut done: Vec<(usize, serde_json::Value)> = Vec::new();
+    let backup = |i: usize, done: &mut Vec<(usize, serde_json::Value)>| {
+        let repo = [&ra, &rb][i];
+        let j = repo.json(&["backup", &format!("rbd:{image}")]);
+        let snap = j["to_snap"].as_str().expect("to_snap").to_string();
+        assert_snap_name(&snap, &owners[i]);
+        assert_eq!(owned_snaps(c, &image, &owners[i]), vec![snap.clone()], "{j}");
+        // The other repository's newest snapshot (its base) survives.
+        if let Some((_, prev)) = done.iter().rev().find(|(k, _)| *k != i) {
+            let theirs = prev["to_snap"].as_str().expect("to_snap").to_string();
+            assert_eq!(owned_snaps(c, &image, &owners[1 - i]), vec![theirs], "{j}");
+        }
+        assert!(c.snaps(&image).contains(&"user-keep".to_string()));
+        assert_restores_to(c, repo, &volume, j["backup_id"].as_str().expect("id"), &image, &snap);
+        done.push((i, j));
+    };
+    backup(0, &mut done);
+    backup(1, &mut done);
+    apply(c, &image, 16 * MIB, &[(5 * MIB + 3, Some(pattern(52, 3 * MIB as usize)), 0)]);
+    backup(0, &mut done);
+    apply(c, &image, 16 * MIB, &[(12 * MIB, Some(pattern(53, 4096)), 0)]);
+    backup(1, &mut done);
+    for (k, (i, j)) in done.iter().enumerate() {
+        let want = if k < 2 { "full" } else { "incremental" };
+        assert_eq!(j["kind"], want, "backup {k} (repo {i}): {j}");
+        if k >= 2 {
+            let base = &done[k - 2].1;
+            assert_eq!(j["from_snap"], base["to_snap"], "{j}");
+            assert_eq!(j["rbd"]["base_snapshot"], base["to_snap"], "{j}");
+            assert_eq!(j["rbd"]["full_reason"], serde_json::Value::Null, "{j}");
+            assert_eq!(j["rbd"]["removed_snapshots"], serde_json::json!([base["to_snap"]]), "{j}");
+        }
+    }
+    assert_eq!(c.snaps(&image).len(), 3, "user-keep and one base per repository");
+}
+
+/// Two volumes of one image in one repository (`--volume`) keep their own bases likewise.
+#[test]
+fn two_volumes_of_one_image_in_one_repository_both_stay_incremental() {
+    let c = cluster();
+    let repo = c.file_repo();
+    let mut images = ImageGuard::new(c);
+    let name = unique("twovol");
+    let image = images.add(&format!("rbd/{name}"));
+    c.rbd(&["create", "--size", "12M", "--object-size", "1M", &image]);
+    apply(c, &image, 12 * MIB, &[(0, Some(pattern(61, 5 * MIB as usize)), 0)]);
+    let volumes = [format!("{name}-x"), format!("{name}-y")];
+    let owners = [snap_owner(&repo, &volumes[0]), snap_owner(&repo, &volumes[1])];
+    assert_eq!(owners[0][..8], owners[1][..8], "one repository");
+    assert_ne!(owners[0], owners[1]);
+    let mut last: [Option<String>; 2] = [None, None];
+    for round in 0..2 {
+        for i in 0..2 {
+            if round == 1 {
+                apply(
+                    c,
+                    &image,
+                    12 * MIB,
+                    &[(MIB * (3 + i as u64) + 7, Some(pattern(62 + i as u8, 1000)), 0)],
+                );
+            }
+            let j = repo.json(&["backup", &format!("rbd:{image}"), "--volume", &volumes[i]]);
+            let snap = j["to_snap"].as_str().expect("to_snap").to_string();
+            assert_snap_name(&snap, &owners[i]);
+            assert_eq!(j["volume"], volumes[i].as_str());
+            if round == 0 {
+                assert_eq!(j["kind"], "full", "{j}");
+            } else {
+                assert_eq!(j["kind"], "incremental", "{j}");
+                assert_eq!(j["from_snap"].as_str(), last[i].as_deref(), "{j}");
+                assert_eq!(j["rbd"]["full_reason"], serde_json::Value::Null, "{j}");
+            }
+            assert_eq!(owned_snaps(c, &image, &owners[i]), vec![snap.clone()]);
+            if let Some(theirs) = &last[1 - i] {
+                assert_eq!(owned_snaps(c, &image, &owners[1 - i]), vec![theirs.clone()], "{j}");
+            }
+            assert_restores_to(c, &repo, &volumes[i], j["backup_id"].as_str().expect("id"), &image, &snap);
+            last[i] = Some(snap);
+        }
+    }
+    assert_eq!(ferry_snaps(c, &image).len(), 2);
+}
+
+/// `--keep-snapshots 3`: after five backups the three newest snapshots of this repository and
+/// volume remain (each backup incremental from the previous one); the first one, protected by
+/// the user, stays and does not count; a user snapshot and another repository's snapshot are
+/// untouched. `--keep-snapshots 0` is refused.
+#[test]
+fn keep_snapshots_keeps_the_newest_of_this_repository_and_volume() {
+    let c = cluster();
+    let (repo, other) = (c.file_repo(), c.file_repo());
+    let mut images = ImageGuard::new(c);
+    let name = unique("keep");
+    let image = images.add(&format!("rbd/{name}"));
+    let volume = format!("rbd.{name}");
+    c.rbd(&["create", "--size", "8M", "--object-size", "1M", &image]);
+    apply(c, &image, 8 * MIB, &[(0, Some(pattern(71, 3 * MIB as usize)), 0)]);
+    c.rbd(&["snap", "create", "--no-progress", &format!("{image}@user-keep")]);
+    let theirs = other.json(&["backup", &format!("rbd:{image}")]);
+    let theirs = theirs["to_snap"].as_str().expect("to_snap").to_string();
+    let owner = snap_owner(&repo, &volume);
+
+    let err = repo.fails(&["backup", &format!("rbd:{image}"), "--keep-snapshots", "0"], 2);
+    assert!(err.contains("keep-snapshots"), "{err}");
+
+    let mut snaps: Vec<String> = Vec::new();
+    for k in 0..5u8 {
+        if k > 0 {
+            apply(c, &image, 8 * MIB, &[(MIB * k as u64 + 11, Some(pattern(72 + k, 5000)), 0)]);
+        }
+        let j = repo.json(&["backup", &format!("rbd:{image}"), "--keep-snapshots", "3"]);
+        let snap = j["to_snap"].as_str().expect("to_snap").to_string();
+        assert_snap_name(&snap, &owner);
+        if k == 0 {
+            assert_eq!(j["kind"], "full", "{j}");
+            c.rbd(&["snap", "protect", &format!("{image}@{snap}")]);
+        } else {
+            assert_eq!(j["kind"], "incremental", "{j}");
+            assert_eq!(j["from_snap"].as_str(), Some(snaps[k as usize - 1].as_str()), "{j}");
+        }
+        assert_restores_to(c, &repo, &volume, j["backup_id"].as_str().expect("id"), &image, &snap);
+        snaps.push(snap);
+        // Unprotected ones of ours: the newest three at most; the protected first one stays.
+        let unprotected_from = snaps.len().saturating_sub(3).max(1);
+        let mut want = vec![snaps[0].clone()];
+        want.extend(snaps[unprotected_from..].iter().cloned());
+        assert_eq!(owned_snaps(c, &image, &owner), want, "after backup {k}: {j}");
+        let kept: Vec<&str> = j["rbd"]["kept_snapshots"]
+            .as_array()
+            .expect("kept_snapshots")
+            .iter()
+            .map(|v| v.as_str().expect("name"))
+            .collect();
+        let mut want_kept: Vec<&str> = snaps[unprotected_from..].iter().rev().map(String::as_str).collect();
+        want_kept.push(&snaps[0]);
+        assert_eq!(kept, want_kept, "{j}");
+    }
+    assert_eq!(
+        owned_snaps(c, &image, &owner),
+        vec![snaps[0].clone(), snaps[2].clone(), snaps[3].clone(), snaps[4].clone()]
+    );
+    let all = c.snaps(&image);
+    assert!(all.contains(&"user-keep".to_string()) && all.contains(&theirs), "{all:?}");
+    assert_eq!(all.len(), 6, "{all:?}");
+    // The other repository is still incremental from its base.
+    let j = other.json(&["backup", &format!("rbd:{image}")]);
+    assert_eq!(j["kind"], "incremental", "{j}");
+    assert_eq!(j["from_snap"].as_str(), Some(theirs.as_str()), "{j}");
+    c.rbd(&["snap", "unprotect", &format!("{image}@{}", snaps[0])]);
+}
+
+/// A chain made before snapshot names carried an owner: its newest backup's `to_snap` is a
+/// `ferry-<time>` snapshot. The old ferry is emulated by committing, through ferry-repo, a
+/// copy of a real RBD backup's manifest whose `to_snap` names a `ferry-<time>` snapshot of
+/// the same (unchanged) image. The next backup is an incremental from it and then removes it
+/// (it is our chain's base); another `ferry-<time>` snapshot (maybe another repository's
+/// base) is never touched.
+#[test]
+fn a_legacy_ferry_snapshot_base_continues_incrementally_and_only_it_is_removed() {
+    let c = cluster();
+    let repo = c.file_repo();
+    let mut images = ImageGuard::new(c);
+    let name = unique("legacy");
+    let image = images.add(&format!("rbd/{name}"));
+    let volume = format!("rbd.{name}");
+    c.rbd(&["create", "--size", "12M", &image]);
+    apply(c, &image, 12 * MIB, &[(MIB, Some(pattern(81, 6 * MIB as usize)), 0)]);
+    let first = repo.json(&["backup", &format!("rbd:{image}")]);
+    let first_snap = first["to_snap"].as_str().expect("to_snap").to_string();
+    let (legacy, foreign) = ("ferry-20260101T000000.000Z", "ferry-20251231T235959.999Z");
+    c.rbd(&["snap", "create", "--no-progress", &format!("{image}@{foreign}")]);
+    c.rbd(&["snap", "create", "--no-progress", &format!("{image}@{legacy}")]);
+    assert_eq!(
+        c.export_hash(&format!("{image}@{legacy}")),
+        c.export_hash(&format!("{image}@{first_snap}"))
+    );
+    // What the old ferry would have committed: the same backup, to_snap = the legacy name.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let store = ferry_repo::open_store(&repo.url, &ferry_repo::StoreOptions::default()).expect("store");
+        let r = ferry_repo::Repository::open(store, crate::util::PASSWORD.as_bytes())
+            .await
+            .expect("open");
+        let refs = r.list_backups(Some(&volume)).await.expect("list");
+        assert_eq!(refs.len(), 1);
+        let m = r.read_manifest(&refs[0]).await.expect("manifest");
+        assert_eq!(m.meta.to_snap.as_deref(), Some(first_snap.as_str()));
+        let draft = ferry_repo::BackupDraft {
+            volume: m.meta.volume.clone(),
+            source: m.meta.source.clone(),
+            from_snap: None,
+            to_snap: Some(legacy.to_string()),
+            parent: None,
+            image_size: m.meta.image_size,
+            block_size: m.meta.block_size,
+            labels: m.meta.labels.clone(),
+            protected: false,
+            stats: m.meta.stats.clone(),
+            blocks: m.blocks.clone(),
+        };
+        r.commit(draft).await.expect("commit the legacy backup");
+    });
+    // Only the legacy snapshot is left of ferry's own, as the old rotation would have left it.
+    c.rbd(&["snap", "rm", "--no-progress", &format!("{image}@{first_snap}")]);
+    let legacy_id = repo.backups(&volume).last().expect("legacy backup")["backup_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    assert_restores_to(c, &repo, &volume, &legacy_id, &image, legacy);
+
+    apply(c, &image, 12 * MIB, &[(9 * MIB + 5, Some(pattern(82, 2 * MIB as usize)), 0)]);
+    let j = repo.json(&["backup", &format!("rbd:{image}")]);
+    assert_eq!(j["kind"], "incremental", "{j}");
+    assert_eq!(j["from_snap"], legacy, "{j}");
+    assert_eq!(j["parent"].as_str(), Some(legacy_id.as_str()), "{j}");
+    assert_eq!(j["rbd"]["removed_snapshots"], serde_json::json!([legacy]), "{j}");
+    let snap = j["to_snap"].as_str().expect("to_snap").to_string();
+    assert_snap_name(&snap, &snap_owner(&repo, &volume));
+    assert_restores_to(c, &repo, &volume, j["backup_id"].as_str().expect("id"), &image, &snap);
+    assert_eq!(c.snaps(&image), vec![foreign.to_string(), snap.clone()]);
+    // And on: the foreign legacy snapshot is never ours.
+    apply(c, &image, 12 * MIB, &[(0, Some(pattern(83, 4096)), 0)]);
+    let j = repo.json(&["backup", &format!("rbd:{image}")]);
+    assert_eq!(j["kind"], "incremental", "{j}");
+    assert_eq!(j["rbd"]["removed_snapshots"], serde_json::json!([snap]), "{j}");
+    let next = j["to_snap"].as_str().expect("to_snap").to_string();
+    assert_eq!(c.snaps(&image), vec![foreign.to_string(), next]);
+    repo.ok(&["audit"]);
+}
