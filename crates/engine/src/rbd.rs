@@ -207,7 +207,8 @@ pub struct RbdBackupOptions {
     /// Blocks the diff called unchanged to re-read and check after an incremental (0: none).
     pub verify_blocks: usize,
     /// Committed snapshots of this repository and volume to keep on the image after a
-    /// backup, the new one included (at least 1; see [`plan_rotation`]).
+    /// backup, the new one included (at least 1: the newest is the next base). Snapshots of
+    /// other repositories and volumes, users' and protected ones are never removed.
     pub keep_snapshots: usize,
 }
 
