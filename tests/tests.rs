@@ -3,6 +3,7 @@
 
 mod util;
 
+mod audit;
 mod ceph;
 mod cli;
 mod core;

@@ -1,4 +1,6 @@
-//! `ferry audit`: prove chains complete, manifests authentic, chunks present and intact.
+//! `ferry audit`: prove manifests authentic, chains continuous, chunks present and intact.
+//! Findings print as `FINDING` lines (exit 3); information (a forgotten parent, a fork) as
+//! `INFO` lines after them, which never change the exit code.
 
 use anyhow::Result;
 use clap::Args;
@@ -52,6 +54,12 @@ pub async fn run(a: AuditArgs, r: RepoArgs) -> Result<u8> {
             "{} manifests checked, {} chunks referenced, {} present, {} read and verified",
             report.manifests_checked, report.chunks_referenced, report.chunks_present, report.chunks_read
         );
+        if report.manifests_vanished > 0 {
+            println!(
+                "{} manifest(s) deleted while the audit ran (listed, then gone): not checked",
+                report.manifests_vanished
+            );
+        }
         for f in &report.findings {
             println!(
                 "FINDING [{}] {} {}: {}",
@@ -61,9 +69,18 @@ pub async fn run(a: AuditArgs, r: RepoArgs) -> Result<u8> {
                 f.detail
             );
         }
+        for f in &report.info {
+            println!(
+                "INFO [{}] {} {}: {}",
+                f.kind,
+                f.volume,
+                f.backup.as_deref().unwrap_or("-"),
+                f.detail
+            );
+        }
         println!("requests: {}", requests_line(&requests));
         if report.ok {
-            println!("audit passed: chains complete, manifests authentic, all chunks present");
+            println!("audit passed: manifests authentic, chains continuous, all chunks present");
         }
     }
     if !report.ok {

@@ -1,6 +1,8 @@
-//! Audit: prove chains complete, manifests authentic, chunks present (and, sampled, intact).
+//! Audit: prove manifests authentic, chains continuous between the backups that exist, chunks
+//! present (and, sampled, intact). Forgotten parents, vanished manifests and forks are
+//! information, not findings: every manifest holds its complete block map.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use ferry_repo::{BackupRef, ChunkId, Manifest, Repository};
@@ -32,16 +34,18 @@ impl Default for AuditOptions {
     }
 }
 
-/// One problem found.
-#[derive(Debug, Serialize, Clone)]
+/// One observation about the repository: a problem (in [`AuditReport::findings`]) or
+/// information that needs no action (in [`AuditReport::info`]).
+#[derive(Debug, Serialize, Clone, PartialEq, Eq)]
 pub struct Finding {
-    /// `manifest`, `chain`, `missing-chunk` or `corrupt-chunk`.
+    /// Findings: `manifest`, `chain`, `missing-chunk` or `corrupt-chunk`. Information:
+    /// `parent-forgotten`, `parent-unreadable` or `fork`.
     pub kind: &'static str,
     /// The volume.
     pub volume: String,
-    /// The backup, if the finding concerns one.
+    /// The backup it concerns, if one (for a `fork`: the backup the children build on).
     pub backup: Option<String>,
-    /// What is wrong.
+    /// What was seen.
     pub detail: String,
 }
 
@@ -58,15 +62,18 @@ pub struct VolumeReport {
     pub newest: Option<String>,
 }
 
-/// The audit's result; `ok` is true when there are no findings.
+/// The audit's result; `ok` is true when there are no findings (information does not count).
 #[derive(Debug, Serialize, Default, Clone)]
 pub struct AuditReport {
     /// The repository URL.
     pub repository: String,
     /// Per-volume counts.
     pub volumes: BTreeMap<String, VolumeReport>,
-    /// Manifests read.
+    /// Manifests read, readable or not (not counting vanished ones).
     pub manifests_checked: usize,
+    /// Manifests listed but gone when read: deleted meanwhile (a concurrent `forget` or
+    /// `prune`). Not a finding: every backup is independent of the others.
+    pub manifests_vanished: usize,
     /// Distinct chunks referenced by the manifests.
     pub chunks_referenced: usize,
     /// Chunks found present.
@@ -75,8 +82,33 @@ pub struct AuditReport {
     pub chunks_read: usize,
     /// The problems found.
     pub findings: Vec<Finding>,
+    /// Information: facts about the history worth knowing that are not problems (a forgotten
+    /// parent, a fork).
+    pub info: Vec<Finding>,
     /// No findings.
     pub ok: bool,
+}
+
+/// What reading one listed manifest gave.
+#[derive(Debug)]
+pub(crate) enum ManifestRead {
+    /// Read, authenticated and decoded.
+    Read(Box<Manifest>),
+    /// Gone since it was listed (`NotFound`): deleted meanwhile.
+    Vanished,
+    /// Present but damaged, not authentic, or of a format this build cannot read.
+    Unreadable(ferry_repo::Error),
+}
+
+/// Sorts the result of reading a listed manifest; an error is a failure of the store (not a
+/// finding about the data), which stops the audit.
+pub(crate) fn classify_read(read: ferry_repo::Result<Manifest>) -> std::result::Result<ManifestRead, ferry_repo::Error> {
+    match read {
+        Ok(m) => Ok(ManifestRead::Read(Box::new(m))),
+        Err(ferry_repo::Error::NotFound { .. }) => Ok(ManifestRead::Vanished),
+        Err(e) if e.is_integrity() || matches!(e, ferry_repo::Error::UnsupportedFormat { .. }) => Ok(ManifestRead::Unreadable(e)),
+        Err(e) => Err(e),
+    }
 }
 
 /// Runs the audit. Findings are data (the report); an unreachable store is an error.
@@ -103,8 +135,8 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
         repository: repo.url().to_string(),
         ..Default::default()
     };
-    // 1. Every manifest must decrypt, authenticate and decode.
-    let mut manifests: Vec<(BackupRef, Manifest)> = Vec::new();
+    // 1. Read every listed manifest (in list order).
+    let mut outcomes = Vec::with_capacity(refs.len());
     let mut reads = futures::stream::iter(refs.into_iter().map(|b| {
         let repo = repo.clone();
         async move {
@@ -114,62 +146,13 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
     }))
     .buffered(jobs);
     while let Some((b, m)) = reads.next().await {
-        report.manifests_checked += 1;
-        match m {
-            Ok(m) => manifests.push((b, m)),
-            // An unreachable store is not a finding about the data: stop.
-            Err(e)
-                if !(e.is_integrity() || matches!(e, ferry_repo::Error::NotFound { .. } | ferry_repo::Error::UnsupportedFormat { .. })) =>
-            {
-                return Err(Error::from(e).context(format!("audit could not read manifest {}", b.key())))
-            }
-            Err(e) => report.findings.push(Finding {
-                kind: "manifest",
-                volume: b.volume.clone(),
-                backup: Some(b.backup_id().to_string()),
-                detail: e.to_string(),
-            }),
+        match classify_read(m) {
+            Ok(m) => outcomes.push((b, m)),
+            Err(e) => return Err(Error::from(e).context(format!("audit could not read manifest {}", b.key()))),
         }
     }
-    // 2. Chains: every incremental's parent exists and its to-snapshot is our from-snapshot.
-    let by_id: HashMap<(String, String), &Manifest> = manifests
-        .iter()
-        .map(|(b, m)| ((b.volume.clone(), m.meta.backup_id.clone()), m))
-        .collect();
-    for (b, m) in &manifests {
-        let v = report.volumes.entry(b.volume.clone()).or_default();
-        v.backups += 1;
-        if m.meta.from_snap.is_some() {
-            v.incremental += 1;
-        } else {
-            v.full += 1;
-        }
-        v.newest = Some(m.meta.backup_id.clone());
-        if let Some(from) = &m.meta.from_snap {
-            let finding = |detail: String| Finding {
-                kind: "chain",
-                volume: b.volume.clone(),
-                backup: Some(m.meta.backup_id.clone()),
-                detail,
-            };
-            match m.meta.parent.as_ref().and_then(|p| by_id.get(&(b.volume.clone(), p.clone()))) {
-                None => report.findings.push(finding(format!(
-                    "incremental from '{from}' but its parent backup {} is not in the repository (its blocks are complete in this manifest, the chain link is broken)",
-                    m.meta.parent.as_deref().unwrap_or("(none recorded)")
-                ))),
-                Some(p) if p.meta.to_snap.as_deref() != Some(from.as_str()) => report.findings.push(finding(format!(
-                    "from-snapshot '{from}' differs from parent {}'s to-snapshot {:?}",
-                    p.meta.backup_id, p.meta.to_snap
-                ))),
-                Some(p) if p.meta.block_size != m.meta.block_size => report.findings.push(finding(format!(
-                    "block size {} differs from parent's {}",
-                    m.meta.block_size.get(),
-                    p.meta.block_size.get()
-                ))),
-                Some(_) => {}
-            }
-        }
-    }
+    // 2. Manifests and chains.
+    let manifests = analyse(&mut report, outcomes);
     // 3. Every referenced chunk exists (and, sampled, decodes to its ID).
     let mut chunk_refs: HashMap<ChunkId, (String, String, u64)> = HashMap::new();
     for (b, m) in &manifests {
@@ -184,7 +167,9 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
     report.chunks_referenced = chunk_refs.len();
     let percent = opts.read_data_percent.clamp(0.0, 100.0);
     let read_key = blake3::hash(format!("{:?}", std::time::SystemTime::now()).as_bytes());
-    let checks = chunk_refs.iter().map(|(id, (vol, backup, block))| {
+    // Owned items: the future stays `Send` (a borrowing closure here defeats the compiler's
+    // proof, so the audit could not be spawned).
+    let checks = chunk_refs.into_iter().map(|(id, (vol, backup, block))| {
         let repo = repo.clone();
         // Sample by a per-run keyed hash of the ID: uniform, and different each run.
         let h = blake3::keyed_hash(read_key.as_bytes(), &id.0);
@@ -193,9 +178,9 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
         let sample = percent >= 100.0 || (percent > 0.0 && (u64::from_le_bytes(first) % 10_000) < (percent * 100.0) as u64);
         async move {
             let res = if sample {
-                fetch_block(&repo, id).await.map(|_| true)
+                fetch_block(&repo, &id).await.map(|_| true)
             } else {
-                repo.chunk_exists(id).await.and_then(|e| {
+                repo.chunk_exists(&id).await.and_then(|e| {
                     if e {
                         Ok(false)
                     } else {
@@ -203,7 +188,7 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
                     }
                 })
             };
-            (id, vol, backup, *block, res)
+            (id, vol, backup, block, res)
         }
     });
     let mut results = futures::stream::iter(checks).buffer_unordered(jobs);
@@ -223,14 +208,14 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
             }
             Err(ferry_repo::Error::NotFound { .. }) => report.findings.push(Finding {
                 kind: "missing-chunk",
-                volume: vol.clone(),
-                backup: Some(backup.clone()),
+                volume: vol,
+                backup: Some(backup),
                 detail: format!("chunk {id} (first referenced by block {block}) is missing"),
             }),
             Err(e) if e.is_integrity() => report.findings.push(Finding {
                 kind: "corrupt-chunk",
-                volume: vol.clone(),
-                backup: Some(backup.clone()),
+                volume: vol,
+                backup: Some(backup),
                 detail: format!("chunk {id} (first referenced by block {block}): {e}"),
             }),
             Err(e) => return Err(Error::from(e).context("audit could not check the repository")),
@@ -238,4 +223,383 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
     }
     report.ok = report.findings.is_empty();
     Ok(report)
+}
+
+/// The audit of the manifests themselves, with no I/O: counts the reads, reports unreadable
+/// manifests, counts the volumes' backups, and checks continuity between the backups that
+/// exist. Returns the readable manifests (in the order given).
+///
+/// Continuity, per incremental:
+/// - its recorded parent exists: the parent's to-snapshot must be its from-snapshot and the
+///   block sizes must agree, else a `chain` finding;
+/// - its parent is gone (forgotten, pruned, vanished during the audit): nothing to report if
+///   another backup of the volume ends at its from-snapshot, else `parent-forgotten`
+///   information — never a finding, as every manifest holds the complete block map;
+/// - its parent is listed but unreadable: `parent-unreadable` information (the parent's own
+///   `manifest` finding is the problem);
+/// - it records no parent at all (no ferry writes that): a `chain` finding.
+///
+/// Two or more backups recorded with the same parent are a `fork` (information).
+pub(crate) fn analyse(report: &mut AuditReport, reads: Vec<(BackupRef, ManifestRead)>) -> Vec<(BackupRef, Manifest)> {
+    let mut manifests: Vec<(BackupRef, Manifest)> = Vec::with_capacity(reads.len());
+    let mut unreadable: HashSet<(String, String)> = HashSet::new();
+    for (b, r) in reads {
+        match r {
+            ManifestRead::Read(m) => {
+                report.manifests_checked += 1;
+                manifests.push((b, *m));
+            }
+            ManifestRead::Vanished => report.manifests_vanished += 1,
+            ManifestRead::Unreadable(e) => {
+                report.manifests_checked += 1;
+                unreadable.insert((b.volume.clone(), b.backup_id().to_string()));
+                report.findings.push(Finding {
+                    kind: "manifest",
+                    volume: b.volume.clone(),
+                    backup: Some(b.backup_id().to_string()),
+                    detail: e.to_string(),
+                });
+            }
+        }
+    }
+    let by_id: HashMap<(&str, &str), &Manifest> = manifests
+        .iter()
+        .map(|(b, m)| ((b.volume.as_str(), m.meta.backup_id.as_str()), m))
+        .collect();
+    // Which backups end at each snapshot, per volume.
+    let mut ending_at: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
+    for (b, m) in &manifests {
+        if let Some(to) = &m.meta.to_snap {
+            ending_at
+                .entry((b.volume.as_str(), to.as_str()))
+                .or_default()
+                .push(m.meta.backup_id.as_str());
+        }
+    }
+    // Children per recorded parent, per volume (children in list order).
+    let mut children: BTreeMap<(&str, &str), Vec<&Manifest>> = BTreeMap::new();
+    let mut info = Vec::new();
+    for (b, m) in &manifests {
+        let v = report.volumes.entry(b.volume.clone()).or_default();
+        v.backups += 1;
+        if m.meta.from_snap.is_some() {
+            v.incremental += 1;
+        } else {
+            v.full += 1;
+        }
+        v.newest = Some(m.meta.backup_id.clone());
+        if let Some(p) = &m.meta.parent {
+            children.entry((b.volume.as_str(), p.as_str())).or_default().push(m);
+        }
+        let Some(from) = &m.meta.from_snap else { continue };
+        let note = |kind: &'static str, detail: String| Finding {
+            kind,
+            volume: b.volume.clone(),
+            backup: Some(m.meta.backup_id.clone()),
+            detail,
+        };
+        let Some(parent) = &m.meta.parent else {
+            report.findings.push(note(
+                "chain",
+                format!("incremental from '{from}' records no parent backup (its block map is complete, its origin unknown)"),
+            ));
+            continue;
+        };
+        match by_id.get(&(b.volume.as_str(), parent.as_str())) {
+            Some(p) if p.meta.to_snap.as_deref() != Some(from.as_str()) => report.findings.push(note(
+                "chain",
+                format!(
+                    "from-snapshot '{from}' differs from parent {}'s to-snapshot {}",
+                    p.meta.backup_id,
+                    quoted(p.meta.to_snap.as_deref())
+                ),
+            )),
+            Some(p) if p.meta.block_size != m.meta.block_size => report.findings.push(note(
+                "chain",
+                format!(
+                    "block size {} differs from parent {}'s {}",
+                    m.meta.block_size.get(),
+                    p.meta.backup_id,
+                    p.meta.block_size.get()
+                ),
+            )),
+            Some(_) => {}
+            None if unreadable.contains(&(b.volume.clone(), parent.clone())) => info.push(note(
+                "parent-unreadable",
+                format!("parent backup {parent} is in the repository but its manifest is unreadable (see its finding); continuity from '{from}' not checked"),
+            )),
+            None => {
+                let continued = ending_at
+                    .get(&(b.volume.as_str(), from.as_str()))
+                    .is_some_and(|ids| ids.iter().any(|id| *id != m.meta.backup_id));
+                if !continued {
+                    info.push(note(
+                        "parent-forgotten",
+                        format!(
+                            "parent backup {parent} is no longer in the repository and no backup of the volume ends at '{from}'; \
+                             this backup's block map is complete, it restores on its own"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    for ((volume, parent), kids) in &children {
+        if kids.len() < 2 {
+            continue;
+        }
+        let list = kids
+            .iter()
+            .map(|k| format!("{} (to {})", k.meta.backup_id, quoted(k.meta.to_snap.as_deref())))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let parent_desc = match by_id.get(&(*volume, *parent)) {
+            Some(p) => format!("this backup (to {})", quoted(p.meta.to_snap.as_deref())),
+            None if unreadable.contains(&(volume.to_string(), parent.to_string())) => {
+                "this backup (its manifest is unreadable)".to_string()
+            }
+            None => "this backup (no longer in the repository)".to_string(),
+        };
+        info.push(Finding {
+            kind: "fork",
+            volume: volume.to_string(),
+            backup: Some(parent.to_string()),
+            detail: format!("{} backups build on {parent_desc}: {list}", kids.len()),
+        });
+    }
+    // Per volume, in list order; a volume's forks after its other notes.
+    info.sort_by(|a, b| a.volume.cmp(&b.volume));
+    report.info.extend(info);
+    manifests
+}
+
+fn quoted(snap: Option<&str>) -> String {
+    snap.map_or_else(|| "(none)".to_string(), |s| format!("'{s}'"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_repo::{BackupStats, BlockSize, ManifestMeta, Source};
+
+    const VOL: &str = "v";
+
+    /// A manifest of volume `v` with a 4-block map; `id` is also the name's suffix.
+    fn backup(id: &str, parent: Option<&str>, from: Option<&str>, to: &str) -> (BackupRef, Manifest) {
+        backup_bs(id, parent, from, to, 1 << 20)
+    }
+
+    fn backup_bs(id: &str, parent: Option<&str>, from: Option<&str>, to: &str, bs: u64) -> (BackupRef, Manifest) {
+        let meta = ManifestMeta {
+            format: ferry_repo::MANIFEST_FORMAT,
+            backup_id: id.to_string(),
+            repository_id: "0".repeat(32),
+            volume: VOL.to_string(),
+            created: chrono::Utc::now(),
+            source: Source {
+                kind: "diff-stream".into(),
+                ..Default::default()
+            },
+            from_snap: from.map(str::to_string),
+            to_snap: Some(to.to_string()),
+            parent: parent.map(str::to_string),
+            image_size: 4 * bs,
+            block_size: BlockSize::new(bs).expect("block size"),
+            labels: Default::default(),
+            protected: false,
+            stats: BackupStats::default(),
+        };
+        let r = BackupRef {
+            volume: VOL.to_string(),
+            name: format!("20250101T000000.000000Z-{id}"),
+        };
+        (
+            r,
+            Manifest {
+                meta,
+                blocks: vec![None; 4],
+            },
+        )
+    }
+
+    fn run(backups: Vec<(BackupRef, Manifest)>) -> AuditReport {
+        let mut report = AuditReport::default();
+        let reads = backups.into_iter().map(|(b, m)| (b, ManifestRead::Read(Box::new(m)))).collect();
+        analyse(&mut report, reads);
+        report
+    }
+
+    fn kinds(fs: &[Finding]) -> Vec<(&str, Option<&str>)> {
+        fs.iter().map(|f| (f.kind, f.backup.as_deref())).collect()
+    }
+
+    #[test]
+    fn an_intact_chain_has_no_findings_and_no_info() {
+        let r = run(vec![
+            backup("a1", None, None, "s1"),
+            backup("a2", Some("a1"), Some("s1"), "s2"),
+            backup("a3", Some("a2"), Some("s2"), "s3"),
+        ]);
+        assert!(r.findings.is_empty() && r.info.is_empty(), "{r:#?}");
+        let v = &r.volumes[VOL];
+        assert_eq!((v.backups, v.full, v.incremental, v.newest.as_deref()), (3, 1, 2, Some("a3")));
+        assert_eq!(r.manifests_checked, 3);
+    }
+
+    #[test]
+    fn a_removed_parent_is_information_not_a_finding() {
+        // a2 was forgotten: a3 continues from 's2', which no remaining backup ends at.
+        let r = run(vec![backup("a1", None, None, "s1"), backup("a3", Some("a2"), Some("s2"), "s3")]);
+        assert!(r.findings.is_empty(), "{r:#?}");
+        assert_eq!(kinds(&r.info), [("parent-forgotten", Some("a3"))]);
+        assert!(r.info[0].detail.contains("a2") && r.info[0].detail.contains("'s2'"), "{r:#?}");
+    }
+
+    #[test]
+    fn a_removed_parent_whose_snapshot_another_backup_ends_at_is_fine() {
+        // a2 and b2 both end at 's2' (a re-backup of the same snapshot); a2 is gone.
+        let r = run(vec![
+            backup("a1", None, None, "s1"),
+            backup("b2", Some("a1"), Some("s1"), "s2"),
+            backup("a3", Some("a2"), Some("s2"), "s3"),
+        ]);
+        assert!(r.findings.is_empty() && r.info.is_empty(), "{r:#?}");
+        // A backup does not continue itself.
+        let r = run(vec![backup("a1", None, None, "s1"), backup("a3", Some("a2"), Some("s2"), "s2")]);
+        assert_eq!(kinds(&r.info), [("parent-forgotten", Some("a3"))]);
+        // Nor does a backup of another volume.
+        let (mut other_ref, mut other) = backup("w2", None, None, "s2");
+        other_ref.volume = "w".into();
+        other.meta.volume = "w".into();
+        let r = run(vec![
+            backup("a1", None, None, "s1"),
+            (other_ref, other),
+            backup("a3", Some("a2"), Some("s2"), "s3"),
+        ]);
+        assert_eq!(kinds(&r.info), [("parent-forgotten", Some("a3"))]);
+    }
+
+    #[test]
+    fn a_continuity_break_with_the_parent_present_is_a_finding() {
+        let r = run(vec![
+            backup("a1", None, None, "s1"),
+            backup("a2", Some("a1"), Some("s1"), "s2"),
+            backup("a3", Some("a2"), Some("s1"), "s3"),
+        ]);
+        assert_eq!(kinds(&r.findings), [("chain", Some("a3"))], "{r:#?}");
+        assert!(
+            r.findings[0].detail.contains("'s1'") && r.findings[0].detail.contains("'s2'"),
+            "{r:#?}"
+        );
+        // Even when some other backup ends at the from-snapshot: the recorded parent decides.
+        assert!(r.info.is_empty(), "{r:#?}");
+        assert!(!r.ok);
+    }
+
+    #[test]
+    fn a_block_size_change_with_the_parent_present_is_a_finding() {
+        let r = run(vec![
+            backup("a1", None, None, "s1"),
+            backup_bs("a2", Some("a1"), Some("s1"), "s2", 1 << 22),
+        ]);
+        assert_eq!(kinds(&r.findings), [("chain", Some("a2"))], "{r:#?}");
+        assert!(r.findings[0].detail.contains("block size"), "{r:#?}");
+    }
+
+    #[test]
+    fn an_incremental_recording_no_parent_is_a_finding() {
+        let r = run(vec![backup("a1", None, None, "s1"), backup("a2", None, Some("s1"), "s2")]);
+        assert_eq!(kinds(&r.findings), [("chain", Some("a2"))], "{r:#?}");
+    }
+
+    #[test]
+    fn forks_are_information_naming_parent_and_children() {
+        let r = run(vec![
+            backup("a1", None, None, "s1"),
+            backup("a2", Some("a1"), Some("s1"), "s2"),
+            backup("b2", Some("a1"), Some("s1"), "t2"),
+            backup("a3", Some("a2"), Some("s2"), "s3"),
+        ]);
+        assert!(r.findings.is_empty(), "{r:#?}");
+        assert_eq!(kinds(&r.info), [("fork", Some("a1"))], "{r:#?}");
+        let d = &r.info[0].detail;
+        assert!(d.starts_with("2 backups build on this backup (to 's1')"), "{d}");
+        assert!(d.contains("a2 (to 's2')") && d.contains("b2 (to 't2')"), "{d}");
+        // The fork survives its parent: both children are still there.
+        let r = run(vec![
+            backup("a2", Some("a1"), Some("s1"), "s2"),
+            backup("b2", Some("a1"), Some("s1"), "t2"),
+        ]);
+        assert_eq!(
+            kinds(&r.info),
+            [
+                ("parent-forgotten", Some("a2")),
+                ("parent-forgotten", Some("b2")),
+                ("fork", Some("a1"))
+            ]
+        );
+        assert!(r.info[2].detail.contains("no longer in the repository"), "{r:#?}");
+    }
+
+    fn not_found() -> ferry_repo::Error {
+        ferry_repo::Error::NotFound {
+            path: "volumes/v/backups/x".into(),
+        }
+    }
+
+    #[test]
+    fn reads_are_classified_vanished_unreadable_or_store_failure() {
+        let (_, m) = backup("a1", None, None, "s1");
+        assert!(matches!(classify_read(Ok(m)), Ok(ManifestRead::Read(_))));
+        assert!(matches!(classify_read(Err(not_found())), Ok(ManifestRead::Vanished)));
+        let damaged = ferry_repo::Error::ManifestDecode {
+            path: "volumes/v/backups/x".into(),
+            reason: "bad".into(),
+        };
+        assert!(matches!(classify_read(Err(damaged)), Ok(ManifestRead::Unreadable(_))));
+        // Anything else (the store failing, above all) stops the audit.
+        let other = ferry_repo::Error::InvalidArgument("store trouble".into());
+        assert!(matches!(classify_read(Err(other)), Err(ferry_repo::Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn a_vanished_manifest_is_counted_not_reported_and_its_child_is_fine() {
+        let (r1, m1) = backup("a1", None, None, "s1");
+        let (r2, _) = backup("a2", Some("a1"), Some("s1"), "s2");
+        let (r3, m3) = backup("a3", Some("a2"), Some("s2"), "s3");
+        let mut report = AuditReport::default();
+        let kept = analyse(
+            &mut report,
+            vec![
+                (r1, ManifestRead::Read(Box::new(m1))),
+                (r2, classify_read(Err(not_found())).expect("not a store failure")),
+                (r3, ManifestRead::Read(Box::new(m3))),
+            ],
+        );
+        assert_eq!(kept.len(), 2);
+        assert_eq!((report.manifests_checked, report.manifests_vanished), (2, 1));
+        assert!(report.findings.is_empty(), "{report:#?}");
+        assert_eq!(kinds(&report.info), [("parent-forgotten", Some("a3"))]);
+        assert_eq!(report.volumes[VOL].backups, 2);
+    }
+
+    #[test]
+    fn an_unreadable_parent_is_its_own_finding_and_information_for_the_child() {
+        let (r1, m1) = backup("a1", None, None, "s1");
+        let (r2, _) = backup("a2", Some("a1"), Some("s1"), "s2");
+        let (r3, m3) = backup("a3", Some("a2"), Some("s2"), "s3");
+        let mut report = AuditReport::default();
+        let damaged = ferry_repo::Error::Integrity { path: r2.key() };
+        analyse(
+            &mut report,
+            vec![
+                (r1, ManifestRead::Read(Box::new(m1))),
+                (r2, ManifestRead::Unreadable(damaged)),
+                (r3, ManifestRead::Read(Box::new(m3))),
+            ],
+        );
+        assert_eq!(report.manifests_checked, 3);
+        assert_eq!(kinds(&report.findings), [("manifest", Some("a2"))]);
+        assert_eq!(kinds(&report.info), [("parent-unreadable", Some("a3"))]);
+    }
 }
