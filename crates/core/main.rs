@@ -76,7 +76,7 @@ enum Command {
     Doctor(cmd_doctor::DoctorArgs),
     /// List volumes and their backup chains.
     Ls(cmd_ls::LsArgs),
-    /// Prove chains complete, manifests authentic, chunks present (and optionally intact).
+    /// Prove manifests authentic, chains continuous, chunks present (and optionally intact).
     Audit(cmd_audit::AuditArgs),
     /// Delete chosen backups (never a protected one); their chunks stay until GC.
     Forget(cmd_forget::ForgetArgs),
