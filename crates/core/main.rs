@@ -4,7 +4,7 @@
 //! in `ferry-repo`, the diff codec in `rbd-diff`, the Ceph driver in `ferry-ceph`.
 
 // Doc comments of the argument structs are `--help` text (plain text, URLs included).
-#![allow(rustdoc::bare_urls)]
+#![allow(rustdoc::bare_urls, rustdoc::invalid_html_tags)]
 
 mod args;
 mod cmd_audit;
