@@ -8,5 +8,6 @@ mod ceph;
 mod cli;
 mod core;
 mod engine;
+mod faults;
 mod golden;
 mod lifecycle;

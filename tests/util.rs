@@ -46,6 +46,7 @@ impl Repo {
             .env("FERRY_PASSWORD", PASSWORD)
             .env("FERRY_INDEX_DIR", self.dir.path().join("index"))
             .env("FERRY_STORE_RETRIES", "1")
+            .env("FERRY_STORE_DEADLINE", "3")
             .stdin(Stdio::null());
         for (k, v) in &self.env {
             c.env(k, v);

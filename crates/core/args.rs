@@ -38,6 +38,10 @@ pub struct RepoArgs {
     /// Retries of a failed store request.
     #[arg(long, env = "FERRY_STORE_RETRIES", global = true)]
     pub store_retries: Option<usize>,
+    /// Keep retrying a store request that fails transiently (5xx, resets, timeouts) for up
+    /// to this many seconds, with exponential backoff, before giving up (exit 1).
+    #[arg(long, env = "FERRY_STORE_DEADLINE", global = true, value_name = "SECONDS")]
+    pub store_deadline: Option<u64>,
     /// Upload bandwidth limit shared by all connections, bytes per second (e.g. 50M).
     #[arg(long, env = "FERRY_LIMIT_UPLOAD", global = true, value_parser = parse_rate, value_name = "BYTES_PER_S")]
     pub limit_upload: Option<u64>,
@@ -98,7 +102,13 @@ impl RepoArgs {
 
     /// Opens the repository and the index (not yet synced) as an engine.
     pub async fn engine(&self, observer: Arc<dyn Observer>) -> Result<Engine> {
-        let repo = self.open_repository().await?;
+        let mut repo = self.open_repository().await?;
+        if let Some(secs) = self.store_deadline {
+            repo = repo.with_retry(ferry_repo::RetryPolicy {
+                deadline: std::time::Duration::from_secs(secs),
+                ..Default::default()
+            });
+        }
         let index = if self.no_index {
             Index::temporary()?
         } else {

@@ -35,6 +35,8 @@ pub struct S3Section {
     pub region: Option<String>,
     pub allow_http: Option<bool>,
     pub retries: Option<usize>,
+    /// Seconds to keep retrying a transiently failing request (`--store-deadline`).
+    pub deadline: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -61,6 +63,7 @@ impl ConfigFile {
         repo.s3_region = repo.s3_region.take().or(self.s3.region);
         repo.s3_allow_http |= self.s3.allow_http.unwrap_or(false);
         repo.store_retries = repo.store_retries.or(self.s3.retries);
+        repo.store_deadline = repo.store_deadline.or(self.s3.deadline);
         ceph.ceph_conf = ceph.ceph_conf.take().or(self.ceph.conf);
         ceph.ceph_keyring = ceph.ceph_keyring.take().or(self.ceph.keyring);
         ceph.ceph_id = ceph.ceph_id.take().or(self.ceph.id);

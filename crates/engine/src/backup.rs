@@ -251,6 +251,29 @@ pub(crate) fn check_chain(header: &DiffHeader, volume: &str, parent: Option<&(Ba
     Ok(())
 }
 
+/// Marks a backup error after which the backup may nevertheless be committed: its manifest
+/// PUT failed in a way that leaves the outcome unknown and reading back did not settle it.
+/// Callers must not say "nothing was committed", and the RBD source keeps its new snapshot.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitOutcomeUnknown;
+
+impl std::fmt::Display for CommitOutcomeUnknown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the backup may be committed")
+    }
+}
+
+impl std::error::Error for CommitOutcomeUnknown {}
+
+/// The context for a failed backup: "nothing was committed", unless that is not known.
+pub(crate) fn failed_backup(e: Error, what: &str) -> Error {
+    if e.find::<CommitOutcomeUnknown>().is_some() {
+        e.context(format!("{what}: the outcome of its commit is unknown"))
+    } else {
+        e.context(format!("{what} failed; nothing was committed"))
+    }
+}
+
 /// What a finished backup reports.
 #[derive(Debug, Clone)]
 pub struct BackupOutcome {
@@ -462,7 +485,17 @@ where
         Some(verify) => crate::cpu::blocking(move || verify(&draft).map(|_| draft)).await?,
         None => draft,
     };
-    let (backup, manifest) = repo.commit(draft).await.context("committing the backup (writing its manifest)")?;
+    let (backup, manifest) = match repo.commit(draft).await {
+        Ok(v) => v,
+        Err(e @ ferry_repo::Error::CommitUnknown { .. }) => {
+            return Err(Error::new(
+                crate::error::ErrorKind::Transient,
+                e.to_string(),
+                Some(Box::new(CommitOutcomeUnknown)),
+            ))
+        }
+        Err(e) => return Err(Error::from(e).context("committing the backup (writing its manifest)")),
+    };
     // The index is a cache: a failure here does not undo the commit. (sled flushes with
     // fsync: off the async threads.)
     // Nothing after the commit may turn it into a failure.

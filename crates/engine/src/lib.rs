@@ -37,7 +37,7 @@ use std::sync::Arc;
 use ferry_repo::{BackupRef, BackupSpec, BlockSize, Chain, Index, Manifest, Repository, Source};
 
 pub use audit::{AuditOptions, AuditReport, Finding, VolumeReport};
-pub use backup::BackupOutcome;
+pub use backup::{BackupOutcome, CommitOutcomeUnknown};
 pub use chunks::fetch_block;
 pub use error::{Error, ErrorKind, Result, ResultExt};
 pub use lifecycle::{BackupFate, PruneReport};
@@ -203,7 +203,7 @@ impl Engine {
             .await
         }
         .await;
-        result.with_context(|| format!("backup of volume '{volume}' failed; nothing was committed"))
+        result.map_err(|e| backup::failed_backup(e, &format!("backup of volume '{volume}'")))
     }
 
     /// Restores `manifest` into `target`. A restore that could not write every block fails

@@ -276,7 +276,7 @@ impl Engine {
     pub async fn backup_rbd(&self, ceph: &Ceph, image: &RbdImage, opts: RbdBackupOptions) -> Result<RbdBackupOutcome> {
         self.backup_rbd_leased(ceph, image, opts)
             .await
-            .with_context(|| format!("backup of rbd:{image} failed; nothing was committed"))
+            .map_err(|e| crate::backup::failed_backup(e, &format!("backup of rbd:{image}")))
     }
 
     async fn backup_rbd_leased(&self, ceph: &Ceph, image: &RbdImage, opts: RbdBackupOptions) -> Result<RbdBackupOutcome> {
@@ -480,6 +480,14 @@ impl RbdRun<'_> {
         let result = ingest(e.repo.clone(), e.index.clone(), e.observer.clone(), export, None, finish, params).await;
         let outcome = match result {
             Ok(v) => v,
+            Err(err) if err.find::<crate::backup::CommitOutcomeUnknown>().is_some() => {
+                // Maybe committed: the new snapshot may be the base of a committed backup.
+                warn(
+                    e.observer.as_ref(),
+                    &format!("keeping snapshot {spec}@{snap}: the backup based on it may be committed"),
+                );
+                return Err(err);
+            }
             Err(err) => {
                 // Not committed: drop the new snapshot, keep the base for the next try.
                 let (rbd, spec2, snap2) = (self.rbd.clone(), spec.clone(), snap.clone());

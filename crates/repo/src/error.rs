@@ -193,6 +193,33 @@ pub enum Error {
         /// The backup ID.
         backup: String,
     },
+    /// A store request kept failing transiently until the retry policy gave up
+    /// ([`crate::RetryPolicy`]). Transient: retrying later may help.
+    #[error("{what}: the store is still unavailable after {attempts} attempt(s) over {secs:.1} s: {last}")]
+    Unavailable {
+        /// What was being done.
+        what: String,
+        /// Attempts made.
+        attempts: u32,
+        /// Seconds spent.
+        secs: f64,
+        /// The last failure.
+        last: String,
+    },
+    /// A backup's manifest PUT failed in a way that leaves its outcome unknown (the store may
+    /// have saved it), and reading it back did not settle the question before the retry
+    /// policy gave up. The backup may or may not be committed; `ferry ls` tells. Transient.
+    #[error("the commit of backup {backup} of volume '{volume}' has an unknown outcome (its manifest {key} may have been written; `ferry ls` will tell): {last}")]
+    CommitUnknown {
+        /// The volume.
+        volume: String,
+        /// The backup ID.
+        backup: String,
+        /// The manifest key.
+        key: String,
+        /// The last failure.
+        last: String,
+    },
     /// The volume has no (readable) backups. A refusal ([`Error::is_refusal`]).
     #[error("volume '{volume}' has no backups")]
     NoBackups {
@@ -245,7 +272,18 @@ impl Error {
     /// True when the store could not be reached or failed a request (network, timeouts,
     /// 5xx): retrying later may help. Never true for damaged data.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Store { .. })
+        match self {
+            // Credentials and permissions do not heal by retrying.
+            Error::Store { source, .. } => !matches!(
+                source,
+                object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+                    | object_store::Error::NotSupported { .. }
+                    | object_store::Error::NotImplemented { .. }
+            ),
+            Error::Unavailable { .. } | Error::CommitUnknown { .. } => true,
+            _ => false,
+        }
     }
 
     /// True when the request itself cannot be satisfied as given (a bad name, size, spec, an

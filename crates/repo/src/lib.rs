@@ -15,6 +15,7 @@ pub mod manifest;
 pub mod object;
 pub mod repo;
 pub mod retention;
+pub mod retry;
 pub mod spec;
 pub mod store;
 
@@ -25,6 +26,7 @@ pub use index::{BackupSummary, Chain, Index, SyncReport};
 pub use keys::{KdfParams, KeySlot, MasterKey};
 pub use manifest::{BackupStats, Manifest, ManifestMeta, Source, MANIFEST_FORMAT};
 pub use repo::{validate_volume_name, BackupDraft, BackupRef, InitOptions, Listing, RepoConfig, Repository, REPO_FORMAT};
+pub use retry::RetryPolicy;
 pub use spec::{resolve, BackupSpec};
 pub use store::{open_store, Store, StoreOptions};
 pub use store::{

@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::keys::{KdfParams, KeySlot, MasterKey};
 use crate::manifest::{BackupStats, Manifest, ManifestMeta, Source, MANIFEST_FORMAT};
 use crate::object::{decode_sealed, encode_sealed, Header, ObjectKind, HEADER_LEN};
+use crate::retry::RetryPolicy;
 use crate::store::Store;
 
 /// Highest repository format this build reads and the one it writes.
@@ -172,6 +173,8 @@ pub struct Repository {
     key: MasterKey,
     /// The key slot the passphrase opened.
     slot: String,
+    /// How transient store failures are retried.
+    retry: RetryPolicy,
 }
 
 fn p(s: &str) -> Path {
@@ -184,13 +187,13 @@ async fn get_bytes(store: &dyn ObjectStore, key: &str) -> Result<Bytes> {
     res.bytes().await.map_err(|e| Error::store("get", &path, e))
 }
 
-async fn put_create(store: &dyn ObjectStore, key: &str, bytes: Vec<u8>) -> Result<bool> {
+async fn put_create(store: &dyn ObjectStore, key: &str, bytes: impl Into<Bytes>) -> Result<bool> {
     let path = p(key);
     let opts = PutOptions {
         mode: PutMode::Create,
         ..Default::default()
     };
-    match store.put_opts(&path, PutPayload::from(bytes), opts).await {
+    match store.put_opts(&path, PutPayload::from(bytes.into()), opts).await {
         Ok(_) => Ok(true),
         Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
         Err(e) => Err(Error::store("put", &path, e)),
@@ -263,6 +266,7 @@ impl Repository {
             config,
             key,
             slot: slot.id,
+            retry: RetryPolicy::default(),
         })
     }
 
@@ -280,6 +284,7 @@ impl Repository {
                     config,
                     key,
                     slot: slot.id.clone(),
+                    retry: RetryPolicy::default(),
                 });
             }
         }
@@ -343,6 +348,17 @@ impl Repository {
         self.store.inner.delete(&path).await.map_err(|e| Error::store("delete", &path, e))
     }
 
+    /// The same repository retrying transient store failures by `policy`.
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Repository {
+        self.retry = policy;
+        self
+    }
+
+    /// How transient store failures are retried.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
+    }
+
     /// The ID of the key slot the passphrase opened (or `init` created).
     pub fn slot_id(&self) -> &str {
         &self.slot
@@ -371,21 +387,41 @@ impl Repository {
     /// True when the chunk object exists (HEAD).
     pub async fn chunk_exists(&self, id: &ChunkId) -> Result<bool> {
         let path = p(&id.object_key());
-        match self.store.inner.head(&path).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(Error::store("head", &path, e)),
-        }
+        self.retry
+            .run(
+                || format!("checking for chunk {id}"),
+                || async {
+                    match self.store.inner.head(&path).await {
+                        Ok(_) => Ok(true),
+                        Err(object_store::Error::NotFound { .. }) => Ok(false),
+                        Err(e) => Err(Error::store("head", &path, e)),
+                    }
+                },
+            )
+            .await
     }
 
     /// Uploads an encoded chunk create-only; `Ok(false)` when it already existed.
+    ///
+    /// A chunk is named by its content, so "already exists" is success even when it answers
+    /// the retry of an attempt whose first outcome was unknown (stored, then a reset).
     pub async fn put_chunk(&self, id: &ChunkId, bytes: Vec<u8>) -> Result<bool> {
-        put_create(self.store.inner.as_ref(), &id.object_key(), bytes).await
+        let bytes = Bytes::from(bytes);
+        let key = id.object_key();
+        self.retry
+            .run(
+                || format!("uploading chunk {id}"),
+                || put_create(self.store.inner.as_ref(), &key, bytes.clone()),
+            )
+            .await
     }
 
     /// Downloads a chunk object without decoding it.
     pub async fn get_chunk_object(&self, id: &ChunkId) -> Result<Bytes> {
-        get_bytes(self.store.inner.as_ref(), &id.object_key()).await
+        let key = id.object_key();
+        self.retry
+            .run(|| format!("reading chunk {id}"), || get_bytes(self.store.inner.as_ref(), &key))
+            .await
     }
 
     // ---- manifests ----
@@ -431,13 +467,43 @@ impl Repository {
         let key = r.key();
         let plain = manifest.encode()?;
         let sealed = encode_sealed(self.key.seal_key(), ObjectKind::Manifest, key.as_bytes(), &plain, Some(3))?;
-        if !put_create(self.store.inner.as_ref(), &key, sealed).await? {
-            return Err(Error::BadObject {
-                path: key,
-                reason: "a manifest with this name already exists".into(),
-            });
+        let sealed = Bytes::from(sealed);
+        // Each attempt: PUT create-only. "Already exists" is either our own earlier attempt
+        // whose answer was lost (stored, then a reset or timeout) or a collision: read it back
+        // and compare. A transient failure leaves the outcome unknown until an attempt settles
+        // it; if none does, say so — never "nothing was committed".
+        let attempt = || async {
+            if put_create(self.store.inner.as_ref(), &key, sealed.clone()).await? {
+                return Ok(());
+            }
+            match self.read_manifest(&r).await {
+                Ok(found) if found == manifest => Ok(()),
+                Ok(_) => Err(Error::BadObject {
+                    path: key.clone(),
+                    reason: "another manifest with this name already exists".into(),
+                }),
+                Err(e) => Err(e),
+            }
+        };
+        match self
+            .retry
+            .run(|| format!("committing backup {}", manifest.meta.backup_id), attempt)
+            .await
+        {
+            Ok(()) => Ok((r, manifest)),
+            Err(e) if e.is_transient() => match self.read_manifest(&r).await {
+                // One last look settles what the failures left open.
+                Ok(found) if found == manifest => Ok((r, manifest)),
+                Err(Error::NotFound { .. }) => Err(e),
+                _ => Err(Error::CommitUnknown {
+                    volume: manifest.meta.volume.clone(),
+                    backup: manifest.meta.backup_id.clone(),
+                    key,
+                    last: e.to_string(),
+                }),
+            },
+            Err(e) => Err(e),
         }
-        Ok((r, manifest))
     }
 
     /// Downloads, opens and decodes a manifest, and checks that its meta names the volume,
@@ -445,7 +511,10 @@ impl Repository {
     /// plaintext beyond 1 GiB is refused ([`Error::Decompress`]).
     pub async fn read_manifest(&self, r: &BackupRef) -> Result<Manifest> {
         let key = r.key();
-        let bytes = get_bytes(self.store.inner.as_ref(), &key).await?;
+        let bytes = self
+            .retry
+            .run(|| format!("reading manifest {key}"), || get_bytes(self.store.inner.as_ref(), &key))
+            .await?;
         let plain = decode_sealed(
             self.key.seal_key(),
             ObjectKind::Manifest,
@@ -479,12 +548,19 @@ impl Repository {
             None => p("volumes"),
         };
         let metas: Vec<_> = self
-            .store
-            .inner
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| Error::store("list", &prefix, e))?;
+            .retry
+            .run(
+                || format!("listing {prefix}"),
+                || async {
+                    self.store
+                        .inner
+                        .list(Some(&prefix))
+                        .try_collect::<Vec<_>>()
+                        .await
+                        .map_err(|e| Error::store("list", &prefix, e))
+                },
+            )
+            .await?;
         let mut out = Listing::default();
         for m in metas {
             let parts: Vec<_> = m.location.parts().collect();

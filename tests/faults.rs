@@ -1,0 +1,105 @@
+//! The store misbehaving (injected with $FERRY_TEST_FAULTS): transient failures are retried,
+//! unknown outcomes are read back, and nothing is ever reported as damaged data or as
+//! uncommitted when it is the other way round.
+
+use ferry_testdata::Volume;
+
+use crate::util::{hash_file, Repo};
+
+const MIB: u64 = 1 << 20;
+
+fn with_faults(repo: &Repo, plan: &str, args: &[&str]) -> std::process::Output {
+    repo.cmd(args).env("FERRY_TEST_FAULTS", plan).output().expect("ferry")
+}
+
+fn stream_file(repo: &Repo, v: &mut Volume, snap: &str) -> String {
+    let f = repo.path(&format!("{snap}.diff"));
+    std::fs::write(&f, v.diff(snap, Vec::new()).expect("diff")).expect("write");
+    f.to_str().expect("utf8").to_string()
+}
+
+#[test]
+fn a_chunk_put_that_stores_then_resets_is_retried_and_found() {
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let mut v = Volume::generated(4 * MIB, 1 << 20, 61);
+    let f = stream_file(&repo, &mut v, "s1");
+    let out = with_faults(
+        &repo,
+        "put:chunks/*:reset-after:times=2",
+        &["backup", "--volume", "v", "--diff", &f, "--json"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(j["requests"]["failed"], 2, "{j}");
+    let r = repo.path("r.raw");
+    repo.ok(&["restore", "v", "--to", r.to_str().expect("utf8")]);
+    assert_eq!(hash_file(&r), v.hash());
+    repo.ok(&["audit", "--read-data"]);
+}
+
+#[test]
+fn a_manifest_put_with_an_unknown_outcome_is_read_back_and_committed_once() {
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let mut v = Volume::generated(3 * MIB, 1 << 20, 62);
+    let f = stream_file(&repo, &mut v, "s1");
+    // The store saves the manifest, then the connection resets: the retry finds it exists,
+    // reads it back, recognises it and reports the commit (exit 0), once.
+    let out = with_faults(
+        &repo,
+        "put:volumes/*:reset-after:times=1",
+        &["backup", "--volume", "v", "--diff", &f, "--json"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let backups = repo.backups("v");
+    assert_eq!(backups.len(), 1);
+    assert_eq!(backups[0]["backup_id"], j["backup_id"]);
+    let r = repo.path("r.raw");
+    repo.ok(&["restore", "v", "--to", r.to_str().expect("utf8")]);
+    assert_eq!(hash_file(&r), v.hash());
+    // A 503 on the first manifest PUT (nothing stored): retried, committed once.
+    v.write(10, b"second");
+    let f = stream_file(&repo, &mut v, "s2");
+    let out = with_faults(
+        &repo,
+        "put:volumes/*:status=503:times=2",
+        &["backup", "--volume", "v", "--diff", &f],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(repo.backups("v").len(), 2);
+}
+
+#[test]
+fn a_manifest_that_never_reaches_the_store_is_a_network_failure_and_nothing_is_committed() {
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let mut v = Volume::generated(2 * MIB, 1 << 20, 63);
+    let f = stream_file(&repo, &mut v, "s1");
+    let out = with_faults(&repo, "put:volumes/*:reset-before", &["backup", "--volume", "v", "--diff", &f]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("still unavailable after") && err.contains("nothing was committed"),
+        "{err}"
+    );
+    assert!(!err.contains("integrity") && !err.contains("not a valid ferry object"), "{err}");
+    assert!(repo.backups("v").is_empty());
+    // The retry uploads only the manifest: the chunks are there.
+    let j = repo.json(&["backup", "--volume", "v", "--diff", &f]);
+    assert_eq!(j["stats"]["blocks_new"], 0, "{j}");
+}
+
+#[test]
+fn a_burst_of_503s_during_a_restore_is_ridden_out() {
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let mut v = Volume::generated(4 * MIB, 1 << 20, 64);
+    repo.backup_bytes("v", &v.diff("s1", Vec::new()).expect("diff"));
+    let r = repo.path("r.raw");
+    let out = with_faults(
+        &repo,
+        "get:chunks/*:status=503:times=4",
+        &["restore", "v", "--to", r.to_str().expect("utf8")],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(hash_file(&r), v.hash());
+}
