@@ -1444,3 +1444,46 @@ fn a_legacy_ferry_snapshot_base_continues_incrementally_and_only_it_is_removed()
     assert_eq!(c.snaps(&image), vec![foreign.to_string(), next]);
     repo.ok(&["audit"]);
 }
+
+/// `rbd` children never see the repository passphrase or the object store's credentials:
+/// a wrapper records the environment of every `rbd` call of a backup and a restore.
+#[test]
+fn rbd_children_inherit_no_secrets() {
+    let c = cluster();
+    let repo = c.file_repo();
+    let name = unique("env");
+    let image = format!("rbd/{name}");
+    c.rbd(&["create", "--size", "8M", &image]);
+    let dump = repo.path("rbd-env");
+    let wrapper = repo.path("rbd-env-wrapper");
+    std::fs::write(&wrapper, format!("#!/bin/bash\nenv >> '{}'\nexec rbd \"$@\"\n", dump.display())).expect("write wrapper");
+    let mut perm = std::fs::metadata(&wrapper).expect("md").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(&wrapper, perm).expect("chmod");
+    let marker = "s3cr3t-marker-7f3a9c";
+    let run = |args: &[&str]| {
+        let out = repo
+            .cmd(args)
+            .env("FERRY_RBD_PROGRAM", &wrapper)
+            .env("AWS_SECRET_ACCESS_KEY", marker)
+            .env("AZURE_STORAGE_ACCOUNT_KEY", marker)
+            .output()
+            .expect("ferry");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["backup", &format!("rbd:{image}")]);
+    run(&["restore", &format!("rbd.{name}"), "--to", &format!("rbd:rbd/{name}-restored")]);
+    let env = std::fs::read_to_string(&dump).expect("the wrapper ran");
+    assert!(env.contains("CEPH_CONF="), "the Ceph settings must reach rbd: {env}");
+    for secret in [marker, crate::util::PASSWORD] {
+        assert!(!env.contains(secret), "a secret reached an rbd child");
+    }
+    assert!(!env.lines().any(|l| l.starts_with("FERRY_") || l.starts_with("AWS_")), "{env}");
+    for img in [image.clone(), format!("rbd/{name}-restored")] {
+        let snaps = c.snaps(&img);
+        for s in snaps {
+            c.rbd(&["snap", "rm", &format!("{img}@{s}")]);
+        }
+        c.rbd(&["rm", "--no-progress", &img]);
+    }
+}

@@ -71,13 +71,54 @@ fn init_twice_is_refused_and_password_file_works() {
     assert!(err.contains("already exists"), "{err}");
     let pf = repo.path("pw");
     std::fs::write(&pf, format!("{PASSWORD}\n")).expect("write");
-    let out = repo
-        .cmd(&["ls"])
-        .env_remove("FERRY_PASSWORD")
-        .env("FERRY_PASSWORD_FILE", &pf)
-        .output()
-        .expect("run");
+    let ls = || {
+        repo.cmd(&["ls"])
+            .env_remove("FERRY_PASSWORD")
+            .env("FERRY_PASSWORD_FILE", &pf)
+            .output()
+            .expect("run")
+    };
+    // A passphrase file others can read is refused, naming the fix.
+    let chmod = |mode: u32| {
+        let mut perm = std::fs::metadata(&pf).expect("md").permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, mode);
+        std::fs::set_permissions(&pf, perm).expect("chmod");
+    };
+    chmod(0o644);
+    let out = ls();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("chmod 600"), "{err}");
+    chmod(0o600);
+    let out = ls();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Files ferry creates (the index, a file:// repository's objects, restores) are private.
+#[test]
+fn files_ferry_creates_are_private() {
+    let repo = Repo::file(&[]);
+    let mut v = ferry_testdata::Volume::generated(1 << 20, 1 << 20, 4);
+    repo.backup_bytes("v", &v.diff("s1", Vec::new()).expect("diff"));
+    let out = repo.path("r.raw");
+    repo.ok(&["restore", "v", "--to", out.to_str().expect("utf8")]);
+    let mut files = vec![out];
+    let mut dirs = vec![repo.repo_dir(), repo.path("index")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    assert!(files.len() > 5, "{files:?}");
+    for f in files {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&f).expect("md").permissions());
+        assert_eq!(mode & 0o077, 0, "{} is readable by others: {mode:o}", f.display());
+    }
 }
 
 #[test]

@@ -103,3 +103,53 @@ fn a_burst_of_503s_during_a_restore_is_ridden_out() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(hash_file(&r), v.hash());
 }
+
+/// A restore killed half-way never leaves a full-size file that looks complete: it writes
+/// `<path>.ferry-partial` and renames it only when every block is in.
+#[test]
+fn a_killed_restore_leaves_no_file_that_looks_complete() {
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let mut v = Volume::generated(8 * MIB, 1 << 20, 65);
+    repo.backup_bytes("v", &v.diff("s1", Vec::new()).expect("diff"));
+    let out = repo.path("out.raw");
+    let partial = repo.path("out.raw.ferry-partial");
+    let mut child = repo
+        .cmd(&["restore", "v", "--to", out.to_str().expect("utf8"), "--jobs", "1"])
+        .env("FERRY_TEST_FAULTS", "get:chunks/*:slow=400ms")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !partial.exists() {
+        assert!(std::time::Instant::now() < deadline, "no partial file appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    assert!(!out.exists(), "a killed restore must not leave {}", out.display());
+    assert!(partial.exists());
+    // The next restore replaces the partial file and puts the complete one in place.
+    repo.ok(&["restore", "v", "--to", out.to_str().expect("utf8")]);
+    assert_eq!(hash_file(&out), v.hash());
+    assert!(!partial.exists());
+}
+
+/// `--force` over an existing file keeps the old content until the new one is whole.
+#[test]
+fn a_failed_forced_restore_keeps_the_old_file() {
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let mut v = Volume::generated(3 * MIB, 1 << 20, 66);
+    repo.backup_bytes("v", &v.diff("s1", Vec::new()).expect("diff"));
+    let out = repo.path("out.raw");
+    std::fs::write(&out, b"the previous restore, still needed").expect("write");
+    let o = repo
+        .cmd(&["restore", "v", "--to", out.to_str().expect("utf8"), "--force"])
+        .env("FERRY_TEST_FAULTS", "get:chunks/*:status=503")
+        .output()
+        .expect("ferry");
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&out).expect("read"), b"the previous restore, still needed");
+    assert!(!repo.path("out.raw.ferry-partial").exists());
+}

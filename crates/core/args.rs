@@ -146,6 +146,20 @@ pub fn default_index_dir() -> PathBuf {
 /// from the command line, so it stays out of `ps` and shell history.
 pub fn passphrase_from(file: Option<&std::path::Path>, env: &str, prompt: &str) -> Result<Vec<u8>> {
     if let Some(f) = file {
+        use std::os::unix::fs::PermissionsExt;
+        let md = std::fs::metadata(f).with_context(|| format!("reading passphrase file {}", f.display()))?;
+        if md.permissions().mode() & 0o077 != 0 {
+            return Err(EngineError::new(
+                ErrorKind::Auth,
+                format!(
+                    "passphrase file {} can be read by others (mode {:o}); `chmod 600` it",
+                    f.display(),
+                    md.permissions().mode() & 0o777
+                ),
+                None,
+            )
+            .into());
+        }
         let s = std::fs::read(f).with_context(|| format!("reading passphrase file {}", f.display()))?;
         let s = s.strip_suffix(b"\n").unwrap_or(&s).to_vec();
         if s.is_empty() {

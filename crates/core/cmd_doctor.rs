@@ -78,7 +78,12 @@ pub async fn run(a: DoctorArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
     if !a.no_ceph {
         let cfg = ceph.ceph().config;
         let program = ceph.rbd_program.clone().unwrap_or_else(|| "rbd".into());
-        let rbd_ok = tokio::task::spawn_blocking(move || std::process::Command::new(program).arg("--version").output()).await?;
+        let rbd_ok = tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new(program);
+            ferry_ceph::scrub_secrets(&mut cmd);
+            cmd.arg("--version").output()
+        })
+        .await?;
         push(
             "rbd command",
             rbd_ok

@@ -128,6 +128,12 @@ fn tune_allocator() {
 
 fn main() -> ExitCode {
     tune_allocator();
+    // Everything ferry creates — the index, a file:// repository's objects, restored
+    // volumes — holds data or metadata of the volumes: private to its owner.
+    // SAFETY: umask only sets the process's file-creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     let mut cli = Cli::parse();
     let filter = match cli.verbose {
         0 => "warn",

@@ -160,6 +160,22 @@ fn lenient_bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     }
 }
 
+/// Prefixes of environment variables a child process (`rbd`) must not inherit: ferry's own
+/// (the repository passphrase among them) and the object stores' credentials. The Ceph client
+/// settings (`CEPH_*`) stay.
+pub const SECRET_ENV_PREFIXES: &[&str] = &["FERRY_", "AWS_", "AZURE_", "GOOGLE_", "GCS_"];
+
+/// Removes every variable named by [`SECRET_ENV_PREFIXES`] from a child's environment.
+pub fn scrub_secrets(cmd: &mut Command) {
+    for (name, _) in std::env::vars_os() {
+        if let Some(n) = name.to_str() {
+            if SECRET_ENV_PREFIXES.iter().any(|p| n.starts_with(p)) {
+                cmd.env_remove(&name);
+            }
+        }
+    }
+}
+
 /// Drives the `rbd` command line tool.
 #[derive(Debug, Clone)]
 pub struct RbdCli {
@@ -388,6 +404,7 @@ impl RbdCli {
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.program);
         cmd.args(self.base_args()).args(args);
+        scrub_secrets(&mut cmd);
         cmd
     }
 

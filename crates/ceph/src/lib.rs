@@ -20,7 +20,9 @@ mod config;
 mod error;
 mod rados;
 
-pub use cli::{ExportDiff, ImageInfo, ImageParent, ImportDiff, RbdCli, SnapInfo, DEFAULT_COMMAND_TIMEOUT, DEFAULT_MOUNT_TIMEOUT};
+pub use cli::{
+    scrub_secrets, ExportDiff, ImageInfo, ImageParent, ImportDiff, RbdCli, SnapInfo, DEFAULT_COMMAND_TIMEOUT, DEFAULT_MOUNT_TIMEOUT,
+};
 pub use config::CephConfig;
 pub use error::{Error, RbdContext};
 pub use rados::{Cluster, Health, HealthCheck, Lease, SnapshotReader, DEFAULT_CONNECT_TIMEOUT, LEASE_LOCK_NAME};

@@ -44,7 +44,7 @@ pub use lifecycle::{BackupFate, PruneReport};
 pub use observer::{Event, NoObserver, Observer, Operation, Recorder};
 pub use rbd::{Ceph, RbdBackupNotes, RbdBackupOptions, RbdBackupOutcome, RbdImage, RbdTarget, SNAP_PREFIX};
 pub use restore::{BlockFailure, Layout, RestoreIncomplete, RestoreOptions, RestoreReport, RestoreTarget, StreamFormat};
-pub use target::{FileTarget, StreamTarget};
+pub use target::{partial_path, FileTarget, StreamTarget};
 
 /// Default number of blocks in flight: three per core, 4 to 16.
 pub fn default_jobs() -> usize {

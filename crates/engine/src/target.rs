@@ -16,39 +16,83 @@ fn io_error(what: String, e: std::io::Error) -> Error {
     Error::new(ErrorKind::Failed, what, Some(Box::new(e)))
 }
 
-/// Opens a path for a restore: a block device as it is; an existing non-empty regular file
-/// only with `force`; otherwise creates it. Returns the file, whether it is a block device,
-/// and whether ferry created it.
-fn open_path(path: &Path, force: bool) -> Result<(File, bool, bool)> {
+/// A restore target file: a block device as it is; otherwise a temporary file beside the
+/// path, renamed over it only when the restore is complete, so a killed or failed restore
+/// never leaves a full-size file that looks complete (and `--force` keeps the old content
+/// until the new one is whole).
+struct Opened {
+    file: File,
+    is_device: bool,
+    /// The temporary path being written (renamed to the target by `commit`).
+    partial: Option<PathBuf>,
+}
+
+/// The temporary name of a restore in progress: `<path>.ferry-partial`.
+pub fn partial_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".ferry-partial");
+    path.with_file_name(name)
+}
+
+fn open_path(path: &Path, force: bool) -> Result<Opened> {
     match std::fs::metadata(path) {
         Ok(md) if md.file_type().is_block_device() => {
             let f = OpenOptions::new()
                 .write(true)
                 .open(path)
                 .map_err(|e| io_error(format!("opening block device {}", path.display()), e))?;
-            Ok((f, true, false))
+            return Ok(Opened {
+                file: f,
+                is_device: true,
+                partial: None,
+            });
         }
-        Ok(md) if md.is_dir() => Err(Error::refused(format!("{} is a directory", path.display()))),
-        Ok(md) if md.is_file() && md.len() > 0 && !force => Err(Error::refused(format!(
-            "{} exists and is not empty; use --force to overwrite it",
-            path.display()
-        ))),
-        Ok(_) => {
-            let f = OpenOptions::new()
-                .write(true)
-                .truncate(true)
-                .open(path)
-                .map_err(|e| io_error(format!("opening {}", path.display()), e))?;
-            Ok((f, false, false))
+        Ok(md) if md.is_dir() => return Err(Error::refused(format!("{} is a directory", path.display()))),
+        Ok(md) if md.is_file() && md.len() > 0 && !force => {
+            return Err(Error::refused(format!(
+                "{} exists and is not empty; use --force to overwrite it",
+                path.display()
+            )))
         }
-        Err(_) => {
-            let f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(path)
-                .map_err(|e| io_error(format!("creating {}", path.display()), e))?;
-            Ok((f, false, true))
+        Ok(md) if !md.is_file() => {
+            return Err(Error::refused(format!(
+                "{} is neither a regular file nor a block device",
+                path.display()
+            )))
         }
+        _ => {}
+    }
+    let partial = partial_path(path);
+    // A partial file of an earlier, interrupted restore is ours to replace.
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&partial)
+        .map_err(|e| io_error(format!("creating {}", partial.display()), e))?;
+    Ok(Opened {
+        file: f,
+        is_device: false,
+        partial: Some(partial),
+    })
+}
+
+/// Makes a finished restore file durable and puts it in place.
+fn commit_partial(file: &File, partial: &Path, path: &Path) -> Result<()> {
+    file.sync_all().map_err(|e| io_error(format!("syncing {}", partial.display()), e))?;
+    std::fs::rename(partial, path).map_err(|e| io_error(format!("renaming {} to {}", partial.display(), path.display()), e))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+fn remove_partial(partial: &Path) -> String {
+    match std::fs::remove_file(partial) {
+        Ok(()) => format!("the partial output {} was removed", partial.display()),
+        Err(e) => format!("the partial output {} could not be removed: {e}", partial.display()),
     }
 }
 
@@ -64,17 +108,19 @@ pub struct FileTarget {
     path: PathBuf,
     force: bool,
     file: Option<Arc<File>>,
-    created: bool,
+    partial: Option<PathBuf>,
 }
 
 impl FileTarget {
-    /// A target at `path`; an existing non-empty regular file is overwritten only with `force`.
+    /// A target at `path`; an existing non-empty regular file is overwritten only with `force`
+    /// (and only once the restore is complete: it is written as `<path>.ferry-partial`
+    /// first).
     pub fn new(path: impl Into<PathBuf>, force: bool) -> FileTarget {
         FileTarget {
             path: path.into(),
             force,
             file: None,
-            created: false,
+            partial: None,
         }
     }
 }
@@ -85,10 +131,10 @@ impl RestoreTarget for FileTarget {
     }
 
     fn open(&mut self, manifest: &Manifest) -> Result<Layout> {
-        let (file, is_dev, created) = open_path(&self.path, self.force)?;
-        self.created = created;
+        let Opened { file, is_device, partial } = open_path(&self.path, self.force)?;
+        self.partial = partial;
         let size = manifest.meta.image_size;
-        if is_dev {
+        if is_device {
             let dev_len = device_size(&file).map_err(|e| io_error(format!("sizing block device {}", self.path.display()), e))?;
             if dev_len < size {
                 return Err(Error::refused(format!(
@@ -98,31 +144,29 @@ impl RestoreTarget for FileTarget {
             }
         } else {
             // Sparse: size first, then write only the blocks that hold data.
-            file.set_len(size)
-                .map_err(|e| io_error(format!("sizing {}", self.path.display()), e))?;
+            file.set_len(size).map_err(|e| io_error(format!("sizing {}", self.describe()), e))?;
         }
         let file = Arc::new(file);
         self.file = Some(file.clone());
-        Ok(Layout::Positional { file, write_holes: is_dev })
+        Ok(Layout::Positional {
+            file,
+            write_holes: is_device,
+        })
     }
 
     fn finish(&mut self) -> Result<()> {
-        if let Some(f) = &self.file {
-            f.sync_all().map_err(|e| io_error(format!("syncing {}", self.path.display()), e))?;
+        let Some(f) = self.file.take() else {
+            return Ok(());
+        };
+        match self.partial.take() {
+            Some(partial) => commit_partial(&f, &partial, &self.path),
+            None => f.sync_all().map_err(|e| io_error(format!("syncing {}", self.path.display()), e)),
         }
-        Ok(())
     }
 
     fn abandon(&mut self) -> Option<String> {
         self.file = None;
-        if !self.created {
-            return None;
-        }
-        self.created = false;
-        Some(match std::fs::remove_file(&self.path) {
-            Ok(()) => format!("the partial output {} was removed", self.path.display()),
-            Err(e) => format!("the partial output {} could not be removed: {e}", self.path.display()),
-        })
+        self.partial.take().map(|p| remove_partial(&p))
     }
 }
 
@@ -131,7 +175,8 @@ pub struct StreamTarget {
     name: String,
     out: Option<Box<dyn Write + Send>>,
     path: Option<(PathBuf, bool)>,
-    created: bool,
+    /// For a file: the file being written and its temporary path.
+    file: Option<(File, PathBuf)>,
     format: StreamFormat,
     snap_name: Option<String>,
 }
@@ -143,20 +188,20 @@ impl StreamTarget {
             name: name.into(),
             out: Some(out),
             path: None,
-            created: false,
+            file: None,
             format,
             snap_name,
         }
     }
 
-    /// A stream into a file (created, or overwritten with `force`).
+    /// A stream into a file (created, or replaced with `force` once complete).
     pub fn file(path: impl Into<PathBuf>, force: bool, format: StreamFormat, snap_name: Option<String>) -> StreamTarget {
         let path = path.into();
         StreamTarget {
             name: path.display().to_string(),
             out: None,
             path: Some((path, force)),
-            created: false,
+            file: None,
             format,
             snap_name,
         }
@@ -170,9 +215,17 @@ impl RestoreTarget for StreamTarget {
 
     fn open(&mut self, _manifest: &Manifest) -> Result<Layout> {
         if let Some((path, force)) = &self.path {
-            let (file, _, created) = open_path(path, *force)?;
-            self.created = created;
-            self.out = Some(Box::new(file));
+            let Opened { file, partial, .. } = open_path(path, *force)?;
+            match partial {
+                Some(partial) => {
+                    let w = file
+                        .try_clone()
+                        .map_err(|e| io_error(format!("opening {}", partial.display()), e))?;
+                    self.out = Some(Box::new(w));
+                    self.file = Some((file, partial));
+                }
+                None => self.out = Some(Box::new(file)),
+            }
         }
         Ok(Layout::Ordered {
             format: self.format,
@@ -191,20 +244,14 @@ impl RestoreTarget for StreamTarget {
         if let Some(mut o) = self.out.take() {
             o.flush().map_err(|e| io_error(format!("writing {}", self.name), e))?;
         }
+        if let (Some((file, partial)), Some((path, _))) = (self.file.take(), &self.path) {
+            commit_partial(&file, &partial, path)?;
+        }
         Ok(())
     }
 
     fn abandon(&mut self) -> Option<String> {
         self.out = None;
-        match &self.path {
-            Some((p, _)) if self.created => {
-                self.created = false;
-                Some(match std::fs::remove_file(p) {
-                    Ok(()) => format!("the partial output {} was removed", p.display()),
-                    Err(e) => format!("the partial output {} could not be removed: {e}", p.display()),
-                })
-            }
-            _ => None,
-        }
+        self.file.take().map(|(_, p)| remove_partial(&p))
     }
 }
