@@ -29,6 +29,13 @@ pub const REPO_FORMAT: u32 = 1;
 /// Largest manifest plaintext accepted (a 64 TiB volume in 4 MiB blocks is ~512 MiB... be generous
 /// but bounded).
 const MAX_MANIFEST_LEN: usize = 1 << 30;
+/// Largest object read for a chunk: a raw block plus the envelope (ferry stores a block raw
+/// when compression does not make it smaller). Larger objects are refused before download.
+const MAX_CHUNK_OBJECT: u64 = crate::block_size::MAX_BLOCK_SIZE + 4096;
+/// Largest manifest object read.
+const MAX_MANIFEST_OBJECT: u64 = MAX_MANIFEST_LEN as u64 + 4096;
+/// Largest `config` or key slot object read.
+const MAX_SMALL_OBJECT: u64 = 1 << 20;
 
 /// The JSON body of the `config` object (FORMAT.md §4): plain, neither encrypted nor
 /// authenticated, written once by `init`. Unknown fields are ignored when reading.
@@ -182,8 +189,20 @@ fn p(s: &str) -> Path {
 }
 
 async fn get_bytes(store: &dyn ObjectStore, key: &str) -> Result<Bytes> {
+    get_bytes_limited(store, key, MAX_SMALL_OBJECT).await
+}
+
+/// GETs an object, refusing one larger than `max` bytes before reading its body: nothing
+/// unauthenticated may cost more memory than a genuine object of its kind.
+async fn get_bytes_limited(store: &dyn ObjectStore, key: &str, max: u64) -> Result<Bytes> {
     let path = p(key);
     let res = store.get(&path).await.map_err(|e| Error::store("get", &path, e))?;
+    if res.meta.size > max {
+        return Err(Error::BadObject {
+            path: key.to_string(),
+            reason: format!("{} bytes, more than the {max} an object of its kind can have", res.meta.size),
+        });
+    }
     res.bytes().await.map_err(|e| Error::store("get", &path, e))
 }
 
@@ -273,27 +292,58 @@ impl Repository {
     /// Opens a repository with a passphrase (tries every key slot).
     pub async fn open(store: Store, passphrase: &[u8]) -> Result<Repository> {
         let config = Self::read_config(&store).await?;
-        let slots = Self::read_key_slots(&store).await?;
+        let (mut slots, unreadable) = Self::read_key_slots_lenient(&store).await?;
         if slots.is_empty() {
-            return Err(Error::NoKeySlots);
+            return Err(unreadable.into_iter().next().map(|(_, e)| e).unwrap_or(Error::NoKeySlots));
         }
+        for (k, e) in &unreadable {
+            tracing::warn!("key slot object {k} cannot be used and is skipped: {e}");
+        }
+        // Cheapest key derivation first: a planted slot with huge parameters is tried only
+        // when every genuine one has failed (a wrong passphrase), not before them.
+        slots.sort_by_key(|s| u64::from(s.kdf.m_cost_kib) * u64::from(s.kdf.t_cost.max(1)));
+        let mut errors = Vec::new();
         for slot in &slots {
-            if let Some(key) = slot.open(passphrase, &config.repository_id)? {
-                return Ok(Repository {
-                    store,
-                    config,
-                    key,
-                    slot: slot.id.clone(),
-                    retry: RetryPolicy::default(),
-                });
+            match slot.open(passphrase, &config.repository_id) {
+                Ok(Some(key)) => {
+                    return Ok(Repository {
+                        store,
+                        config,
+                        key,
+                        slot: slot.id.clone(),
+                        retry: RetryPolicy::default(),
+                    })
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!("key slot {} cannot be used and is skipped: {e}", slot.id);
+                    errors.push(e);
+                }
+            }
+        }
+        if errors.len() == slots.len() {
+            // No slot could even be tried: say why, not "wrong passphrase".
+            if let Some(e) = errors.into_iter().next() {
+                return Err(e);
             }
         }
         Err(Error::WrongPassword { slots: slots.len() })
     }
 
-    /// Reads every object under `keys/` as a key slot, oldest `created` first. Fails if any of
-    /// them is not a valid key slot.
+    /// The valid key slots under `keys/`, oldest `created` first; objects there that are not
+    /// valid slots are skipped with a warning (see [`Repository::read_key_slots_lenient`]).
     pub async fn read_key_slots(store: &Store) -> Result<Vec<KeySlot>> {
+        let (slots, unreadable) = Self::read_key_slots_lenient(store).await?;
+        for (k, e) in &unreadable {
+            tracing::warn!("{k} is not a usable key slot and is skipped: {e}");
+        }
+        Ok(slots)
+    }
+
+    /// Reads the key slots, setting aside the objects under `keys/` that are not valid slots
+    /// (too large, unparsable) with their errors, so one planted object cannot make the
+    /// repository unopenable. Store errors still fail.
+    pub async fn read_key_slots_lenient(store: &Store) -> Result<(Vec<KeySlot>, Vec<(String, Error)>)> {
         let prefix = p("keys");
         let metas: Vec<_> = store
             .inner
@@ -302,13 +352,23 @@ impl Repository {
             .await
             .map_err(|e| Error::store("list", &prefix, e))?;
         let mut slots = Vec::new();
+        let mut unreadable = Vec::new();
         for m in metas {
             let key = m.location.to_string();
-            let bytes = get_bytes(store.inner.as_ref(), &key).await?;
-            slots.push(KeySlot::decode(&bytes, &key)?);
+            let slot = match get_bytes(store.inner.as_ref(), &key).await {
+                Ok(bytes) => KeySlot::decode(&bytes, &key),
+                // Removed since the listing (`key remove` elsewhere): not a slot any more.
+                Err(Error::NotFound { .. }) => continue,
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => Err(e),
+            };
+            match slot {
+                Ok(s) => slots.push(s),
+                Err(e) => unreadable.push((key, e)),
+            }
         }
         slots.sort_by_key(|s| s.created);
-        Ok(slots)
+        Ok((slots, unreadable))
     }
 
     /// The `config` object as read (or written by `init`).
@@ -420,7 +480,10 @@ impl Repository {
     pub async fn get_chunk_object(&self, id: &ChunkId) -> Result<Bytes> {
         let key = id.object_key();
         self.retry
-            .run(|| format!("reading chunk {id}"), || get_bytes(self.store.inner.as_ref(), &key))
+            .run(
+                || format!("reading chunk {id}"),
+                || get_bytes_limited(self.store.inner.as_ref(), &key, MAX_CHUNK_OBJECT),
+            )
             .await
     }
 
@@ -513,7 +576,10 @@ impl Repository {
         let key = r.key();
         let bytes = self
             .retry
-            .run(|| format!("reading manifest {key}"), || get_bytes(self.store.inner.as_ref(), &key))
+            .run(
+                || format!("reading manifest {key}"),
+                || get_bytes_limited(self.store.inner.as_ref(), &key, MAX_MANIFEST_OBJECT),
+            )
             .await?;
         let plain = decode_sealed(
             self.key.seal_key(),
@@ -661,5 +727,52 @@ impl Repository {
     pub async fn delete_manifest(&self, r: &BackupRef) -> Result<()> {
         let path = p(&r.key());
         self.store.inner.delete(&path).await.map_err(|e| Error::store("delete", &path, e))
+    }
+}
+
+#[cfg(test)]
+mod planted_tests {
+    use super::*;
+    use crate::store::{open_store, StoreOptions};
+
+    async fn repo() -> (Store, Repository) {
+        let store = open_store("memory://", &StoreOptions::default()).unwrap();
+        let opts = InitOptions {
+            kdf: KdfParams::argon2id_fast(),
+            ..Default::default()
+        };
+        let repo = Repository::init(store.clone(), b"pass", opts).await.unwrap();
+        (store, repo)
+    }
+
+    #[tokio::test]
+    async fn a_planted_object_under_keys_does_not_lock_the_repository_out() {
+        let (store, _) = repo().await;
+        put_create(store.inner.as_ref(), "keys/0000-garbage", b"not a key slot".to_vec())
+            .await
+            .unwrap();
+        put_create(store.inner.as_ref(), "keys/0001-huge", vec![b'{'; 2 << 20])
+            .await
+            .unwrap();
+        let r = Repository::open(store.clone(), b"pass").await.expect("the genuine slot opens");
+        assert_eq!(Repository::read_key_slots(&store).await.unwrap().len(), 1);
+        assert_eq!(r.slot_id(), Repository::read_key_slots(&store).await.unwrap()[0].id);
+        let (_, bad) = Repository::read_key_slots_lenient(&store).await.unwrap();
+        assert_eq!(bad.len(), 2);
+        assert!(matches!(
+            Repository::open(store, b"wrong").await,
+            Err(Error::WrongPassword { slots: 1 })
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_oversized_chunk_object_is_refused_before_it_is_read() {
+        let (store, repo) = repo().await;
+        let id = repo.chunk_id(b"some block");
+        put_create(store.inner.as_ref(), &id.object_key(), vec![0u8; MAX_CHUNK_OBJECT as usize + 1])
+            .await
+            .unwrap();
+        let e = repo.get_chunk_object(&id).await.unwrap_err();
+        assert!(matches!(e, Error::BadObject { .. }) && e.is_integrity(), "{e}");
     }
 }
