@@ -22,6 +22,7 @@ mod rados;
 
 pub use cli::{
     scrub_secrets, ExportDiff, ImageInfo, ImageParent, ImportDiff, RbdCli, SnapInfo, DEFAULT_COMMAND_TIMEOUT, DEFAULT_MOUNT_TIMEOUT,
+    SECRET_ENV_PREFIXES,
 };
 pub use config::CephConfig;
 pub use error::{Error, RbdContext};
