@@ -255,3 +255,33 @@ fn an_upload_limit_of_zero_is_refused() {
     let err = repo.fails(&["ls", "--limit-upload", "0"], 2);
     assert!(err.contains("would stop every upload"), "{err}");
 }
+
+/// The local index is a cache: a damaged one is moved aside and rebuilt, never a blocker.
+#[test]
+fn a_damaged_index_is_rebuilt_not_a_blocker() {
+    let repo = Repo::file(&[]);
+    let mut v = ferry_testdata::Volume::generated(1 << 20, 1 << 20, 5);
+    let b = repo.backup_bytes("v", &v.diff("s1", Vec::new()).expect("diff"));
+    let index = repo.path("index");
+    let mut damaged = 0;
+    let mut dirs = vec![index.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                std::fs::write(&p, vec![0xA5u8; 4096]).expect("damage");
+                damaged += 1;
+            }
+        }
+    }
+    assert!(damaged > 0);
+    let out = repo.run(&["ls", "--json"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("damaged") && err.contains("rebuilt"), "{err}");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(list[0]["backup_id"], b["backup_id"], "{list}");
+    repo.ok(&["index", "rebuild"]);
+}

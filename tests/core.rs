@@ -355,3 +355,45 @@ fn a_snapshot_named_like_an_id_prefix_is_not_a_guess() {
     repo.ok(&["restore", "v@s1", "--to", o, "--force"]);
     assert_eq!(hash_file(&out), h1);
 }
+
+/// A stream claiming an absurd size is refused with a clear error before anything is
+/// allocated for it (it used to abort on a failed allocation); a large sparse one is fine.
+#[test]
+fn absurd_image_sizes_are_refused_before_allocation() {
+    let repo = Repo::file(&[]);
+    let stream = |size: u64, snap: &str| {
+        let header = rbd_diff::DiffHeader {
+            to_snap: Some(snap.into()),
+            image_size: size,
+            ..Default::default()
+        };
+        let w = rbd_diff::DiffWriter::new(Vec::new(), &header).expect("writer");
+        w.finish().expect("finish")
+    };
+    for size in [1u64 << 62, 1 << 51] {
+        let f = repo.path("huge.diff");
+        std::fs::write(&f, stream(size, "s1")).expect("write");
+        let err = repo.fails(&["backup", "--volume", "huge", "--diff", f.to_str().expect("utf8")], 1);
+        assert!(err.contains("at most") && err.contains("nothing was committed"), "{err}");
+    }
+    // 1 PiB in 4 KiB blocks is within the byte limit but not the block limit.
+    let f = repo.path("many.diff");
+    std::fs::write(&f, stream(1 << 50, "s1")).expect("write");
+    let err = repo.fails(
+        &[
+            "backup",
+            "--volume",
+            "many",
+            "--diff",
+            f.to_str().expect("utf8"),
+            "--block-size",
+            "4K",
+        ],
+        1,
+    );
+    assert!(err.contains("blocks"), "{err}");
+    assert!(repo.json(&["ls"]).as_array().expect("list").is_empty());
+    // A 1 TiB sparse volume (262144 blocks of 4 MiB) backs up and lists.
+    let j = repo.backup_bytes("big", &stream(1 << 40, "s1"));
+    assert_eq!(j["image_size"].as_u64(), Some(1 << 40), "{j}");
+}

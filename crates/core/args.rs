@@ -114,8 +114,13 @@ impl RepoArgs {
         } else {
             let dir = self.index_dir.clone().unwrap_or_else(default_index_dir);
             std::fs::create_dir_all(&dir).with_context(|| format!("creating index directory {}", dir.display()))?;
-            match Index::open(&dir, repo.id()) {
-                Ok(i) => i,
+            match Index::open_or_rebuild(&dir, repo.id()) {
+                Ok((i, rebuilt)) => {
+                    if let Some(why) = rebuilt {
+                        eprintln!("ferry: warning: {why}");
+                    }
+                    i
+                }
                 // The index is a cache: while another ferry process holds it, work from the
                 // bucket with a private in-memory index rather than wait or fail.
                 Err(e) if e.is_index_locked() => {

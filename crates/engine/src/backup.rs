@@ -88,12 +88,21 @@ struct Assembler<'a> {
     pending: Option<Pending>,
     tx: mpsc::Sender<Work>,
     stats: ParseStats,
-    touched: Vec<bool>,
+    /// Whether the last block of the new image was written by the stream (blocks are finished
+    /// in ascending order, so this is all the shrink rule needs; memory stays independent of
+    /// the claimed image size).
+    last_touched: bool,
     /// Set when a send failed because the workers stopped (their error is the cause).
     workers_stopped: bool,
 }
 
 impl Assembler<'_> {
+    fn touch(&mut self, index: u64) {
+        if index + 1 == self.image_size.div_ceil(self.block_size) {
+            self.last_touched = true;
+        }
+    }
+
     fn block_len(&self, index: u64) -> u64 {
         (self.image_size - index * self.block_size).min(self.block_size)
     }
@@ -153,7 +162,7 @@ impl Assembler<'_> {
             }
         }
         self.stats.blocks_changed += 1;
-        self.touched[p.index as usize] = true;
+        self.touch(p.index);
         self.send(Work::Block {
             index: p.index,
             data: p.data,
@@ -195,7 +204,7 @@ impl Assembler<'_> {
                 // A whole block zeroed: a hole, no buffer needed (cheap for huge discards).
                 self.finish_pending()?;
                 self.stats.blocks_changed += 1;
-                self.touched[index as usize] = true;
+                self.touch(index);
                 self.send(Work::Hole { index })?;
             } else {
                 let p = self.pending_for(index)?;
@@ -214,13 +223,13 @@ impl Assembler<'_> {
         let nblocks = self.image_size.div_ceil(self.block_size);
         if nblocks > 0 && self.image_size < self.parent_size && !self.image_size.is_multiple_of(self.block_size) {
             let last = nblocks - 1;
-            if !self.touched[last as usize] {
+            if !self.last_touched {
                 if let Some(Some(id)) = self.base.get(last as usize) {
                     let mut old = self.fetch_parent(id, last)?;
                     old.resize(self.block_len(last) as usize, 0);
                     self.stats.blocks_changed += 1;
                     self.stats.blocks_partial += 1;
-                    self.touched[last as usize] = true;
+                    self.last_touched = true;
                     self.send(Work::Block { index: last, data: old })?;
                 }
             }
@@ -620,7 +629,15 @@ fn parse_stream<R: Read>(
         (Some(_), Some((_, m))) => (&m.blocks, m.meta.image_size, m.meta.block_size),
         _ => (&[], 0, default_block_size),
     };
-    let nblocks = block_size.blocks_in(header.image_size);
+    if header.image_size > ferry_repo::MAX_IMAGE_SIZE || block_size.blocks_in(header.image_size) > ferry_repo::MAX_BLOCKS {
+        return Err(Error::input(format!(
+            "the diff stream claims an image of {} bytes; ferry takes at most {} bytes and {} blocks per volume ({} blocks of {block_size} here)",
+            header.image_size,
+            ferry_repo::MAX_IMAGE_SIZE,
+            ferry_repo::MAX_BLOCKS,
+            block_size.blocks_in(header.image_size)
+        )));
+    }
     let mut asm = Assembler {
         repo,
         rt,
@@ -631,7 +648,7 @@ fn parse_stream<R: Read>(
         pending: None,
         tx,
         stats: ParseStats::default(),
-        touched: vec![false; nblocks as usize],
+        last_touched: false,
         workers_stopped: false,
     };
     let result = assemble(&mut reader, &mut asm, observer);

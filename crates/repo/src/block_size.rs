@@ -1,4 +1,4 @@
-//! The one rule for block sizes.
+//! The one rule for block sizes, and the limits of a volume.
 
 use serde::{Deserialize, Serialize};
 
@@ -8,6 +8,12 @@ use crate::error::{Error, Result};
 pub const MIN_BLOCK_SIZE: u64 = 4 << 10;
 /// Largest block size a repository may use (bounds memory when decoding).
 pub const MAX_BLOCK_SIZE: u64 = 64 << 20;
+
+/// Largest volume ferry backs up: 1 PiB.
+pub const MAX_IMAGE_SIZE: u64 = 1 << 50;
+/// Most blocks in one volume's map (64 Mi: 256 TiB in 4 MiB blocks, 2.2 GB of map in memory
+/// at most). A diff stream claiming more is refused before anything is allocated for it.
+pub const MAX_BLOCKS: u64 = 1 << 26;
 
 /// The unit of a volume's block map: a power of two from 4 KiB to 64 MiB.
 ///

@@ -94,6 +94,38 @@ impl Index {
         Self::from_db(db, path.display().to_string())
     }
 
+    /// Opens the index like [`Index::open`]; when it is damaged (anything but "in use by
+    /// another process"), moves it aside as `<repository id>.damaged-<unix time>` and starts
+    /// an empty one — it is a cache, rebuilt from the bucket. Returns the index and, if it
+    /// was rebuilt, a sentence saying so.
+    pub fn open_or_rebuild(dir: &Path, repository_id: &str) -> Result<(Index, Option<String>)> {
+        match Index::open(dir, repository_id) {
+            Ok(i) => Ok((i, None)),
+            Err(e) if e.is_index_locked() => Err(e),
+            Err(e) => {
+                let path = dir.join(repository_id);
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let aside = dir.join(format!("{repository_id}.damaged-{secs}"));
+                std::fs::rename(&path, &aside).map_err(|source| Error::Io {
+                    context: format!("moving the damaged index {} aside", path.display()),
+                    source,
+                })?;
+                let i = Index::open(dir, repository_id)?;
+                Ok((
+                    i,
+                    Some(format!(
+                        "the local index {} was damaged ({e}); it was moved to {} and is rebuilt from the repository",
+                        path.display(),
+                        aside.display()
+                    )),
+                ))
+            }
+        }
+    }
+
     /// An index that lives in memory only (`--no-index`).
     pub fn temporary() -> Result<Index> {
         Self::from_db(
@@ -177,12 +209,15 @@ impl Index {
         };
         let mut out = Vec::new();
         for item in iter {
-            let (_, v) = item.map_err(self.err())?;
-            let s: BackupSummary = serde_json::from_slice(&v).map_err(|source| Error::Json {
-                context: format!("index entry in {}", self.path),
-                source,
-            })?;
-            out.push(s);
+            let (k, v) = item.map_err(self.err())?;
+            match serde_json::from_slice::<BackupSummary>(&v) {
+                Ok(s) => out.push(s),
+                // A damaged entry of the cache: drop it; the next sync reads its manifest again.
+                Err(e) => {
+                    tracing::warn!("dropping a damaged entry of the local index {}: {e}", self.path);
+                    self.backups.remove(k).map_err(self.err())?;
+                }
+            }
         }
         Ok(out)
     }

@@ -19,7 +19,7 @@ pub mod retry;
 pub mod spec;
 pub mod store;
 
-pub use block_size::{BlockSize, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+pub use block_size::{BlockSize, MAX_BLOCKS, MAX_BLOCK_SIZE, MAX_IMAGE_SIZE, MIN_BLOCK_SIZE};
 pub use chunk::{decode_chunk, encode_chunk, encode_chunk_with_id, is_zero, ChunkId, EncodedChunk};
 pub use error::{Error, Result};
 pub use index::{BackupSummary, Chain, Index, SyncReport};

@@ -197,6 +197,12 @@ impl Manifest {
                 meta.image_size, meta.block_size
             )));
         }
+        if count > crate::block_size::MAX_BLOCKS || meta.image_size > crate::block_size::MAX_IMAGE_SIZE {
+            return Err(bad(format!(
+                "{count} blocks / {} bytes exceed ferry's limits per volume",
+                meta.image_size
+            )));
+        }
         // Every block costs at least a bit of input; refuse counts the input cannot back.
         if count > (bytes.len() as u64).saturating_mul(8).max(1 << 20) * 64 {
             return Err(bad(format!("implausible block count {count}")));
