@@ -397,3 +397,58 @@ fn absurd_image_sizes_are_refused_before_allocation() {
     let j = repo.backup_bytes("big", &stream(1 << 40, "s1"));
     assert_eq!(j["image_size"].as_u64(), Some(1 << 40), "{j}");
 }
+
+/// file:// is durable in commit order: the chunks reach the disk before the manifest exists
+/// (a `syncfs` barrier), and the manifest before the commit is reported. strace is the oracle.
+#[test]
+fn a_file_repository_commit_is_durable_in_order() {
+    let strace = std::process::Command::new("strace").arg("-V").output();
+    assert!(
+        strace.map(|o| o.status.success()).unwrap_or(false),
+        "this test needs strace (scripts/test installs it: apt-get install strace)"
+    );
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let mut v = Volume::generated(3 * MIB, 1 << 20, 71);
+    let f = repo.path("s1.diff");
+    std::fs::write(&f, v.diff("s1", Vec::new()).expect("diff")).expect("write");
+    let log = repo.path("strace.log");
+    let cmd = repo.cmd(&["backup", "--volume", "v", "--diff", f.to_str().expect("utf8")]);
+    let program = cmd.get_program().to_owned();
+    let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+    let envs: Vec<_> = cmd.get_envs().map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned()))).collect();
+    let mut traced = std::process::Command::new("strace");
+    traced
+        .args(["-f", "-qq", "-e", "trace=syncfs,link,linkat,rename,renameat,renameat2", "-o"])
+        .arg(&log)
+        .arg(&program)
+        .args(&args);
+    for (k, v) in envs {
+        match v {
+            Some(v) => traced.env(k, v),
+            None => traced.env_remove(k),
+        };
+    }
+    let out = traced.stdin(std::process::Stdio::null()).output().expect("strace ferry");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<String> = std::fs::read_to_string(&log).expect("log").lines().map(String::from).collect();
+    let pos = |pred: &dyn Fn(&str) -> bool| lines.iter().position(|l| pred(l));
+    let rpos = |pred: &dyn Fn(&str) -> bool| lines.iter().rposition(|l| pred(l));
+    let manifest = pos(&|l: &str| l.contains("volumes/v/backups/") && !l.contains("ENOENT")).expect("the manifest is created");
+    let last_chunk = rpos(&|l: &str| l.contains("/chunks/")).expect("chunks are created");
+    let syncfs: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("syncfs("))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        syncfs.iter().any(|&s| last_chunk < s && s < manifest),
+        "no barrier between the last chunk and the manifest:\n{}",
+        lines.join("\n")
+    );
+    assert!(
+        syncfs.iter().any(|&s| s > manifest),
+        "the manifest is not made durable:\n{}",
+        lines.join("\n")
+    );
+}

@@ -280,6 +280,7 @@ impl Repository {
         if !put_create(store.inner.as_ref(), "config", body).await? {
             return Err(Error::RepositoryExists { url: store.url.clone() });
         }
+        store.barrier().await?;
         Ok(Repository {
             store,
             config,
@@ -531,6 +532,8 @@ impl Repository {
         let plain = manifest.encode()?;
         let sealed = encode_sealed(self.key.seal_key(), ObjectKind::Manifest, key.as_bytes(), &plain, Some(3))?;
         let sealed = Bytes::from(sealed);
+        // Every chunk the map references must be durable before the manifest exists.
+        self.store.barrier().await?;
         // Each attempt: PUT create-only. "Already exists" is either our own earlier attempt
         // whose answer was lost (stored, then a reset or timeout) or a collision: read it back
         // and compare. A transient failure leaves the outcome unknown until an attempt settles
@@ -548,11 +551,23 @@ impl Repository {
                 Err(e) => Err(e),
             }
         };
-        match self
+        let outcome = self
             .retry
             .run(|| format!("committing backup {}", manifest.meta.backup_id), attempt)
-            .await
-        {
+            .await;
+        if outcome.is_ok() {
+            // The commit itself is durable before it is reported; if that cannot be made sure,
+            // the backup is visible but its fate after a crash is not known.
+            if let Err(e) = self.store.barrier().await {
+                return Err(Error::CommitUnknown {
+                    volume: manifest.meta.volume.clone(),
+                    backup: manifest.meta.backup_id.clone(),
+                    key,
+                    last: format!("the manifest was written but could not be made durable: {e}"),
+                });
+            }
+        }
+        match outcome {
             Ok(()) => Ok((r, manifest)),
             Err(e) if e.is_transient() => match self.read_manifest(&r).await {
                 // One last look settles what the failures left open.

@@ -87,6 +87,8 @@ pub struct Store {
     pub url: String,
     counter: RequestCounter,
     limiter: Option<UploadLimiter>,
+    /// For `file://`: the directory, so [`Store::barrier`] can make writes durable.
+    local_root: Option<std::path::PathBuf>,
 }
 
 impl Store {
@@ -100,7 +102,37 @@ impl Store {
             url: url.into(),
             counter,
             limiter: None,
+            local_root: None,
         }
+    }
+
+    /// Makes every object written so far durable (on `file://`: `syncfs` of the repository's
+    /// file system — file data, new files and new directories; object stores acknowledge a
+    /// PUT only once it is durable, so there it does nothing). The commit protocol calls it
+    /// before a manifest is written (its chunks first) and after (the commit itself).
+    pub async fn barrier(&self) -> Result<()> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(());
+        };
+        let io = |source: std::io::Error| Error::Io {
+            context: format!("making writes under {} durable (syncfs)", root.display()),
+            source,
+        };
+        let r = tokio::task::spawn_blocking({
+            let root = root.clone();
+            move || -> std::io::Result<()> {
+                use std::os::unix::io::AsRawFd;
+                let dir = std::fs::File::open(&root)?;
+                // SAFETY: a valid file descriptor of an open directory.
+                if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            }
+        })
+        .await
+        .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+        r.map_err(io)
     }
 
     /// Requests made through this store (and its clones) so far.
@@ -245,5 +277,8 @@ pub fn open_store(url: &str, opts: &StoreOptions) -> Result<Store> {
     }
     let mut store = Store::new(inner, url);
     store.limiter = limiter;
+    if scheme == "file" {
+        store.local_root = Some(std::path::PathBuf::from(if rest.is_empty() { "." } else { rest }));
+    }
     Ok(store)
 }
