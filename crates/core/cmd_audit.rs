@@ -60,23 +60,16 @@ pub async fn run(a: AuditArgs, r: RepoArgs) -> Result<u8> {
                 report.manifests_vanished
             );
         }
-        for f in &report.findings {
-            println!(
-                "FINDING [{}] {} {}: {}",
-                f.kind,
-                f.volume,
-                f.backup.as_deref().unwrap_or("-"),
-                f.detail
-            );
-        }
-        for f in &report.info {
-            println!(
-                "INFO [{}] {} {}: {}",
-                f.kind,
-                f.volume,
-                f.backup.as_deref().unwrap_or("-"),
-                f.detail
-            );
+        for (label, list) in [("FINDING", &report.findings), ("INFO", &report.info)] {
+            for f in list {
+                println!(
+                    "{label} [{}] {} {}: {}",
+                    f.kind,
+                    f.volume,
+                    f.backup.as_deref().unwrap_or("-"),
+                    f.detail
+                );
+            }
         }
         println!("requests: {}", requests_line(&requests));
         if report.ok {

@@ -170,10 +170,10 @@ impl Engine {
         let volume = opts.volume.clone();
         let result = async {
             ferry_repo::validate_volume_name(&volume)?;
-            let chain = self.chain(&volume).await?;
+            // One index sync either way: `resolve` syncs for a named parent.
             let parent = match &opts.parent {
                 Some(spec) => Some(self.resolve(&volume, spec).await?),
-                None => match chain.head() {
+                None => match self.chain(&volume).await?.head() {
                     Some(s) => Some((s.backup.clone(), Arc::new(self.repo.read_manifest(&s.backup).await?))),
                     None => None,
                 },
