@@ -166,7 +166,8 @@ fn a_continuity_break_with_the_parent_present_is_still_a_finding() {
             stats: Default::default(),
             blocks: m.blocks.clone(),
         };
-        let (_, broken) = r.commit(draft).await.expect("commit");
+        let session = ferry_repo::Session::begin(&r, "v", Default::default()).await.expect("session");
+        let (_, broken) = r.commit(draft, &session).await.expect("commit");
         broken.meta.backup_id
     });
     let j = audit_json(&repo, &[], 3);

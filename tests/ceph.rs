@@ -1415,7 +1415,10 @@ fn a_legacy_ferry_snapshot_base_continues_incrementally_and_only_it_is_removed()
             stats: m.meta.stats.clone(),
             blocks: m.blocks.clone(),
         };
-        r.commit(draft).await.expect("commit the legacy backup");
+        let session = ferry_repo::Session::begin(&r, &m.meta.volume, Default::default())
+            .await
+            .expect("session");
+        r.commit(draft, &session).await.expect("commit the legacy backup");
     });
     // Only the legacy snapshot is left of ferry's own, as the old rotation would have left it.
     c.rbd(&["snap", "rm", "--no-progress", &format!("{image}@{first_snap}")]);

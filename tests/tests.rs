@@ -9,5 +9,6 @@ mod cli;
 mod core;
 mod engine;
 mod faults;
+mod gc;
 mod golden;
 mod lifecycle;

@@ -45,6 +45,17 @@ pub struct RepoArgs {
     /// Upload bandwidth limit shared by all connections, bytes per second (e.g. 50M).
     #[arg(long, env = "FERRY_LIMIT_UPLOAD", global = true, value_parser = parse_rate, value_name = "BYTES_PER_S")]
     pub limit_upload: Option<u64>,
+    /// How often a running backup looks for a garbage collection to acknowledge, in seconds
+    /// (default 10; a GC waits --ack-timeout for the answer).
+    #[arg(long, env = "FERRY_GC_WATCH", global = true, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub gc_watch: Option<std::time::Duration>,
+}
+
+pub fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v < 1e7 => Ok(std::time::Duration::from_secs_f64(v)),
+        _ => Err(format!("'{s}' is not a number of seconds greater than 0")),
+    }
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
@@ -133,7 +144,11 @@ impl RepoArgs {
                 Err(e) => return Err(e.into()),
             }
         };
-        Ok(Engine::new(repo, index).with_observer(observer))
+        let mut session = ferry_repo::SessionOptions::default();
+        if let Some(d) = self.gc_watch {
+            session.poll = d;
+        }
+        Ok(Engine::new(repo, index).with_observer(observer).with_session_options(session))
     }
 }
 

@@ -11,6 +11,7 @@ mod cmd_audit;
 mod cmd_backup;
 mod cmd_doctor;
 mod cmd_forget;
+mod cmd_gc;
 mod cmd_index;
 mod cmd_init;
 mod cmd_key;
@@ -82,6 +83,8 @@ enum Command {
     Forget(cmd_forget::ForgetArgs),
     /// Apply a retention policy to volumes and forget the backups it does not keep.
     Prune(cmd_prune::PruneArgs),
+    /// Delete chunks no backup references (safe while backups, prunes and other GCs run).
+    Gc(cmd_gc::GcArgs),
     /// Protect a backup: it is never forgotten or pruned (the mark lives in the bucket).
     Protect(cmd_protect::ProtectArgs),
     /// Remove a backup's protection.
@@ -104,6 +107,7 @@ async fn run(cmd: Command, repo: RepoArgs, ceph: CephArgs) -> anyhow::Result<u8>
         Command::Audit(a) => cmd_audit::run(a, repo).await,
         Command::Forget(a) => cmd_forget::run(a, repo).await,
         Command::Prune(a) => cmd_prune::run(a, repo).await,
+        Command::Gc(a) => cmd_gc::run(a, repo).await,
         Command::Protect(a) => cmd_protect::protect(a, repo).await,
         Command::Unprotect(a) => cmd_protect::unprotect(a, repo).await,
         Command::Key(a) => cmd_key::run(a, repo).await,

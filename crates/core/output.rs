@@ -68,7 +68,10 @@ impl Observer for Progress {
                     Some(t) => indicatif::ProgressBar::new(t),
                     None => indicatif::ProgressBar::new_spinner(),
                 };
-                let style = if total.is_some() {
+                let counts = matches!(op, ferry_engine::Operation::Gc | ferry_engine::Operation::Audit);
+                let style = if total.is_some() && counts {
+                    "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} eta {eta}"
+                } else if total.is_some() {
                     "{msg} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
                 } else {
                     "{msg} [{elapsed_precise}] {spinner} {bytes} {bytes_per_sec}"

@@ -10,7 +10,9 @@ use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ferry_repo::{is_zero, BackupDraft, BackupRef, BackupStats, BlockSize, ChunkId, Index, Manifest, Repository, Source};
+use ferry_repo::{
+    is_zero, BackupDraft, BackupRef, BackupStats, BlockSize, ChunkId, Decision, Index, Manifest, Repository, Session, Source,
+};
 use rbd_diff::{DiffHeader, DiffReader, Event as DiffEvent};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -36,6 +38,8 @@ pub(crate) struct IngestParams {
     /// error aborts the backup (the rbd source checks its lease and re-reads blocks the diff
     /// called unchanged).
     pub verify: Option<Verifier>,
+    /// The backup's session (begun before the parent was read: FORMAT.md §12).
+    pub session: Arc<Session>,
 }
 
 /// The pre-commit check: sees the draft (its complete block map) before it is committed.
@@ -315,7 +319,15 @@ where
         op: Operation::Backup,
         total,
     });
+    let session = params.session.clone();
     let result = ingest_inner(repo, index, observer.clone(), source, finish, params).await;
+    if let Err(e) = &result {
+        // Not committed: fence our own manifest name so garbage collection need not wait for
+        // this session. (An unknown commit outcome is left for a GC to settle.)
+        if e.find::<CommitOutcomeUnknown>().is_none() {
+            session.abort().await;
+        }
+    }
     observer.event(Event::Finished { op: Operation::Backup });
     if let Ok(o) = &result {
         observer.event(Event::Committed {
@@ -344,6 +356,12 @@ where
     let default_block_size = params.block_size;
     let volume = params.volume.clone();
     let expect_to_snap = params.expect_to_snap.clone();
+    let session = params.session.clone();
+    // The parent's map is referenced as a whole (blocks the stream does not touch keep its
+    // chunks): decide them now, before any sweep published later could take them.
+    if let Some((_, m)) = &parent {
+        session.inherit(m.blocks.iter().flatten())?;
+    }
 
     // Parser thread.
     let parse = {
@@ -409,11 +427,12 @@ where
         let repo = repo.clone();
         let index = index.clone();
         let claimed = claimed.clone();
+        let session = session.clone();
         tasks.spawn(async move {
             let _permit = permit;
             match work {
                 Work::Hole { index: i } => Ok((i, None, Outcome::Zero)),
-                Work::Block { index: i, data } => store_block(&repo, &index, &claimed, i, data).await,
+                Work::Block { index: i, data } => store_block(&repo, &index, &session, &claimed, i, data).await,
             }
         });
     }
@@ -494,7 +513,11 @@ where
         Some(verify) => crate::cpu::blocking(move || verify(&draft).map(|_| draft)).await?,
         None => draft,
     };
-    let (backup, manifest) = match repo.commit(draft).await {
+    session
+        .settle_inherited()
+        .await
+        .context("checking the parent's chunks after a garbage collection")?;
+    let (backup, manifest) = match repo.commit(draft, &session).await {
         Ok(v) => v,
         Err(e @ ferry_repo::Error::CommitUnknown { .. }) => {
             return Err(Error::new(
@@ -509,8 +532,8 @@ where
     // fsync: off the async threads.)
     // Nothing after the commit may turn it into a failure.
     let indexed = {
-        let (index, backup, manifest) = (index.clone(), backup.clone(), manifest.clone());
-        tokio::task::spawn_blocking(move || index.insert_backup(&backup, &manifest).and_then(|_| index.flush()))
+        let (index, backup, manifest, stamp) = (index.clone(), backup.clone(), manifest.clone(), session.observed_gen());
+        tokio::task::spawn_blocking(move || index.insert_backup_stamped(&backup, &manifest, stamp).and_then(|_| index.flush()))
             .await
             .map_err(Error::from)
             .and_then(|r| r.map_err(Error::from))
@@ -534,6 +557,7 @@ enum Outcome {
 async fn store_block(
     repo: &Arc<Repository>,
     index: &Index,
+    session: &Session,
     claimed: &Mutex<HashSet<ChunkId>>,
     i: u64,
     data: Vec<u8>,
@@ -553,7 +577,14 @@ async fn store_block(
     let Some(id) = id else {
         return Ok((i, None, Outcome::Zero));
     };
-    if index.has_chunk(&id)? {
+    // Garbage collection first: a chunk a running sweep may delete waits until it is over.
+    let decision = loop {
+        match session.decide(&id)? {
+            Decision::Wait(gen) => session.wait_over(gen).await.with_context(|| format!("block {i} (chunk {id})"))?,
+            d => break d,
+        }
+    };
+    if decision == Decision::Go && index.has_chunk(&id)? {
         return Ok((i, Some(id), Outcome::Known));
     }
     if !claimed

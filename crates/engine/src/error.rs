@@ -219,7 +219,7 @@ pub fn repo_error_kind(e: &ferry_repo::Error) -> ErrorKind {
         e if e.is_integrity() => ErrorKind::Integrity,
         e if e.is_auth() => ErrorKind::Auth,
         e if e.is_refusal() => ErrorKind::Refused,
-        e if e.is_transient() => ErrorKind::Transient,
+        e if e.is_retryable() => ErrorKind::Transient,
         // A missing chunk during a restore or audit is reported as such by those pipelines;
         // elsewhere a missing object (a manifest forgotten meanwhile, no repository) is not
         // evidence of damage.

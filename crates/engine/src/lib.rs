@@ -34,7 +34,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::sync::Arc;
 
-use ferry_repo::{BackupRef, BackupSpec, BlockSize, Chain, Index, Manifest, Repository, Source};
+use ferry_repo::{BackupRef, BackupSpec, BlockSize, Chain, Index, Manifest, Repository, Session, SessionOptions, Source};
 
 pub use audit::{AuditOptions, AuditReport, Finding, VolumeReport};
 pub use backup::{BackupOutcome, CommitOutcomeUnknown};
@@ -57,6 +57,7 @@ pub struct Engine {
     repo: Arc<Repository>,
     index: Arc<Index>,
     observer: Arc<dyn Observer>,
+    session: SessionOptions,
 }
 
 /// How a backup of an export-diff stream runs.
@@ -97,7 +98,26 @@ impl Engine {
             repo: Arc::new(repo),
             index: Arc::new(index),
             observer: Arc::new(NoObserver),
+            session: SessionOptions::default(),
         }
+    }
+
+    /// The same engine with backups watching for garbage collection as `opts` says.
+    pub fn with_session_options(mut self, opts: SessionOptions) -> Engine {
+        self.session = opts;
+        self
+    }
+
+    /// Begins a backup session (FORMAT.md §12) and brings the index's GC generation up to
+    /// what the session observed, so chunk entries from before a GC are checked again.
+    pub(crate) async fn begin_session(&self, volume: &str) -> Result<Arc<Session>> {
+        let session = Session::begin(&self.repo, volume, self.session)
+            .await
+            .context("beginning a backup session")?;
+        self.index
+            .advance_gc_gen(session.observed_gen())
+            .context("updating the local index's GC generation")?;
+        Ok(Arc::new(session))
     }
 
     /// The same engine reporting to `observer`.
@@ -170,6 +190,8 @@ impl Engine {
         let volume = opts.volume.clone();
         let result = async {
             ferry_repo::validate_volume_name(&volume)?;
+            // The session first: every piece of evidence (parent, index, HEAD) comes after it.
+            let session = self.begin_session(&volume).await?;
             // One index sync either way: `resolve` syncs for a named parent.
             let parent = match &opts.parent {
                 Some(spec) => Some(self.resolve(&volume, spec).await?),
@@ -190,6 +212,7 @@ impl Engine {
                 labels: opts.labels.clone(),
                 expect_to_snap: None,
                 verify: None,
+                session: session.clone(),
             };
             backup::ingest(
                 self.repo.clone(),

@@ -14,6 +14,7 @@ use ferry_repo::{BackupRef, BackupSpec, BackupSummary};
 use serde::Serialize;
 
 use crate::error::{Error, Result, ResultExt};
+use crate::observer::{Event, Operation};
 use crate::Engine;
 
 /// One backup in a forget or prune report.
@@ -121,6 +122,34 @@ impl Engine {
             self.refresh_index().await;
         }
         Ok(out)
+    }
+
+    /// Collects garbage: deletes every chunk no manifest references, safely beside running
+    /// backups, prunes and other GCs (FORMAT.md §12). Progress: [`Operation::Gc`] in chunks
+    /// deleted.
+    pub async fn gc(&self, opts: &ferry_repo::GcOptions) -> Result<ferry_repo::GcReport> {
+        let observer = self.observer.clone();
+        let started = std::sync::atomic::AtomicBool::new(false);
+        let progress = move |e: ferry_repo::GcEvent| match e {
+            ferry_repo::GcEvent::Phase(p) => tracing::info!("garbage collection: {p}"),
+            ferry_repo::GcEvent::Deleted { done, total } => {
+                if !started.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    observer.event(Event::Started {
+                        op: Operation::Gc,
+                        total: Some(total),
+                    });
+                }
+                observer.event(Event::Progress { op: Operation::Gc, done });
+            }
+        };
+        let result = ferry_repo::collect_garbage(&self.repo, opts, &progress).await;
+        self.observer.event(Event::Finished { op: Operation::Gc });
+        match result {
+            Ok(r) => Ok(r),
+            Err(e) if e.is_integrity() => Err(Error::from(e)
+                .context("garbage collection stopped before deleting anything: a manifest cannot be read, so its chunks are unknown")),
+            Err(e) => Err(Error::from(e).context("garbage collection")),
+        }
     }
 
     /// Applies `policy` to each of `volumes` (all when empty) and deletes what it does not

@@ -16,6 +16,8 @@ pub enum Operation {
     Restore,
     /// Checking manifests and chunks.
     Audit,
+    /// Deleting unreferenced chunks (progress in chunks deleted).
+    Gc,
 }
 
 /// One thing that happened.

@@ -395,7 +395,15 @@ impl RbdRun<'_> {
             })
             .await?
         };
-        let chain = self.engine.chain(self.volume).await?;
+        // The session first: every piece of evidence (parent, index, HEAD) comes after it.
+        let session = self.engine.begin_session(self.volume).await?;
+        let chain = match self.engine.chain(self.volume).await {
+            Ok(c) => c,
+            Err(e) => {
+                session.abort().await;
+                return Err(e);
+            }
+        };
         let mut notes = RbdBackupNotes::default();
 
         // The base: the newest committed backup's to-snapshot, if it is still on this very image.
@@ -467,6 +475,7 @@ impl RbdRun<'_> {
             labels: self.opts.labels.clone(),
             expect_to_snap: Some(snap.clone()),
             verify: Some(self.verifier(parent.map(|(_, m)| m), &snap)),
+            session: session.clone(),
         };
         let finish = |mut export: ExportDiff, complete: bool| -> Result<()> {
             if !complete {

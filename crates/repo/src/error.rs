@@ -220,6 +220,50 @@ pub enum Error {
         /// The last failure.
         last: String,
     },
+    /// The backup's manifest key holds a fence (0 bytes): a garbage collection stopped this
+    /// backup because it did not answer in time, or the backup aborted itself. Nothing was
+    /// committed under this name. Not retried (the name is fenced for good); running the
+    /// backup again is safe ([`Error::is_retryable`]).
+    #[error("backup {backup} of volume '{volume}' was stopped by a garbage collection (its manifest key {key} is fenced); nothing was committed under this name — run the backup again")]
+    Fenced {
+        /// The volume.
+        volume: String,
+        /// The backup ID.
+        backup: String,
+        /// The manifest key.
+        key: String,
+    },
+    /// Another garbage collection holds the repository's GC claim. A refusal.
+    #[error("garbage collection {gen} is running (host {host}, pid {pid}, started {started}); only one runs at a time. If that process is gone, run `ferry gc --takeover`")]
+    GcRunning {
+        /// Its generation.
+        gen: u64,
+        /// The host it runs on.
+        host: String,
+        /// Its process ID there.
+        pid: u32,
+        /// When it started.
+        started: String,
+    },
+    /// A backup waited too long for a garbage collection to finish sweeping chunks it needs.
+    /// Transient.
+    #[error("waited {secs} s for garbage collection {gen} to finish sweeping chunks this backup needs; run the backup again later")]
+    SweepWait {
+        /// The GC generation.
+        gen: u64,
+        /// How long it waited.
+        secs: u64,
+    },
+    /// A chunk a backup was about to reference is gone and the backup has no data to upload
+    /// it again (it came from the parent's map). Integrity: the chain needs a full backup
+    /// or an RBD backup that re-reads it.
+    #[error("chunk {id} ({context}) is missing from the repository")]
+    ChunkMissing {
+        /// The chunk ID (hex).
+        id: String,
+        /// Where it was needed.
+        context: String,
+    },
     /// The volume has no (readable) backups. A refusal ([`Error::is_refusal`]).
     #[error("volume '{volume}' has no backups")]
     NoBackups {
@@ -266,6 +310,7 @@ impl Error {
                 | Error::Decompress { .. }
                 | Error::BadObject { .. }
                 | Error::ManifestDecode { .. }
+                | Error::ChunkMissing { .. }
         )
     }
 
@@ -281,9 +326,15 @@ impl Error {
                     | object_store::Error::NotSupported { .. }
                     | object_store::Error::NotImplemented { .. }
             ),
-            Error::Unavailable { .. } | Error::CommitUnknown { .. } => true,
+            Error::Unavailable { .. } | Error::CommitUnknown { .. } | Error::SweepWait { .. } => true,
             _ => false,
         }
+    }
+
+    /// True when running the whole operation again may succeed: the store was unavailable,
+    /// or a garbage collection fenced this attempt ([`Error::Fenced`]).
+    pub fn is_retryable(&self) -> bool {
+        self.is_transient() || matches!(self, Error::Fenced { .. })
     }
 
     /// True when the request itself cannot be satisfied as given (a bad name, size, spec, an
@@ -300,6 +351,7 @@ impl Error {
                 | Error::NoBackups { .. }
                 | Error::NoSuchBackup { .. }
                 | Error::AmbiguousBackup { .. }
+                | Error::GcRunning { .. }
         )
     }
 

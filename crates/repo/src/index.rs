@@ -81,6 +81,9 @@ pub struct Index {
     path: String,
 }
 
+/// The key in the default tree under which the index keeps its GC generation.
+const GC_GEN_KEY: &[u8] = b"gc_gen";
+
 fn key_of(r: &BackupRef) -> Vec<u8> {
     format!("{}\0{}", r.volume, r.name).into_bytes()
 }
@@ -164,8 +167,41 @@ impl Index {
         Ok(())
     }
 
-    /// Records a committed backup and the chunks it references.
+    /// The GC generation the index's chunk entries are valid for: the newest garbage
+    /// collection (ended or abandoned) a backup session has seen. 0 before any.
+    pub fn gc_gen(&self) -> Result<u64> {
+        Ok(match self.db.get(GC_GEN_KEY).map_err(self.err())? {
+            Some(v) if v.len() == 8 => u64::from_le_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
+            _ => 0,
+        })
+    }
+
+    /// Moves the index to GC generation `gen` (never backwards): every chunk entry recorded
+    /// under an older generation stops being trusted — a GC has run since its evidence was
+    /// gathered, so the chunk may be gone — until it is confirmed (HEAD) and recorded again.
+    pub fn advance_gc_gen(&self, gen: u64) -> Result<()> {
+        if gen > self.gc_gen()? {
+            self.db.insert(GC_GEN_KEY, &gen.to_le_bytes()).map_err(self.err())?;
+        }
+        Ok(())
+    }
+
+    /// Records that chunk `id` existed when the index was at GC generation `stamp`.
+    pub fn note_chunk(&self, id: &ChunkId, stamp: u64) -> Result<()> {
+        self.chunks.insert(id.0, &stamp.to_le_bytes()).map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Records a committed backup and the chunks it references, the chunks stamped with the
+    /// GC generation its evidence dates from (see [`Index::has_chunk`]).
     pub fn insert_backup(&self, r: &BackupRef, manifest: &Manifest) -> Result<()> {
+        let stamp = self.gc_gen()?;
+        self.insert_backup_stamped(r, manifest, stamp)
+    }
+
+    /// [`Index::insert_backup`] with the chunks stamped `stamp` (a backup session stamps with
+    /// the generation it observed when it started).
+    pub fn insert_backup_stamped(&self, r: &BackupRef, manifest: &Manifest, stamp: u64) -> Result<()> {
         let summary = BackupSummary {
             backup: r.clone(),
             meta: manifest.meta.clone(),
@@ -176,8 +212,9 @@ impl Index {
             source,
         })?;
         let mut batch = sled::Batch::default();
+        let stamp = stamp.to_le_bytes();
         for id in manifest.blocks.iter().flatten() {
-            batch.insert(&id.0[..], &[][..]);
+            batch.insert(&id.0[..], &stamp[..]);
         }
         self.chunks.apply_batch(batch).map_err(self.err())?;
         self.backups.insert(key_of(r), json).map_err(self.err())?;
@@ -190,9 +227,17 @@ impl Index {
         Ok(())
     }
 
-    /// True when a committed backup is known to reference this chunk.
+    /// True when the chunk is known to exist and no garbage collection has ended since that
+    /// was recorded (its stamp is the index's current GC generation). An entry from before a
+    /// GC is not trusted: the caller asks the store (HEAD) and records it again.
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
-        self.chunks.contains_key(id.0).map_err(self.err())
+        let current = self.gc_gen()?;
+        Ok(match self.chunks.get(id.0).map_err(self.err())? {
+            // Entries of ferry 0.1 have no stamp: generation 0.
+            Some(v) if v.is_empty() => current == 0,
+            Some(v) if v.len() == 8 => v.as_ref() == current.to_le_bytes(),
+            Some(_) | None => false,
+        })
     }
 
     /// Number of chunk IDs the index knows.
@@ -235,6 +280,8 @@ impl Index {
 
     /// Brings the index in line with the bucket: reads manifests it lacks, forgets vanished ones.
     pub async fn sync(&self, repo: &Repository) -> Result<SyncReport> {
+        // Evidence gathered from here on is stamped with the generation current now.
+        let stamp = self.gc_gen()?;
         let listing = repo.list_volumes(None).await?;
         let listed = listing.backups;
         let listed_keys: std::collections::HashSet<Vec<u8>> = listed.iter().map(key_of).collect();
@@ -261,12 +308,13 @@ impl Index {
         while let Some((r, m)) = reads.next().await {
             match m {
                 Ok(m) => {
-                    self.insert_backup(&r, &m)?;
+                    self.insert_backup_stamped(&r, &m, stamp)?;
                     report.manifests_read += 1;
                 }
                 Err(e) if e.is_integrity() || matches!(e, Error::UnsupportedFormat { .. }) => report.unreadable.push((r, e.to_string())),
-                // Forgotten between the listing and the read: it is simply not there.
-                Err(Error::NotFound { .. }) => report.manifests_vanished += 1,
+                // Forgotten between the listing and the read (or fenced by a GC since): it is
+                // simply not there.
+                Err(Error::NotFound { .. } | Error::Fenced { .. }) => report.manifests_vanished += 1,
                 Err(e) => return Err(e),
             }
         }

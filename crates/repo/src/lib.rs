@@ -9,6 +9,7 @@
 pub mod block_size;
 pub mod chunk;
 pub mod error;
+pub mod gc;
 pub mod index;
 pub mod keys;
 pub mod manifest;
@@ -16,17 +17,20 @@ pub mod object;
 pub mod repo;
 pub mod retention;
 pub mod retry;
+pub mod session;
 pub mod spec;
 pub mod store;
 
 pub use block_size::{BlockSize, MAX_BLOCKS, MAX_BLOCK_SIZE, MAX_IMAGE_SIZE, MIN_BLOCK_SIZE};
 pub use chunk::{decode_chunk, encode_chunk, encode_chunk_with_id, is_zero, ChunkId, EncodedChunk};
 pub use error::{Error, Result};
+pub use gc::{collect_garbage, GcEvent, GcOptions, GcReport};
 pub use index::{BackupSummary, Chain, Index, SyncReport};
 pub use keys::{KdfParams, KeySlot, MasterKey};
 pub use manifest::{BackupStats, Manifest, ManifestMeta, Source, MANIFEST_FORMAT};
 pub use repo::{validate_volume_name, BackupDraft, BackupRef, InitOptions, Listing, RepoConfig, Repository, REPO_FORMAT};
 pub use retry::RetryPolicy;
+pub use session::{Decision, Session, SessionOptions};
 pub use spec::{resolve, BackupSpec};
 pub use store::{open_store, Store, StoreOptions};
 pub use store::{

@@ -38,6 +38,8 @@ pub enum ObjectKind {
     Manifest = 4,
     /// `volumes/<volume>/protected/<name>`: a backup's protection marker, sealed (kind byte `05`).
     Protection = 5,
+    /// `sessions/…` and `gc/…`: garbage-collection protocol records, sealed (kind byte `06`).
+    GcRecord = 6,
 }
 
 impl ObjectKind {
@@ -48,6 +50,7 @@ impl ObjectKind {
             3 => ObjectKind::Chunk,
             4 => ObjectKind::Manifest,
             5 => ObjectKind::Protection,
+            6 => ObjectKind::GcRecord,
             _ => return None,
         })
     }

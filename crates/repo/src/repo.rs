@@ -120,6 +120,8 @@ pub struct Listing {
     pub backups: Vec<BackupRef>,
     /// Backups with a protection marker (the marker may outlive a manifest deleted by hand).
     pub protected: std::collections::BTreeSet<BackupRef>,
+    /// Manifest keys holding a fence (0 bytes): backups that never committed (FORMAT.md §12).
+    pub fenced: std::collections::BTreeSet<BackupRef>,
 }
 
 /// The sealed JSON body of a protection marker.
@@ -184,7 +186,7 @@ pub struct Repository {
     retry: RetryPolicy,
 }
 
-fn p(s: &str) -> Path {
+pub(crate) fn p(s: &str) -> Path {
     Path::from(s)
 }
 
@@ -194,7 +196,7 @@ async fn get_bytes(store: &dyn ObjectStore, key: &str) -> Result<Bytes> {
 
 /// GETs an object, refusing one larger than `max` bytes before reading its body: nothing
 /// unauthenticated may cost more memory than a genuine object of its kind.
-async fn get_bytes_limited(store: &dyn ObjectStore, key: &str, max: u64) -> Result<Bytes> {
+pub(crate) async fn get_bytes_limited(store: &dyn ObjectStore, key: &str, max: u64) -> Result<Bytes> {
     let path = p(key);
     let res = store.get(&path).await.map_err(|e| Error::store("get", &path, e))?;
     if res.meta.size > max {
@@ -206,7 +208,7 @@ async fn get_bytes_limited(store: &dyn ObjectStore, key: &str, max: u64) -> Resu
     res.bytes().await.map_err(|e| Error::store("get", &path, e))
 }
 
-async fn put_create(store: &dyn ObjectStore, key: &str, bytes: impl Into<Bytes>) -> Result<bool> {
+pub(crate) async fn put_create(store: &dyn ObjectStore, key: &str, bytes: impl Into<Bytes>) -> Result<bool> {
     let path = p(key);
     let opts = PutOptions {
         mode: PutMode::Create,
@@ -420,6 +422,10 @@ impl Repository {
         self.retry
     }
 
+    pub(crate) fn seal_key(&self) -> &crate::object::SealKey {
+        self.key.seal_key()
+    }
+
     /// The ID of the key slot the passphrase opened (or `init` created).
     pub fn slot_id(&self) -> &str {
         &self.slot
@@ -492,8 +498,20 @@ impl Repository {
 
     /// Commits a backup: mints its ID, fills the format fields, and writes its manifest
     /// create-only. Nothing of a backup is visible before this; everything is after it.
-    pub async fn commit(&self, draft: BackupDraft) -> Result<(BackupRef, Manifest)> {
+    ///
+    /// The backup's ID, time and manifest name are the ones `session` promised when it began
+    /// (FORMAT.md §12); a manifest key a garbage collection fenced meanwhile refuses the
+    /// commit with [`Error::Fenced`].
+    pub async fn commit(&self, draft: BackupDraft, session: &crate::session::Session) -> Result<(BackupRef, Manifest)> {
         validate_volume_name(&draft.volume)?;
+        if draft.volume != session.backup().volume {
+            return Err(Error::InvalidArgument(format!(
+                "a backup of volume '{}' cannot commit in a session of volume '{}'",
+                draft.volume,
+                session.backup().volume
+            )));
+        }
+        session.ready_to_commit()?;
         let expected = draft.block_size.blocks_in(draft.image_size);
         if draft.blocks.len() as u64 != expected {
             return Err(Error::InvalidArgument(format!(
@@ -503,15 +521,13 @@ impl Repository {
                 draft.block_size
             )));
         }
-        let mut id = [0u8; 8];
-        rand::rng().fill_bytes(&mut id);
         let manifest = Manifest {
             meta: ManifestMeta {
                 format: MANIFEST_FORMAT,
-                backup_id: hex::encode(id),
+                backup_id: session.backup().backup_id().to_string(),
                 repository_id: self.config.repository_id.clone(),
                 volume: draft.volume,
-                created: chrono::Utc::now(),
+                created: session.created(),
                 source: draft.source,
                 from_snap: draft.from_snap,
                 to_snap: draft.to_snap,
@@ -524,10 +540,7 @@ impl Repository {
             },
             blocks: draft.blocks,
         };
-        let r = BackupRef {
-            volume: manifest.meta.volume.clone(),
-            name: format!("{}-{}", manifest.meta.created.format("%Y%m%dT%H%M%S%.6fZ"), manifest.meta.backup_id),
-        };
+        let r = session.backup().clone();
         let key = r.key();
         let plain = manifest.encode()?;
         let sealed = encode_sealed(self.key.seal_key(), ObjectKind::Manifest, key.as_bytes(), &plain, Some(3))?;
@@ -555,6 +568,7 @@ impl Repository {
             .retry
             .run(|| format!("committing backup {}", manifest.meta.backup_id), attempt)
             .await;
+        session.settled(outcome.is_ok() || matches!(outcome, Err(Error::Fenced { .. })));
         if outcome.is_ok() {
             // The commit itself is durable before it is reported; if that cannot be made sure,
             // the backup is visible but its fate after a crash is not known.
@@ -566,6 +580,9 @@ impl Repository {
                     last: format!("the manifest was written but could not be made durable: {e}"),
                 });
             }
+        }
+        if outcome.is_ok() {
+            session.end().await;
         }
         match outcome {
             Ok(()) => Ok((r, manifest)),
@@ -596,6 +613,13 @@ impl Repository {
                 || get_bytes_limited(self.store.inner.as_ref(), &key, MAX_MANIFEST_OBJECT),
             )
             .await?;
+        if bytes.is_empty() {
+            return Err(Error::Fenced {
+                volume: r.volume.clone(),
+                backup: r.backup_id().to_string(),
+                key,
+            });
+        }
         let plain = decode_sealed(
             self.key.seal_key(),
             ObjectKind::Manifest,
@@ -653,6 +677,9 @@ impl Repository {
                 name: parts[3].as_ref().to_string(),
             };
             match parts[2].as_ref() {
+                "backups" if m.size == 0 => {
+                    out.fenced.insert(r);
+                }
                 "backups" => out.backups.push(r),
                 "protected" => {
                     out.protected.insert(r);

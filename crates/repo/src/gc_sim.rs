@@ -1,0 +1,2419 @@
+//! Deterministic simulation of garbage collection beside running backups
+//! (docs/design/gc-protocol.md; the failure cases and invariants come from the review in
+//! docs/design/gc.md).
+//!
+//! One seed = one small world (2 hosts with a shared index each, 2 volumes, 3–5 backups,
+//! 1–2 prunes, 2–3 GCs, 6 chunk IDs) driven by a seeded scheduler that picks uniformly among
+//! the enabled steps or, with a per-seed probability, by PCT-style priorities with a few
+//! priority drops. One step is one store request phase or one local decision:
+//!
+//! * The store is a set of typed objects with linearizable create-only PUT, GET, HEAD, DELETE
+//!   and LIST in pages of 1–2 keys, one page per step (pages are not snapshots).
+//! * Chunk, manifest, fence and ack PUTs and GC DELETEs are *requests*: sent by one step,
+//!   applied by another (possibly much later, possibly never), answered by a third. A response
+//!   can be lost and a waiting actor can time out; both leave the outcome unknown and the actor
+//!   does what the protocol says (retry, read back, or fence).
+//! * Any actor can crash at any step; its requests in flight are still applied later. Crashed
+//!   GCs are taken over by later GCs. A GC may also be taken over, alive, once its deadline
+//!   has passed (the operator's `--takeover`); it then stops at its next DELETE check.
+//! * Time is the step counter: the ack timeout, the watcher period H and the GC deadline are
+//!   counted in steps, so a pause is just the scheduler not running an actor.
+//!
+//! After every step the invariants are checked (S1 closure, S2 no doomed decisions, S3 the
+//! trusted index in the weaker form that actually holds, S5 fences, S6 one sweeper, and the
+//! zombie-DELETE assumption itself). At the end of a seed the world drains (no more crashes or
+//! timeouts; a GC takes over what crashed), requests in flight are applied or lost, and a final
+//! uncontended GC runs; then the chunks must be exactly the union of the references of the
+//! present manifests, and every backup that reported success must be present (unless pruned)
+//! and restorable.
+//!
+//! A failing seed prints its trace; `FERRY_SIM_SEED=<seed> cargo test -p ferry-repo
+//! replay_seed -- --nocapture` replays it (`FERRY_SIM_MODE` selects a mutation or
+//! `as-written`, see [`Proto::from_name`]).
+//!
+//! Not modelled: clock skew (the protocol compares no clocks; its only timing assumption is the
+//! zombie DELETE, which is modelled as a mode), store faults other than delay and loss (no
+//! wrong answers, no lost writes), several sessions of one backup, prune racing a fence it
+//! listed as a manifest (prune deletes only what is a manifest when its DELETE applies),
+//! heartbeats (this protocol has none), the local index being lost or damaged, and more than
+//! one DELETE per batch.
+
+use std::fmt::Write as _;
+
+// ------------------------------------------------------------------------------------- PRNG
+
+/// splitmix64: tiny, fast and good enough to drive a scheduler.
+#[derive(Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0xD1B5_4A32_D192_ED03)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n` > 0).
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// Uniform in `lo..=hi`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+
+    /// True with probability `per_mille` / 1000.
+    fn pm(&mut self, per_mille: u32) -> bool {
+        per_mille > 0 && self.below(1000) < u64::from(per_mille)
+    }
+}
+
+// ------------------------------------------------------------------------------ chunk sets
+
+/// A set of chunk IDs from the universe `0..UNIVERSE`, as a bit mask.
+type Chunks = u8;
+const UNIVERSE: u8 = 6;
+
+fn bit(c: u8) -> Chunks {
+    1 << c
+}
+
+/// Displays a chunk set as `{c0,c3}`.
+struct Ids(Chunks);
+
+impl std::fmt::Display for Ids {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("{")?;
+        let mut first = true;
+        for c in 0..UNIVERSE {
+            if self.0 & bit(c) != 0 {
+                if !first {
+                    f.write_str(",")?;
+                }
+                write!(f, "c{c}")?;
+                first = false;
+            }
+        }
+        f.write_str("}")
+    }
+}
+
+// ----------------------------------------------------------------------------------- store
+
+/// What a manifest key holds.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Obj {
+    Empty,
+    Manifest(Chunks),
+    /// 0 bytes: aborted by the backup or fenced by a GC.
+    Fence,
+}
+
+/// `volumes/<v>/backups/<name>`.
+struct MKey {
+    volume: u8,
+    /// The backup that promised this name (None: a backup from before the simulation).
+    owner: Option<usize>,
+    obj: Obj,
+    /// Some fence was ever stored here (S5).
+    ever_fenced: bool,
+    /// A prune deleted the manifest stored here.
+    pruned: bool,
+    /// The owner's manifest PUT was applied here (S5: success only after that).
+    landed: bool,
+}
+
+/// `gc/<gen>/{abandoned,end,run,sweep}` (all absent after cleanup).
+#[derive(Clone, Copy, Default)]
+struct GenRec {
+    run: Option<usize>,
+    sweep: Option<Chunks>,
+    end: Option<Chunks>,
+    abandoned: bool,
+}
+
+impl GenRec {
+    /// Over: ended, abandoned, or cleaned up (only ever done to gens that were over).
+    fn over(&self) -> bool {
+        self.end.is_some() || self.abandoned || self.run.is_none()
+    }
+
+    fn has(&self, kind: u64) -> bool {
+        match kind {
+            0 => self.abandoned,
+            1 => self.end.is_some(),
+            2 => self.run.is_some(),
+            _ => self.sweep.is_some(),
+        }
+    }
+}
+
+const ABANDONED: u8 = 1;
+const END: u8 = 2;
+const RUN: u8 = 4;
+const SWEEP: u8 = 8;
+
+/// `sessions/<sid>/session`; the sid is the backup's index, `rank` its place in LIST order.
+struct Sess {
+    exists: bool,
+    key: usize,
+    rank: u32,
+}
+
+struct Store {
+    chunks: Chunks,
+    keys: Vec<MKey>,
+    sessions: Vec<Sess>,
+    /// `sessions/<sid>/ack/<gen>`.
+    acks: Vec<(usize, u32, Chunks)>,
+    /// Indexed by generation; index 0 is never used.
+    gens: Vec<GenRec>,
+}
+
+/// A LIST prefix.
+#[derive(Clone, Copy)]
+enum Space {
+    Gc,
+    Sessions,
+    Volumes(Option<u8>),
+    Chunks,
+}
+
+impl Store {
+    /// The smallest present key of `space` after `after` (keys are encoded in LIST order).
+    fn next_key(&self, space: Space, after: Option<u64>) -> Option<u64> {
+        let mut best: Option<u64> = None;
+        let mut consider = |k: u64| {
+            if after.is_none_or(|a| k > a) && best.is_none_or(|b| k < b) {
+                best = Some(k);
+            }
+        };
+        match space {
+            Space::Gc => {
+                for (g, rec) in self.gens.iter().enumerate().skip(1) {
+                    for kind in 0..4 {
+                        if rec.has(kind) {
+                            consider(g as u64 * 4 + kind);
+                        }
+                    }
+                }
+            }
+            Space::Sessions => {
+                for (sid, s) in self.sessions.iter().enumerate() {
+                    if s.exists {
+                        consider(u64::from(s.rank) << 8 | sid as u64);
+                    }
+                }
+            }
+            Space::Volumes(v) => {
+                for (i, k) in self.keys.iter().enumerate() {
+                    if k.obj != Obj::Empty && v.is_none_or(|v| v == k.volume) {
+                        consider(u64::from(k.volume) << 16 | i as u64);
+                    }
+                }
+            }
+            Space::Chunks => {
+                for c in 0..UNIVERSE {
+                    if self.chunks & bit(c) != 0 {
+                        consider(u64::from(c));
+                    }
+                }
+            }
+        }
+        best
+    }
+
+    fn ack(&self, sid: usize, gen: u32) -> Option<Chunks> {
+        self.acks.iter().find(|a| a.0 == sid && a.1 == gen).map(|a| a.2)
+    }
+
+    fn gen(&self, g: u32) -> GenRec {
+        self.gens.get(g as usize).copied().unwrap_or_default()
+    }
+
+    fn gen_mut(&mut self, g: u32) -> &mut GenRec {
+        let g = g as usize;
+        if self.gens.len() <= g {
+            self.gens.resize(g + 1, GenRec::default());
+        }
+        &mut self.gens[g]
+    }
+}
+
+/// A paged LIST in progress.
+#[derive(Default)]
+struct Listing {
+    after: Option<u64>,
+    seen: Vec<u64>,
+    done: bool,
+}
+
+impl Listing {
+    fn reset(&mut self) {
+        self.after = None;
+        self.seen.clear();
+        self.done = false;
+    }
+
+    /// What a `gc/` listing showed for generation `g` (ABANDONED | END | RUN | SWEEP).
+    fn gen_flags(&self, g: u32) -> u8 {
+        let mut f = 0;
+        for &k in &self.seen {
+            if k / 4 == u64::from(g) {
+                f |= 1 << (k % 4);
+            }
+        }
+        f
+    }
+
+    /// The generations a `gc/` listing showed, ascending.
+    fn gens(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.seen.iter().map(|&k| (k / 4) as u32).collect();
+        v.dedup();
+        v
+    }
+}
+
+/// A host's local index: known chunks stamped with the gc_gen of the evidence.
+#[derive(Clone, Copy, Default)]
+struct Index {
+    gc_gen: u32,
+    stamp: [Option<u32>; UNIVERSE as usize],
+}
+
+// -------------------------------------------------------------------------------- requests
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Thread {
+    Main(usize),
+    Watch(usize),
+    Gc(usize),
+    Prune(usize),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Chunk(u8),
+    Manifest { key: usize, refs: Chunks },
+    Fence { key: usize },
+    Ack { sid: usize, gen: u32, refs: Chunks },
+    Delete { chunk: u8, gen: u32 },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Res {
+    Created,
+    Exists,
+    Deleted,
+}
+
+/// What a thread's step gets: nothing (it is not waiting), a response, or an unknown outcome.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Input {
+    Start,
+    Resp(Res),
+    Unknown,
+}
+
+struct Req {
+    thread: Thread,
+    kind: Kind,
+    applied: Option<Res>,
+    awaited: bool,
+    prio: u64,
+}
+
+// ---------------------------------------------------------------------------------- actors
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Life {
+    Running,
+    Crashed,
+    Done,
+}
+
+/// A backup's main thread.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Main {
+    SessionPut,
+    StartList,
+    StartGetK,
+    Bump,
+    ParentPick,
+    ParentGet,
+    ParentDecide,
+    Blocks,
+    CommitAwait,
+    CommitReadBack,
+    ResolveAwait,
+    ResolveReadBack,
+    AbortAwait,
+    AbortReadBack,
+    IndexUpdate,
+    Finished,
+}
+
+/// Where the current block is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stage {
+    Decide,
+    Waiting(u32),
+    Head,
+    PutAwait,
+}
+
+/// A backup's watcher thread.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Watch {
+    Idle,
+    List,
+    GetK,
+    AckAwait,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Outcome {
+    Running,
+    Committed,
+    /// Not committed: the backup's own fence (abort, or an unknown outcome resolved).
+    Aborted,
+    /// Not committed: a GC's fence was there first.
+    Fenced,
+}
+
+struct Backup {
+    host: usize,
+    volume: u8,
+    key: usize,
+    start: u64,
+    prio: [u64; 2],
+    life: Life,
+    blocks: Chunks,
+    want_parent: bool,
+    fail_at: Option<usize>,
+    main: Main,
+    main_wait: Option<usize>,
+    list: Listing,
+    to_fetch: Vec<u32>,
+    parent_key: Option<usize>,
+    parent: Chunks,
+    todo: Vec<(u8, bool)>,
+    cur: usize,
+    stage: Stage,
+    /// The gate: K of every sweep being waited out, by generation.
+    active: Vec<(u32, Chunks)>,
+    suspect: Chunks,
+    decided: Chunks,
+    /// Decided chunks whose existence the backup has established (S2).
+    established: Chunks,
+    /// Generations observed at start or acknowledged (bit per generation).
+    known: u64,
+    /// Generations observed (active) at start.
+    observed: u64,
+    waited: u64,
+    obs_gen: u32,
+    bumped: bool,
+    refs: Chunks,
+    sent_manifest: bool,
+    outcome: Outcome,
+    watch: Watch,
+    watch_wait: Option<usize>,
+    next_watch: u64,
+    wlist: Listing,
+    new_gens: Vec<u32>,
+    ack_refs: Chunks,
+}
+
+impl Backup {
+    fn active_gen_of(&self, c: u8) -> Option<u32> {
+        self.active.iter().find(|a| a.1 & bit(c) != 0).map(|a| a.0)
+    }
+
+    fn active_union(&self) -> Chunks {
+        self.active.iter().fold(0, |u, a| u | a.1)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum GcPc {
+    ClaimList,
+    Abandon,
+    Claim,
+    L0List,
+    L0Head,
+    MarkList,
+    MarkGet,
+    ChunkList,
+    Sweep,
+    L1List,
+    L1Get,
+    L1Poll,
+    FenceAwait,
+    FenceReadBack,
+    Delete,
+    DeleteAwait,
+    End,
+    Cleanup,
+    CleanupGens,
+    Finished,
+}
+
+struct Gc {
+    start: u64,
+    prio: u64,
+    life: Life,
+    pc: GcPc,
+    wait: Option<usize>,
+    gen: u32,
+    deadline: u64,
+    list: Listing,
+    dead: Vec<u32>,
+    i: usize,
+    l0: Vec<usize>,
+    ended0: u64,
+    l1: Vec<usize>,
+    keys: Vec<usize>,
+    r: Chunks,
+    k: Chunks,
+    d: Chunks,
+    deleted: Chunks,
+    poll_since: u64,
+    /// How it finished: "ended", "refused", "stopped" (abandoned or past its deadline).
+    result: &'static str,
+}
+
+struct Prune {
+    volume: u8,
+    start: u64,
+    prio: u64,
+    life: Life,
+    wait: Option<usize>,
+    left: u32,
+    list: Listing,
+    listed: bool,
+}
+
+// ------------------------------------------------------------------------------- protocol
+
+/// A fix turned off, to show the simulator notices (each must lead to an S1 or S5 violation).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mutation {
+    None,
+    /// (a) GC treats a session that did not ack in time as nothing instead of fencing it.
+    NoFence,
+    /// (b) GC does not wait for acks (and does not fence): an open session counts as nothing.
+    NoAckWait,
+    /// (c) The backup reads and decides its parent before its session PUT and LIST gc/.
+    NoDekker,
+    /// (d1) Index entries are trusted whatever their stamp.
+    IndexIgnoresStamp,
+    /// (d2) No suspect set: a finished sweep's K is forgotten, the index is trusted again.
+    NoSuspect,
+    /// (e) Cleanup deletes every session of L1, not just those ended at L0.
+    CleanupLive,
+    /// (f) No one-GC-at-a-time claim: each GC takes a fresh generation and runs.
+    NoClaim,
+    /// (g) A chunk that waited for a sweep is HEADed / uploaded without being decided again
+    /// (so it never joins `decided` and no later ack covers it).
+    WaitNoRedecide,
+}
+
+/// Protocol switches for one run.
+#[derive(Clone, Copy, Debug)]
+struct Proto {
+    /// gc-protocol.md step 6 as written: an unknown outcome of the manifest PUT is resolved by
+    /// sending the PUT again (412 → read back). false: by PUT-creating the fence (the fix).
+    retry_manifest_put: bool,
+    /// A GC DELETE may be applied after its generation ended or was abandoned.
+    zombie: bool,
+    /// A backup acks (with its decided set, empty in the correct order) the sweeps it observes
+    /// at start, so that a GC whose L1 listed it does not wait for nothing and fence it.
+    ack_observed: bool,
+    /// Check S2 and S3 (off for mutation runs, which look for S1 / S5).
+    early_checks: bool,
+    mutation: Mutation,
+}
+
+impl Proto {
+    /// The protocol with the fix for the manifest PUT retry (see `as_written_retry_...`).
+    const FIXED: Proto = Proto {
+        retry_manifest_put: false,
+        zombie: false,
+        ack_observed: false,
+        early_checks: true,
+        mutation: Mutation::None,
+    };
+
+    fn mutated(m: Mutation) -> Proto {
+        Proto {
+            early_checks: false,
+            mutation: m,
+            ..Proto::FIXED
+        }
+    }
+
+    /// `FERRY_SIM_MODE` names: fixed (default), as-written, zombie, ack-observed, or a mutation.
+    fn from_name(name: &str) -> Option<Proto> {
+        let m = match name {
+            "" | "fixed" => return Some(Proto::FIXED),
+            "as-written" => {
+                return Some(Proto {
+                    retry_manifest_put: true,
+                    ..Proto::FIXED
+                })
+            }
+            "zombie" => {
+                return Some(Proto {
+                    zombie: true,
+                    early_checks: false,
+                    ..Proto::FIXED
+                })
+            }
+            "ack-observed" => {
+                return Some(Proto {
+                    ack_observed: true,
+                    ..Proto::FIXED
+                })
+            }
+            "no-fence" => Mutation::NoFence,
+            "no-ack-wait" => Mutation::NoAckWait,
+            "no-dekker" => Mutation::NoDekker,
+            "index-ignores-stamp" => Mutation::IndexIgnoresStamp,
+            "no-suspect" => Mutation::NoSuspect,
+            "cleanup-live" => Mutation::CleanupLive,
+            "no-claim" => Mutation::NoClaim,
+            "wait-no-redecide" => Mutation::WaitNoRedecide,
+            _ => return None,
+        };
+        Some(Proto::mutated(m))
+    }
+}
+
+/// Per-seed world parameters.
+struct Params {
+    ack_timeout: u64,
+    watch_every: u64,
+    gc_deadline: u64,
+    gen_lag: u32,
+    pct_pm: u32,
+    crash_pm: u32,
+    timeout_pm: u32,
+    loss_pm: u32,
+    drop_pm: u32,
+    budget: u64,
+    change_points: Vec<u64>,
+}
+
+/// Things that happened, to show a run exercised what it should.
+#[derive(Clone, Copy, Default, Debug)]
+struct Stats {
+    commits: u64,
+    /// Problem 2: the manifest PUT got 412 and the key held a GC's fence.
+    fenced_at_commit: u64,
+    /// Problem 3: the manifest PUT's outcome was unknown.
+    commit_unknown: u64,
+    aborted: u64,
+    /// Problem 1: a backup crashed with its manifest PUT sent.
+    crashed_after_put: u64,
+    gc_fences: u64,
+    /// A GC fenced a live backup that had observed its sweep at start (never acks it).
+    needless_fences: u64,
+    acks: u64,
+    waits: u64,
+    deletes: u64,
+    sweeps_ended: u64,
+    abandoned: u64,
+    /// Problem 7: an index entry named a missing chunk; its stamp was stale, so it was HEADed.
+    stale_entry_expired: u64,
+    /// Problem 4/7: a current-stamp index entry named a missing chunk; the suspect set HEADed.
+    suspect_saved: u64,
+    /// Problem 4: a backup that had waited for one sweep acked a later one.
+    ack_after_wait: u64,
+    /// Problem 9: a parent a running backup had read was pruned while a GC was marking.
+    parent_pruned_in_mark: u64,
+    /// A GC found a session of L0 missing from L1 and refused to sweep.
+    l0_missing: u64,
+    /// GC DELETEs applied after their generation was over (zombie mode only).
+    late_deletes: u64,
+    seeds: u64,
+    steps: u64,
+}
+
+impl Stats {
+    fn add(&mut self, o: &Stats) {
+        self.commits += o.commits;
+        self.fenced_at_commit += o.fenced_at_commit;
+        self.commit_unknown += o.commit_unknown;
+        self.aborted += o.aborted;
+        self.crashed_after_put += o.crashed_after_put;
+        self.gc_fences += o.gc_fences;
+        self.needless_fences += o.needless_fences;
+        self.acks += o.acks;
+        self.waits += o.waits;
+        self.deletes += o.deletes;
+        self.sweeps_ended += o.sweeps_ended;
+        self.abandoned += o.abandoned;
+        self.stale_entry_expired += o.stale_entry_expired;
+        self.suspect_saved += o.suspect_saved;
+        self.ack_after_wait += o.ack_after_wait;
+        self.parent_pruned_in_mark += o.parent_pruned_in_mark;
+        self.l0_missing += o.l0_missing;
+        self.late_deletes += o.late_deletes;
+        self.seeds += o.seeds;
+        self.steps += o.steps;
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Main,
+    Drain,
+    Final,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Step {
+    Run(Thread),
+    Timeout(Thread),
+    Apply(usize),
+    Drop(usize),
+}
+
+// ------------------------------------------------------------------------------- simulator
+
+struct Sim {
+    seed: u64,
+    proto: Proto,
+    p: Params,
+    rng: Rng,
+    now: u64,
+    phase: Phase,
+    store: Store,
+    index: [Index; 2],
+    backups: Vec<Backup>,
+    gcs: Vec<Gc>,
+    prunes: Vec<Prune>,
+    reqs: Vec<Req>,
+    pending: Vec<usize>,
+    next_gen: u32,
+    low_prio: u64,
+    cands: Vec<(Step, u64)>,
+    trace: Option<Vec<String>>,
+    stats: Stats,
+    violation: Option<String>,
+}
+
+impl Sim {
+    /// An empty world (scripted tests add actors by hand).
+    fn empty(seed: u64, proto: Proto) -> Sim {
+        Sim {
+            seed,
+            proto,
+            p: Params {
+                ack_timeout: 10,
+                watch_every: 3,
+                gc_deadline: 10_000,
+                gen_lag: 2,
+                pct_pm: 0,
+                crash_pm: 0,
+                timeout_pm: 0,
+                loss_pm: 0,
+                drop_pm: 0,
+                budget: 0,
+                change_points: Vec::new(),
+            },
+            rng: Rng::new(seed),
+            now: 0,
+            phase: Phase::Main,
+            store: Store {
+                chunks: 0,
+                keys: Vec::new(),
+                sessions: Vec::new(),
+                acks: Vec::new(),
+                gens: vec![GenRec::default()],
+            },
+            index: [Index::default(); 2],
+            backups: Vec::new(),
+            gcs: Vec::new(),
+            prunes: Vec::new(),
+            reqs: Vec::new(),
+            pending: Vec::new(),
+            next_gen: 1,
+            low_prio: 1 << 20,
+            cands: Vec::new(),
+            trace: None,
+            stats: Stats::default(),
+            violation: None,
+        }
+    }
+
+    /// The random world of `seed`.
+    fn random(seed: u64, proto: Proto) -> Sim {
+        let mut s = Sim::empty(seed, proto);
+        let r = &mut s.rng;
+        let budget = r.range(200, 420);
+        let pct_pm = if r.pm(500) { 0 } else { r.range(300, 950) as u32 };
+        let n_cp = r.below(4);
+        let change_points = (0..n_cp).map(|_| r.below(budget)).collect();
+        s.p = Params {
+            ack_timeout: r.range(3, 60),
+            watch_every: r.range(1, 15),
+            gc_deadline: r.range(60, 400),
+            gen_lag: r.range(1, 2) as u32,
+            pct_pm,
+            crash_pm: r.range(0, 12) as u32,
+            timeout_pm: r.range(0, 120) as u32,
+            loss_pm: r.range(0, 150) as u32,
+            drop_pm: r.range(0, 60) as u32,
+            budget,
+            change_points,
+        };
+        let mut chunks = 0;
+        for c in 0..UNIVERSE {
+            if s.rng.pm(700) {
+                chunks |= bit(c);
+            }
+        }
+        s.store.chunks = chunks;
+        for _ in 0..s.rng.range(1, 3) {
+            let v = s.rng.below(2) as u8;
+            let refs = s.random_set(chunks, 3);
+            if refs != 0 {
+                s.add_manifest(v, refs);
+            }
+        }
+        for h in 0..2 {
+            for c in 0..UNIVERSE {
+                if chunks & bit(c) != 0 && s.rng.pm(450) {
+                    s.index[h].stamp[c as usize] = Some(0);
+                }
+            }
+        }
+        for _ in 0..s.rng.range(3, 5) {
+            let host = s.rng.below(2) as usize;
+            let volume = s.rng.below(2) as u8;
+            let blocks = s.random_set((1 << UNIVERSE) - 1, 3).max(1);
+            let want_parent = s.rng.pm(550);
+            let start = s.rng.below(budget * 2 / 3);
+            let b = s.add_backup(host, volume, blocks, want_parent, start);
+            if s.rng.pm(80) {
+                let n = s.backups[b].blocks.count_ones() as u64;
+                s.backups[b].fail_at = Some(s.rng.below(n + 1) as usize);
+            }
+        }
+        for _ in 0..s.rng.range(1, 2) {
+            let v = s.rng.below(2) as u8;
+            let start = s.rng.below(budget * 3 / 4);
+            let left = s.rng.range(1, 2) as u32;
+            s.add_prune(v, start, left);
+        }
+        for _ in 0..s.rng.range(2, 3) {
+            let start = s.rng.below(budget * 3 / 4);
+            s.add_gc(start);
+        }
+        s
+    }
+
+    /// Up to `max` random members of `from`.
+    fn random_set(&mut self, from: Chunks, max: u64) -> Chunks {
+        let mut out = 0;
+        for _ in 0..self.rng.range(1, max) {
+            let c = self.rng.below(u64::from(UNIVERSE)) as u8;
+            out |= bit(c) & from;
+        }
+        out
+    }
+
+    fn add_manifest(&mut self, volume: u8, refs: Chunks) -> usize {
+        self.store.chunks |= refs;
+        self.store.keys.push(MKey {
+            volume,
+            owner: None,
+            obj: Obj::Manifest(refs),
+            ever_fenced: false,
+            pruned: false,
+            landed: true,
+        });
+        self.store.keys.len() - 1
+    }
+
+    fn add_backup(&mut self, host: usize, volume: u8, blocks: Chunks, want_parent: bool, start: u64) -> usize {
+        let b = self.backups.len();
+        assert!(b < 64);
+        self.store.keys.push(MKey {
+            volume,
+            owner: Some(b),
+            obj: Obj::Empty,
+            ever_fenced: false,
+            pruned: false,
+            landed: false,
+        });
+        let key = self.store.keys.len() - 1;
+        let rank = self.rng.next() as u32;
+        self.store.sessions.push(Sess { exists: false, key, rank });
+        let prio = [self.rng.next() >> 2, self.rng.next() >> 2];
+        let main = if want_parent && self.proto.mutation == Mutation::NoDekker {
+            Main::ParentPick
+        } else {
+            Main::SessionPut
+        };
+        self.backups.push(Backup {
+            host,
+            volume,
+            key,
+            start,
+            prio,
+            life: Life::Running,
+            blocks,
+            want_parent,
+            fail_at: None,
+            main,
+            main_wait: None,
+            list: Listing::default(),
+            to_fetch: Vec::new(),
+            parent_key: None,
+            parent: 0,
+            todo: Vec::new(),
+            cur: 0,
+            stage: Stage::Decide,
+            active: Vec::new(),
+            suspect: 0,
+            decided: 0,
+            established: 0,
+            known: 0,
+            observed: 0,
+            waited: 0,
+            obs_gen: 0,
+            bumped: false,
+            refs: 0,
+            sent_manifest: false,
+            outcome: Outcome::Running,
+            watch: Watch::Idle,
+            watch_wait: None,
+            next_watch: 0,
+            wlist: Listing::default(),
+            new_gens: Vec::new(),
+            ack_refs: 0,
+        });
+        b
+    }
+
+    fn add_gc(&mut self, start: u64) -> usize {
+        let prio = self.rng.next() >> 2;
+        self.gcs.push(Gc {
+            start,
+            prio,
+            life: Life::Running,
+            pc: GcPc::ClaimList,
+            wait: None,
+            gen: 0,
+            deadline: u64::MAX,
+            list: Listing::default(),
+            dead: Vec::new(),
+            i: 0,
+            l0: Vec::new(),
+            ended0: 0,
+            l1: Vec::new(),
+            keys: Vec::new(),
+            r: 0,
+            k: 0,
+            d: 0,
+            deleted: 0,
+            poll_since: 0,
+            result: "",
+        });
+        self.gcs.len() - 1
+    }
+
+    fn add_prune(&mut self, volume: u8, start: u64, left: u32) -> usize {
+        let prio = self.rng.next() >> 2;
+        self.prunes.push(Prune {
+            volume,
+            start,
+            prio,
+            life: Life::Running,
+            wait: None,
+            left,
+            list: Listing::default(),
+            listed: false,
+        });
+        self.prunes.len() - 1
+    }
+
+    fn note(&mut self, a: std::fmt::Arguments<'_>) {
+        if let Some(t) = &mut self.trace {
+            t.push(format!("{:>5}  {a}", self.now));
+        }
+    }
+
+    fn fail(&mut self, msg: String) {
+        if self.violation.is_none() {
+            self.note(format_args!("VIOLATION {msg}"));
+            self.violation = Some(msg);
+        }
+    }
+
+    // ------------------------------------------------------------------------- requests
+
+    fn wait_of(&mut self, t: Thread) -> &mut Option<usize> {
+        match t {
+            Thread::Main(b) => &mut self.backups[b].main_wait,
+            Thread::Watch(b) => &mut self.backups[b].watch_wait,
+            Thread::Gc(g) => &mut self.gcs[g].wait,
+            Thread::Prune(p) => &mut self.prunes[p].wait,
+        }
+    }
+
+    fn send(&mut self, t: Thread, kind: Kind) {
+        let prio = self.rng.next() >> 2;
+        let id = self.reqs.len();
+        self.reqs.push(Req {
+            thread: t,
+            kind,
+            applied: None,
+            awaited: true,
+            prio,
+        });
+        self.pending.push(id);
+        *self.wait_of(t) = Some(id);
+        self.note(format_args!("{} sends #{id} {}", name(t), self.kind_str(kind)));
+    }
+
+    fn kind_str(&self, k: Kind) -> String {
+        match k {
+            Kind::Chunk(c) => format!("PUT chunk c{c}"),
+            Kind::Manifest { key, refs } => format!("PUT manifest k{key} {}", Ids(refs)),
+            Kind::Fence { key } => format!("PUT fence k{key}"),
+            Kind::Ack { sid, gen, refs } => format!("PUT sessions/{sid}/ack/{gen} {}", Ids(refs)),
+            Kind::Delete { chunk, gen } => format!("DELETE c{chunk} (gen {gen})"),
+        }
+    }
+
+    fn apply(&mut self, r: usize) {
+        self.pending.retain(|&x| x != r);
+        let kind = self.reqs[r].kind;
+        let st = &mut self.store;
+        let res = match kind {
+            Kind::Chunk(c) => {
+                if st.chunks & bit(c) != 0 {
+                    Res::Exists
+                } else {
+                    st.chunks |= bit(c);
+                    Res::Created
+                }
+            }
+            Kind::Manifest { key, refs } => {
+                let k = &mut st.keys[key];
+                if k.obj != Obj::Empty {
+                    Res::Exists
+                } else {
+                    k.obj = Obj::Manifest(refs);
+                    if let Thread::Main(b) = self.reqs[r].thread {
+                        k.landed |= k.owner == Some(b);
+                    }
+                    Res::Created
+                }
+            }
+            Kind::Fence { key } => {
+                let k = &mut st.keys[key];
+                if k.obj != Obj::Empty {
+                    Res::Exists
+                } else {
+                    k.obj = Obj::Fence;
+                    k.ever_fenced = true;
+                    Res::Created
+                }
+            }
+            Kind::Ack { sid, gen, refs } => {
+                if st.ack(sid, gen).is_some() {
+                    Res::Exists
+                } else {
+                    st.acks.push((sid, gen, refs));
+                    Res::Created
+                }
+            }
+            Kind::Delete { chunk, gen } => {
+                let late = st.gen(gen).over();
+                st.chunks &= !bit(chunk);
+                self.stats.deletes += 1;
+                if late {
+                    self.stats.late_deletes += 1;
+                    if !self.proto.zombie {
+                        self.fail(format!("S6: DELETE c{chunk} of gen {gen} applied after the gen was over"));
+                    }
+                }
+                Res::Deleted
+            }
+        };
+        self.reqs[r].applied = Some(res);
+        let waiting = if self.reqs[r].awaited { "" } else { " (nobody waits)" };
+        self.note(format_args!("store applies #{r} {} -> {res:?}{waiting}", self.kind_str(kind)));
+    }
+
+    fn pending_delete_of(&self, gen: u32) -> bool {
+        self.pending
+            .iter()
+            .any(|&r| matches!(self.reqs[r].kind, Kind::Delete { gen: g, .. } if g == gen))
+    }
+
+    // ---------------------------------------------------------------------- scheduling
+
+    fn life(&self, t: Thread) -> (Life, u64) {
+        match t {
+            Thread::Main(b) | Thread::Watch(b) => (self.backups[b].life, self.backups[b].start),
+            Thread::Gc(g) => (self.gcs[g].life, self.gcs[g].start),
+            Thread::Prune(p) => (self.prunes[p].life, self.prunes[p].start),
+        }
+    }
+
+    fn wait_state(&self, t: Thread) -> Option<usize> {
+        match t {
+            Thread::Main(b) => self.backups[b].main_wait,
+            Thread::Watch(b) => self.backups[b].watch_wait,
+            Thread::Gc(g) => self.gcs[g].wait,
+            Thread::Prune(p) => self.prunes[p].wait,
+        }
+    }
+
+    /// Whether `t` can take a step now.
+    fn enabled(&self, t: Thread) -> bool {
+        let (life, start) = self.life(t);
+        if life != Life::Running || self.now < start {
+            return false;
+        }
+        if let Some(r) = self.wait_state(t) {
+            return self.reqs[r].applied.is_some();
+        }
+        match t {
+            Thread::Main(b) => {
+                let bk = &self.backups[b];
+                match (bk.main, bk.stage) {
+                    (Main::Blocks, Stage::Waiting(g)) => bk.active.iter().all(|a| a.0 != g),
+                    (Main::Finished, _) => false,
+                    _ => true,
+                }
+            }
+            Thread::Watch(b) => {
+                let bk = &self.backups[b];
+                bk.bumped
+                    && !matches!(bk.main, Main::IndexUpdate | Main::Finished)
+                    && (bk.watch != Watch::Idle || self.now >= bk.next_watch)
+            }
+            Thread::Gc(g) => {
+                let gc = &self.gcs[g];
+                match gc.pc {
+                    GcPc::Abandon if !self.proto.zombie => !self.pending_delete_of(gc.dead[gc.i]),
+                    GcPc::End if !self.proto.zombie => !self.pending_delete_of(gc.gen),
+                    GcPc::Finished => false,
+                    _ => true,
+                }
+            }
+            Thread::Prune(_) => true,
+        }
+    }
+
+    fn thread_prio(&self, t: Thread) -> u64 {
+        match t {
+            Thread::Main(b) => self.backups[b].prio[0],
+            Thread::Watch(b) => self.backups[b].prio[1],
+            Thread::Gc(g) => self.gcs[g].prio,
+            Thread::Prune(p) => self.prunes[p].prio,
+        }
+    }
+
+    fn lower_prio(&mut self, s: Step) {
+        self.low_prio -= 1;
+        let v = self.low_prio;
+        match s {
+            Step::Run(t) | Step::Timeout(t) => match t {
+                Thread::Main(b) => self.backups[b].prio[0] = v,
+                Thread::Watch(b) => self.backups[b].prio[1] = v,
+                Thread::Gc(g) => self.gcs[g].prio = v,
+                Thread::Prune(p) => self.prunes[p].prio = v,
+            },
+            Step::Apply(r) | Step::Drop(r) => self.reqs[r].prio = v,
+        }
+    }
+
+    fn push_thread(&mut self, t: Thread, timeout_pm: u32) {
+        if self.enabled(t) {
+            let p = self.thread_prio(t);
+            self.cands.push((Step::Run(t), p));
+        } else if let Some(r) = self.wait_state(t) {
+            let (life, _) = self.life(t);
+            if life == Life::Running && self.reqs[r].applied.is_none() && self.rng.pm(timeout_pm) {
+                let p = self.thread_prio(t);
+                self.cands.push((Step::Timeout(t), p));
+            }
+        }
+    }
+
+    /// Runs one scheduler step. false: nothing was enabled.
+    fn step(&mut self) -> bool {
+        let chaos = self.phase == Phase::Main;
+        if chaos && self.rng.pm(self.p.crash_pm) && self.crash_random() {
+            self.after_step();
+            return true;
+        }
+        let timeout_pm = if chaos { self.p.timeout_pm } else { 0 };
+        let drop_pm = if self.phase == Phase::Final { 0 } else { self.p.drop_pm };
+        self.cands.clear();
+        for b in 0..self.backups.len() {
+            self.push_thread(Thread::Main(b), timeout_pm);
+            self.push_thread(Thread::Watch(b), timeout_pm);
+        }
+        for g in 0..self.gcs.len() {
+            self.push_thread(Thread::Gc(g), timeout_pm);
+        }
+        for p in 0..self.prunes.len() {
+            self.push_thread(Thread::Prune(p), timeout_pm);
+        }
+        for i in 0..self.pending.len() {
+            let r = self.pending[i];
+            let req = &self.reqs[r];
+            let (p, awaited) = (req.prio, req.awaited);
+            self.cands.push((Step::Apply(r), p));
+            if !awaited && self.rng.pm(drop_pm) {
+                self.cands.push((Step::Drop(r), p));
+            }
+        }
+        if self.cands.is_empty() {
+            // Nothing can move: let time pass (actors yet to start, timeouts to expire).
+            self.now += 1;
+            return self.any_running();
+        }
+        let pick = if self.rng.pm(self.p.pct_pm) {
+            let mut best = 0;
+            for (i, c) in self.cands.iter().enumerate() {
+                if c.1 > self.cands[best].1 {
+                    best = i;
+                }
+            }
+            best
+        } else {
+            self.rng.below(self.cands.len() as u64) as usize
+        };
+        let s = self.cands[pick].0;
+        if chaos && self.p.change_points.contains(&self.now) {
+            self.lower_prio(s);
+        }
+        self.exec(s);
+        self.after_step();
+        true
+    }
+
+    fn after_step(&mut self) {
+        self.now += 1;
+        self.stats.steps += 1;
+        self.check();
+    }
+
+    fn exec(&mut self, s: Step) {
+        match s {
+            Step::Run(t) => {
+                let input = match self.wait_of(t).take() {
+                    None => Input::Start,
+                    Some(r) => {
+                        self.reqs[r].awaited = false;
+                        let res = self.reqs[r].applied.expect("enabled only once applied");
+                        if self.phase == Phase::Main && self.rng.pm(self.p.loss_pm) {
+                            self.note(format_args!("{}: response to #{r} lost", name(t)));
+                            Input::Unknown
+                        } else {
+                            Input::Resp(res)
+                        }
+                    }
+                };
+                self.run_thread(t, input);
+            }
+            Step::Timeout(t) => {
+                let r = self.wait_of(t).take().expect("timeout of a waiting thread");
+                self.reqs[r].awaited = false;
+                self.note(format_args!("{}: #{r} times out (still in flight)", name(t)));
+                self.run_thread(t, Input::Unknown);
+            }
+            Step::Apply(r) => self.apply(r),
+            Step::Drop(r) => {
+                self.pending.retain(|&x| x != r);
+                self.note(format_args!("network loses #{r} {}", self.kind_str(self.reqs[r].kind)));
+            }
+        }
+    }
+
+    fn run_thread(&mut self, t: Thread, input: Input) {
+        match t {
+            Thread::Main(b) => self.backup_main(b, input),
+            Thread::Watch(b) => self.backup_watch(b, input),
+            Thread::Gc(g) => self.gc_step(g, input),
+            Thread::Prune(p) => self.prune_step(p),
+        }
+    }
+
+    /// Crashes a random running actor. false: there was none.
+    fn crash_random(&mut self) -> bool {
+        let mut who: Vec<Thread> = Vec::new();
+        for (b, bk) in self.backups.iter().enumerate() {
+            if bk.life == Life::Running && self.now >= bk.start {
+                who.push(Thread::Main(b));
+            }
+        }
+        for (g, gc) in self.gcs.iter().enumerate() {
+            if gc.life == Life::Running && self.now >= gc.start {
+                who.push(Thread::Gc(g));
+            }
+        }
+        for (p, pr) in self.prunes.iter().enumerate() {
+            if pr.life == Life::Running && self.now >= pr.start {
+                who.push(Thread::Prune(p));
+            }
+        }
+        if who.is_empty() {
+            return false;
+        }
+        let t = who[self.rng.below(who.len() as u64) as usize];
+        self.crash(t);
+        true
+    }
+
+    fn crash(&mut self, t: Thread) {
+        match t {
+            Thread::Main(b) | Thread::Watch(b) => {
+                let bk = &mut self.backups[b];
+                bk.life = Life::Crashed;
+                if bk.sent_manifest && bk.outcome == Outcome::Running {
+                    self.stats.crashed_after_put += 1;
+                }
+            }
+            Thread::Gc(g) => self.gcs[g].life = Life::Crashed,
+            Thread::Prune(p) => self.prunes[p].life = Life::Crashed,
+        }
+        self.note(format_args!("{} CRASHES", name(t)));
+    }
+
+    // ------------------------------------------------------------------------- backup
+
+    fn list_page(&mut self, space: Space, l: &mut Listing) {
+        let max = 1 + self.rng.below(2);
+        for _ in 0..max {
+            match self.store.next_key(space, l.after) {
+                Some(k) => {
+                    l.seen.push(k);
+                    l.after = Some(k);
+                }
+                None => {
+                    l.done = true;
+                    return;
+                }
+            }
+        }
+        l.done = self.store.next_key(space, l.after).is_none();
+    }
+
+    fn backup_main(&mut self, b: usize, input: Input) {
+        let t = Thread::Main(b);
+        let nodekker = self.proto.mutation == Mutation::NoDekker;
+        let key = self.backups[b].key;
+        match self.backups[b].main {
+            Main::SessionPut => {
+                self.store.sessions[b].exists = true;
+                self.backups[b].main = Main::StartList;
+                self.note(format_args!("B{b} PUT sessions/{b}/session (promises k{key})"));
+            }
+            Main::StartList => {
+                let mut l = std::mem::take(&mut self.backups[b].list);
+                self.list_page(Space::Gc, &mut l);
+                self.note(format_args!("B{b} LIST gc/ page -> {}", gc_keys(&l)));
+                if l.done {
+                    let mut fetch = Vec::new();
+                    let mut obs = 0;
+                    for g in l.gens() {
+                        let f = l.gen_flags(g);
+                        if f & (END | ABANDONED) != 0 {
+                            obs = obs.max(g);
+                            self.backups[b].known |= 1 << g;
+                        } else if f & SWEEP != 0 {
+                            fetch.push(g);
+                        }
+                    }
+                    let bk = &mut self.backups[b];
+                    bk.obs_gen = obs;
+                    bk.main = if fetch.is_empty() { Main::Bump } else { Main::StartGetK };
+                    bk.to_fetch = fetch;
+                }
+                self.backups[b].list = l;
+            }
+            Main::StartGetK => {
+                let g = self.backups[b].to_fetch.remove(0);
+                let rec = self.store.gen(g);
+                if let Some(k) = rec.sweep {
+                    let bk = &mut self.backups[b];
+                    bk.active.push((g, k));
+                    bk.known |= 1 << g;
+                    bk.observed |= 1 << g;
+                    let ack = bk.decided & k;
+                    self.note(format_args!("B{b} GET gc/{g}/sweep: K={} is Wait (observed at start)", Ids(k)));
+                    if self.proto.ack_observed {
+                        self.store.acks.push((b, g, ack));
+                        self.stats.acks += 1;
+                    }
+                }
+                if self.backups[b].to_fetch.is_empty() {
+                    self.backups[b].main = Main::Bump;
+                }
+            }
+            Main::Bump => {
+                let bk = &mut self.backups[b];
+                let idx = &mut self.index[bk.host];
+                idx.gc_gen = idx.gc_gen.max(bk.obs_gen);
+                bk.bumped = true;
+                bk.next_watch = self.now + self.p.watch_every;
+                let (h, gg, og, parent) = (bk.host, idx.gc_gen, bk.obs_gen, bk.want_parent);
+                self.note(format_args!("B{b} index of host {h}: gc_gen {gg} (observed {og})"));
+                if parent && !nodekker {
+                    self.backups[b].main = Main::ParentPick;
+                } else {
+                    self.enter_blocks(b);
+                }
+            }
+            Main::ParentPick => {
+                let v = self.backups[b].volume;
+                let options: Vec<usize> = (0..self.store.keys.len())
+                    .filter(|&k| {
+                        k != key && self.store.keys[k].volume == v && matches!(self.store.keys[k].obj, Obj::Manifest(_))
+                    })
+                    .collect();
+                if options.is_empty() {
+                    self.note(format_args!("B{b} finds no parent"));
+                    self.after_parent(b);
+                } else {
+                    let k = options[self.rng.below(options.len() as u64) as usize];
+                    self.backups[b].parent_key = Some(k);
+                    self.backups[b].main = Main::ParentGet;
+                    self.note(format_args!("B{b} picks parent k{k}"));
+                }
+            }
+            Main::ParentGet => {
+                let k = self.backups[b].parent_key.expect("picked");
+                match self.store.keys[k].obj {
+                    Obj::Manifest(refs) => {
+                        self.backups[b].parent = refs;
+                        self.backups[b].main = Main::ParentDecide;
+                        self.note(format_args!("B{b} GET parent k{k} -> {}", Ids(refs)));
+                    }
+                    o => {
+                        self.backups[b].parent_key = None;
+                        self.note(format_args!("B{b} GET parent k{k} -> {o:?}: no parent"));
+                        self.after_parent(b);
+                    }
+                }
+            }
+            Main::ParentDecide => {
+                let bk = &mut self.backups[b];
+                let mut wait = 0;
+                for c in 0..UNIVERSE {
+                    if bk.parent & bit(c) == 0 {
+                        continue;
+                    }
+                    if bk.active_gen_of(c).is_some() {
+                        bk.todo.push((c, true));
+                        wait |= bit(c);
+                    } else {
+                        bk.decided |= bit(c);
+                        bk.established |= bit(c);
+                    }
+                }
+                let p = bk.parent;
+                self.note(format_args!("B{b} decides parent chunks {} (Wait: {})", Ids(p), Ids(wait)));
+                self.after_parent(b);
+            }
+            Main::Blocks => self.block_step(b, input),
+            Main::CommitAwait => match input {
+                Input::Resp(Res::Created) => self.committed(b, "201"),
+                Input::Resp(_) => self.backups[b].main = Main::CommitReadBack,
+                _ => {
+                    self.stats.commit_unknown += 1;
+                    if self.proto.retry_manifest_put {
+                        let refs = self.backups[b].refs;
+                        self.send(t, Kind::Manifest { key, refs });
+                    } else {
+                        self.send(t, Kind::Fence { key });
+                        self.backups[b].main = Main::ResolveAwait;
+                    }
+                }
+            },
+            Main::CommitReadBack => match self.store.keys[key].obj {
+                Obj::Manifest(_) => self.committed(b, "412, read back: ours"),
+                Obj::Fence => {
+                    self.stats.fenced_at_commit += 1;
+                    self.finish(b, Outcome::Fenced, "412, read back: fenced by a GC");
+                }
+                Obj::Empty => {
+                    // Our manifest landed and was pruned since: same as an unknown outcome.
+                    self.note(format_args!("B{b} 412, read back: gone"));
+                    self.backups[b].main = Main::CommitAwait;
+                    self.backup_main(b, Input::Unknown);
+                }
+            },
+            Main::ResolveAwait | Main::AbortAwait => match input {
+                Input::Resp(Res::Created) => self.finish(b, Outcome::Aborted, "own fence stored"),
+                Input::Resp(_) => {
+                    self.backups[b].main = if self.backups[b].main == Main::ResolveAwait {
+                        Main::ResolveReadBack
+                    } else {
+                        Main::AbortReadBack
+                    }
+                }
+                _ => self.send(t, Kind::Fence { key }),
+            },
+            Main::ResolveReadBack | Main::AbortReadBack => match self.store.keys[key].obj {
+                Obj::Manifest(_) => self.committed(b, "fence got 412, read back: our manifest"),
+                // 412 and now empty: what was there is gone, and fences are never deleted,
+                // so it was our manifest, since pruned.
+                Obj::Empty => self.committed(b, "fence got 412, read back: gone (our manifest, pruned)"),
+                Obj::Fence => self.finish(b, Outcome::Aborted, "fence got 412, read back: fenced"),
+            },
+            Main::IndexUpdate => {
+                let bk = &mut self.backups[b];
+                let idx = &mut self.index[bk.host];
+                for c in 0..UNIVERSE {
+                    if bk.refs & bit(c) != 0 {
+                        idx.stamp[c as usize] = Some(bk.obs_gen);
+                    }
+                }
+                bk.main = Main::Finished;
+                bk.life = Life::Done;
+                let (h, r, o) = (bk.host, bk.refs, bk.obs_gen);
+                self.note(format_args!("B{b} index of host {h}: {} stamped {o}", Ids(r)));
+            }
+            Main::Finished => {}
+        }
+    }
+
+    fn after_parent(&mut self, b: usize) {
+        if self.proto.mutation == Mutation::NoDekker {
+            self.backups[b].main = Main::SessionPut;
+        } else {
+            self.enter_blocks(b);
+        }
+    }
+
+    fn enter_blocks(&mut self, b: usize) {
+        let bk = &mut self.backups[b];
+        for c in 0..UNIVERSE {
+            if bk.blocks & bit(c) != 0 && bk.established & bit(c) == 0 && !bk.todo.contains(&(c, true)) {
+                bk.todo.push((c, false));
+            }
+        }
+        bk.refs = bk.blocks | bk.parent;
+        bk.cur = 0;
+        bk.stage = Stage::Decide;
+        bk.main = Main::Blocks;
+    }
+
+    fn block_step(&mut self, b: usize, input: Input) {
+        let t = Thread::Main(b);
+        let bk = &self.backups[b];
+        if bk.cur == bk.todo.len() {
+            let (key, refs) = (bk.key, bk.refs);
+            assert_eq!(refs & !bk.established, 0, "B{b} commits unestablished chunks");
+            self.backups[b].sent_manifest = true;
+            self.backups[b].main = Main::CommitAwait;
+            self.send(t, Kind::Manifest { key, refs });
+            return;
+        }
+        let (c, inherited) = bk.todo[bk.cur];
+        match bk.stage {
+            Stage::Decide => {
+                if bk.fail_at == Some(bk.cur) {
+                    self.note(format_args!("B{b} fails (source error): aborts"));
+                    self.abort(b);
+                    return;
+                }
+                self.decide(b, c);
+            }
+            Stage::Waiting(g) => {
+                self.note(format_args!("B{b} wait for gen {g} is over (c{c})"));
+                if self.proto.mutation == Mutation::WaitNoRedecide {
+                    self.backups[b].stage = Stage::Head;
+                } else {
+                    self.decide(b, c);
+                }
+            }
+            Stage::Head => {
+                if self.store.chunks & bit(c) != 0 {
+                    self.note(format_args!("B{b} HEAD c{c} -> exists"));
+                    self.established(b, c);
+                } else if inherited {
+                    self.note(format_args!("B{b} HEAD inherited c{c} -> missing: error"));
+                    self.abort(b);
+                } else {
+                    self.backups[b].stage = Stage::PutAwait;
+                    self.note(format_args!("B{b} HEAD c{c} -> missing"));
+                    self.send(t, Kind::Chunk(c));
+                }
+            }
+            Stage::PutAwait => match input {
+                Input::Resp(_) => self.established(b, c),
+                _ => self.send(t, Kind::Chunk(c)),
+            },
+        }
+    }
+
+    /// Decides chunk `c` under the gate: Wait, or Go (index or HEAD).
+    fn decide(&mut self, b: usize, c: u8) {
+        let bk = &mut self.backups[b];
+        if let Some(g) = bk.active_gen_of(c) {
+            bk.stage = Stage::Waiting(g);
+            bk.waited |= 1 << g;
+            self.stats.waits += 1;
+            self.note(format_args!("B{b} decides c{c}: Wait(gen {g})"));
+            return;
+        }
+        bk.decided |= bit(c);
+        let idx = &self.index[bk.host];
+        let exists = self.store.chunks & bit(c) != 0;
+        let stamp = idx.stamp[c as usize];
+        if bk.suspect & bit(c) != 0 {
+            if stamp == Some(idx.gc_gen) && !exists {
+                self.stats.suspect_saved += 1;
+            }
+            bk.stage = Stage::Head;
+            self.note(format_args!("B{b} decides c{c}: Go, suspect (HEAD)"));
+            return;
+        }
+        match stamp {
+            Some(s) if s == idx.gc_gen || self.proto.mutation == Mutation::IndexIgnoresStamp => {
+                self.note(format_args!("B{b} decides c{c}: Go, index (stamp {s}) trusted"));
+                self.established(b, c);
+            }
+            Some(s) => {
+                if !exists {
+                    self.stats.stale_entry_expired += 1;
+                }
+                bk.stage = Stage::Head;
+                let gg = idx.gc_gen;
+                self.note(format_args!("B{b} decides c{c}: Go, index stamp {s} != gc_gen {gg} (HEAD)"));
+            }
+            None => {
+                bk.stage = Stage::Head;
+                self.note(format_args!("B{b} decides c{c}: Go (HEAD)"));
+            }
+        }
+    }
+
+    fn established(&mut self, b: usize, c: u8) {
+        let bk = &mut self.backups[b];
+        bk.established |= bit(c);
+        bk.cur += 1;
+        bk.stage = Stage::Decide;
+    }
+
+    fn abort(&mut self, b: usize) {
+        let key = self.backups[b].key;
+        self.backups[b].main = Main::AbortAwait;
+        self.send(Thread::Main(b), Kind::Fence { key });
+    }
+
+    fn committed(&mut self, b: usize, how: &str) {
+        let bk = &mut self.backups[b];
+        bk.outcome = Outcome::Committed;
+        bk.main = Main::IndexUpdate;
+        self.stats.commits += 1;
+        let key = bk.key;
+        self.note(format_args!("B{b} COMMITTED k{key} ({how})"));
+        if !self.store.keys[key].landed {
+            self.fail(format!("S5: B{b} reports success but its manifest never landed at k{key}"));
+        }
+    }
+
+    fn finish(&mut self, b: usize, o: Outcome, how: &str) {
+        let bk = &mut self.backups[b];
+        bk.outcome = o;
+        bk.main = Main::Finished;
+        bk.life = Life::Done;
+        if o == Outcome::Aborted {
+            self.stats.aborted += 1;
+        }
+        self.note(format_args!("B{b} {o:?} ({how})"));
+    }
+
+    fn backup_watch(&mut self, b: usize, input: Input) {
+        let t = Thread::Watch(b);
+        match self.backups[b].watch {
+            Watch::Idle | Watch::List => {
+                let mut l = std::mem::take(&mut self.backups[b].wlist);
+                if self.backups[b].watch == Watch::Idle {
+                    l.reset();
+                    self.backups[b].watch = Watch::List;
+                }
+                self.list_page(Space::Gc, &mut l);
+                self.note(format_args!("B{b}w LIST gc/ page -> {}", gc_keys(&l)));
+                if l.done {
+                    let known = self.backups[b].known;
+                    let new: Vec<u32> = l
+                        .gens()
+                        .into_iter()
+                        .filter(|&g| l.gen_flags(g) & SWEEP != 0 && known & (1 << g) == 0)
+                        .collect();
+                    if new.is_empty() {
+                        self.backups[b].wlist = l;
+                        self.retire(b);
+                        return;
+                    }
+                    self.backups[b].new_gens = new;
+                    self.backups[b].watch = Watch::GetK;
+                }
+                self.backups[b].wlist = l;
+            }
+            Watch::GetK => {
+                let g = self.backups[b].new_gens[0];
+                let Some(k) = self.store.gen(g).sweep else {
+                    // Cleaned up since the listing: over, nothing to do.
+                    self.next_new_gen(b);
+                    return;
+                };
+                let bk = &mut self.backups[b];
+                let ack = bk.decided & k;
+                bk.active.push((g, k));
+                bk.known |= 1 << g;
+                if bk.waited & ((1 << g) - 1) != 0 {
+                    self.stats.ack_after_wait += 1;
+                }
+                bk.watch = Watch::AckAwait;
+                bk.ack_refs = ack;
+                self.stats.acks += 1;
+                self.note(format_args!("B{b}w GET gc/{g}/sweep K={}: ack = decided & K, K is Wait", Ids(k)));
+                self.send(t, Kind::Ack { sid: b, gen: g, refs: ack });
+            }
+            Watch::AckAwait => match input {
+                Input::Resp(_) => self.next_new_gen(b),
+                _ => {
+                    // The retry carries the same set: the gate computed it once.
+                    let (gen, refs) = (self.backups[b].new_gens[0], self.backups[b].ack_refs);
+                    self.send(t, Kind::Ack { sid: b, gen, refs });
+                }
+            },
+        }
+    }
+
+    fn next_new_gen(&mut self, b: usize) {
+        self.backups[b].new_gens.remove(0);
+        if self.backups[b].new_gens.is_empty() {
+            self.retire(b);
+        } else {
+            self.backups[b].watch = Watch::GetK;
+        }
+    }
+
+    /// Moves the K of every sweep the last listing showed over (or gone) to the suspect set.
+    fn retire(&mut self, b: usize) {
+        let nosuspect = self.proto.mutation == Mutation::NoSuspect;
+        let bk = &mut self.backups[b];
+        let mut i = 0;
+        while i < bk.active.len() {
+            let (g, k) = bk.active[i];
+            let f = bk.wlist.gen_flags(g);
+            if f & (END | ABANDONED) != 0 || f & SWEEP == 0 {
+                bk.active.remove(i);
+                if !nosuspect {
+                    bk.suspect |= k;
+                }
+                if let Some(tr) = &mut self.trace {
+                    tr.push(format!("{:>5}  B{b}w retires gen {g}: {} suspect", self.now, Ids(k)));
+                }
+            } else {
+                i += 1;
+            }
+        }
+        bk.watch = Watch::Idle;
+        bk.next_watch = self.now + self.p.watch_every;
+    }
+
+    // ---------------------------------------------------------------------------- prune
+
+    fn prune_step(&mut self, p: usize) {
+        let v = self.prunes[p].volume;
+        if !self.prunes[p].listed {
+            let mut l = std::mem::take(&mut self.prunes[p].list);
+            self.list_page(Space::Volumes(Some(v)), &mut l);
+            self.prunes[p].listed = l.done;
+            self.prunes[p].list = l;
+            return;
+        }
+        // Only manifests (size > 0 in the listing) are candidates.
+        let seen: Vec<usize> = self.prunes[p]
+            .list
+            .seen
+            .iter()
+            .map(|&k| (k & 0xFFFF) as usize)
+            .filter(|&k| matches!(self.store.keys[k].obj, Obj::Manifest(_)))
+            .collect();
+        if let Some(&k) = seen.get(self.rng.below(seen.len().max(1) as u64) as usize) {
+            self.store.keys[k].obj = Obj::Empty;
+            self.store.keys[k].pruned = true;
+            self.note(format_args!("P{p} DELETE manifest k{k}"));
+            let marking = self
+                .gcs
+                .iter()
+                .any(|g| g.life == Life::Running && g.gen > 0 && self.store.gen(g.gen).sweep.is_none());
+            let read_by_running = self
+                .backups
+                .iter()
+                .any(|bk| bk.life == Life::Running && bk.parent_key == Some(k) && !bk.sent_manifest);
+            if marking && read_by_running {
+                self.stats.parent_pruned_in_mark += 1;
+            }
+        }
+        let pr = &mut self.prunes[p];
+        pr.left -= 1;
+        pr.list.reset();
+        pr.listed = false;
+        if pr.left == 0 {
+            pr.life = Life::Done;
+        }
+    }
+
+    // ------------------------------------------------------------------------------- GC
+
+    /// The oracle behind "its pid is not alive, or --takeover": gen `g` may be taken over.
+    fn gen_dead(&self, g: u32) -> bool {
+        match self.store.gen(g).run {
+            Some(owner) => {
+                let o = &self.gcs[owner];
+                o.life != Life::Running || o.pc == GcPc::Finished || self.now > o.deadline
+            }
+            None => true,
+        }
+    }
+
+    fn gc_finish(&mut self, g: usize, result: &'static str) {
+        let gc = &mut self.gcs[g];
+        gc.pc = GcPc::Finished;
+        gc.life = Life::Done;
+        gc.result = result;
+        let gen = gc.gen;
+        self.note(format_args!("G{g} (gen {gen}) finishes: {result}"));
+    }
+
+    fn gc_step(&mut self, g: usize, input: Input) {
+        let t = Thread::Gc(g);
+        let m = self.proto.mutation;
+        let gen = self.gcs[g].gen;
+        match self.gcs[g].pc {
+            GcPc::ClaimList => {
+                let mut l = std::mem::take(&mut self.gcs[g].list);
+                self.list_page(Space::Gc, &mut l);
+                self.note(format_args!("G{g} LIST gc/ page -> {}", gc_keys(&l)));
+                if l.done {
+                    let mut dead = Vec::new();
+                    let mut refuse = None;
+                    for x in l.gens() {
+                        let f = l.gen_flags(x);
+                        if f & RUN != 0 && f & (END | ABANDONED) == 0 {
+                            if self.gen_dead(x) {
+                                dead.push(x);
+                            } else if m != Mutation::NoClaim {
+                                refuse = Some(x);
+                            }
+                        }
+                    }
+                    let gc = &mut self.gcs[g];
+                    gc.dead = dead;
+                    gc.i = 0;
+                    gc.pc = if gc.dead.is_empty() { GcPc::Claim } else { GcPc::Abandon };
+                    if let Some(x) = refuse {
+                        self.gcs[g].list = l;
+                        self.note(format_args!("G{g}: gen {x} is running"));
+                        self.gc_finish(g, "refused");
+                        return;
+                    }
+                }
+                self.gcs[g].list = l;
+            }
+            GcPc::Abandon => {
+                let x = self.gcs[g].dead[self.gcs[g].i];
+                let rec = self.store.gen_mut(x);
+                if !rec.abandoned {
+                    rec.abandoned = true;
+                    self.stats.abandoned += 1;
+                }
+                self.note(format_args!("G{g} PUT gc/{x}/abandoned"));
+                let gc = &mut self.gcs[g];
+                gc.i += 1;
+                if gc.i == gc.dead.len() {
+                    gc.pc = GcPc::Claim;
+                }
+            }
+            GcPc::Claim => {
+                let seen_max = self.gcs[g].list.gens().last().copied().unwrap_or(0);
+                let mut n = seen_max + 1;
+                if m == Mutation::NoClaim {
+                    n = n.max(self.next_gen);
+                }
+                self.next_gen = self.next_gen.max(n + 1);
+                assert!(n < 64, "too many generations for the bit sets");
+                if self.store.gen(n).run.is_some() {
+                    self.note(format_args!("G{g} PUT gc/{n}/run -> 412"));
+                    self.gc_finish(g, "refused");
+                    return;
+                }
+                self.store.gen_mut(n).run = Some(g);
+                let dl = if self.phase == Phase::Final {
+                    u64::MAX / 2
+                } else {
+                    self.now + self.p.gc_deadline
+                };
+                let gc = &mut self.gcs[g];
+                gc.gen = n;
+                gc.deadline = dl;
+                gc.pc = GcPc::L0List;
+                gc.list.reset();
+                self.note(format_args!("G{g} PUT gc/{n}/run -> 201 (deadline {dl})"));
+            }
+            GcPc::L0List | GcPc::L1List => {
+                let mut l = std::mem::take(&mut self.gcs[g].list);
+                self.list_page(Space::Sessions, &mut l);
+                let l0 = self.gcs[g].pc == GcPc::L0List;
+                let sids: Vec<usize> = l.seen.iter().map(|&k| (k & 0xFF) as usize).collect();
+                self.note(format_args!("G{g} {} LIST sessions/ page -> {sids:?}", if l0 { "L0" } else { "L1" }));
+                if l.done {
+                    l.reset();
+                    let gc = &mut self.gcs[g];
+                    gc.i = 0;
+                    if l0 {
+                        gc.l0 = sids;
+                        gc.pc = GcPc::L0Head;
+                        if gc.l0.is_empty() {
+                            gc.pc = GcPc::MarkList;
+                        }
+                    } else {
+                        if let Some(&s) = gc.l0.iter().find(|s| !sids.contains(s)) {
+                            self.stats.l0_missing += 1;
+                            self.gcs[g].list = l;
+                            self.note(format_args!("G{g}: session {s} of L0 is missing from L1"));
+                            self.gc_finish(g, "refused to sweep");
+                            return;
+                        }
+                        gc.l1 = sids;
+                        gc.pc = GcPc::L1Get;
+                    }
+                }
+                self.gcs[g].list = l;
+            }
+            GcPc::L0Head => {
+                let gc = &self.gcs[g];
+                let sid = gc.l0[gc.i];
+                let key = self.store.sessions[sid].key;
+                let occ = self.store.keys[key].obj;
+                if self.store.sessions[sid].exists && occ != Obj::Empty {
+                    self.gcs[g].ended0 |= 1 << sid;
+                }
+                self.note(format_args!("G{g} L0 HEAD k{key} (session {sid}) -> {occ:?}"));
+                let gc = &mut self.gcs[g];
+                gc.i += 1;
+                if gc.i == gc.l0.len() {
+                    gc.pc = GcPc::MarkList;
+                }
+            }
+            GcPc::MarkList => {
+                let mut l = std::mem::take(&mut self.gcs[g].list);
+                self.list_page(Space::Volumes(None), &mut l);
+                if l.done {
+                    let keys: Vec<usize> = l.seen.iter().map(|&k| (k & 0xFFFF) as usize).collect();
+                    self.note(format_args!("G{g} mark LIST volumes/ done -> {keys:?}"));
+                    l.reset();
+                    let gc = &mut self.gcs[g];
+                    gc.keys = keys;
+                    gc.i = 0;
+                    gc.pc = if gc.keys.is_empty() { GcPc::ChunkList } else { GcPc::MarkGet };
+                } else {
+                    self.note(format_args!("G{g} mark LIST volumes/ page"));
+                }
+                self.gcs[g].list = l;
+            }
+            GcPc::MarkGet => {
+                let gc = &self.gcs[g];
+                let key = gc.keys[gc.i];
+                let o = self.store.keys[key].obj;
+                if let Obj::Manifest(r) = o {
+                    self.gcs[g].r |= r;
+                }
+                self.note(format_args!("G{g} mark GET k{key} -> {o:?}"));
+                let gc = &mut self.gcs[g];
+                gc.i += 1;
+                if gc.i == gc.keys.len() {
+                    gc.pc = GcPc::ChunkList;
+                }
+            }
+            GcPc::ChunkList => {
+                let mut l = std::mem::take(&mut self.gcs[g].list);
+                self.list_page(Space::Chunks, &mut l);
+                if l.done {
+                    let listed = l.seen.iter().fold(0, |s, &c| s | bit(c as u8));
+                    let gc = &mut self.gcs[g];
+                    gc.k = listed & !gc.r;
+                    gc.pc = GcPc::Sweep;
+                    let (r, k) = (gc.r, gc.k);
+                    l.reset();
+                    self.note(format_args!("G{g} LIST chunks/ done: R={} K={}", Ids(r), Ids(k)));
+                }
+                self.gcs[g].list = l;
+            }
+            GcPc::Sweep => {
+                let k = self.gcs[g].k;
+                self.store.gen_mut(gen).sweep = Some(k);
+                self.gcs[g].pc = GcPc::L1List;
+                self.note(format_args!("G{g} PUT gc/{gen}/sweep K={}", Ids(k)));
+            }
+            GcPc::L1Get => {
+                let gc = &self.gcs[g];
+                let next = (gc.i..gc.l1.len()).find(|&i| gc.ended0 & (1 << gc.l1[i]) == 0);
+                let Some(i) = next else {
+                    self.start_sweep(g);
+                    return;
+                };
+                let sid = gc.l1[i];
+                self.gcs[g].i = i;
+                let key = self.store.sessions[sid].key;
+                let o = self.store.keys[key].obj;
+                self.note(format_args!("G{g} L1 GET k{key} (session {sid}) -> {o:?}"));
+                match o {
+                    Obj::Manifest(r) => {
+                        self.gcs[g].r |= r;
+                        self.gcs[g].i += 1;
+                    }
+                    Obj::Fence => self.gcs[g].i += 1,
+                    Obj::Empty if m == Mutation::NoAckWait => self.gcs[g].i += 1,
+                    Obj::Empty => {
+                        self.gcs[g].poll_since = self.now;
+                        self.gcs[g].pc = GcPc::L1Poll;
+                    }
+                }
+            }
+            GcPc::L1Poll => {
+                let sid = self.gcs[g].l1[self.gcs[g].i];
+                let key = self.store.sessions[sid].key;
+                if let Some(a) = self.store.ack(sid, gen) {
+                    self.gcs[g].r |= a;
+                    self.gcs[g].i += 1;
+                    self.gcs[g].pc = GcPc::L1Get;
+                    self.note(format_args!("G{g} GET sessions/{sid}/ack/{gen} -> {}", Ids(a)));
+                } else if self.now - self.gcs[g].poll_since >= self.p.ack_timeout {
+                    if m == Mutation::NoFence {
+                        self.note(format_args!("G{g}: no ack from session {sid}: ignored (mutation)"));
+                        self.gcs[g].i += 1;
+                        self.gcs[g].pc = GcPc::L1Get;
+                    } else {
+                        self.note(format_args!("G{g}: no ack from session {sid} in time: fence"));
+                        self.gcs[g].pc = GcPc::FenceAwait;
+                        self.send(t, Kind::Fence { key });
+                    }
+                }
+            }
+            GcPc::FenceAwait => {
+                let sid = self.gcs[g].l1[self.gcs[g].i];
+                let key = self.store.sessions[sid].key;
+                match input {
+                    Input::Resp(Res::Created) => {
+                        self.stats.gc_fences += 1;
+                        let bk = &self.backups[sid];
+                        if bk.life == Life::Running && bk.observed & (1 << gen) != 0 {
+                            self.stats.needless_fences += 1;
+                        }
+                        self.gcs[g].i += 1;
+                        self.gcs[g].pc = GcPc::L1Get;
+                    }
+                    Input::Resp(_) => self.gcs[g].pc = GcPc::FenceReadBack,
+                    _ => self.send(t, Kind::Fence { key }),
+                }
+            }
+            GcPc::FenceReadBack => {
+                let sid = self.gcs[g].l1[self.gcs[g].i];
+                let key = self.store.sessions[sid].key;
+                let o = self.store.keys[key].obj;
+                if let Obj::Manifest(r) = o {
+                    self.gcs[g].r |= r;
+                }
+                self.note(format_args!("G{g} fence got 412: GET k{key} -> {o:?}"));
+                self.gcs[g].i += 1;
+                self.gcs[g].pc = GcPc::L1Get;
+            }
+            GcPc::Delete => {
+                let d = self.gcs[g].d;
+                if d == 0 {
+                    self.gcs[g].pc = GcPc::End;
+                    return;
+                }
+                if self.store.gen(gen).abandoned || self.now > self.gcs[g].deadline {
+                    self.note(format_args!("G{g} check before DELETE: abandoned or past deadline"));
+                    self.gc_finish(g, "stopped");
+                    return;
+                }
+                let c = d.trailing_zeros() as u8;
+                self.gcs[g].d &= !bit(c);
+                self.gcs[g].deleted |= bit(c);
+                self.gcs[g].pc = GcPc::DeleteAwait;
+                self.send(t, Kind::Delete { chunk: c, gen });
+            }
+            GcPc::DeleteAwait => self.gcs[g].pc = GcPc::Delete,
+            GcPc::End => {
+                let deleted = self.gcs[g].deleted;
+                self.store.gen_mut(gen).end = Some(deleted);
+                self.stats.sweeps_ended += 1;
+                let gc = &mut self.gcs[g];
+                gc.i = 0;
+                gc.pc = GcPc::Cleanup;
+                gc.l0 = if m == Mutation::CleanupLive {
+                    gc.l1.clone()
+                } else {
+                    gc.l1.iter().copied().filter(|s| gc.ended0 & (1 << s) != 0).collect()
+                };
+                self.note(format_args!("G{g} PUT gc/{gen}/end D={}", Ids(deleted)));
+            }
+            GcPc::Cleanup => {
+                let gc = &self.gcs[g];
+                if gc.i == gc.l0.len() {
+                    self.gcs[g].pc = GcPc::CleanupGens;
+                    return;
+                }
+                let sid = gc.l0[gc.i];
+                self.store.sessions[sid].exists = false;
+                self.store.acks.retain(|a| a.0 != sid);
+                self.gcs[g].i += 1;
+                self.note(format_args!("G{g} cleanup: DELETE sessions/{sid}/*"));
+            }
+            GcPc::CleanupGens => {
+                let lag = self.p.gen_lag;
+                for x in 1..gen.saturating_sub(lag) {
+                    self.store.gens[x as usize] = GenRec::default();
+                }
+                self.note(format_args!("G{g} cleanup: DELETE gc/<m>/* for m < {}", gen.saturating_sub(lag)));
+                self.gc_finish(g, "ended");
+            }
+            GcPc::Finished => {}
+        }
+    }
+
+    fn start_sweep(&mut self, g: usize) {
+        let gc = &mut self.gcs[g];
+        gc.d = gc.k & !gc.r;
+        gc.pc = GcPc::Delete;
+        let (r, d) = (gc.r, gc.d);
+        self.note(format_args!("G{g} L1 done: R={} D={}", Ids(r), Ids(d)));
+    }
+
+    // ----------------------------------------------------------------------- invariants
+
+    fn check(&mut self) {
+        if self.violation.is_some() {
+            return;
+        }
+        let st = &self.store;
+        for (i, k) in st.keys.iter().enumerate() {
+            if let Obj::Manifest(r) = k.obj {
+                if r & !st.chunks != 0 {
+                    let who = k.owner.map_or("an old backup".to_string(), |b| format!("B{b}"));
+                    let msg = format!("S1: manifest k{i} ({who}) references deleted {}", Ids(r & !st.chunks));
+                    return self.fail(msg);
+                }
+                if k.ever_fenced {
+                    return self.fail(format!("S5: k{i} held a fence and now holds a manifest"));
+                }
+            }
+        }
+        let sweeping = st
+            .gens
+            .iter()
+            .filter(|r| r.sweep.is_some() && r.end.is_none() && !r.abandoned)
+            .count();
+        if sweeping > 1 && self.proto.mutation != Mutation::NoClaim {
+            return self.fail(format!("S6: {sweeping} generations are sweeping at once"));
+        }
+        if !self.proto.early_checks {
+            return;
+        }
+        for (b, bk) in self.backups.iter().enumerate() {
+            // S2 and S3 hold for a backup that is still deciding (it has observed gc/ and
+            // bumped its index, has not sent its manifest, is not crashed, is not fenced).
+            // Once the manifest PUT is sent, what counts is S1 for that manifest.
+            if bk.life != Life::Running || !bk.bumped || bk.sent_manifest || st.keys[bk.key].obj == Obj::Fence {
+                continue;
+            }
+            let missing = bk.established & !st.chunks;
+            if missing != 0 {
+                let msg = format!("S2: B{b} established {} which no longer exist(s)", Ids(missing));
+                return self.fail(msg);
+            }
+            let idx = &self.index[bk.host];
+            let excluded = bk.active_union() | bk.suspect;
+            for c in 0..UNIVERSE {
+                if idx.stamp[c as usize] == Some(idx.gc_gen) && excluded & bit(c) == 0 && st.chunks & bit(c) == 0 {
+                    let msg = format!(
+                        "S3: host {} index trusts c{c} (stamp {}) for B{b} but c{c} is deleted",
+                        bk.host, idx.gc_gen
+                    );
+                    return self.fail(msg);
+                }
+            }
+        }
+    }
+
+    // -------------------------------------------------------------------------- running
+
+    fn any_running(&self) -> bool {
+        self.backups.iter().any(|b| b.life == Life::Running)
+            || self.gcs.iter().any(|g| g.life == Life::Running)
+            || self.prunes.iter().any(|p| p.life == Life::Running)
+    }
+
+    fn unfinished_gen(&self) -> bool {
+        self.store.gens.iter().any(|r| r.run.is_some() && !r.over())
+    }
+
+    /// Runs the whole seed: chaos, drain, flush, final GC, quiescence checks.
+    fn run(&mut self) -> Result<(), String> {
+        while self.now < self.p.budget && self.violation.is_none() {
+            if !self.step() {
+                break;
+            }
+        }
+        self.drain()?;
+        self.quiesce()
+    }
+
+    fn err(&self) -> Result<(), String> {
+        match &self.violation {
+            Some(v) => Err(v.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// No more chaos; a GC takes over whatever crashed; every actor finishes.
+    fn drain(&mut self) -> Result<(), String> {
+        self.err()?;
+        self.phase = Phase::Drain;
+        self.note(format_args!("--- drain: no more crashes, timeouts or lost responses"));
+        for b in &mut self.backups {
+            b.start = b.start.min(self.now);
+        }
+        for g in &mut self.gcs {
+            g.start = g.start.min(self.now);
+        }
+        for p in &mut self.prunes {
+            p.start = p.start.min(self.now);
+        }
+        let cap = self.now + 4000;
+        while self.any_running() || !self.pending.is_empty() {
+            if !self.gcs.iter().any(|g| g.life == Life::Running) && self.unfinished_gen() {
+                let g = self.add_gc(self.now);
+                self.note(format_args!("--- drain GC G{g}"));
+            }
+            if !self.step() && !self.any_running() {
+                break;
+            }
+            self.err()?;
+            if self.now > cap {
+                return Err("L2: the world did not drain (liveness)".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// A final uncontended GC, then the end-state properties.
+    fn quiesce(&mut self) -> Result<(), String> {
+        self.phase = Phase::Final;
+        let g = self.add_gc(self.now);
+        self.note(format_args!("--- final GC G{g}"));
+        let cap = self.now + 4000;
+        while self.gcs[g].life == Life::Running || !self.pending.is_empty() {
+            if !self.step() {
+                break;
+            }
+            self.err()?;
+            if self.now > cap {
+                return Err("L2: the final GC did not finish".into());
+            }
+        }
+        if self.gcs[g].result != "ended" {
+            return Err(format!("L1: the final GC did not end ({})", self.gcs[g].result));
+        }
+        let mut refs = 0;
+        for k in &self.store.keys {
+            if let Obj::Manifest(r) = k.obj {
+                refs |= r;
+            }
+        }
+        if self.store.chunks != refs {
+            return Err(format!(
+                "L1: after a final GC the chunks are {} but the manifests reference {}",
+                Ids(self.store.chunks),
+                Ids(refs)
+            ));
+        }
+        for (b, bk) in self.backups.iter().enumerate() {
+            if bk.outcome != Outcome::Committed {
+                continue;
+            }
+            let k = &self.store.keys[bk.key];
+            match k.obj {
+                Obj::Manifest(r) if r == bk.refs => {
+                    if r & !self.store.chunks != 0 {
+                        return Err(format!("L1: committed B{b} does not restore"));
+                    }
+                }
+                // Pruned (a GC may have fenced the free key since).
+                _ if k.pruned => {}
+                o => return Err(format!("L1: committed B{b} is missing: k{} holds {o:?}", bk.key)),
+            }
+        }
+        Ok(())
+    }
+
+    fn world(&self) -> String {
+        let mut s = String::new();
+        let p = &self.p;
+        let _ = writeln!(
+            s,
+            "seed {} proto {:?}\nparams: ack_timeout {} watch_every {} gc_deadline {} lag {} pct {} crash {} timeout {} \
+             loss {} drop {} budget {}",
+            self.seed,
+            self.proto,
+            p.ack_timeout,
+            p.watch_every,
+            p.gc_deadline,
+            p.gen_lag,
+            p.pct_pm,
+            p.crash_pm,
+            p.timeout_pm,
+            p.loss_pm,
+            p.drop_pm,
+            p.budget
+        );
+        for (i, k) in self.store.keys.iter().enumerate() {
+            if k.owner.is_none() {
+                let _ = writeln!(s, "k{i}: old manifest of volume {}, now {:?}", k.volume, k.obj);
+            }
+        }
+        for (b, bk) in self.backups.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "B{b}: host {} volume {} key k{} blocks {} parent {} start {} fail_at {:?}",
+                bk.host,
+                bk.volume,
+                bk.key,
+                Ids(bk.blocks),
+                bk.want_parent,
+                bk.start,
+                bk.fail_at
+            );
+        }
+        for (g, gc) in self.gcs.iter().enumerate() {
+            let _ = writeln!(s, "G{g}: start {}", gc.start);
+        }
+        for (p, pr) in self.prunes.iter().enumerate() {
+            let _ = writeln!(s, "P{p}: volume {} start {}", pr.volume, pr.start);
+        }
+        s
+    }
+}
+
+fn name(t: Thread) -> String {
+    match t {
+        Thread::Main(b) => format!("B{b}"),
+        Thread::Watch(b) => format!("B{b}w"),
+        Thread::Gc(g) => format!("G{g}"),
+        Thread::Prune(p) => format!("P{p}"),
+    }
+}
+
+fn gc_keys(l: &Listing) -> String {
+    let kinds = ["abandoned", "end", "run", "sweep"];
+    let v: Vec<String> = l.seen.iter().map(|&k| format!("{}/{}", k / 4, kinds[(k % 4) as usize])).collect();
+    format!("[{}]{}", v.join(" "), if l.done { " (done)" } else { "" })
+}
+
+// ------------------------------------------------------------------------------- harness
+
+/// Runs one seed; on failure replays it with a trace and returns the report.
+fn run_seed(seed: u64, proto: Proto) -> Result<Stats, String> {
+    let mut s = Sim::random(seed, proto);
+    s.stats.seeds = 1;
+    match s.run() {
+        Ok(()) => Ok(s.stats),
+        Err(e) => Err(report(seed, proto, &e, 120)),
+    }
+}
+
+fn report(seed: u64, proto: Proto, e: &str, last: usize) -> String {
+    let mut s = Sim::random(seed, proto);
+    s.trace = Some(Vec::new());
+    let again = s.run();
+    let trace = s.trace.take().unwrap_or_default();
+    let mut out = format!("seed {seed}: {e}\n{}", s.world());
+    if again.is_ok() {
+        out.push_str("(the replay did not fail: the simulator is not deterministic!)\n");
+    }
+    let from = trace.len().saturating_sub(last);
+    let _ = writeln!(out, "last {} of {} steps:", trace.len() - from, trace.len());
+    for l in &trace[from..] {
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+/// Searches seeds `0..limit` for a failure; returns (seed, report) of the first.
+fn find_failure(proto: Proto, limit: u64) -> Option<(u64, String)> {
+    (0..limit).find_map(|seed| run_seed(seed, proto).err().map(|e| (seed, e)))
+}
+
+#[test]
+fn ten_thousand_interleavings_keep_every_manifest_whole() {
+    let n = env_u64("FERRY_SIM_SEEDS").unwrap_or(10_000);
+    let t0 = std::time::Instant::now();
+    let mut total = Stats::default();
+    for seed in 0..n {
+        match run_seed(seed, Proto::FIXED) {
+            Ok(st) => total.add(&st),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    eprintln!("{n} seeds in {:.1?}: {total:?}", t0.elapsed());
+    // The runs must have exercised what they claim to.
+    assert!(total.commits > n, "{total:?}");
+    assert!(total.deletes > n / 4, "{total:?}");
+    assert!(total.fenced_at_commit > 0 && total.commit_unknown > 0 && total.crashed_after_put > 0, "{total:?}");
+    assert!(total.gc_fences > 0 && total.acks > 0 && total.waits > 0 && total.abandoned > 0, "{total:?}");
+    assert!(total.stale_entry_expired > 0 && total.suspect_saved > 0 && total.ack_after_wait > 0, "{total:?}");
+    assert!(total.parent_pruned_in_mark > 0, "{total:?}");
+    assert_eq!(total.late_deletes, 0);
+}
+
+#[test]
+fn replay_seed() {
+    let Some(seed) = env_u64("FERRY_SIM_SEED") else {
+        return;
+    };
+    let mode = std::env::var("FERRY_SIM_MODE").unwrap_or_default();
+    let proto = Proto::from_name(&mode).expect("FERRY_SIM_MODE: unknown mode");
+    let mut s = Sim::random(seed, proto);
+    s.trace = Some(Vec::new());
+    let r = s.run();
+    eprintln!("{}", s.world());
+    for l in s.trace.take().unwrap_or_default() {
+        eprintln!("{l}");
+    }
+    eprintln!("result: {r:?}\nstats: {:?}", s.stats);
+    r.unwrap();
+}
