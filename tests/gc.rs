@@ -496,3 +496,200 @@ fn rgw_prune_then_gc_frees_exactly_the_pruned_chunks() {
     let url = format!("s3://ferry-tests/{}", crate::util::unique("gc"));
     prune_then_gc_frees_exactly_the_pruned_chunks(Repo::at(dir, url, c.env.clone(), &["--block-size", "1M"]));
 }
+
+fn chunk_count(repo: &Repo) -> usize {
+    chunks_in(repo).len()
+}
+
+/// A GC's generation objects as listed (`gc/<gen>/<what>`).
+fn gc_objects(repo: &Repo) -> BTreeSet<String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    rt.block_on(async {
+        let store = open_store(&repo.url, &store_opts(repo)).expect("store");
+        store
+            .inner
+            .list(Some(&"gc".into()))
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .expect("list")
+    })
+}
+
+fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(std::time::Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A CLI backup of `stream` whose stdin stays open after `first` bytes (a backup that runs
+/// as long as the test wants), watching for GC every `watch` seconds.
+fn held_backup(repo: &Repo, volume: &str, stream: &[u8], first: usize, watch: &str) -> (std::process::Child, std::process::ChildStdin) {
+    use std::io::Write;
+    let mut child = repo
+        .cmd(&["backup", "--volume", volume, "--diff", "-", "--gc-watch", watch])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn backup");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(&stream[..first]).expect("feed the backup");
+    stdin.flush().expect("flush");
+    (child, stdin)
+}
+
+fn five_then_prune(repo: &Repo) -> Vec<(String, String)> {
+    let mut kept = Vec::new();
+    for i in 1..=5u64 {
+        let mut v = volume_of(&[i, 10 + i, 20 + i, 7]);
+        let j = repo.backup_bytes("v", &v.diff("s", Vec::new()).expect("diff"));
+        kept.push((j["backup_id"].as_str().expect("id").to_string(), v.hash()));
+    }
+    repo.ok(&["prune", "v", "--keep-last", "2"]);
+    kept.split_off(3)
+}
+
+fn restore_all(repo: &Repo, kept: &[(String, String)]) {
+    for (id, h) in kept {
+        let out = repo.path(&format!("{id}.raw"));
+        repo.ok(&["restore", &format!("v@id:{id}"), "--to", out.to_str().expect("utf8"), "--force"]);
+        assert_eq!(&hash_file(&out), h, "backup {id}");
+    }
+}
+
+/// Two GCs at once: the second is refused while the first holds the claim (exit 5, naming
+/// it); a backup that never answers is fenced by the first and fails saying so; a GC killed
+/// mid-sweep is taken over by the next one (its process is gone), which finishes the job.
+fn two_gcs_a_killed_gc_and_a_fenced_backup(repo: Repo) {
+    five_then_prune(&repo);
+    let before = chunk_count(&repo);
+    // A backup that will not answer (it looks for GC once an hour).
+    let mut v = volume_of(&[31, 32, 33, 34]);
+    let stream = v.diff("h1", Vec::new()).expect("diff");
+    let first = stream.len() - MIB as usize + 10;
+    let (held, mut stdin) = held_backup(&repo, "held", &stream, stream.len() - MIB as usize + 10, "3600");
+    wait_until("the held backup's first chunks", 60, || chunk_count(&repo) >= before + 2);
+    std::thread::sleep(Duration::from_millis(500));
+    let held_chunks = (chunk_count(&repo) - before) as u64;
+
+    // GC 1 waits for that backup's answer; GC 2 meanwhile is refused.
+    let gc1 = repo
+        .cmd(&["gc", "--json", "--ack-timeout", "6"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn gc 1");
+    wait_until("gc 1's sweep", 60, || gc_objects(&repo).iter().any(|k| k.ends_with("/sweep")));
+    let err = repo.fails(&["gc"], 5);
+    assert!(err.contains("garbage collection 1 is running"), "{err}");
+    let out = gc1.wait_with_output().expect("gc 1");
+    assert!(out.status.success(), "gc 1: {}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(j["sessions_fenced"], 1, "{j}");
+    assert_eq!(
+        j["chunks_deleted"].as_u64(),
+        Some(9 + held_chunks),
+        "the pruned backups' 3 unique chunks each, and the fenced backup's: {j}"
+    );
+    // The fenced backup fails once it tries to commit, and says why.
+    std::io::Write::write_all(&mut stdin, &stream[first..]).expect("the rest of the stream");
+    drop(stdin);
+    let out = held.wait_with_output().expect("held backup");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("stopped by a garbage collection"), "{err}");
+
+    // Garbage again (the fenced backup's chunks and two more pruned backups)...
+    for i in 6..=7u64 {
+        let mut v = volume_of(&[i, 10 + i, 20 + i, 7]);
+        repo.backup_bytes("v", &v.diff("s", Vec::new()).expect("diff"));
+    }
+    repo.ok(&["prune", "v", "--keep-last", "2"]);
+    // ...and a GC killed while it deletes slowly.
+    let mut gc2 = repo
+        .cmd(&["gc", "--json"])
+        .env("FERRY_TEST_FAULTS", "delete:chunks/*:slow=700ms")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn gc 2");
+    let at = chunk_count(&repo);
+    wait_until("gc 2's first delete", 60, || chunk_count(&repo) < at);
+    gc2.kill().expect("kill -9 gc 2");
+    gc2.wait().expect("reap gc 2");
+    assert!(!gc_objects(&repo).contains(&format!("gc/{:020}/end", 2)));
+    let j = repo.json(&["gc", "--ack-timeout", "1"]);
+    assert_eq!(j["took_over"], 2, "{j}");
+    assert_eq!(j["generation"], 3, "{j}");
+    assert!(j["chunks_deleted"].as_u64().expect("n") > 0, "{j}");
+    let last = repo.backups("v");
+    let kept: Vec<(String, String)> = last
+        .iter()
+        .map(|b| b["backup_id"].as_str().expect("id").to_string())
+        .zip([6u64, 7].map(|i| volume_of(&[i, 10 + i, 20 + i, 7]).hash()))
+        .collect();
+    restore_all(&repo, &kept);
+    repo.ok(&["audit", "--read-data"]);
+    let again = repo.json(&["gc"]);
+    assert_eq!(again["chunks_deleted"], 0, "{again}");
+}
+
+#[test]
+fn file_two_gcs_a_killed_gc_and_a_fenced_backup() {
+    two_gcs_a_killed_gc_and_a_fenced_backup(Repo::file(&["--block-size", "1M"]));
+}
+
+#[test]
+fn rgw_two_gcs_a_killed_gc_and_a_fenced_backup() {
+    let c = cluster();
+    c.bucket("ferry-tests");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("s3://ferry-tests/{}", crate::util::unique("gc"));
+    two_gcs_a_killed_gc_and_a_fenced_backup(Repo::at(dir, url, c.env.clone(), &["--block-size", "1M"]));
+}
+
+/// A backup killed mid-upload: while it runs and answers, GC keeps its chunks; once it is
+/// dead, the next GC fences it and collects them.
+fn killed_backup_chunks_are_collected_only_once_it_cannot_commit(repo: Repo) {
+    let kept = five_then_prune(&repo);
+    let mut v = volume_of(&[41, 42, 43, 44]);
+    let stream = v.diff("k1", Vec::new()).expect("diff");
+    let before = chunk_count(&repo);
+    let (mut child, stdin) = held_backup(&repo, "killed", &stream, stream.len() - MIB as usize + 10, "0.2");
+    wait_until("the backup's first chunks", 60, || chunk_count(&repo) >= before + 2);
+    std::thread::sleep(Duration::from_millis(500));
+    let uploaded = (chunk_count(&repo) - before) as u64;
+    let j = repo.json(&["gc", "--ack-timeout", "30"]);
+    assert_eq!(
+        (j["sessions_acked"].as_u64(), j["sessions_fenced"].as_u64()),
+        (Some(1), Some(0)),
+        "{j}"
+    );
+    assert_eq!(j["chunks_deleted"], 9, "only the pruned backups' chunks: {j}");
+    assert_eq!(j["kept_for_backups"].as_u64(), Some(uploaded), "{j}");
+    child.kill().expect("kill -9 the backup");
+    child.wait().expect("reap");
+    drop(stdin);
+    let j = repo.json(&["gc", "--ack-timeout", "1"]);
+    assert_eq!(j["sessions_fenced"], 1, "{j}");
+    assert_eq!(j["chunks_deleted"].as_u64(), Some(uploaded), "the dead backup's chunks: {j}");
+    restore_all(&repo, &kept);
+    repo.ok(&["audit", "--read-data"]);
+}
+
+#[test]
+fn file_killed_backup_chunks_are_collected_only_once_it_cannot_commit() {
+    killed_backup_chunks_are_collected_only_once_it_cannot_commit(Repo::file(&["--block-size", "1M"]));
+}
+
+#[test]
+fn rgw_killed_backup_chunks_are_collected_only_once_it_cannot_commit() {
+    let c = cluster();
+    c.bucket("ferry-tests");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("s3://ferry-tests/{}", crate::util::unique("gc"));
+    killed_backup_chunks_are_collected_only_once_it_cannot_commit(Repo::at(dir, url, c.env.clone(), &["--block-size", "1M"]));
+}
