@@ -693,3 +693,98 @@ fn rgw_killed_backup_chunks_are_collected_only_once_it_cannot_commit() {
     let url = format!("s3://ferry-tests/{}", crate::util::unique("gc"));
     killed_backup_chunks_are_collected_only_once_it_cannot_commit(Repo::at(dir, url, c.env.clone(), &["--block-size", "1M"]));
 }
+
+/// Backups, prunes and GCs of the same content in a loop (two GC loops, so claims collide):
+/// every committed backup still listed restores bit-exactly, audit reads every chunk clean,
+/// and a final quiet GC leaves exactly the chunks the manifests reference.
+/// `FERRY_GC_LOOP_SECS` sets the duration (default 40).
+fn backups_prunes_and_gcs_in_a_loop(repo: Repo) {
+    use std::sync::atomic::AtomicU64;
+    let secs: u64 = std::env::var("FERRY_GC_LOOP_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
+    let end = std::time::Instant::now() + Duration::from_secs(secs);
+    let repo = Arc::new(repo);
+    // Content cycles through a few block versions, so pruned chunks come back.
+    let tags = |i: u64| [1 + i % 3, 10 + i % 2, 20 + (i / 2) % 3, 7];
+    let committed: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let (fenced, gcs, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut i = 0u64;
+            while std::time::Instant::now() < end {
+                let mut v = volume_of(&tags(i));
+                let f = repo.path(&format!("loop-{i}.diff"));
+                std::fs::write(&f, v.diff("s", Vec::new()).expect("diff")).expect("write");
+                let out = repo.run(&["backup", "--volume", "loop", "--diff", f.to_str().expect("utf8"), "--json", "--gc-watch", "0.2"]);
+                let _ = std::fs::remove_file(&f);
+                if out.status.success() {
+                    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+                    committed.lock().expect("lock").push((j["backup_id"].as_str().expect("id").to_string(), v.hash()));
+                } else {
+                    let err = String::from_utf8_lossy(&out.stderr);
+                    assert!(err.contains("stopped by a garbage collection"), "backup {i}: {err}");
+                    fenced.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 1;
+            }
+        });
+        s.spawn(|| {
+            while std::time::Instant::now() < end {
+                let out = repo.run(&["prune", "loop", "--keep-last", "2"]);
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(out.status.success() || err.contains("no backups"), "prune: {err}");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        for _ in 0..2 {
+            s.spawn(|| {
+                while std::time::Instant::now() < end {
+                    let out = repo.run(&["gc", "--ack-timeout", "20"]);
+                    match out.status.code() {
+                        Some(0) => gcs.fetch_add(1, Ordering::Relaxed),
+                        Some(5) => refused.fetch_add(1, Ordering::Relaxed),
+                        _ => panic!("gc: {}", String::from_utf8_lossy(&out.stderr)),
+                    };
+                }
+            });
+        }
+    });
+    let committed = committed.lock().expect("lock").clone();
+    eprintln!(
+        "loop: {} backups committed, {} fenced, {} GCs ran, {} refused (another running)",
+        committed.len(),
+        fenced.load(Ordering::Relaxed),
+        gcs.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed)
+    );
+    assert!(committed.len() >= 3 && gcs.load(Ordering::Relaxed) >= 2, "the loop did too little");
+    let listed: BTreeSet<String> = repo
+        .backups("loop")
+        .iter()
+        .map(|b| b["backup_id"].as_str().expect("id").to_string())
+        .collect();
+    let still: Vec<(String, String)> = committed.into_iter().filter(|(id, _)| listed.contains(id)).collect();
+    assert!(!still.is_empty());
+    for (id, h) in &still {
+        let out = repo.path(&format!("{id}.raw"));
+        repo.ok(&["restore", &format!("loop@id:{id}"), "--to", out.to_str().expect("utf8"), "--force"]);
+        assert_eq!(&hash_file(&out), h, "backup {id}");
+    }
+    repo.ok(&["audit", "--read-data"]);
+    repo.ok(&["gc"]);
+    let referenced: BTreeSet<ChunkId> = refs_of(&repo, "loop").into_iter().flatten().collect();
+    assert_eq!(chunks_in(&repo), referenced, "after a quiet GC only referenced chunks remain");
+}
+
+#[test]
+fn file_backups_prunes_and_gcs_in_a_loop() {
+    backups_prunes_and_gcs_in_a_loop(Repo::file(&["--block-size", "1M"]));
+}
+
+#[test]
+fn rgw_backups_prunes_and_gcs_in_a_loop() {
+    let c = cluster();
+    c.bucket("ferry-tests");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("s3://ferry-tests/{}", crate::util::unique("gc"));
+    backups_prunes_and_gcs_in_a_loop(Repo::at(dir, url, c.env.clone(), &["--block-size", "1M"]));
+}
