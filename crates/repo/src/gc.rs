@@ -245,6 +245,8 @@ pub struct GcReport {
     pub bytes_total: u64,
     /// Distinct chunks present manifests reference.
     pub chunks_referenced: u64,
+    /// Heap bytes of the marked set (about 36 per referenced chunk).
+    pub mark_bytes: u64,
     /// Chunks no manifest referenced at the mark.
     pub candidates: u64,
     /// Candidates kept because a running backup had decided to use them (acks) or committed
@@ -282,16 +284,80 @@ pub enum GcEvent {
     },
 }
 
-/// The sorted, deduplicated set of referenced chunk IDs (32 bytes per chunk) plus what
-/// sessions add late.
-struct Marked {
+/// The referenced chunk IDs: a sorted, deduplicated array (32 bytes per chunk, allocated
+/// exactly) plus a pending buffer of at most 1/8 of it, merged in place from the back when
+/// full — about 36 bytes per distinct chunk at the peak (see [`MarkSet::bytes`]).
+#[derive(Debug, Default)]
+pub struct MarkSet {
     sorted: Vec<ChunkId>,
+    pending: Vec<ChunkId>,
+}
+
+impl MarkSet {
+    /// Adds a referenced chunk.
+    pub fn add(&mut self, id: ChunkId) {
+        if self.sorted.binary_search_by(|x| x.0.cmp(&id.0)).is_err() {
+            self.pending.push(id);
+            if self.pending.len() >= (self.sorted.len() / 8).max(1 << 16) {
+                self.flush();
+            }
+        }
+    }
+
+    /// Merges the pending buffer into the sorted array.
+    pub fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        self.pending.sort_unstable_by_key(|a| a.0);
+        self.pending.dedup();
+        let (n, m) = (self.sorted.len(), self.pending.len());
+        self.sorted.reserve_exact(m);
+        self.sorted.resize(n + m, ChunkId([0; 32]));
+        let (mut i, mut j, mut k) = (n, m, n + m);
+        while j > 0 {
+            if i > 0 && self.sorted[i - 1].0 > self.pending[j - 1].0 {
+                self.sorted[k - 1] = self.sorted[i - 1];
+                i -= 1;
+            } else {
+                self.sorted[k - 1] = self.pending[j - 1];
+                j -= 1;
+            }
+            k -= 1;
+        }
+        self.pending.clear();
+    }
+
+    /// True when `id` was added (call [`MarkSet::flush`] after the last add).
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.sorted.binary_search_by(|x| x.0.cmp(&id.0)).is_ok() || self.pending.contains(id)
+    }
+
+    /// Distinct chunks (after a flush).
+    pub fn len(&self) -> usize {
+        self.sorted.len()
+    }
+
+    /// True when nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.sorted.is_empty() && self.pending.is_empty()
+    }
+
+    /// Heap bytes held (capacity, not length).
+    pub fn bytes(&self) -> usize {
+        (self.sorted.capacity() + self.pending.capacity()) * std::mem::size_of::<ChunkId>()
+    }
+}
+
+/// The marked set plus what sessions add late (few).
+struct Marked {
+    set: MarkSet,
     late: HashSet<ChunkId>,
 }
 
 impl Marked {
     fn contains(&self, id: &ChunkId) -> bool {
-        self.sorted.binary_search_by(|x| x.0.cmp(&id.0)).is_ok() || self.late.contains(id)
+        self.set.contains(id) || self.late.contains(id)
     }
 }
 
@@ -418,21 +484,14 @@ pub async fn collect_garbage(repo: &Repository, opts: &GcOptions, progress: &(dy
     let listing = repo.list_volumes(None).await?;
     report.fences = listing.fenced.len();
     let occupied: BTreeSet<BackupRef> = listing.backups.iter().chain(listing.fenced.iter()).cloned().collect();
-    let mut sorted: Vec<ChunkId> = Vec::new();
-    let mut compact_at = 1usize << 20;
+    let mut set = MarkSet::default();
     let mut reads =
         futures::stream::iter(listing.backups.iter().map(|r| async move { (r, repo.read_manifest(r).await) })).buffer_unordered(8);
     while let Some((r, m)) = reads.next().await {
         match m {
             Ok(m) => {
                 report.manifests += 1;
-                sorted.extend(m.blocks.into_iter().flatten());
-                // Keep memory near 32 bytes per distinct chunk: compact when it doubles.
-                if sorted.len() > compact_at {
-                    sorted.sort_unstable_by_key(|a| a.0);
-                    sorted.dedup();
-                    compact_at = (sorted.len() * 2).max(1 << 20);
-                }
+                m.blocks.into_iter().flatten().for_each(|id| set.add(id));
             }
             Err(Error::NotFound { .. } | Error::Fenced { .. }) => {}
             // A manifest that cannot be read may reference any chunk: deleting anything now
@@ -447,13 +506,10 @@ pub async fn collect_garbage(repo: &Repository, opts: &GcOptions, progress: &(dy
         }
     }
     drop(reads);
-    sorted.sort_unstable_by_key(|a| a.0);
-    sorted.dedup();
-    report.chunks_referenced = sorted.len() as u64;
-    let mut marked = Marked {
-        sorted,
-        late: HashSet::new(),
-    };
+    set.flush();
+    report.chunks_referenced = set.len() as u64;
+    report.mark_bytes = set.bytes() as u64;
+    let mut marked = Marked { set, late: HashSet::new() };
     progress(GcEvent::Phase("list chunks"));
     let mut candidates: Vec<(ChunkId, u64)> = Vec::new();
     for m in list_keys(repo, "chunks").await? {
@@ -608,5 +664,55 @@ async fn settle(repo: &Repository, r: &BackupRef, gen: u64, marked: &mut Marked)
         }
         Err(Error::NotFound { .. }) => Ok(Settled::Open),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u64) -> ChunkId {
+        let mut b = [0u8; 32];
+        b[..8].copy_from_slice(&n.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
+        b[8..16].copy_from_slice(&n.to_le_bytes());
+        ChunkId(b)
+    }
+
+    /// The mark-memory goal: at most 40 bytes per referenced chunk, measured on a million
+    /// distinct IDs each referenced by three "manifests".
+    #[test]
+    fn a_million_chunks_cost_at_most_40_bytes_each_to_mark() {
+        let n = 1_000_000u64;
+        let mut set = MarkSet::default();
+        let mut peak = 0;
+        for round in 0..3u64 {
+            for i in 0..n {
+                set.add(id((i * 7 + round * 13) % n));
+                if i % 4096 == 0 {
+                    peak = peak.max(set.bytes());
+                }
+            }
+        }
+        set.flush();
+        peak = peak.max(set.bytes());
+        assert_eq!(set.len() as u64, n);
+        let per = peak as f64 / n as f64;
+        eprintln!("mark memory: {per:.1} bytes per chunk at the peak ({} MiB per million)", peak >> 20);
+        assert!(per <= 40.0, "{per} bytes per chunk");
+        for i in (0..n).step_by(9973) {
+            assert!(set.contains(&id(i)));
+        }
+        assert!(!set.contains(&id(n + 1)));
+    }
+
+    #[test]
+    fn merge_keeps_order_and_dedups() {
+        let mut set = MarkSet::default();
+        for i in (0..200_000u64).rev() {
+            set.add(id(i % 150_000));
+        }
+        set.flush();
+        assert_eq!(set.len(), 150_000);
+        assert!(set.sorted.windows(2).all(|w| w[0].0 < w[1].0));
     }
 }
