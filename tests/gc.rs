@@ -706,7 +706,11 @@ fn backups_prunes_and_gcs_in_a_loop(repo: Repo) {
     // Content cycles through a few block versions, so pruned chunks come back.
     let tags = |i: u64| [1 + i % 3, 10 + i % 2, 20 + (i / 2) % 3, 7];
     let committed: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-    let (fenced, gcs, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (fenced, gcs, refused) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
     std::thread::scope(|s| {
         s.spawn(|| {
             let mut i = 0u64;
@@ -714,11 +718,23 @@ fn backups_prunes_and_gcs_in_a_loop(repo: Repo) {
                 let mut v = volume_of(&tags(i));
                 let f = repo.path(&format!("loop-{i}.diff"));
                 std::fs::write(&f, v.diff("s", Vec::new()).expect("diff")).expect("write");
-                let out = repo.run(&["backup", "--volume", "loop", "--diff", f.to_str().expect("utf8"), "--json", "--gc-watch", "0.2"]);
+                let out = repo.run(&[
+                    "backup",
+                    "--volume",
+                    "loop",
+                    "--diff",
+                    f.to_str().expect("utf8"),
+                    "--json",
+                    "--gc-watch",
+                    "0.2",
+                ]);
                 let _ = std::fs::remove_file(&f);
                 if out.status.success() {
                     let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-                    committed.lock().expect("lock").push((j["backup_id"].as_str().expect("id").to_string(), v.hash()));
+                    committed
+                        .lock()
+                        .expect("lock")
+                        .push((j["backup_id"].as_str().expect("id").to_string(), v.hash()));
                 } else {
                     let err = String::from_utf8_lossy(&out.stderr);
                     assert!(err.contains("stopped by a garbage collection"), "backup {i}: {err}");

@@ -91,6 +91,15 @@ impl Repo {
     }
 
     /// Backs up a diff stream given as bytes; returns the JSON summary.
+    /// Runs with `--json`, expecting exit code `code`, and parses stdout.
+    pub fn json_code(&self, args: &[&str], code: i32) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.run(&a);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("json output")
+    }
+
     pub fn backup_bytes(&self, volume: &str, stream: &[u8]) -> serde_json::Value {
         let f = self.path(&format!("stream-{}.diff", rand::random::<u64>()));
         std::fs::write(&f, stream).expect("write stream");

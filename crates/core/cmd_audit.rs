@@ -20,6 +20,11 @@ pub struct AuditArgs {
     /// Requests in flight.
     #[arg(long, default_value_t = 16)]
     jobs: usize,
+    /// Do not quarantine the chunks found missing or corrupt (by default they are recorded
+    /// under quarantine/ — a corrupt one moved aside — so the next backup that has their
+    /// blocks uploads them again, and an RBD backup re-reads them from its snapshot).
+    #[arg(long)]
+    no_quarantine: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -31,6 +36,7 @@ pub async fn run(a: AuditArgs, r: RepoArgs) -> Result<u8> {
         volumes: a.volumes,
         read_data_percent: a.read_data.unwrap_or(0.0),
         jobs: a.jobs,
+        quarantine: !a.no_quarantine,
     };
     let report = engine.audit(&opts).await?;
     let requests = engine.repository().store().requests();
@@ -70,6 +76,12 @@ pub async fn run(a: AuditArgs, r: RepoArgs) -> Result<u8> {
                     f.detail
                 );
             }
+        }
+        if report.quarantined > 0 {
+            println!(
+                "{} chunk(s) put in quarantine: the next backup that has their blocks uploads them again",
+                report.quarantined
+            );
         }
         println!("requests: {}", requests_line(&requests));
         if report.ok {

@@ -188,6 +188,12 @@ pub async fn run(a: BackupArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
                 done.notes.snapshot,
                 list(&done.notes.removed_snapshots)
             );
+            if done.notes.blocks_healed > 0 {
+                println!(
+                    "  healed    {} block(s) whose chunk was quarantined, read again from the snapshot",
+                    done.notes.blocks_healed
+                );
+            }
             if done.notes.kept_snapshots.len() > 1 {
                 println!("  kept      {}", list(&done.notes.kept_snapshots[1..]));
             }

@@ -22,6 +22,9 @@ pub struct AuditOptions {
     pub read_data_percent: f64,
     /// Requests in flight.
     pub jobs: usize,
+    /// Quarantine chunks found missing or corrupt (FORMAT.md §13), so the next backup that
+    /// has their blocks uploads them again.
+    pub quarantine: bool,
 }
 
 impl Default for AuditOptions {
@@ -30,6 +33,7 @@ impl Default for AuditOptions {
             volumes: Vec::new(),
             read_data_percent: 0.0,
             jobs: 16,
+            quarantine: true,
         }
     }
 }
@@ -87,6 +91,8 @@ pub struct AuditReport {
     pub info: Vec<Finding>,
     /// No findings.
     pub ok: bool,
+    /// Chunks found missing or corrupt and put in quarantine by this audit.
+    pub quarantined: usize,
 }
 
 /// What reading one listed manifest gave.
@@ -193,7 +199,8 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
     });
     let mut results = futures::stream::iter(checks).buffer_unordered(jobs);
     let mut done = 0u64;
-    while let Some((id, vol, backup, block, res)) = results.next().await {
+    let mut bad: HashMap<ChunkId, (&'static str, String)> = HashMap::new();
+    while let Some((id, _vol, _backup, _block, res)) = results.next().await {
         done += 1;
         observer.event(Event::Progress {
             op: Operation::Audit,
@@ -206,19 +213,44 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
                     report.chunks_read += 1;
                 }
             }
-            Err(ferry_repo::Error::NotFound { .. }) => report.findings.push(Finding {
-                kind: "missing-chunk",
-                volume: vol,
-                backup: Some(backup),
-                detail: format!("chunk {id} (first referenced by block {block}) is missing"),
-            }),
-            Err(e) if e.is_integrity() => report.findings.push(Finding {
-                kind: "corrupt-chunk",
-                volume: vol,
-                backup: Some(backup),
-                detail: format!("chunk {id} (first referenced by block {block}): {e}"),
-            }),
+            Err(ferry_repo::Error::NotFound { .. }) => {
+                bad.insert(id, ("missing-chunk", "is missing".to_string()));
+            }
+            Err(e) if e.is_integrity() => {
+                bad.insert(id, ("corrupt-chunk", e.to_string()));
+            }
             Err(e) => return Err(Error::from(e).context("audit could not check the repository")),
+        }
+    }
+    drop(results);
+    // Every backup that references a bad chunk, not only the first one found.
+    for (b, m) in &manifests {
+        let mut hits: BTreeMap<ChunkId, Vec<u64>> = BTreeMap::new();
+        for (i, id) in m.blocks.iter().enumerate() {
+            if let Some(id) = id.filter(|id| bad.contains_key(id)) {
+                hits.entry(id).or_default().push(i as u64);
+            }
+        }
+        for (id, blocks) in hits {
+            let (kind, what) = &bad[&id];
+            let more = match blocks.len() {
+                1 => String::new(),
+                n => format!(" and {} more", n - 1),
+            };
+            report.findings.push(Finding {
+                kind,
+                volume: b.volume.clone(),
+                backup: Some(m.meta.backup_id.clone()),
+                detail: format!("chunk {id} (block {}{more}) {what}", blocks[0]),
+            });
+        }
+    }
+    if opts.quarantine {
+        for (id, (kind, what)) in &bad {
+            repo.quarantine(id, &format!("audit: {what}"), *kind == "corrupt-chunk")
+                .await
+                .map_err(|e| Error::from(e).context(format!("quarantining chunk {id}")))?;
+            report.quarantined += 1;
         }
     }
     report.ok = report.findings.is_empty();

@@ -43,7 +43,7 @@ pub(crate) struct IngestParams {
 }
 
 /// The pre-commit check: sees the draft (its complete block map) before it is committed.
-pub(crate) type Verifier = Box<dyn FnOnce(&BackupDraft) -> Result<()> + Send>;
+pub(crate) type Verifier = Box<dyn FnOnce(&mut BackupDraft) -> Result<()> + Send>;
 
 /// What the parser thread hands to the workers.
 enum Work {
@@ -510,7 +510,10 @@ where
         blocks,
     };
     let draft = match params.verify {
-        Some(verify) => crate::cpu::blocking(move || verify(&draft).map(|_| draft)).await?,
+        Some(verify) => {
+            let mut draft = draft;
+            crate::cpu::blocking(move || verify(&mut draft).map(|_| draft)).await?
+        }
         None => draft,
     };
     session
@@ -594,11 +597,16 @@ async fn store_block(
     {
         return Ok((i, Some(id), Outcome::Known));
     }
+    let quarantined = session.quarantined().contains(&id);
     if repo
         .chunk_exists(&id)
         .await
         .with_context(|| format!("checking for chunk {id} (block {i})"))?
     {
+        if quarantined {
+            // Someone put a good copy back since the quarantine.
+            let _ = repo.release_quarantine(&id).await;
+        }
         return Ok((i, Some(id), Outcome::FoundInRepo));
     }
     let plain = data.len() as u64;
@@ -611,6 +619,10 @@ async fn store_block(
         .put_chunk(&id, bytes)
         .await
         .with_context(|| format!("uploading chunk {id} (block {i})"))?;
+    if quarantined {
+        // Healed: the chunk is back (the record is only a hint; failing to drop it is harmless).
+        let _ = repo.release_quarantine(&id).await;
+    }
     Ok((
         i,
         Some(id),

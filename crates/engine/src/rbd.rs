@@ -241,6 +241,9 @@ pub struct RbdBackupNotes {
     /// `keep_snapshots - 1` older committed ones (newest first), then protected ones (a
     /// snapshot whose removal failed is only warned about).
     pub kept_snapshots: Vec<String>,
+    /// Blocks the diff did not touch whose chunk was quarantined (missing or corrupt): re-read
+    /// from the new snapshot and uploaded again.
+    pub blocks_healed: u64,
 }
 
 /// The result of an RBD backup.
@@ -459,6 +462,7 @@ impl RbdRun<'_> {
             .await?
         };
         notes.snapshot = snap.clone();
+        let healed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let params = IngestParams {
             volume: self.volume.to_string(),
             block_size,
@@ -474,7 +478,7 @@ impl RbdRun<'_> {
             jobs: self.opts.jobs,
             labels: self.opts.labels.clone(),
             expect_to_snap: Some(snap.clone()),
-            verify: Some(self.verifier(parent.map(|(_, m)| m), &snap)),
+            verify: Some(self.verifier(parent.map(|(_, m)| m), &snap, session.clone(), healed.clone())),
             session: session.clone(),
         };
         let finish = |mut export: ExportDiff, complete: bool| -> Result<()> {
@@ -542,13 +546,20 @@ impl RbdRun<'_> {
         for w in &warnings {
             warn(e.observer.as_ref(), w);
         }
+        notes.blocks_healed = healed.load(std::sync::atomic::Ordering::Relaxed);
         notes.kept_snapshots = std::iter::once(snap.clone()).chain(plan.keep).chain(plan.protected).collect();
         notes.removed_snapshots = removed;
         Ok(RbdBackupOutcome { outcome, notes })
     }
 
     /// The pre-commit check: the lease still held, and a sample of unchanged blocks re-read.
-    fn verifier(&self, parent: Option<Arc<Manifest>>, snap: &str) -> Verifier {
+    fn verifier(
+        &self,
+        parent: Option<Arc<Manifest>>,
+        snap: &str,
+        session: Arc<ferry_repo::Session>,
+        healed: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Verifier {
         let sample = parent.filter(|_| self.opts.verify_blocks > 0);
         let (cluster, spec, snap, repo, n, lease) = (
             self.cluster.clone(),
@@ -558,7 +569,10 @@ impl RbdRun<'_> {
             self.opts.verify_blocks,
             self.lease.clone(),
         );
-        Box::new(move |draft: &BackupDraft| {
+        Box::new(move |draft: &mut BackupDraft| {
+            // Blocks the diff did not touch but whose chunk is quarantined: read them again.
+            let n_healed = heal_quarantined(&cluster, &spec, &snap, draft, &session, &repo)?;
+            healed.store(n_healed, std::sync::atomic::Ordering::Relaxed);
             // Commit only while we still hold the image exclusively: ask the cluster now (a
             // lock broken since the last periodic renewal is found here).
             if let Some(l) = &lease {
@@ -579,6 +593,61 @@ impl RbdRun<'_> {
             }
         })
     }
+}
+
+/// Re-reads from the new snapshot every block of the map whose chunk is quarantined (FORMAT.md
+/// §13), uploads it again and puts its ID in the map: the chain heals without a full backup.
+fn heal_quarantined(
+    cluster: &Cluster,
+    spec: &RbdImage,
+    snap: &str,
+    draft: &mut BackupDraft,
+    session: &ferry_repo::Session,
+    repo: &Arc<ferry_repo::Repository>,
+) -> Result<u64> {
+    let q = session.quarantined();
+    let targets: Vec<usize> = (0..draft.blocks.len())
+        .filter(|&i| draft.blocks[i].is_some_and(|id| q.contains(&id)))
+        .collect();
+    if targets.is_empty() {
+        return Ok(0);
+    }
+    let bs = draft.block_size.get();
+    let rt = tokio::runtime::Handle::current();
+    let mut reader = cluster
+        .open_snapshot(&spec.pool, &spec.image, snap)
+        .with_context(|| format!("opening {spec}@{snap} to re-read blocks of quarantined chunks"))?;
+    let mut buf = vec![0u8; bs as usize];
+    for &i in &targets {
+        let len = draft.image_size.saturating_sub(i as u64 * bs).min(bs) as usize;
+        let n = reader.read(i as u64 * bs, &mut buf[..len])?;
+        let data = &buf[..n];
+        let old = draft.blocks[i];
+        if ferry_repo::is_zero(data) {
+            draft.blocks[i] = None;
+            continue;
+        }
+        let id = repo.chunk_id(data);
+        loop {
+            match session.decide(&id)? {
+                ferry_repo::Decision::Wait(gen) => rt.block_on(session.wait_over(gen))?,
+                _ => break,
+            }
+        }
+        if !rt
+            .block_on(repo.chunk_exists(&id))
+            .with_context(|| format!("checking for chunk {id} (block {i})"))?
+        {
+            let bytes = repo.encode_chunk(id, data)?;
+            rt.block_on(repo.put_chunk(&id, bytes))
+                .with_context(|| format!("uploading chunk {id} of block {i} again"))?;
+        }
+        draft.blocks[i] = Some(id);
+        if old == Some(id) {
+            let _ = rt.block_on(repo.release_quarantine(&id));
+        }
+    }
+    Ok(targets.len() as u64)
 }
 
 /// Re-reads up to `count` blocks that the new map shares with its parent from the new

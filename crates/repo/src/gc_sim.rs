@@ -328,6 +328,8 @@ struct Req {
     applied: Option<Res>,
     awaited: bool,
     prio: u64,
+    /// A slow request is not applied before this time (a queue, a proxy, a retry loop).
+    not_before: u64,
 }
 
 // ---------------------------------------------------------------------------------- actors
@@ -510,7 +512,9 @@ enum Mutation {
     NoFence,
     /// (b) GC does not wait for acks (and does not fence): an open session counts as nothing.
     NoAckWait,
-    /// (c) The backup reads and decides its parent before its session PUT and LIST gc/.
+    /// (c) No Dekker: the backup gathers all its evidence (parent, index, HEAD, uploads) and
+    /// decides every chunk before it writes its session and lists `gc/` (the draft's order,
+    /// problem 9 / PSA-2025-00019-1); then it commits.
     NoDekker,
     /// (d1) Index entries are trusted whatever their stamp.
     IndexIgnoresStamp,
@@ -531,11 +535,18 @@ struct Proto {
     /// gc-protocol.md step 6 as written: an unknown outcome of the manifest PUT is resolved by
     /// sending the PUT again (412 → read back). false: by PUT-creating the fence (the fix).
     retry_manifest_put: bool,
-    /// A GC DELETE may be applied after its generation ended or was abandoned.
+    /// A GC DELETE may be applied after its generation was abandoned (a takeover does not
+    /// wait for the dead GC's DELETEs in flight).
     zombie: bool,
+    /// A GC writes `end` although one of its DELETEs timed out and may still be in flight
+    /// (takeover still waits: only the GC's own `end` is early).
+    end_early: bool,
     /// A backup acks (with its decided set, empty in the correct order) the sweeps it observes
     /// at start, so that a GC whose L1 listed it does not wait for nothing and fence it.
     ack_observed: bool,
+    /// GC deletes the session objects of ended0 (step 7) *before* it writes `end` (step 6),
+    /// so the next GC cannot claim while the cleanup still runs.
+    cleanup_before_end: bool,
     /// Check S2 and S3 (off for mutation runs, which look for S1 / S5).
     early_checks: bool,
     mutation: Mutation,
@@ -546,7 +557,9 @@ impl Proto {
     const FIXED: Proto = Proto {
         retry_manifest_put: false,
         zombie: false,
+        end_early: false,
         ack_observed: false,
+        cleanup_before_end: false,
         early_checks: true,
         mutation: Mutation::None,
     };
@@ -559,7 +572,9 @@ impl Proto {
         }
     }
 
-    /// `FERRY_SIM_MODE` names: fixed (default), as-written, zombie, ack-observed, or a mutation.
+    /// `FERRY_SIM_MODE` names: fixed (default), as-written, zombie, end-early, ack-observed,
+    /// cleanup-before-end, or a mutation (no-fence, no-ack-wait, no-dekker, index-ignores-stamp,
+    /// no-suspect, cleanup-live, no-claim, wait-no-redecide).
     fn from_name(name: &str) -> Option<Proto> {
         let m = match name {
             "" | "fixed" => return Some(Proto::FIXED),
@@ -576,9 +591,22 @@ impl Proto {
                     ..Proto::FIXED
                 })
             }
+            "end-early" => {
+                return Some(Proto {
+                    end_early: true,
+                    early_checks: false,
+                    ..Proto::FIXED
+                })
+            }
             "ack-observed" => {
                 return Some(Proto {
                     ack_observed: true,
+                    ..Proto::FIXED
+                })
+            }
+            "cleanup-before-end" => {
+                return Some(Proto {
+                    cleanup_before_end: true,
                     ..Proto::FIXED
                 })
             }
@@ -607,6 +635,7 @@ struct Params {
     timeout_pm: u32,
     loss_pm: u32,
     drop_pm: u32,
+    slow_pm: u32,
     budget: u64,
     change_points: Vec<u64>,
 }
@@ -638,10 +667,13 @@ struct Stats {
     ack_after_wait: u64,
     /// Problem 9: a parent a running backup had read was pruned while a GC was marking.
     parent_pruned_in_mark: u64,
-    /// A GC found a session of L0 missing from L1 and refused to sweep.
+    /// A GC (not taken over) found a session of L0 missing from L1 and refused to sweep.
     l0_missing: u64,
     /// GC DELETEs applied after their generation was over (zombie mode only).
     late_deletes: u64,
+    /// A GC found a dead generation with a DELETE still in flight (it must wait before
+    /// writing `abandoned`, unless in zombie mode).
+    takeover_in_flight: u64,
     seeds: u64,
     steps: u64,
 }
@@ -666,6 +698,7 @@ impl Stats {
         self.parent_pruned_in_mark += o.parent_pruned_in_mark;
         self.l0_missing += o.l0_missing;
         self.late_deletes += o.late_deletes;
+        self.takeover_in_flight += o.takeover_in_flight;
         self.seeds += o.seeds;
         self.steps += o.steps;
     }
@@ -726,6 +759,7 @@ impl Sim {
                 timeout_pm: 0,
                 loss_pm: 0,
                 drop_pm: 0,
+                slow_pm: 0,
                 budget: 0,
                 change_points: Vec::new(),
             },
@@ -758,7 +792,7 @@ impl Sim {
     fn random(seed: u64, proto: Proto) -> Sim {
         let mut s = Sim::empty(seed, proto);
         let r = &mut s.rng;
-        let budget = r.range(200, 420);
+        let budget = r.range(260, 520);
         let pct_pm = if r.pm(500) { 0 } else { r.range(300, 950) as u32 };
         let n_cp = r.below(4);
         let change_points = (0..n_cp).map(|_| r.below(budget)).collect();
@@ -772,6 +806,7 @@ impl Sim {
             timeout_pm: r.range(0, 120) as u32,
             loss_pm: r.range(0, 150) as u32,
             drop_pm: r.range(0, 60) as u32,
+            slow_pm: if r.pm(500) { 0 } else { r.range(20, 250) as u32 },
             budget,
             change_points,
         };
@@ -799,7 +834,7 @@ impl Sim {
         for _ in 0..s.rng.range(3, 5) {
             let host = s.rng.below(2) as usize;
             let volume = s.rng.below(2) as u8;
-            let blocks = s.random_set((1 << UNIVERSE) - 1, 3).max(1);
+            let blocks = s.random_set((1 << UNIVERSE) - 1, 4).max(1);
             let want_parent = s.rng.pm(550);
             let start = s.rng.below(budget * 2 / 3);
             let b = s.add_backup(host, volume, blocks, want_parent, start);
@@ -811,11 +846,16 @@ impl Sim {
         for _ in 0..s.rng.range(1, 2) {
             let v = s.rng.below(2) as u8;
             let start = s.rng.below(budget * 3 / 4);
-            let left = s.rng.range(1, 2) as u32;
+            let left = s.rng.range(1, 3) as u32;
             s.add_prune(v, start, left);
         }
-        for _ in 0..s.rng.range(2, 3) {
-            let start = s.rng.below(budget * 3 / 4);
+        // GCs: sometimes in a burst (cron on several hosts), which makes them collide.
+        let burst = s.rng.pm(400).then(|| s.rng.below(budget / 2));
+        for _ in 0..s.rng.range(2, 4) {
+            let start = match burst {
+                Some(t) => t + s.rng.below(40),
+                None => s.rng.below(budget * 3 / 4),
+            };
             s.add_gc(start);
         }
         s
@@ -859,7 +899,7 @@ impl Sim {
         let rank = self.rng.next() as u32;
         self.store.sessions.push(Sess { exists: false, key, rank });
         let prio = [self.rng.next() >> 2, self.rng.next() >> 2];
-        let main = if want_parent && self.proto.mutation == Mutation::NoDekker {
+        let main = if self.proto.mutation == Mutation::NoDekker {
             Main::ParentPick
         } else {
             Main::SessionPut
@@ -973,6 +1013,8 @@ impl Sim {
 
     fn send(&mut self, t: Thread, kind: Kind) {
         let prio = self.rng.next() >> 2;
+        let slow = self.phase == Phase::Main && self.rng.pm(self.p.slow_pm);
+        let not_before = if slow { self.now + self.rng.range(10, 120) } else { 0 };
         let id = self.reqs.len();
         self.reqs.push(Req {
             thread: t,
@@ -980,6 +1022,7 @@ impl Sim {
             applied: None,
             awaited: true,
             prio,
+            not_before,
         });
         self.pending.push(id);
         *self.wait_of(t) = Some(id);
@@ -1045,7 +1088,8 @@ impl Sim {
                 self.stats.deletes += 1;
                 if late {
                     self.stats.late_deletes += 1;
-                    if !self.proto.zombie {
+                    let allowed = self.proto.zombie || self.proto.end_early || self.proto.mutation == Mutation::NoClaim;
+                    if !allowed {
                         self.fail(format!("S6: DELETE c{chunk} of gen {gen} applied after the gen was over"));
                     }
                 }
@@ -1110,7 +1154,7 @@ impl Sim {
                 let gc = &self.gcs[g];
                 match gc.pc {
                     GcPc::Abandon if !self.proto.zombie => !self.pending_delete_of(gc.dead[gc.i]),
-                    GcPc::End if !self.proto.zombie => !self.pending_delete_of(gc.gen),
+                    GcPc::End if !self.proto.end_early => !self.pending_delete_of(gc.gen),
                     GcPc::Finished => false,
                     _ => true,
                 }
@@ -1179,7 +1223,9 @@ impl Sim {
             let r = self.pending[i];
             let req = &self.reqs[r];
             let (p, awaited) = (req.prio, req.awaited);
-            self.cands.push((Step::Apply(r), p));
+            if self.now >= req.not_before || self.phase == Phase::Final {
+                self.cands.push((Step::Apply(r), p));
+            }
             if !awaited && self.rng.pm(drop_pm) {
                 self.cands.push((Step::Drop(r), p));
             }
@@ -1290,6 +1336,7 @@ impl Sim {
                 if bk.sent_manifest && bk.outcome == Outcome::Running {
                     self.stats.crashed_after_put += 1;
                 }
+                self.maybe_rerun(b);
             }
             Thread::Gc(g) => self.gcs[g].life = Life::Crashed,
             Thread::Prune(p) => self.prunes[p].life = Life::Crashed,
@@ -1376,12 +1423,16 @@ impl Sim {
                 bk.next_watch = self.now + self.p.watch_every;
                 let (h, gg, og, parent) = (bk.host, idx.gc_gen, bk.obs_gen, bk.want_parent);
                 self.note(format_args!("B{b} index of host {h}: gc_gen {gg} (observed {og})"));
-                if parent && !nodekker {
+                if nodekker {
+                    // (c): all evidence was gathered before; commit next.
+                    self.backups[b].main = Main::Blocks;
+                } else if parent {
                     self.backups[b].main = Main::ParentPick;
                 } else {
                     self.enter_blocks(b);
                 }
             }
+            Main::ParentPick if !self.backups[b].want_parent => self.enter_blocks(b),
             Main::ParentPick => {
                 let v = self.backups[b].volume;
                 let options: Vec<usize> = (0..self.store.keys.len())
@@ -1391,7 +1442,7 @@ impl Sim {
                     .collect();
                 if options.is_empty() {
                     self.note(format_args!("B{b} finds no parent"));
-                    self.after_parent(b);
+                    self.enter_blocks(b);
                 } else {
                     let k = options[self.rng.below(options.len() as u64) as usize];
                     self.backups[b].parent_key = Some(k);
@@ -1410,7 +1461,7 @@ impl Sim {
                     o => {
                         self.backups[b].parent_key = None;
                         self.note(format_args!("B{b} GET parent k{k} -> {o:?}: no parent"));
-                        self.after_parent(b);
+                        self.enter_blocks(b);
                     }
                 }
             }
@@ -1431,7 +1482,7 @@ impl Sim {
                 }
                 let p = bk.parent;
                 self.note(format_args!("B{b} decides parent chunks {} (Wait: {})", Ids(p), Ids(wait)));
-                self.after_parent(b);
+                self.enter_blocks(b);
             }
             Main::Blocks => self.block_step(b, input),
             Main::CommitAwait => match input {
@@ -1496,14 +1547,6 @@ impl Sim {
         }
     }
 
-    fn after_parent(&mut self, b: usize) {
-        if self.proto.mutation == Mutation::NoDekker {
-            self.backups[b].main = Main::SessionPut;
-        } else {
-            self.enter_blocks(b);
-        }
-    }
-
     fn enter_blocks(&mut self, b: usize) {
         let bk = &mut self.backups[b];
         for c in 0..UNIVERSE {
@@ -1521,6 +1564,11 @@ impl Sim {
         let t = Thread::Main(b);
         let bk = &self.backups[b];
         if bk.cur == bk.todo.len() {
+            if !bk.bumped {
+                // (c): the evidence is complete; only now the session and LIST gc/.
+                self.backups[b].main = Main::SessionPut;
+                return;
+            }
             let (key, refs) = (bk.key, bk.refs);
             assert_eq!(refs & !bk.established, 0, "B{b} commits unestablished chunks");
             self.backups[b].sent_manifest = true;
@@ -1642,6 +1690,19 @@ impl Sim {
             self.stats.aborted += 1;
         }
         self.note(format_args!("B{b} {o:?} ({how})"));
+        self.maybe_rerun(b);
+    }
+
+    /// A backup that did not commit is sometimes run again (a new backup, a new name).
+    fn maybe_rerun(&mut self, b: usize) {
+        if self.phase != Phase::Main || self.backups.len() >= 8 || !self.rng.pm(500) {
+            return;
+        }
+        let bk = &self.backups[b];
+        let (host, volume, blocks, parent) = (bk.host, bk.volume, bk.blocks, bk.want_parent);
+        let start = self.now + self.rng.range(1, 30);
+        let n = self.add_backup(host, volume, blocks, parent, start);
+        self.note(format_args!("B{b} will be run again as B{n}"));
     }
 
     fn backup_watch(&mut self, b: usize, input: Input) {
@@ -1818,6 +1879,9 @@ impl Sim {
                         let f = l.gen_flags(x);
                         if f & RUN != 0 && f & (END | ABANDONED) == 0 {
                             if self.gen_dead(x) {
+                                if self.pending_delete_of(x) {
+                                    self.stats.takeover_in_flight += 1;
+                                }
                                 dead.push(x);
                             } else if m != Mutation::NoClaim {
                                 refuse = Some(x);
@@ -1895,7 +1959,10 @@ impl Sim {
                         }
                     } else {
                         if let Some(&s) = gc.l0.iter().find(|s| !sids.contains(s)) {
-                            self.stats.l0_missing += 1;
+                            // (A GC taken over in the meantime would stop anyway.)
+                            if !self.store.gen(gen).abandoned {
+                                self.stats.l0_missing += 1;
+                            }
                             self.gcs[g].list = l;
                             self.note(format_args!("G{g}: session {s} of L0 is missing from L1"));
                             self.gc_finish(g, "refused to sweep");
@@ -2048,7 +2115,11 @@ impl Sim {
             GcPc::Delete => {
                 let d = self.gcs[g].d;
                 if d == 0 {
-                    self.gcs[g].pc = GcPc::End;
+                    if self.proto.cleanup_before_end {
+                        self.begin_cleanup(g);
+                    } else {
+                        self.gcs[g].pc = GcPc::End;
+                    }
                     return;
                 }
                 if self.store.gen(gen).abandoned || self.now > self.gcs[g].deadline {
@@ -2067,20 +2138,23 @@ impl Sim {
                 let deleted = self.gcs[g].deleted;
                 self.store.gen_mut(gen).end = Some(deleted);
                 self.stats.sweeps_ended += 1;
-                let gc = &mut self.gcs[g];
-                gc.i = 0;
-                gc.pc = GcPc::Cleanup;
-                gc.l0 = if m == Mutation::CleanupLive {
-                    gc.l1.clone()
-                } else {
-                    gc.l1.iter().copied().filter(|s| gc.ended0 & (1 << s) != 0).collect()
-                };
                 self.note(format_args!("G{g} PUT gc/{gen}/end D={}", Ids(deleted)));
+                if self.proto.cleanup_before_end {
+                    self.gc_finish(g, "ended");
+                } else {
+                    self.begin_cleanup(g);
+                }
             }
             GcPc::Cleanup => {
                 let gc = &self.gcs[g];
                 if gc.i == gc.l0.len() {
                     self.gcs[g].pc = GcPc::CleanupGens;
+                    return;
+                }
+                // Cleanup DELETEs are DELETE batches too: the same check as the sweep's.
+                if self.store.gen(gen).abandoned || self.now > gc.deadline {
+                    self.note(format_args!("G{g} check before cleanup DELETE: abandoned or past deadline"));
+                    self.gc_finish(g, "stopped");
                     return;
                 }
                 let sid = gc.l0[gc.i];
@@ -2095,10 +2169,26 @@ impl Sim {
                     self.store.gens[x as usize] = GenRec::default();
                 }
                 self.note(format_args!("G{g} cleanup: DELETE gc/<m>/* for m < {}", gen.saturating_sub(lag)));
-                self.gc_finish(g, "ended");
+                if self.proto.cleanup_before_end {
+                    self.gcs[g].pc = GcPc::End;
+                } else {
+                    self.gc_finish(g, "ended");
+                }
             }
             GcPc::Finished => {}
         }
+    }
+
+    /// Step 7: the sessions to delete are those ended at L0 (with (e): every session of L1).
+    fn begin_cleanup(&mut self, g: usize) {
+        let gc = &mut self.gcs[g];
+        gc.i = 0;
+        gc.pc = GcPc::Cleanup;
+        gc.l0 = if self.proto.mutation == Mutation::CleanupLive {
+            gc.l1.clone()
+        } else {
+            gc.l1.iter().copied().filter(|s| gc.ended0 & (1 << s) != 0).collect()
+        };
     }
 
     fn start_sweep(&mut self, g: usize) {
@@ -2215,9 +2305,8 @@ impl Sim {
                 let g = self.add_gc(self.now);
                 self.note(format_args!("--- drain GC G{g}"));
             }
-            if !self.step() && !self.any_running() {
-                break;
-            }
+            // (A step with nothing enabled lets time pass, so slow requests become due.)
+            self.step();
             self.err()?;
             if self.now > cap {
                 return Err("L2: the world did not drain (liveness)".into());
@@ -2282,7 +2371,7 @@ impl Sim {
         let _ = writeln!(
             s,
             "seed {} proto {:?}\nparams: ack_timeout {} watch_every {} gc_deadline {} lag {} pct {} crash {} timeout {} \
-             loss {} drop {} budget {}",
+             loss {} drop {} slow {} budget {}",
             self.seed,
             self.proto,
             p.ack_timeout,
@@ -2294,6 +2383,7 @@ impl Sim {
             p.timeout_pm,
             p.loss_pm,
             p.drop_pm,
+            p.slow_pm,
             p.budget
         );
         for (i, k) in self.store.keys.iter().enumerate() {
@@ -2341,14 +2431,16 @@ fn gc_keys(l: &Listing) -> String {
 
 // ------------------------------------------------------------------------------- harness
 
-/// Runs one seed; on failure replays it with a trace and returns the report.
-fn run_seed(seed: u64, proto: Proto) -> Result<Stats, String> {
+/// Runs one seed: its stats, or the violation.
+fn run_plain(seed: u64, proto: Proto) -> Result<Stats, String> {
     let mut s = Sim::random(seed, proto);
     s.stats.seeds = 1;
-    match s.run() {
-        Ok(()) => Ok(s.stats),
-        Err(e) => Err(report(seed, proto, &e, 120)),
-    }
+    s.run().map(|()| s.stats)
+}
+
+/// Runs one seed; on failure replays it with a trace and returns the report.
+fn run_seed(seed: u64, proto: Proto) -> Result<Stats, String> {
+    run_plain(seed, proto).map_err(|e| report(seed, proto, &e, 120))
 }
 
 fn report(seed: u64, proto: Proto, e: &str, last: usize) -> String {
@@ -2371,11 +2463,6 @@ fn report(seed: u64, proto: Proto, e: &str, last: usize) -> String {
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
-}
-
-/// Searches seeds `0..limit` for a failure; returns (seed, report) of the first.
-fn find_failure(proto: Proto, limit: u64) -> Option<(u64, String)> {
-    (0..limit).find_map(|seed| run_seed(seed, proto).err().map(|e| (seed, e)))
 }
 
 #[test]
@@ -2416,4 +2503,616 @@ fn replay_seed() {
     }
     eprintln!("result: {r:?}\nstats: {:?}", s.stats);
     r.unwrap();
+}
+
+// ----------------------------------------------------------------------- mutation checks
+
+/// The first seed below `limit` whose run breaks S1 or S5 under mutation `m`.
+fn first_catch(proto: Proto, limit: u64) -> Option<(u64, String)> {
+    (0..limit).find_map(|seed| match run_plain(seed, proto) {
+        Err(e) if e.starts_with("S1") || e.starts_with("S5") => Some((seed, e)),
+        _ => None,
+    })
+}
+
+fn assert_caught(m: Mutation) {
+    let limit = env_u64("FERRY_SIM_MUTATION_SEEDS").unwrap_or(20_000);
+    match first_catch(Proto::mutated(m), limit) {
+        Some((seed, e)) => eprintln!("mutation {m:?}: caught at seed {seed} ({} seeds): {e}", seed + 1),
+        None => panic!("mutation {m:?}: no S1/S5 violation in {limit} seeds: the simulator is too weak"),
+    }
+}
+
+#[test]
+fn mutation_a_gc_skips_the_fence_is_caught() {
+    assert_caught(Mutation::NoFence);
+}
+
+/// "Backups don't ack" alone is safe: the GC then fences every session of L1 that is not
+/// ended (a liveness cost only). What must be caught is a GC that neither waits nor fences.
+#[test]
+fn mutation_b_gc_neither_waits_for_acks_nor_fences_is_caught() {
+    assert_caught(Mutation::NoAckWait);
+}
+
+#[test]
+fn mutation_c_evidence_before_dekker_is_caught() {
+    assert_caught(Mutation::NoDekker);
+}
+
+#[test]
+fn mutation_d1_index_ignores_its_stamp_is_caught() {
+    assert_caught(Mutation::IndexIgnoresStamp);
+}
+
+#[test]
+fn mutation_d2_no_suspect_set_is_caught() {
+    assert_caught(Mutation::NoSuspect);
+}
+
+#[test]
+fn mutation_e_cleanup_of_sessions_not_ended_at_l0_is_caught() {
+    assert_caught(Mutation::CleanupLive);
+}
+
+#[test]
+fn mutation_f_no_one_gc_at_a_time_claim_is_caught() {
+    assert_caught(Mutation::NoClaim);
+}
+
+#[test]
+fn mutation_g_waited_chunk_not_decided_again_is_caught() {
+    assert_caught(Mutation::WaitNoRedecide);
+}
+
+// -------------------------------------------------------------------------- scripting
+
+impl Sim {
+    /// A scripted world: no chaos, requests are applied only when the script says so.
+    fn script(proto: Proto) -> Sim {
+        let mut s = Sim::empty(7, proto);
+        s.p.ack_timeout = 8;
+        s.p.watch_every = 2;
+        s
+    }
+
+    /// One step of thread `t` (a watcher waiting for its next look is woken).
+    fn run_t(&mut self, t: Thread) {
+        if let Thread::Watch(b) = t {
+            if self.backups[b].watch == Watch::Idle {
+                self.now = self.now.max(self.backups[b].next_watch);
+            }
+        }
+        assert!(self.enabled(t), "{} cannot step now", name(t));
+        self.exec(Step::Run(t));
+        self.after_step();
+    }
+
+    /// Runs `t` until `done` holds; the requests `t` itself waits for are applied promptly.
+    fn until(&mut self, t: Thread, what: &str, done: impl Fn(&Sim) -> bool) {
+        for _ in 0..1000 {
+            if done(self) {
+                return;
+            }
+            match self.wait_state(t) {
+                Some(r) if self.reqs[r].applied.is_none() => {
+                    self.apply(r);
+                    self.after_step();
+                }
+                _ => self.run_t(t),
+            }
+        }
+        panic!("{} never got to: {what}", name(t));
+    }
+
+    fn finished(&self, t: Thread) -> bool {
+        self.life(t).0 != Life::Running
+    }
+
+    /// Applies the request `t` waits for.
+    fn deliver(&mut self, t: Thread) {
+        let r = self.wait_state(t).expect("a waiting thread");
+        self.apply(r);
+        self.after_step();
+    }
+
+    /// Applies the request `t` waits for, but its response is lost.
+    fn deliver_lost(&mut self, t: Thread) {
+        self.deliver(t);
+        let r = self.wait_of(t).take().expect("a waiting thread");
+        self.reqs[r].awaited = false;
+        self.note(format_args!("{}: response to #{r} lost", name(t)));
+        self.run_thread(t, Input::Unknown);
+        self.after_step();
+    }
+
+    /// `t` gives up waiting (outcome unknown); its request stays in flight.
+    fn time_out(&mut self, t: Thread) {
+        self.exec(Step::Timeout(t));
+        self.after_step();
+    }
+
+    /// Applies the oldest request in flight that `f` selects.
+    fn apply_where(&mut self, f: impl Fn(&Kind) -> bool) {
+        let r = *self.pending.iter().find(|&&r| f(&self.reqs[r].kind)).expect("no such request in flight");
+        self.apply(r);
+        self.after_step();
+    }
+
+    fn kill(&mut self, t: Thread) {
+        self.crash(t);
+        self.after_step();
+    }
+
+    /// A prune deletes manifest `k`.
+    fn prune_key(&mut self, k: usize) {
+        assert!(matches!(self.store.keys[k].obj, Obj::Manifest(_)));
+        self.store.keys[k].obj = Obj::Empty;
+        self.store.keys[k].pruned = true;
+        self.note(format_args!("prune DELETE manifest k{k}"));
+        self.after_step();
+    }
+
+    fn dump(&self) -> String {
+        self.trace.as_ref().map(|t| t.join("\n")).unwrap_or_default()
+    }
+
+    fn assert_safe(&self) {
+        assert!(self.violation.is_none(), "{}\n{:?}", self.dump(), self.violation);
+    }
+
+    fn assert_broken(&self, what: &str) {
+        let v = self.violation.as_deref().unwrap_or("");
+        assert!(v.starts_with(what), "expected a {what} violation, got {v:?}\n{}", self.dump());
+    }
+
+    fn has(&self, c: u8) -> bool {
+        self.store.chunks & bit(c) != 0
+    }
+}
+
+/// A scripted world with tracing on.
+fn traced(proto: Proto) -> Sim {
+    let mut s = Sim::script(proto);
+    s.trace = Some(Vec::new());
+    s
+}
+
+// ------------------------------------------------------------- review problems (scripted)
+
+/// Problem 1: the backup crashes right after its manifest PUT lands. Whether the GC's L0 sees
+/// it (ended0, read by the mark) or not (read in L1), its chunks are kept.
+fn problem_1(gc_marks_first: bool) -> Sim {
+    let mut s = traced(Proto::FIXED);
+    s.store.chunks = bit(1);
+    let b = s.add_backup(0, 0, bit(1), false, 0);
+    let g = s.add_gc(0);
+    let (bt, gt) = (Thread::Main(b), Thread::Gc(g));
+    s.until(bt, "manifest sent", |s| s.backups[b].sent_manifest);
+    if gc_marks_first {
+        s.until(gt, "sweep written", |s| s.gcs[g].pc == GcPc::L1List);
+        assert_eq!(s.gcs[g].k, bit(1), "c1 is a candidate");
+    }
+    s.deliver(bt);
+    s.kill(bt);
+    s.until(gt, "finished", |s| s.finished(gt));
+    s
+}
+
+#[test]
+fn problem_1_crash_right_after_the_manifest_put() {
+    for first in [false, true] {
+        let s = problem_1(first);
+        s.assert_safe();
+        assert!(s.has(1) && s.gcs[0].result == "ended", "{}", s.dump());
+        assert_eq!(s.stats.crashed_after_put, 1);
+    }
+}
+
+/// Problem 2: a paused backup's manifest PUT lands after the GC fenced its key.
+#[test]
+fn problem_2_paused_commit_lands_after_the_fence() {
+    let mut s = traced(Proto::FIXED);
+    s.store.chunks = bit(1);
+    let b = s.add_backup(0, 0, bit(1), false, 0);
+    let g = s.add_gc(0);
+    let (bt, gt) = (Thread::Main(b), Thread::Gc(g));
+    s.until(bt, "manifest sent", |s| s.backups[b].sent_manifest);
+    // The backup (and its watcher) pause; the GC times out waiting for the ack and fences.
+    s.until(gt, "finished", |s| s.finished(gt));
+    assert!(!s.has(1) && s.store.keys[s.backups[b].key].obj == Obj::Fence, "{}", s.dump());
+    s.deliver(bt);
+    s.until(bt, "finished", |s| s.finished(bt));
+    s.assert_safe();
+    assert_eq!(s.backups[b].outcome, Outcome::Fenced);
+    assert_eq!((s.stats.gc_fences, s.stats.fenced_at_commit), (1, 1));
+}
+
+/// Problem 3: the manifest PUT's outcome is unknown (timeout); the request is still in flight.
+/// The backup resolves it with its own fence, and whichever lands first decides.
+fn problem_3(fence_first: bool) -> Sim {
+    let mut s = traced(Proto::FIXED);
+    s.store.chunks = bit(1);
+    let b = s.add_backup(0, 0, bit(1), false, 0);
+    let g = s.add_gc(0);
+    let (bt, gt) = (Thread::Main(b), Thread::Gc(g));
+    s.until(bt, "manifest sent", |s| s.backups[b].sent_manifest);
+    s.time_out(bt);
+    assert_eq!(s.backups[b].main, Main::ResolveAwait);
+    let is_manifest = |k: &Kind| matches!(k, Kind::Manifest { .. });
+    if fence_first {
+        s.deliver(bt);
+        s.apply_where(is_manifest);
+    } else {
+        s.apply_where(is_manifest);
+        s.deliver(bt);
+    }
+    s.until(bt, "finished", |s| s.finished(bt));
+    s.until(gt, "finished", |s| s.finished(gt));
+    s
+}
+
+#[test]
+fn problem_3_unknown_outcome_of_the_manifest_put() {
+    let s = problem_3(true);
+    s.assert_safe();
+    assert_eq!(s.backups[0].outcome, Outcome::Aborted);
+    assert!(!s.has(1), "nothing references c1 any more: collected");
+    let s = problem_3(false);
+    s.assert_safe();
+    assert_eq!(s.backups[0].outcome, Outcome::Committed);
+    assert!(s.has(1));
+}
+
+/// Problem 4: a backup waits for sweep 1; meanwhile sweep 1 ends and a second GC runs. The
+/// chunk that waited is decided again after the wait, so the ack to sweep 2 covers it.
+fn problem_4(proto: Proto) -> Sim {
+    let mut s = traced(proto);
+    s.store.chunks = bit(1);
+    let g1 = s.add_gc(0);
+    let b = s.add_backup(0, 0, bit(1) | bit(3), false, 0);
+    let g2 = s.add_gc(0);
+    let (bt, wt, g1t, g2t) = (Thread::Main(b), Thread::Watch(b), Thread::Gc(g1), Thread::Gc(g2));
+    s.until(g1t, "L1 listed", |s| s.gcs[g1].pc == GcPc::L1Get);
+    s.until(bt, "c1 waits for gen 1", |s| s.backups[b].stage == Stage::Waiting(1));
+    s.until(g1t, "finished", |s| s.finished(g1t));
+    assert!(!s.has(1));
+    s.until(wt, "gen 1 retired", |s| s.backups[b].active.is_empty());
+    s.until(bt, "c1 re-uploaded", |s| s.backups[b].cur == 1);
+    s.store.chunks |= bit(3); // left by a backup that aborted
+    s.until(g2t, "L1 listed", |s| s.gcs[g2].pc == GcPc::L1Get);
+    assert_eq!(s.gcs[g2].k, bit(1) | bit(3));
+    s.until(wt, "gen 2 acked", |s| s.backups[b].known & (1 << 2) != 0 && s.backups[b].watch == Watch::Idle);
+    s.until(g2t, "finished", |s| s.finished(g2t));
+    s.until(bt, "c3 waits for gen 2", |s| s.backups[b].stage == Stage::Waiting(2));
+    s.until(wt, "gen 2 retired", |s| s.backups[b].active.is_empty());
+    s.until(bt, "finished", |s| s.finished(bt));
+    s
+}
+
+#[test]
+fn problem_4_second_gc_while_a_backup_waits() {
+    let s = problem_4(Proto::FIXED);
+    s.assert_safe();
+    assert_eq!(s.backups[0].outcome, Outcome::Committed);
+    assert!(s.has(1) && s.has(3));
+    assert_eq!(s.stats.ack_after_wait, 1);
+    // gc-protocol.md step 4 must say that a chunk is *decided again* (and so joins `decided`)
+    // when its Wait is over: "then HEAD c and PUT-create it" alone loses it from later acks.
+    problem_4(Proto::mutated(Mutation::WaitNoRedecide)).assert_broken("S1");
+}
+
+/// Problem 7: host 0's index knows c1 (stamp 0); GC 1 deletes c1 and crashes; GC 2 takes
+/// over. The stamp is stale once the backup has seen gen 1 abandoned: HEAD, upload.
+fn problem_7(proto: Proto) -> Sim {
+    let mut s = traced(proto);
+    s.store.chunks = bit(1);
+    s.index[0].stamp[1] = Some(0);
+    let g1 = s.add_gc(0);
+    let g2 = s.add_gc(0);
+    let b = s.add_backup(0, 0, bit(1), false, 0);
+    let (bt, g1t, g2t) = (Thread::Main(b), Thread::Gc(g1), Thread::Gc(g2));
+    s.until(g1t, "DELETE c1 sent", |s| s.gcs[g1].pc == GcPc::DeleteAwait);
+    s.deliver(g1t);
+    s.kill(g1t);
+    s.until(g2t, "took over", |s| s.gcs[g2].pc == GcPc::L0List);
+    s.until(bt, "finished", |s| s.finished(bt));
+    s.until(g2t, "finished", |s| s.finished(g2t));
+    s
+}
+
+#[test]
+fn problem_7_index_entry_from_before_a_crashed_sweep() {
+    let s = problem_7(Proto::FIXED);
+    s.assert_safe();
+    assert_eq!(s.backups[0].outcome, Outcome::Committed);
+    assert_eq!((s.stats.stale_entry_expired, s.stats.abandoned), (1, 1));
+    problem_7(Proto::mutated(Mutation::IndexIgnoresStamp)).assert_broken("S1");
+}
+
+/// Problem 7 (b), "index entry from before a sweep": the backup runs through a whole sweep;
+/// afterwards its index entry for c1 has the current stamp, but c1 is in the suspect set.
+fn problem_7b(proto: Proto) -> Sim {
+    let mut s = traced(proto);
+    s.store.chunks = bit(0) | bit(1);
+    s.index[0].stamp[1] = Some(0);
+    let b = s.add_backup(0, 0, bit(0) | bit(1), false, 0);
+    let g = s.add_gc(0);
+    let (bt, wt, gt) = (Thread::Main(b), Thread::Watch(b), Thread::Gc(g));
+    s.until(bt, "c0 decided", |s| s.backups[b].cur == 1);
+    s.until(gt, "L1 listed", |s| s.gcs[g].pc == GcPc::L1Get);
+    s.until(wt, "gen 1 acked", |s| s.backups[b].known & (1 << 1) != 0 && s.backups[b].watch == Watch::Idle);
+    s.until(gt, "finished", |s| s.finished(gt));
+    assert!(s.has(0) && !s.has(1), "{}", s.dump());
+    s.until(wt, "gen 1 retired", |s| s.backups[b].active.is_empty());
+    s.until(bt, "finished", |s| s.finished(bt));
+    s
+}
+
+#[test]
+fn problem_7b_index_entry_from_before_a_sweep_the_backup_saw() {
+    let s = problem_7b(Proto::FIXED);
+    s.assert_safe();
+    assert_eq!(s.backups[0].outcome, Outcome::Committed);
+    assert_eq!(s.stats.suspect_saved, 1);
+    problem_7b(Proto::mutated(Mutation::NoSuspect)).assert_broken("S1");
+}
+
+/// Problem 8: a backup starts after GC 0's L0 and commits after its mark; a second GC that
+/// would run now, finish, and clean the backup's session up before GC 0's L1 is refused.
+fn problem_8(proto: Proto) -> Sim {
+    let mut s = traced(proto);
+    s.store.chunks = bit(1);
+    let g0 = s.add_gc(0);
+    let g1 = s.add_gc(0);
+    let b = s.add_backup(0, 0, bit(1), false, 0);
+    let (bt, g0t, g1t) = (Thread::Main(b), Thread::Gc(g0), Thread::Gc(g1));
+    s.until(g0t, "L0 taken", |s| s.gcs[g0].pc == GcPc::MarkList);
+    s.until(bt, "manifest sent", |s| s.backups[b].sent_manifest);
+    s.until(g0t, "manifests read", |s| s.gcs[g0].pc == GcPc::ChunkList);
+    s.until(bt, "finished", |s| s.finished(bt));
+    assert_eq!(s.backups[b].outcome, Outcome::Committed);
+    s.until(g1t, "finished", |s| s.finished(g1t));
+    s.until(g0t, "finished", |s| s.finished(g0t));
+    s
+}
+
+#[test]
+fn problem_8_cleanup_of_a_session_another_gc_needs() {
+    let mut s = problem_8(Proto::FIXED);
+    s.assert_safe();
+    assert_eq!(s.gcs[1].result, "refused");
+    assert!(s.store.sessions[0].exists, "ended after GC 0's L0: kept");
+    let g2 = s.add_gc(s.now);
+    s.until(Thread::Gc(g2), "finished", |s| s.finished(Thread::Gc(g2)));
+    s.assert_safe();
+    assert!(!s.store.sessions[0].exists && s.has(1));
+    problem_8(Proto::mutated(Mutation::NoClaim)).assert_broken("S1");
+}
+
+/// Problem 9 (PSA-2025-00019-1): an incremental reads its parent while the parent is pruned
+/// during the GC's mark. `ack_first`: the watcher acks the sweep between the parent read and
+/// the parent's decision (then the parent's chunk waits, and is missing: the backup fails).
+fn problem_9(ack_first: bool) -> Sim {
+    let mut s = traced(Proto::FIXED);
+    let parent = s.add_manifest(0, bit(1));
+    let g = s.add_gc(0);
+    let b = s.add_backup(0, 0, bit(2), true, 0);
+    let (bt, wt, gt) = (Thread::Main(b), Thread::Watch(b), Thread::Gc(g));
+    s.until(gt, "L0 taken", |s| s.gcs[g].pc == GcPc::MarkList);
+    s.until(bt, "parent read", |s| s.backups[b].main == Main::ParentDecide);
+    s.prune_key(parent);
+    s.until(gt, "L1 listed", |s| s.gcs[g].pc == GcPc::L1Get);
+    assert_eq!(s.gcs[g].k, bit(1));
+    let acked = |s: &Sim| s.backups[b].known & (1 << 1) != 0 && s.backups[b].watch == Watch::Idle;
+    if ack_first {
+        s.until(wt, "gen 1 acked", acked);
+        s.until(bt, "c1 waits", |s| s.backups[b].stage == Stage::Waiting(1));
+    } else {
+        s.until(bt, "parent decided", |s| s.backups[b].main == Main::Blocks);
+        s.until(wt, "gen 1 acked", acked);
+    }
+    s.until(gt, "finished", |s| s.finished(gt));
+    s.until(wt, "gen 1 retired", |s| s.backups[b].active.is_empty());
+    s.until(bt, "finished", |s| s.finished(bt));
+    s
+}
+
+#[test]
+fn problem_9_parent_pruned_during_the_mark() {
+    let s = problem_9(false);
+    s.assert_safe();
+    assert_eq!(s.backups[0].outcome, Outcome::Committed);
+    assert!(s.has(1), "the ack kept the inherited chunk");
+    let s = problem_9(true);
+    s.assert_safe();
+    assert_eq!(s.backups[0].outcome, Outcome::Aborted, "inherited chunk missing after the wait");
+    assert!(!s.has(1));
+}
+
+/// Problem 9 without the Dekker order (the draft's): the parent is read and decided before
+/// the session exists, so no GC waits for this backup.
+#[test]
+fn problem_9_without_dekker_breaks() {
+    let mut s = traced(Proto::mutated(Mutation::NoDekker));
+    let parent = s.add_manifest(0, bit(1));
+    let g = s.add_gc(0);
+    let b = s.add_backup(0, 0, bit(2), true, 0);
+    let (bt, gt) = (Thread::Main(b), Thread::Gc(g));
+    s.until(bt, "parent read", |s| s.backups[b].main == Main::ParentDecide);
+    s.prune_key(parent);
+    s.until(gt, "finished", |s| s.finished(gt));
+    s.until(bt, "finished", |s| s.finished(bt));
+    s.assert_broken("S1");
+}
+
+// ------------------------------------------------------- the manifest PUT retry (a flaw)
+
+/// gc-protocol.md step 6 resolves a lost response by sending the manifest PUT again. The first
+/// attempt landed; the GC's L0 sees the key occupied (ended0); a prune deletes the new
+/// manifest; the mark does not see it; the retry re-creates it; the GC deletes its chunks.
+fn manifest_retry_after_prune(proto: Proto) -> Sim {
+    let mut s = traced(proto);
+    s.store.chunks = bit(1);
+    let b = s.add_backup(0, 0, bit(1), false, 0);
+    let g = s.add_gc(0);
+    let (bt, gt) = (Thread::Main(b), Thread::Gc(g));
+    s.until(bt, "manifest sent", |s| s.backups[b].sent_manifest);
+    s.deliver_lost(bt);
+    s.until(gt, "L0 taken", |s| s.gcs[g].pc == GcPc::MarkList);
+    assert_eq!(s.gcs[g].ended0, 1, "the session is ended at L0");
+    s.prune_key(s.backups[b].key);
+    s.until(gt, "sweep written", |s| s.gcs[g].pc == GcPc::L1List);
+    s.until(bt, "finished", |s| s.finished(bt));
+    s.until(gt, "finished", |s| s.finished(gt));
+    s
+}
+
+#[test]
+fn as_written_manifest_put_retry_recreates_a_pruned_manifest() {
+    let written = Proto {
+        retry_manifest_put: true,
+        ..Proto::FIXED
+    };
+    let s = manifest_retry_after_prune(written);
+    s.assert_broken("S1");
+    assert_eq!(s.backups[0].outcome, Outcome::Committed);
+    // The fix: an unknown outcome is resolved by the fence, never by a second manifest PUT.
+    let s = manifest_retry_after_prune(Proto::FIXED);
+    s.assert_safe();
+    assert_eq!(s.backups[0].outcome, Outcome::Aborted);
+    // The random worlds find it too.
+    let found = first_catch(written, 20_000);
+    eprintln!("as-written retry: {found:?}");
+    assert!(found.is_some());
+}
+
+// --------------------------------------------------------------- the zombie DELETE
+
+/// A GC's DELETE is in flight when it crashes; a second GC takes over; a backup starts, sees
+/// the sweep abandoned, finds c1 and references it. If the DELETE may land after the takeover
+/// (zombie), S1 breaks; by the protocol's assumption it cannot, and the takeover waits.
+fn zombie(proto: Proto) -> Sim {
+    let mut s = traced(proto);
+    s.store.chunks = bit(1);
+    let g0 = s.add_gc(0);
+    let g1 = s.add_gc(0);
+    let b = s.add_backup(0, 0, bit(1), false, 0);
+    let (bt, g0t, g1t) = (Thread::Main(b), Thread::Gc(g0), Thread::Gc(g1));
+    s.until(g0t, "DELETE c1 sent", |s| s.gcs[g0].pc == GcPc::DeleteAwait);
+    s.kill(g0t);
+    s.until(g1t, "found gen 1 dead", |s| s.gcs[g1].pc == GcPc::Abandon);
+    if !proto.zombie {
+        assert!(!s.enabled(g1t), "no abandoned marker while a DELETE of gen 1 is in flight");
+        s.apply_where(|k| matches!(k, Kind::Delete { .. }));
+    }
+    s.until(g1t, "took over", |s| s.gcs[g1].pc == GcPc::L0List);
+    s.until(bt, "manifest sent", |s| s.backups[b].sent_manifest);
+    if proto.zombie {
+        s.apply_where(|k| matches!(k, Kind::Delete { .. }));
+    }
+    s.until(bt, "finished", |s| s.finished(bt));
+    s
+}
+
+#[test]
+fn zombie_delete_after_takeover_breaks_closure() {
+    let z = Proto {
+        zombie: true,
+        early_checks: false,
+        ..Proto::FIXED
+    };
+    let s = zombie(z);
+    s.assert_broken("S1");
+    assert_eq!(s.stats.late_deletes, 1);
+    // Random worlds too: every S1 found in zombie mode comes from a late DELETE.
+    let (seed, e) = first_catch(z, 20_000).expect("zombie mode must break S1");
+    let st = Sim::random(seed, z);
+    let mut st = st;
+    let _ = st.run();
+    eprintln!("zombie: seed {seed}: {e}");
+    assert!(st.stats.late_deletes > 0);
+}
+
+/// The assumption must also cover the GC's own `end`: a DELETE that timed out may still be in
+/// flight, and a backup that starts after `end` trusts what it HEADs.
+#[test]
+fn end_written_with_a_delete_in_flight_breaks_closure() {
+    let p = Proto::from_name("end-early").expect("mode");
+    let (seed, e) = first_catch(p, 20_000).expect("end-early must break S1");
+    eprintln!("end-early: caught at seed {seed}: {e}");
+    let mut s = Sim::random(seed, p);
+    let _ = s.run();
+    assert!(s.stats.late_deletes > 0);
+}
+
+#[test]
+fn default_mode_never_applies_a_delete_after_takeover() {
+    let s = zombie(Proto::FIXED);
+    s.assert_safe();
+    assert_eq!(s.backups[0].outcome, Outcome::Committed);
+    assert!(s.has(1), "the backup saw c1 deleted and uploaded it again");
+    let mut total = Stats::default();
+    for seed in 0..3000 {
+        total.add(&run_seed(seed, Proto::FIXED).unwrap_or_else(|e| panic!("{e}")));
+    }
+    assert_eq!(total.late_deletes, 0);
+    assert!(total.takeover_in_flight > 0 && total.abandoned > 0, "{total:?}");
+}
+
+// ------------------------------------------------------------------------- liveness
+
+/// Liveness (not safety): a backup whose session PUT falls between `sweep` and the GC's L1
+/// LIST observes the sweep at start, never acks it (step 2), and is fenced after the ack
+/// timeout although it was doing everything right. Acking the observed sweep (with its
+/// decided set, still empty) at start avoids that.
+fn observed_at_start(proto: Proto) -> Sim {
+    let mut s = traced(proto);
+    s.store.chunks = bit(1);
+    let g = s.add_gc(0);
+    let b = s.add_backup(0, 0, bit(2), false, 0);
+    let (bt, gt) = (Thread::Main(b), Thread::Gc(g));
+    s.until(gt, "sweep written", |s| s.gcs[g].pc == GcPc::L1List);
+    s.until(bt, "observed gen 1", |s| s.backups[b].bumped);
+    s.until(gt, "finished", |s| s.finished(gt));
+    s.until(bt, "finished", |s| s.finished(bt));
+    s
+}
+
+#[test]
+fn liveness_backup_that_observed_the_sweep_at_start_is_fenced() {
+    let s = observed_at_start(Proto::FIXED);
+    s.assert_safe();
+    assert_eq!(s.backups[0].outcome, Outcome::Fenced);
+    assert_eq!(s.stats.needless_fences, 1);
+    let s = observed_at_start(Proto {
+        ack_observed: true,
+        ..Proto::FIXED
+    });
+    s.assert_safe();
+    assert_eq!(s.backups[0].outcome, Outcome::Committed);
+    assert_eq!(s.stats.needless_fences, 0);
+}
+
+/// Liveness (not safety): GC writes `end` (step 6) before its cleanup (step 7), so the next
+/// GC can claim and take L0 while sessions are still being deleted; its L0 ⊆ L1 check then
+/// refuses to sweep ("cannot happen" in step 5). Cleaning up before `end` avoids it.
+#[test]
+fn liveness_cleanup_after_end_makes_the_next_gc_refuse() {
+    let n = 10_000;
+    let count = |proto: Proto| {
+        let mut t = Stats::default();
+        for seed in 0..n {
+            t.add(&run_seed(seed, proto).unwrap_or_else(|e| panic!("{e}")));
+        }
+        t.l0_missing
+    };
+    let written = count(Proto::FIXED);
+    let fixed = count(Proto {
+        cleanup_before_end: true,
+        ..Proto::FIXED
+    });
+    eprintln!("GCs refusing to sweep for a vanished L0 session: {written} as written, {fixed} with cleanup before end");
+    assert!(written > 0);
+    assert_eq!(fixed, 0);
 }

@@ -14,6 +14,7 @@ pub mod index;
 pub mod keys;
 pub mod manifest;
 pub mod object;
+pub mod quarantine;
 pub mod repo;
 pub mod retention;
 pub mod retry;

@@ -87,6 +87,7 @@ pub struct Session {
     observed_gen: u64,
     opts: SessionOptions,
     watcher: tokio::task::JoinHandle<()>,
+    quarantined: Arc<HashSet<ChunkId>>,
 }
 
 impl Drop for Session {
@@ -143,6 +144,9 @@ impl Session {
                 gate.seen.insert(g);
             }
         }
+        // Chunks an audit or restore found missing or corrupt: never trusted from the index.
+        let quarantined = Arc::new(repo.quarantined().await?);
+        gate.suspect.extend(quarantined.iter().copied());
         let observed_gen = gens.iter().filter(|(_, st)| st.over()).map(|(g, _)| *g).max().unwrap_or(0);
         let gate = Arc::new(Mutex::new(gate));
         let watcher = {
@@ -165,7 +169,13 @@ impl Session {
             observed_gen,
             opts,
             watcher,
+            quarantined,
         })
+    }
+
+    /// Chunks in quarantine when the session began (FORMAT.md §13).
+    pub fn quarantined(&self) -> &Arc<HashSet<ChunkId>> {
+        &self.quarantined
     }
 
     /// The backup this session will commit (its manifest key is promised).
