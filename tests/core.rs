@@ -156,8 +156,12 @@ fn a_flipped_byte_in_a_chunk_fails_restore_naming_block_and_chunk() {
     repo.ok(&["audit"]);
     let err = repo.fails(&["audit", "--read-data"], 3);
     assert!(err.contains("problem"), "{err}");
+    // That audit put the corrupt chunk in quarantine: its bytes kept aside, the object gone,
+    // so the next backup with this block can store a good copy.
+    assert!(!victim.exists(), "the corrupt chunk is moved aside");
+    let kept = repo.repo_dir().join(format!("quarantine/{chunk_id}.object"));
+    assert!(kept.exists(), "its bytes are kept at {}", kept.display());
     // A missing chunk is found without reading data.
-    std::fs::remove_file(&victim).expect("rm");
     let report = repo.run(&["audit", "--json"]);
     assert_eq!(report.status.code(), Some(3));
     let j: serde_json::Value = serde_json::from_slice(&report.stdout).expect("json");

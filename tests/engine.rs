@@ -142,9 +142,10 @@ async fn request_counts_of_a_known_backup_are_exact() {
         .await
         .expect("full");
     let r = store.requests().since(&before);
-    // One LIST (the index sync), one HEAD per distinct new chunk (dedup check), one PUT per
-    // distinct new chunk and one for the manifest; nothing read.
-    assert_eq!((r.list, r.head, r.put, r.get, r.delete), (1, 4, 5, 0, 0), "{r:?}");
+    // Three LISTs (gc/ and quarantine/ when the session begins, then the index sync), one
+    // HEAD per distinct new chunk (dedup check), one PUT per distinct new chunk, one for the
+    // manifest and two for the session (its record before, its end after); nothing read.
+    assert_eq!((r.list, r.head, r.put, r.get, r.delete), (3, 4, 7, 0, 0), "{r:?}");
     assert_eq!(b1.manifest.meta.stats.blocks_new, 4);
     assert_eq!(b1.manifest.meta.stats.blocks_dedup, 1);
     assert_eq!(b1.manifest.meta.stats.blocks_zero, 1);
@@ -152,11 +153,21 @@ async fn request_counts_of_a_known_backup_are_exact() {
     let manifest_len = std::fs::metadata(dir.path().join("repo").join(b1.backup.key()))
         .expect("manifest file")
         .len();
-    assert_eq!(r.bytes_up, b1.manifest.meta.stats.bytes_uploaded + manifest_len, "{r:?}");
+    let session_dir = dir.path().join("repo/sessions/count").join(&b1.backup.name);
+    let session_len: u64 = ["session", "end"]
+        .iter()
+        .map(|f| std::fs::metadata(session_dir.join(f)).expect("session object").len())
+        .sum();
+    assert_eq!(
+        r.bytes_up,
+        b1.manifest.meta.stats.bytes_uploaded + manifest_len + session_len,
+        "{r:?}"
+    );
 
     // An incremental rewriting two whole blocks with new data and one block partly: the head
     // manifest is read (1 GET), the partly written block is completed from its parent chunk
-    // (1 GET), three new chunks are checked and written, plus the manifest.
+    // (1 GET), three new chunks are checked and written, plus the manifest and the session's
+    // two records; three LISTs as above.
     let mut b = vec![0u8; MIB as usize];
     rng.fill(&mut b);
     v.write(MIB, &b);
@@ -172,5 +183,5 @@ async fn request_counts_of_a_known_backup_are_exact() {
         .await
         .expect("incremental");
     let r = store.requests().since(&before);
-    assert_eq!((r.list, r.get, r.head, r.put, r.delete), (1, 2, 3, 4, 0), "{r:?}");
+    assert_eq!((r.list, r.get, r.head, r.put, r.delete), (3, 2, 3, 6, 0), "{r:?}");
 }
