@@ -628,11 +628,8 @@ fn heal_quarantined(
             continue;
         }
         let id = repo.chunk_id(data);
-        loop {
-            match session.decide(&id)? {
-                ferry_repo::Decision::Wait(gen) => rt.block_on(session.wait_over(gen))?,
-                _ => break,
-            }
+        while let ferry_repo::Decision::Wait(gen) = session.decide(&id)? {
+            rt.block_on(session.wait_over(gen))?;
         }
         if !rt
             .block_on(repo.chunk_exists(&id))
