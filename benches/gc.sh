@@ -6,7 +6,7 @@
 #
 #   --size SIZE      the volume (default 2G)
 #   --backups N      one full backup and N-1 incrementals (default 100)
-#   --writes W       64 KiB random writes between backups (default 200, ~12 MiB)
+#   --writes W       64 KiB random writes between backups (default 8: each rewrites a 4 MiB block)
 #   --keep K         prune --keep-last K before the GC (default 50)
 #   --work DIR       work directory (default /tmp/ferry-bench/gc)
 #   --out FILE       also write the Markdown report to FILE (default DIR/report.md)
@@ -20,7 +20,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 SIZE=2G
 BACKUPS=100
-WRITES=200
+WRITES=8
 KEEP=50
 WORK=/tmp/ferry-bench/gc
 OUT=""

@@ -58,7 +58,10 @@ fn a_manifest_put_with_an_unknown_outcome_is_read_back_and_committed_once() {
     let r = repo.path("r.raw");
     repo.ok(&["restore", "v", "--to", r.to_str().expect("utf8")]);
     assert_eq!(hash_file(&r), v.hash());
-    // A 503 on the first manifest PUT (nothing stored): retried, committed once.
+    // A 503 on the manifest PUT: the PUT is never sent twice (a second copy could re-create a
+    // manifest pruned in between, behind a GC's back); the outcome is settled by fencing the
+    // name (the fence's first attempt gets a 503 too, its retry lands): nothing committed, for
+    // certain, and running the backup again uploads only a manifest.
     v.write(10, b"second");
     let f = stream_file(&repo, &mut v, "s2");
     let out = with_faults(
@@ -66,7 +69,12 @@ fn a_manifest_put_with_an_unknown_outcome_is_read_back_and_committed_once() {
         "put:volumes/*:status=503:times=2",
         &["backup", "--volume", "v", "--diff", &f],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("nothing was committed"), "{err}");
+    assert_eq!(repo.backups("v").len(), 1);
+    let j = repo.json(&["backup", "--volume", "v", "--diff", &f]);
+    assert_eq!(j["stats"]["blocks_new"], 0, "{j}");
     assert_eq!(repo.backups("v").len(), 2);
 }
 

@@ -8,6 +8,9 @@ use crate::args::{parse_seconds, RepoArgs};
 use crate::errors::exit;
 use crate::output::{human_bytes, print_json, requests_line, Progress};
 
+/// Deletes every chunk no manifest references. Safe while backups, prunes and other GCs of
+/// ferry 0.2 or later run (FORMAT.md §12); every backup writing to the repository must be
+/// ferry 0.2 or later (0.1 keeps no session a GC could see).
 #[derive(Args, Debug)]
 pub struct GcArgs {
     /// Mark only: report what would be deleted (an upper bound: running backups may still

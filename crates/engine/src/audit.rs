@@ -111,7 +111,8 @@ pub(crate) enum ManifestRead {
 pub(crate) fn classify_read(read: ferry_repo::Result<Manifest>) -> std::result::Result<ManifestRead, ferry_repo::Error> {
     match read {
         Ok(m) => Ok(ManifestRead::Read(Box::new(m))),
-        Err(ferry_repo::Error::NotFound { .. }) => Ok(ManifestRead::Vanished),
+        // Forgotten between the listing and the read, or fenced by a GC meanwhile: not there.
+        Err(ferry_repo::Error::NotFound { .. } | ferry_repo::Error::Fenced { .. }) => Ok(ManifestRead::Vanished),
         Err(e) if e.is_integrity() || matches!(e, ferry_repo::Error::UnsupportedFormat { .. }) => Ok(ManifestRead::Unreadable(e)),
         Err(e) => Err(e),
     }

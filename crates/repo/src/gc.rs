@@ -7,7 +7,7 @@
 //! PUT, after which that backup can never commit). Only then are the unreferenced candidates
 //! deleted, in batches, and `gc/<gen>/end` written.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
@@ -483,7 +483,6 @@ pub async fn collect_garbage(repo: &Repository, opts: &GcOptions, progress: &(dy
     progress(GcEvent::Phase("mark"));
     let listing = repo.list_volumes(None).await?;
     report.fences = listing.fenced.len();
-    let occupied: BTreeSet<BackupRef> = listing.backups.iter().chain(listing.fenced.iter()).cloned().collect();
     let mut set = MarkSet::default();
     let mut reads =
         futures::stream::iter(listing.backups.iter().map(|r| async move { (r, repo.read_manifest(r).await) })).buffer_unordered(8);
@@ -538,11 +537,13 @@ pub async fn collect_garbage(repo: &Repository, opts: &GcOptions, progress: &(dy
     let mut ended: Vec<String> = Vec::new();
     let mut waiting: Vec<(BackupRef, Vec<String>)> = Vec::new();
     for (r, e) in list_sessions(repo).await? {
-        if occupied.contains(&r) {
-            // Ended before the mark listed it: its manifest (if any) was marked.
+        if listing.fenced.contains(&r) {
+            // Aborted, or fenced by an earlier GC: it can never commit.
             ended.extend(e.keys);
             continue;
         }
+        // A manifest in the listing does not end a session: until it writes `end`, the
+        // backup may still be settling its commit. `settle` reads the manifest at once.
         if e.ended {
             // Committed, and its manifest gone since the listing, or committed after it.
             match repo.read_manifest(&r).await {
@@ -616,13 +617,14 @@ pub async fn collect_garbage(repo: &Repository, opts: &GcOptions, progress: &(dy
         report.bytes_freed += batch.iter().map(|(_, s)| s).sum::<u64>();
         progress(GcEvent::Deleted { done, total });
     }
-    put_record(repo, &gen_key(gen, "end"), &encode_ids(doomed.iter().map(|(id, _)| id))).await?;
 
-    // 6. Clean up: records of ended sessions (no other GC can need them: one runs at a time)
-    // and old generations.
+    // 6. Clean up: records of ended sessions (no other GC can need them: one runs at a time),
+    // then the end record, then old generations.
     progress(GcEvent::Phase("cleanup"));
     report.sessions_cleaned = ended.iter().filter(|k| k.ends_with("/session")).count();
     delete_keys(repo, ended).await?;
+    // Only now is the sweep over: the next GC cannot claim while this one still cleans up.
+    put_record(repo, &gen_key(gen, "end"), &encode_ids(doomed.iter().map(|(id, _)| id))).await?;
     let old: Vec<String> = list_keys(repo, "gc")
         .await?
         .into_iter()

@@ -547,28 +547,43 @@ impl Repository {
         let sealed = Bytes::from(sealed);
         // Every chunk the map references must be durable before the manifest exists.
         self.store.barrier().await?;
-        // Each attempt: PUT create-only. "Already exists" is either our own earlier attempt
-        // whose answer was lost (stored, then a reset or timeout) or a collision: read it back
-        // and compare. A transient failure leaves the outcome unknown until an attempt settles
-        // it; if none does, say so — never "nothing was committed".
-        let attempt = || async {
-            if put_create(self.store.inner.as_ref(), &key, sealed.clone()).await? {
-                return Ok(());
-            }
-            match self.read_manifest(&r).await {
-                Ok(found) if found == manifest => Ok(()),
-                Ok(_) => Err(Error::BadObject {
-                    path: key.clone(),
-                    reason: "another manifest with this name already exists".into(),
-                }),
-                Err(e) => Err(e),
-            }
+        // The manifest PUT is sent once: sending it again after a lost answer could re-create
+        // a manifest pruned in between, behind a garbage collection's back (FORMAT.md §12.2).
+        // "Already exists" is read back; an unknown outcome is settled with the fence — a
+        // 0-byte create-only PUT at the same key, after which no late copy of the manifest
+        // can land.
+        let outcome = match put_create(self.store.inner.as_ref(), &key, sealed).await {
+            Ok(true) => Ok(()),
+            Ok(false) => self.settle_existing(&r, &manifest).await,
+            Err(e) if e.is_transient() => match self
+                .retry
+                .run(
+                    || format!("fencing backup {} after an unknown commit outcome", manifest.meta.backup_id),
+                    || put_create(self.store.inner.as_ref(), &key, Bytes::new()),
+                )
+                .await
+            {
+                // Our fence is there: the manifest never was, and never will be.
+                Ok(true) => Err(e),
+                Ok(false) => self.settle_existing(&r, &manifest).await,
+                // The store refuses the fence too: one last look. Our manifest there settles it;
+                // nothing there means nothing was committed as far as the store can tell (a
+                // copy still in flight would be fenced by the next GC, which finds this
+                // session unended); anything else stays unknown.
+                Err(f) => match self.read_manifest(&r).await {
+                    Ok(found) if found == manifest => Ok(()),
+                    Err(Error::NotFound { .. }) => Err(f),
+                    _ => Err(Error::CommitUnknown {
+                        volume: manifest.meta.volume.clone(),
+                        backup: manifest.meta.backup_id.clone(),
+                        key: key.clone(),
+                        last: format!("{e}; then fencing it failed: {f}"),
+                    }),
+                },
+            },
+            Err(e) => Err(e),
         };
-        let outcome = self
-            .retry
-            .run(|| format!("committing backup {}", manifest.meta.backup_id), attempt)
-            .await;
-        session.settled(outcome.is_ok() || matches!(outcome, Err(Error::Fenced { .. })));
+        session.settled(!matches!(outcome, Err(Error::CommitUnknown { .. })));
         if outcome.is_ok() {
             // The commit itself is durable before it is reported; if that cannot be made sure,
             // the backup is visible but its fate after a crash is not known.
@@ -580,23 +595,23 @@ impl Repository {
                     last: format!("the manifest was written but could not be made durable: {e}"),
                 });
             }
-        }
-        if outcome.is_ok() {
             session.end().await;
         }
-        match outcome {
-            Ok(()) => Ok((r, manifest)),
-            Err(e) if e.is_transient() => match self.read_manifest(&r).await {
-                // One last look settles what the failures left open.
-                Ok(found) if found == manifest => Ok((r, manifest)),
-                Err(Error::NotFound { .. }) => Err(e),
-                _ => Err(Error::CommitUnknown {
-                    volume: manifest.meta.volume.clone(),
-                    backup: manifest.meta.backup_id.clone(),
-                    key,
-                    last: e.to_string(),
-                }),
-            },
+        outcome.map(|()| (r, manifest))
+    }
+
+    /// What is at a manifest key our create-only PUT (of the manifest or of a fence) found
+    /// taken: our manifest → committed; a fence → [`Error::Fenced`]; nothing any more → it was
+    /// our manifest, since forgotten (fences are never deleted) → committed; anything else →
+    /// a collision.
+    async fn settle_existing(&self, r: &BackupRef, manifest: &Manifest) -> Result<()> {
+        match self.read_manifest(r).await {
+            Ok(found) if found == *manifest => Ok(()),
+            Ok(_) => Err(Error::BadObject {
+                path: r.key(),
+                reason: "another manifest with this name already exists".into(),
+            }),
+            Err(Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e),
         }
     }

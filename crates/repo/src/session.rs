@@ -142,6 +142,9 @@ impl Session {
                 let ids = decode_ids(&get_record(repo, &k).await?, &k)?;
                 gate.active.insert(g, Arc::new(ids.into_iter().collect()));
                 gate.seen.insert(g);
+                // Nothing decided yet: an empty acknowledgement, so the GC need not wait for
+                // (or fence) a session that began after its sweep was published.
+                put_record(repo, &session_key(&backup, &format!("ack/{g:020}")), b"").await?;
             }
         }
         // Chunks an audit or restore found missing or corrupt: never trusted from the index.
