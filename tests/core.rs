@@ -142,30 +142,43 @@ fn a_flipped_byte_in_a_chunk_fails_restore_naming_block_and_chunk() {
     bytes[mid] ^= 0x01;
     std::fs::write(&victim, bytes).expect("write");
 
+    // The audit finds it, but only when it reads data (and, told not to, quarantines nothing).
+    repo.ok(&["audit"]);
+    let err = repo.fails(&["audit", "--read-data", "--no-quarantine"], 3);
+    assert!(err.contains("problem"), "{err}");
+    assert!(victim.exists());
+
     let out = repo.path("out.raw");
     let err = repo.fails(&["restore", "v", "--to", out.to_str().expect("utf8")], 3);
     assert!(err.contains(&chunk_id), "{err}");
     assert!(err.contains("block "), "{err}");
     assert!(err.contains("integrity"), "{err}");
     assert!(!out.exists(), "a failed restore must not leave a partial file");
-    // --best-effort writes the rest and still reports it.
-    let err = repo.fails(&["restore", "v", "--to", out.to_str().expect("utf8"), "--best-effort"], 3);
-    assert!(err.contains(&chunk_id), "{err}");
-    assert!(out.exists());
-    // The audit finds it too, but only when it reads data.
-    repo.ok(&["audit"]);
-    let err = repo.fails(&["audit", "--read-data"], 3);
-    assert!(err.contains("problem"), "{err}");
-    // That audit put the corrupt chunk in quarantine: its bytes kept aside, the object gone,
+    // The restore put the corrupt chunk in quarantine: its bytes kept aside, the object gone,
     // so the next backup with this block can store a good copy.
     assert!(!victim.exists(), "the corrupt chunk is moved aside");
     let kept = repo.repo_dir().join(format!("quarantine/{chunk_id}.object"));
     assert!(kept.exists(), "its bytes are kept at {}", kept.display());
+    // --best-effort writes the rest and still reports it (now missing).
+    let err = repo.fails(&["restore", "v", "--to", out.to_str().expect("utf8"), "--best-effort"], 3);
+    assert!(err.contains(&chunk_id), "{err}");
+    assert!(out.exists());
     // A missing chunk is found without reading data.
-    let report = repo.run(&["audit", "--json"]);
+    let report = repo.run(&["audit", "--json", "--no-quarantine"]);
     assert_eq!(report.status.code(), Some(3));
     let j: serde_json::Value = serde_json::from_slice(&report.stdout).expect("json");
     assert_eq!(j["findings"][0]["kind"], "missing-chunk");
+    // Healing: any backup whose stream has the block uploads the chunk again (it is
+    // quarantined, so neither the index nor an old HEAD is trusted), and v restores again.
+    let mut w = Volume::generated(6 * MIB, 1 << 20, 7);
+    let j = repo.backup_bytes("w", &w.diff("s1", Vec::new()).expect("diff"));
+    assert_eq!(j["stats"]["blocks_new"], 1, "{j}");
+    assert!(victim.exists(), "the chunk is back");
+    assert!(!repo.repo_dir().join(format!("quarantine/{chunk_id}")).exists(), "record dropped");
+    std::fs::remove_file(&out).ok();
+    repo.ok(&["restore", "v", "--to", out.to_str().expect("utf8")]);
+    assert_eq!(hash_file(&out), v.hash());
+    repo.ok(&["audit", "--read-data"]);
 }
 
 #[test]

@@ -451,6 +451,13 @@ fn prune_then_gc_frees_exactly_the_pruned_chunks(repo: Repo) {
     assert_eq!(chunks_in(&repo).len(), kept.len() + pruned.len());
 
     repo.ok(&["prune", "v", "--keep-last", "3"]);
+    // A grace period keeps young garbage (a margin the protocol does not need).
+    let young = repo.json(&["gc", "--grace", "1h"]);
+    assert_eq!(
+        (young["kept_young"].as_u64(), young["chunks_deleted"].as_u64()),
+        (Some(pruned.len() as u64), Some(0)),
+        "{young}"
+    );
     let dry = repo.json(&["gc", "--dry-run"]);
     assert_eq!(dry["candidates"], pruned.len(), "{dry}");
     assert_eq!(chunks_in(&repo).len(), kept.len() + pruned.len(), "a dry run deletes nothing");

@@ -22,6 +22,10 @@ pub struct GcArgs {
     /// fails with "stopped by a garbage collection" (run it again).
     #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
     ack_timeout: std::time::Duration,
+    /// Also keep unreferenced chunks younger than this (e.g. 1h, 2d; default 0). The protocol
+    /// does not need it; it is a margin for stores whose listing lags.
+    #[arg(long, value_name = "DURATION", value_parser = parse_grace)]
+    grace: Option<std::time::Duration>,
     /// Take over from a garbage collection that holds the claim although its process is gone
     /// (a claim by a dead process of this host is taken over without this). Only when you
     /// know it is not running: a live one stops before its next batch of deletes.
@@ -32,12 +36,22 @@ pub struct GcArgs {
     json: bool,
 }
 
+fn parse_grace(s: &str) -> Result<std::time::Duration, String> {
+    if s.trim() == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    crate::cmd_prune::parse_duration(s)?
+        .to_std()
+        .map_err(|_| format!("'{s}' is not a positive duration"))
+}
+
 pub async fn run(a: GcArgs, r: RepoArgs) -> Result<u8> {
     let engine = r.engine(Progress::new(a.json)).await?;
     let opts = GcOptions {
         dry_run: a.dry_run,
         ack_timeout: a.ack_timeout,
         takeover: a.takeover,
+        grace: a.grace.unwrap_or_default(),
         ..Default::default()
     };
     let report = engine.gc(&opts).await?;
@@ -50,6 +64,9 @@ pub async fn run(a: GcArgs, r: RepoArgs) -> Result<u8> {
     }
     if let Some(g) = report.took_over {
         println!("took over from garbage collection {g}, whose process is gone");
+    }
+    if report.kept_young > 0 {
+        println!("kept {} unreferenced chunk(s) younger than --grace", report.kept_young);
     }
     println!(
         "marked {} chunk(s) referenced by {} manifest(s); {} of {} chunk(s) ({}) in the repository were unreferenced",

@@ -69,6 +69,7 @@ pub async fn run(a: RestoreArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
     let opts = RestoreOptions {
         jobs: a.jobs,
         best_effort: a.best_effort,
+        quarantine: true,
     };
     match engine.restore(manifest.clone(), target, &opts).await {
         Ok(report) => {

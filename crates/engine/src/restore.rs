@@ -5,6 +5,7 @@
 //! writes in any order, ordered targets get the blocks in order. Every chunk's ID is
 //! re-checked after decryption; a bad or missing chunk is reported with its block and offset.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub struct BlockFailure {
     pub error: String,
     /// The kind of failure (integrity or transient).
     pub kind: ErrorKind,
+    /// The chunk is missing (not damaged).
+    pub missing: bool,
 }
 
 impl std::fmt::Display for BlockFailure {
@@ -82,6 +85,9 @@ pub struct RestoreOptions {
     /// Write every block that can be read (bad ones as zeros) and keep the output, instead of
     /// stopping and removing it. The restore still fails (integrity), naming the bad blocks.
     pub best_effort: bool,
+    /// Quarantine chunks found missing or corrupt (FORMAT.md §13), so the next backup that
+    /// has their blocks uploads them again. Best effort: a read-only credential only warns.
+    pub quarantine: bool,
 }
 
 impl Default for RestoreOptions {
@@ -89,6 +95,7 @@ impl Default for RestoreOptions {
         RestoreOptions {
             jobs: crate::default_jobs(),
             best_effort: false,
+            quarantine: true,
         }
     }
 }
@@ -154,6 +161,7 @@ fn failure(m: &Manifest, index: u64, id: &ChunkId, e: &ferry_repo::Error) -> Blo
             ferry_repo::Error::NotFound { .. } => ErrorKind::Integrity,
             e => crate::error::repo_error_kind(e),
         },
+        missing: matches!(e, ferry_repo::Error::NotFound { .. }),
     }
 }
 
@@ -200,10 +208,10 @@ async fn run(
     };
     let outcome = match layout {
         Layout::Positional { file, write_holes } => {
-            restore_positional(repo, observer.as_ref(), manifest.clone(), file, write_holes, opts).await
+            restore_positional(repo.clone(), observer.as_ref(), manifest.clone(), file, write_holes, opts).await
         }
         Layout::Ordered { format, snap_name } => {
-            let (res, t) = restore_ordered(repo, observer.as_ref(), manifest.clone(), target, format, snap_name, opts).await?;
+            let (res, t) = restore_ordered(repo.clone(), observer.as_ref(), manifest.clone(), target, format, snap_name, opts).await?;
             target = t;
             res
         }
@@ -243,6 +251,19 @@ async fn run(
         let undone = crate::cpu::blocking(move || Ok(target.abandon())).await?;
         format!("failed{}", undo_note(undone))
     };
+    if opts.quarantine {
+        let mut bad: BTreeMap<String, bool> = BTreeMap::new();
+        for f in report.failures.iter().filter(|f| f.kind == ErrorKind::Integrity) {
+            bad.insert(f.chunk.clone(), f.missing);
+        }
+        for (hex, missing) in bad {
+            let Some(id) = ChunkId::from_hex(&hex) else { continue };
+            let reason = if missing { "restore: missing" } else { "restore: corrupt" };
+            if let Err(e) = repo.quarantine(&id, reason, !missing).await {
+                crate::observer::warn(observer.as_ref(), &format!("could not quarantine chunk {hex}: {e}"));
+            }
+        }
+    }
     let list: Vec<String> = report.failures.iter().take(20).map(|f| format!("  {f}")).collect();
     // Bad data is integrity; if every failure was the store being unavailable, say so.
     let (kind, what_failed) = if report.failures.iter().all(|f| f.kind == ErrorKind::Transient) {

@@ -212,6 +212,9 @@ pub struct GcOptions {
     pub takeover: bool,
     /// Chunks per DELETE batch.
     pub batch: usize,
+    /// Never delete a chunk younger than this (by the store's modification time). Not needed
+    /// for safety — the protocol is — only a belt over the braces; default 0.
+    pub grace: Duration,
 }
 
 impl Default for GcOptions {
@@ -222,6 +225,7 @@ impl Default for GcOptions {
             poll: Duration::from_millis(500),
             takeover: false,
             batch: 1000,
+            grace: Duration::ZERO,
         }
     }
 }
@@ -249,6 +253,8 @@ pub struct GcReport {
     pub mark_bytes: u64,
     /// Chunks no manifest referenced at the mark.
     pub candidates: u64,
+    /// Unreferenced chunks kept because they are younger than `--grace`.
+    pub kept_young: u64,
     /// Candidates kept because a running backup had decided to use them (acks) or committed
     /// them after the mark.
     pub kept_for_backups: u64,
@@ -511,6 +517,7 @@ pub async fn collect_garbage(repo: &Repository, opts: &GcOptions, progress: &(dy
     let mut marked = Marked { set, late: HashSet::new() };
     progress(GcEvent::Phase("list chunks"));
     let mut candidates: Vec<(ChunkId, u64)> = Vec::new();
+    let young = chrono::Utc::now() - chrono::Duration::from_std(opts.grace).unwrap_or(chrono::Duration::MAX);
     for m in list_keys(repo, "chunks").await? {
         let Some(id) = m.location.filename().and_then(ChunkId::from_hex) else {
             continue;
@@ -518,7 +525,11 @@ pub async fn collect_garbage(repo: &Repository, opts: &GcOptions, progress: &(dy
         report.chunks_total += 1;
         report.bytes_total += m.size;
         if !marked.contains(&id) {
-            candidates.push((id, m.size));
+            if !opts.grace.is_zero() && m.last_modified > young {
+                report.kept_young += 1;
+            } else {
+                candidates.push((id, m.size));
+            }
         }
     }
     report.candidates = candidates.len() as u64;
