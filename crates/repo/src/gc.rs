@@ -304,7 +304,7 @@ impl MarkSet {
     pub fn add(&mut self, id: ChunkId) {
         if self.sorted.binary_search_by(|x| x.0.cmp(&id.0)).is_err() {
             self.pending.push(id);
-            if self.pending.len() >= (self.sorted.len() / 8).max(1 << 16) {
+            if self.pending.len() >= (self.sorted.len() / 8).max(4096) {
                 self.flush();
             }
         }
@@ -489,6 +489,7 @@ pub async fn collect_garbage(repo: &Repository, opts: &GcOptions, progress: &(dy
     progress(GcEvent::Phase("mark"));
     let listing = repo.list_volumes(None).await?;
     report.fences = listing.fenced.len();
+    let listed: std::collections::BTreeSet<BackupRef> = listing.backups.iter().cloned().collect();
     let mut set = MarkSet::default();
     let mut reads =
         futures::stream::iter(listing.backups.iter().map(|r| async move { (r, repo.read_manifest(r).await) })).buffer_unordered(8);
@@ -555,8 +556,13 @@ pub async fn collect_garbage(repo: &Repository, opts: &GcOptions, progress: &(dy
         }
         // A manifest in the listing does not end a session: until it writes `end`, the
         // backup may still be settling its commit. `settle` reads the manifest at once.
+        if e.ended && listed.contains(&r) {
+            // Committed before the mark listed (and read) its manifest.
+            ended.extend(e.keys);
+            continue;
+        }
         if e.ended {
-            // Committed, and its manifest gone since the listing, or committed after it.
+            // Committed after the listing (or gone since): read what is there.
             match repo.read_manifest(&r).await {
                 Ok(m) => marked.late.extend(m.blocks.into_iter().flatten()),
                 Err(Error::NotFound { .. } | Error::Fenced { .. }) => {}
