@@ -7,7 +7,7 @@ use crate::util::{cluster, hash_file, unique, Cluster, Repo};
 const MIB: u64 = 1 << 20;
 
 /// Applies changes to an image through `rbd import-diff` (a stream with no snapshots).
-fn apply(c: &Cluster, image: &str, size: u64, records: &[(u64, Option<Vec<u8>>, u64)]) {
+pub(crate) fn apply(c: &Cluster, image: &str, size: u64, records: &[(u64, Option<Vec<u8>>, u64)]) {
     let header = DiffHeader {
         from_snap: None,
         to_snap: None,

@@ -7,6 +7,7 @@ mod audit;
 mod ceph;
 mod cli;
 mod core;
+mod crash;
 mod engine;
 mod faults;
 mod gc;
