@@ -474,6 +474,29 @@ impl Cluster {
         }
     }
 
+    /// Breaks the leases on `pool`/`object` whose cookie `is_dead` says belongs to a holder
+    /// known to be gone (the cookie starts with the description given to [`Cluster::lease`]).
+    /// Only those lockers are broken, by client and cookie, so a live holder that took the
+    /// lock meanwhile keeps it. Returns how many were broken.
+    pub fn break_dead_leases(&self, pool: &str, object: &str, is_dead: impl Fn(&str) -> bool) -> Result<usize, Error> {
+        let io = self.ioctx(pool)?;
+        let object_c = cstring("object", object)?;
+        let lock_c = cstring("lock", LEASE_LOCK_NAME)?;
+        let mut broken = 0;
+        for l in list_lockers(&io, &object_c, &lock_c)?.into_iter().filter(|l| is_dead(&l.cookie)) {
+            let client = cstring("client", &l.client)?;
+            let cookie = cstring("cookie", &l.cookie)?;
+            // SAFETY: live ioctx, valid C strings.
+            let rc = unsafe { sys::rados_break_lock(io.raw, object_c.as_ptr(), lock_c.as_ptr(), client.as_ptr(), cookie.as_ptr()) };
+            if rc == 0 {
+                broken += 1;
+            } else if rc != -libc::ENOENT {
+                return Err(rados_err(format!("break_lock {pool}/{object}"), rc, ""));
+            }
+        }
+        Ok(broken)
+    }
+
     /// Breaks every holder's lease on `pool`/`object` (an administrator's override for a holder
     /// that died: its lease would expire by itself after its duration). Returns how many were
     /// broken.

@@ -267,6 +267,34 @@ impl std::fmt::Display for DiffVerificationFailed {
 
 impl std::error::Error for DiffVerificationFailed {}
 
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// True when a lease cookie (`ferry backup on HOST pid PID boot BOOT#…`) names a process of
+/// this host and boot that no longer exists. Anything else — another host, an older ferry's
+/// cookie without a boot ID, a live process — is not provably gone.
+fn holder_is_dead_here(cookie: &str) -> bool {
+    let desc = cookie.split('#').next().unwrap_or("");
+    let Some(rest) = desc.strip_prefix("ferry backup on ") else {
+        return false;
+    };
+    let parts: Vec<&str> = rest.split(' ').collect();
+    let [host, "pid", pid, "boot", boot] = parts.as_slice() else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<i32>() else { return false };
+    let me = boot_id();
+    if *host != hostname() || me.is_empty() || *boot != me || pid <= 0 || pid as u32 == std::process::id() {
+        return false;
+    }
+    // SAFETY: signal 0 only asks whether the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -301,15 +329,28 @@ impl Engine {
                 let lease = match lease_for {
                     None => None,
                     Some(d) => {
-                        let who = format!("ferry backup on {} pid {}", hostname(), std::process::id());
-                        match cluster.lease(&spec.pool, &format!("ferry.lease.{}", spec.image), d, &who) {
-                            Ok(l) => Some(l),
-                            Err(ferry_ceph::Error::LeaseHeld { holder, .. }) => {
-                                return Err(Error::refused(format!(
-                                    "another backup of {spec} is running ({holder}); not starting a second one"
-                                )))
+                        let who = format!("ferry backup on {} pid {} boot {}", hostname(), std::process::id(), boot_id());
+                        let object = format!("ferry.lease.{}", spec.image);
+                        let mut took_over = false;
+                        loop {
+                            match cluster.lease(&spec.pool, &object, d, &who) {
+                                Ok(l) => break Some(l),
+                                // A holder that is provably gone (a dead process of this very host
+                                // and boot) does not block for its whole lease: break its lock only.
+                                Err(ferry_ceph::Error::LeaseHeld { .. })
+                                    if !took_over
+                                        && cluster.break_dead_leases(&spec.pool, &object, holder_is_dead_here).unwrap_or(0) > 0 =>
+                                {
+                                    took_over = true;
+                                    tracing::warn!("took over the backup lease of {spec} from a ferry process of this host that is gone");
+                                }
+                                Err(ferry_ceph::Error::LeaseHeld { holder, .. }) => {
+                                    return Err(Error::refused(format!(
+                                        "another backup of {spec} is running ({holder}); not starting a second one"
+                                    )))
+                                }
+                                Err(e) => return Err(Error::from(e).context(format!("taking the backup lease of {spec}"))),
                             }
-                            Err(e) => return Err(Error::from(e).context(format!("taking the backup lease of {spec}"))),
                         }
                     }
                 };
@@ -796,6 +837,31 @@ impl RestoreTarget for RbdTarget {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_a_dead_process_of_this_host_and_boot_loses_its_lease() {
+        let mut child = std::process::Command::new("true").spawn().expect("spawn true");
+        let dead = child.id();
+        child.wait().expect("reap");
+        let me = |pid: u32| format!("ferry backup on {} pid {pid} boot {}#0123abcd", hostname(), boot_id());
+        assert!(holder_is_dead_here(&me(dead)));
+        assert!(!holder_is_dead_here(&me(std::process::id())), "this very process");
+        assert!(!holder_is_dead_here(&me(1)), "a live process");
+        assert!(!holder_is_dead_here(&format!(
+            "ferry backup on elsewhere pid {dead} boot {}#00",
+            boot_id()
+        )));
+        assert!(!holder_is_dead_here(&format!(
+            "ferry backup on {} pid {dead} boot other#00",
+            hostname()
+        )));
+        assert!(
+            !holder_is_dead_here(&format!("ferry backup on {} pid {dead}#00", hostname())),
+            "no boot: an older ferry"
+        );
+        assert!(!holder_is_dead_here("garbage"));
+    }
+
     use super::*;
     use ferry_ceph::SnapInfo;
 
