@@ -64,7 +64,11 @@ pub fn parse_duration(s: &str) -> Result<chrono::Duration, String> {
             'y' => 24 * 365,
             _ => return Err(format!("'{s}': unknown unit '{c}' (use h, d, w, m, y)")),
         };
-        total += chrono::Duration::hours(n.checked_mul(hours).ok_or_else(|| format!("'{s}' is too long"))?);
+        let part = n
+            .checked_mul(hours)
+            .and_then(chrono::Duration::try_hours)
+            .ok_or_else(|| format!("'{s}' is too long"))?;
+        total = total.checked_add(&part).ok_or_else(|| format!("'{s}' is too long"))?;
         any = true;
     }
     if !num.is_empty() || !any {

@@ -509,6 +509,12 @@ where
         stats,
         blocks,
     };
+    // Before the verifier: it checks the lease, which must be the last thing before the
+    // commit (this may wait for a sweep).
+    session
+        .settle_inherited()
+        .await
+        .context("checking the parent's chunks after a garbage collection")?;
     let draft = match params.verify {
         Some(verify) => {
             let mut draft = draft;
@@ -516,10 +522,6 @@ where
         }
         None => draft,
     };
-    session
-        .settle_inherited()
-        .await
-        .context("checking the parent's chunks after a garbage collection")?;
     let (backup, manifest) = match repo.commit(draft, &session).await {
         Ok(v) => v,
         Err(e @ ferry_repo::Error::CommitUnknown { .. }) => {
@@ -597,16 +599,34 @@ async fn store_block(
     {
         return Ok((i, Some(id), Outcome::Known));
     }
-    let quarantined = session.quarantined().contains(&id);
+    if session.quarantined().contains(&id) {
+        // Found missing or corrupt by an audit or restore: a HEAD cannot tell a corrupt copy
+        // from a good one, so read it; store this block's content unless a good copy is there.
+        let plain = data.len() as u64;
+        let bytes = {
+            let repo = repo.clone();
+            crate::cpu::run(move || repo.encode_chunk(id, &data)).await??
+        };
+        let stored = bytes.len() as u64;
+        let created = repo
+            .restore_quarantined(&id, bytes)
+            .await
+            .with_context(|| format!("storing quarantined chunk {id} (block {i}) again"))?;
+        return Ok((
+            i,
+            Some(id),
+            if created {
+                Outcome::New { plain, stored }
+            } else {
+                Outcome::FoundInRepo
+            },
+        ));
+    }
     if repo
         .chunk_exists(&id)
         .await
         .with_context(|| format!("checking for chunk {id} (block {i})"))?
     {
-        if quarantined {
-            // Someone put a good copy back since the quarantine.
-            let _ = repo.release_quarantine(&id).await;
-        }
         return Ok((i, Some(id), Outcome::FoundInRepo));
     }
     let plain = data.len() as u64;
@@ -619,10 +639,6 @@ async fn store_block(
         .put_chunk(&id, bytes)
         .await
         .with_context(|| format!("uploading chunk {id} (block {i})"))?;
-    if quarantined {
-        // Healed: the chunk is back (the record is only a hint; failing to drop it is harmless).
-        let _ = repo.release_quarantine(&id).await;
-    }
     Ok((
         i,
         Some(id),

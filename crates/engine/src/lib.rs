@@ -193,12 +193,23 @@ impl Engine {
             // The session first: every piece of evidence (parent, index, HEAD) comes after it.
             let session = self.begin_session(&volume).await?;
             // One index sync either way: `resolve` syncs for a named parent.
-            let parent = match &opts.parent {
-                Some(spec) => Some(self.resolve(&volume, spec).await?),
-                None => match self.chain(&volume).await?.head() {
-                    Some(s) => Some((s.backup.clone(), Arc::new(self.repo.read_manifest(&s.backup).await?))),
-                    None => None,
-                },
+            let parent = async {
+                Ok::<_, Error>(match &opts.parent {
+                    Some(spec) => Some(self.resolve(&volume, spec).await?),
+                    None => match self.chain(&volume).await?.head() {
+                        Some(s) => Some((s.backup.clone(), Arc::new(self.repo.read_manifest(&s.backup).await?))),
+                        None => None,
+                    },
+                })
+            }
+            .await;
+            let parent = match parent {
+                Ok(p) => p,
+                Err(e) => {
+                    // Fence our own name at once: no GC need wait for this session.
+                    session.abort().await;
+                    return Err(e);
+                }
             };
             let params = backup::IngestParams {
                 volume: volume.clone(),

@@ -267,10 +267,15 @@ impl std::fmt::Display for DiffVerificationFailed {
 
 impl std::error::Error for DiffVerificationFailed {}
 
+/// This boot and pid namespace (`<boot id>/pid:[<inode>]`): a pid names a process only within
+/// both. Empty when either cannot be read.
 fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string());
+    let ns = std::fs::read_link("/proc/self/ns/pid").map(|p| p.display().to_string());
+    match (boot, ns) {
+        (Ok(b), Ok(n)) if !b.is_empty() => format!("{b}/{n}").replace(' ', "_"),
+        _ => String::new(),
+    }
 }
 
 /// True when a lease cookie (`ferry backup on HOST pid PID boot BOOT#…`) names a process of
@@ -441,13 +446,19 @@ impl RbdRun<'_> {
         };
         // The session first: every piece of evidence (parent, index, HEAD) comes after it.
         let session = self.engine.begin_session(self.volume).await?;
-        let chain = match self.engine.chain(self.volume).await {
-            Ok(c) => c,
-            Err(e) => {
-                session.abort().await;
-                return Err(e);
-            }
-        };
+        // Until the ingest owns the session, a failure fences its name here, at once.
+        macro_rules! or_abort {
+            ($e:expr) => {
+                match $e {
+                    Ok(v) => v,
+                    Err(e) => {
+                        session.abort().await;
+                        return Err(Error::from(e));
+                    }
+                }
+            };
+        }
+        let chain = or_abort!(self.engine.chain(self.volume).await);
         let mut notes = RbdBackupNotes::default();
 
         // The base: the newest committed backup's to-snapshot, if it is still on this very image.
@@ -468,7 +479,7 @@ impl RbdRun<'_> {
                     }
                     Some(base) if snaps.iter().any(|s| &s.name == base) => {
                         notes.base_snapshot = Some(base.clone());
-                        let m = self.engine.repo.read_manifest(&head.backup).await?;
+                        let m = or_abort!(self.engine.repo.read_manifest(&head.backup).await);
                         parent = Some((head.backup.clone(), Arc::new(m)));
                     }
                     Some(base) => {
@@ -483,11 +494,11 @@ impl RbdRun<'_> {
         }
 
         // Whole-object diffs line up with the image's objects when blocks are objects.
-        let block_size = BlockSize::new(info.object_size)
-            .map_err(|e| Error::from(e).context(format!("the object size of {spec} cannot be a block size")))?;
+        let block_size = or_abort!(BlockSize::new(info.object_size)
+            .map_err(|e| Error::from(e).context(format!("the object size of {spec} cannot be a block size"))));
         let owner = snap_owner(self.engine.repo.id(), self.volume);
         let snap = snap_name(&owner, chrono::Utc::now());
-        let export = {
+        let export = or_abort!({
             let (rbd, spec, snap, base) = (self.rbd.clone(), spec.clone(), snap.clone(), notes.base_snapshot.clone());
             blocking(move || {
                 rbd.snap_create(&spec.pool, &spec.image, &snap)
@@ -500,8 +511,8 @@ impl RbdRun<'_> {
                     }
                 }
             })
-            .await?
-        };
+            .await
+        });
         notes.snapshot = snap.clone();
         let healed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let params = IngestParams {
@@ -663,7 +674,6 @@ fn heal_quarantined(
         let len = draft.image_size.saturating_sub(i as u64 * bs).min(bs) as usize;
         let n = reader.read(i as u64 * bs, &mut buf[..len])?;
         let data = &buf[..n];
-        let old = draft.blocks[i];
         if ferry_repo::is_zero(data) {
             draft.blocks[i] = None;
             continue;
@@ -672,18 +682,19 @@ fn heal_quarantined(
         while let ferry_repo::Decision::Wait(gen) = session.decide(&id)? {
             rt.block_on(session.wait_over(gen))?;
         }
-        if !rt
+        let bytes = repo.encode_chunk(id, data)?;
+        if q.contains(&id) {
+            // Read, not HEAD: a corrupt copy must not pass for the chunk.
+            rt.block_on(repo.restore_quarantined(&id, bytes))
+                .with_context(|| format!("storing chunk {id} of block {i} again"))?;
+        } else if !rt
             .block_on(repo.chunk_exists(&id))
             .with_context(|| format!("checking for chunk {id} (block {i})"))?
         {
-            let bytes = repo.encode_chunk(id, data)?;
             rt.block_on(repo.put_chunk(&id, bytes))
                 .with_context(|| format!("uploading chunk {id} of block {i} again"))?;
         }
         draft.blocks[i] = Some(id);
-        if old == Some(id) {
-            let _ = rt.block_on(repo.release_quarantine(&id));
-        }
     }
     Ok(targets.len() as u64)
 }

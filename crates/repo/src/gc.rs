@@ -175,9 +175,13 @@ impl Holder {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "unknown".into())
         };
+        // The pid namespace too: containers may share a hostname and a boot.
+        let ns = std::fs::read_link("/proc/self/ns/pid")
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "unknown".into());
         Holder {
             host: read("/proc/sys/kernel/hostname"),
-            boot_id: read("/proc/sys/kernel/random/boot_id"),
+            boot_id: format!("{}/{ns}", read("/proc/sys/kernel/random/boot_id")),
             pid: std::process::id(),
             started: chrono::Utc::now(),
         }
@@ -186,7 +190,7 @@ impl Holder {
     /// True when the holder is a process of this host and boot that no longer exists.
     pub fn is_dead_here(&self) -> bool {
         let me = Holder::me();
-        if self.host != me.host || self.boot_id != me.boot_id || self.boot_id == "unknown" {
+        if self.host != me.host || self.boot_id != me.boot_id || self.boot_id.contains("unknown") {
             return false;
         }
         let Ok(pid) = i32::try_from(self.pid) else {
@@ -425,7 +429,7 @@ async fn delete_keys(repo: &Repository, keys: Vec<String>) -> Result<u64> {
         match r {
             Ok(_) => n += 1,
             Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(Error::store("delete", &p("chunks"), e)),
+            Err(e) => return Err(Error::store("delete", &p("(batch)"), e)),
         }
     }
     Ok(n)
@@ -473,7 +477,10 @@ pub async fn collect_garbage(repo: &Repository, opts: &GcOptions, progress: &(dy
             context: "encoding a GC claim".into(),
             source,
         })?;
-        if !put_record(repo, &gen_key(gen, "run"), &me).await? {
+        // "Already exists" may be our own first attempt whose answer was lost: compare.
+        if !put_record(repo, &gen_key(gen, "run"), &me).await?
+            && get_record(repo, &gen_key(gen, "run")).await.ok().as_deref() != Some(me.as_slice())
+        {
             return Err(Error::GcRunning {
                 gen,
                 host: "another host".into(),
@@ -484,7 +491,23 @@ pub async fn collect_garbage(repo: &Repository, opts: &GcOptions, progress: &(dy
         report.generation = Some(gen);
         gen
     };
+    let result = run_claimed(repo, opts, progress, gen, report).await;
+    if result.is_err() && !opts.dry_run {
+        // Never leave a claimed (or published) generation behind: backups would wait on its
+        // candidates and other GCs would refuse. Best effort; the error is what matters.
+        let _ = put_record(repo, &gen_key(gen, "abandoned"), b"").await;
+    }
+    result
+}
 
+/// Steps 2–6 of [`collect_garbage`], for the generation `gen` it claimed.
+async fn run_claimed(
+    repo: &Repository,
+    opts: &GcOptions,
+    progress: &(dyn Fn(GcEvent) + Send + Sync),
+    gen: u64,
+    mut report: GcReport,
+) -> Result<GcReport> {
     // 2. Mark: every chunk a present manifest references.
     progress(GcEvent::Phase("mark"));
     let listing = repo.list_volumes(None).await?;
@@ -518,7 +541,10 @@ pub async fn collect_garbage(repo: &Repository, opts: &GcOptions, progress: &(dy
     let mut marked = Marked { set, late: HashSet::new() };
     progress(GcEvent::Phase("list chunks"));
     let mut candidates: Vec<(ChunkId, u64)> = Vec::new();
-    let young = chrono::Utc::now() - chrono::Duration::from_std(opts.grace).unwrap_or(chrono::Duration::MAX);
+    let young = chrono::Duration::from_std(opts.grace)
+        .ok()
+        .and_then(|g| chrono::Utc::now().checked_sub_signed(g))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
     for m in list_keys(repo, "chunks").await? {
         let Some(id) = m.location.filename().and_then(ChunkId::from_hex) else {
             continue;
@@ -596,14 +622,27 @@ pub async fn collect_garbage(repo: &Repository, opts: &GcOptions, progress: &(dy
     }
     for (r, keys) in waiting {
         // No answer in time: fence the session's manifest key; after this it can never commit.
-        if put_create(repo.store().inner.as_ref(), &r.key(), bytes::Bytes::new()).await? {
+        let key = r.key();
+        let fenced = repo
+            .retry_policy()
+            .run(
+                || format!("fencing {key}"),
+                || put_create(repo.store().inner.as_ref(), &key, bytes::Bytes::new()),
+            )
+            .await?;
+        if fenced {
             report.sessions_fenced += 1;
-        } else if let Ok(m) = repo.read_manifest(&r).await {
-            report.sessions_committed += 1;
-            marked.late.extend(m.blocks.into_iter().flatten());
         } else {
-            // Fenced by itself (aborted) or read back as a fence.
-            report.sessions_fenced += 1;
+            // The key was taken meanwhile: by its manifest (committed after all) or a fence.
+            // Anything unreadable stops the GC before it deletes: its chunks are unknown.
+            match repo.read_manifest(&r).await {
+                Ok(m) => {
+                    report.sessions_committed += 1;
+                    marked.late.extend(m.blocks.into_iter().flatten());
+                }
+                Err(Error::Fenced { .. } | Error::NotFound { .. }) => report.sessions_fenced += 1,
+                Err(e) => return Err(e),
+            }
         }
         ended.extend(keys);
     }
@@ -615,19 +654,16 @@ pub async fn collect_garbage(repo: &Repository, opts: &GcOptions, progress: &(dy
     let total = doomed.len() as u64;
     let mut done = 0u64;
     for batch in doomed.chunks(opts.batch.max(1)) {
-        // A GC that was taken over sends no more deletes.
-        match repo.store().inner.head(&p(&gen_key(gen, "abandoned"))).await {
-            Ok(_) => {
-                return Err(Error::InvalidArgument(format!(
-                    "garbage collection {gen} was taken over by another GC; stopped after deleting {done} chunks"
-                )))
-            }
-            Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(Error::store("head", &p(&gen_key(gen, "abandoned")), e)),
-        }
         let keys: Vec<String> = batch.iter().map(|(id, _)| id.object_key()).collect();
+        // A GC that was taken over sends no more deletes: checked before every attempt.
         repo.retry_policy()
-            .run(|| format!("deleting {} chunks", keys.len()), || delete_keys(repo, keys.clone()))
+            .run(
+                || format!("deleting {} chunks", keys.len()),
+                || async {
+                    not_abandoned(repo, gen, done).await?;
+                    delete_keys(repo, keys.clone()).await
+                },
+            )
             .await?;
         done += batch.len() as u64;
         report.chunks_deleted = done;
@@ -639,7 +675,12 @@ pub async fn collect_garbage(repo: &Repository, opts: &GcOptions, progress: &(dy
     // then the end record, then old generations.
     progress(GcEvent::Phase("cleanup"));
     report.sessions_cleaned = ended.iter().filter(|k| k.ends_with("/session")).count();
-    delete_keys(repo, ended).await?;
+    not_abandoned(repo, gen, done).await?;
+    // A session's `end` goes last, so a partial cleanup never leaves an unended-looking session.
+    let (ends, rest): (Vec<String>, Vec<String>) = ended.into_iter().partition(|k| k.ends_with("/end"));
+    delete_keys(repo, rest).await?;
+    delete_keys(repo, ends).await?;
+    not_abandoned(repo, gen, done).await?;
     // Only now is the sweep over: the next GC cannot claim while this one still cleans up.
     put_record(repo, &gen_key(gen, "end"), &encode_ids(doomed.iter().map(|(id, _)| id))).await?;
     let old: Vec<String> = list_keys(repo, "gc")
@@ -652,8 +693,24 @@ pub async fn collect_garbage(repo: &Repository, opts: &GcOptions, progress: &(dy
         })
         .collect();
     report.generations_cleaned = old.iter().filter(|k| k.ends_with("/run")).count();
-    delete_keys(repo, old).await?;
+    // `sweep` and `run` before `end` / `abandoned`: a partial cleanup never leaves an old
+    // generation that looks active or running.
+    let (last, first): (Vec<String>, Vec<String>) = old.into_iter().partition(|k| k.ends_with("/end") || k.ends_with("/abandoned"));
+    delete_keys(repo, first).await?;
+    delete_keys(repo, last).await?;
     Ok(report)
+}
+
+/// Fails if generation `gen` was taken over (`gc/<gen>/abandoned` exists).
+async fn not_abandoned(repo: &Repository, gen: u64, done: u64) -> Result<()> {
+    let path = p(&gen_key(gen, "abandoned"));
+    match repo.store().inner.head(&path).await {
+        Ok(_) => Err(Error::InvalidArgument(format!(
+            "garbage collection {gen} was taken over by another GC; stopped after deleting {done} chunks"
+        ))),
+        Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(Error::store("head", &path, e)),
+    }
 }
 
 enum Settled {

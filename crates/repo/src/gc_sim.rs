@@ -472,6 +472,8 @@ enum Main {
     CommitReadBack,
     ResolveAwait,
     ResolveReadBack,
+    /// The resolving fence failed as often as the retry policy allows: one last GET.
+    ResolveLastLook,
     AbortAwait,
     EndAwait,
     IndexUpdate,
@@ -543,6 +545,9 @@ struct Backup {
     bumped: bool,
     refs: Chunks,
     sent_manifest: bool,
+    /// Failed attempts of the main thread's current PUT, and of the watcher's.
+    tries: u32,
+    wtries: u32,
     outcome: Outcome,
     watch: Watch,
     watch_wait: Option<usize>,
@@ -704,6 +709,11 @@ struct Proto {
     /// than the newest 1–2), so a GC taken over while alive that resumes later finds no
     /// `abandoned` and goes on deleting.
     keep_abandoned: bool,
+    /// `Session::inherit` checks (HEAD before the commit) the parent's chunks in the suspect
+    /// set too, not only those in an active K. false (as implemented): a sweep that begins and
+    /// ends between the parent read and `inherit` (the watcher acked it without the parent's
+    /// chunks) deleted chunks the backup then references unchecked.
+    inherit_checks_suspect: bool,
     /// A GC DELETE may be applied after its generation was abandoned (a takeover does not
     /// wait for the dead GC's DELETEs in flight).
     zombie: bool,
@@ -724,6 +734,7 @@ impl Proto {
         cleanup_after_end: false,
         cleanup_checks_abandoned: false,
         keep_abandoned: false,
+        inherit_checks_suspect: false,
         zombie: false,
         end_early: false,
         early_checks: true,
@@ -751,11 +762,11 @@ impl Proto {
         for part in name.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let unsafe_change = !matches!(
                 part,
-                "implemented" | "no-start-ack" | "cleanup-after-end" | "guarded-cleanup" | "keep-abandoned" | "fixed"
+                "implemented" | "no-start-ack" | "cleanup-after-end" | "guarded-cleanup" | "keep-abandoned" | "inherit-verify" | "fixed"
             );
             p.early_checks &= !unsafe_change;
             match part {
-                "implemented" => {}
+                "implemented" | "s1-only" => {}
                 "retry-commit" => p.retry_commit = true,
                 "ended-if-listed" => p.ended_if_listed = true,
                 "pre-change" => (p.retry_commit, p.ended_if_listed) = (true, true),
@@ -763,7 +774,8 @@ impl Proto {
                 "cleanup-after-end" => p.cleanup_after_end = true,
                 "guarded-cleanup" => p.cleanup_checks_abandoned = true,
                 "keep-abandoned" => p.keep_abandoned = true,
-                "fixed" => (p.cleanup_checks_abandoned, p.keep_abandoned) = (true, true),
+                "inherit-verify" => p.inherit_checks_suspect = true,
+                "fixed" => (p.cleanup_checks_abandoned, p.keep_abandoned, p.inherit_checks_suspect) = (true, true, true),
                 "zombie" => p.zombie = true,
                 "end-early" => p.end_early = true,
                 "no-fence" => p.mutation = Mutation::NoFence,
@@ -791,6 +803,9 @@ struct Params {
     ack_timeout: u64,
     /// The GC's pause between settling rounds.
     gc_poll: u64,
+    /// The retry policy's attempts for a backup's PUTs (chunks, acks, `end`, the resolving
+    /// fence); the manifest PUT, the GC's fence and an abort's fence are sent once.
+    attempts: u32,
     watch_every: u64,
     gc_deadline: u64,
     gen_lag: u32,
@@ -815,6 +830,9 @@ struct Stats {
     /// The fence resolving an unknown outcome got 412, and the key was empty when read back:
     /// our manifest, pruned since (committed).
     resolved_pruned: u64,
+    /// The resolving fence failed every attempt and the last look found the key empty: "not
+    /// committed", with no fence (the manifest PUT may still land; the GC settles the session).
+    resolve_gave_up: u64,
     aborted: u64,
     /// Problem 1: a backup crashed with its manifest PUT sent.
     crashed_after_put: u64,
@@ -863,6 +881,7 @@ impl Stats {
         self.fenced_at_commit += o.fenced_at_commit;
         self.commit_unknown += o.commit_unknown;
         self.resolved_pruned += o.resolved_pruned;
+        self.resolve_gave_up += o.resolve_gave_up;
         self.aborted += o.aborted;
         self.crashed_after_put += o.crashed_after_put;
         self.gc_fences += o.gc_fences;
@@ -937,6 +956,7 @@ impl Sim {
             p: Params {
                 ack_timeout: 10,
                 gc_poll: 2,
+                attempts: 8,
                 watch_every: 3,
                 gc_deadline: 10_000,
                 gen_lag: 2,
@@ -985,6 +1005,7 @@ impl Sim {
         s.p = Params {
             ack_timeout: r.range(3, 60),
             gc_poll: r.range(1, 8),
+            attempts: r.range(1, 5) as u32,
             watch_every: r.range(1, 15),
             gc_deadline: r.range(60, 400),
             gen_lag: r.range(1, 2) as u32,
@@ -1038,7 +1059,7 @@ impl Sim {
         }
         // GCs: sometimes in a burst (cron on several hosts), which makes them collide.
         let burst = s.rng.pm(400).then(|| s.rng.below(budget / 2));
-        for _ in 0..s.rng.range(2, 4) {
+        for _ in 0..s.rng.range(2, 6) {
             let start = match burst {
                 Some(t) => t + s.rng.below(40),
                 None => s.rng.below(budget * 3 / 4),
@@ -1126,6 +1147,8 @@ impl Sim {
             bumped: false,
             refs: 0,
             sent_manifest: false,
+            tries: 0,
+            wtries: 0,
             outcome: Outcome::Running,
             watch: Watch::Idle,
             watch_wait: None,
@@ -1621,6 +1644,7 @@ impl Sim {
                     // So that a GC whose LIST of sessions/ shows this session does not fence
                     // it: nothing is decided yet, the ack is empty.
                     self.stats.start_acks += 1;
+                    self.backups[b].tries = 0;
                     self.backups[b].main = Main::StartAckAwait;
                     self.send(t, Kind::Ack { sid: b, gen: g, refs: ack });
                 } else {
@@ -1629,6 +1653,8 @@ impl Sim {
             }
             Main::StartAckAwait => match input {
                 Input::Resp(_) => self.next_fetch(b),
+                // put_record's error ends Session::begin (no session to drop: no fence).
+                _ if !self.again(t) => self.finish(b, Outcome::Failed, "its start ack failed: could not begin"),
                 _ => {
                     let bk = &self.backups[b];
                     let gen = bk.to_fetch[0];
@@ -1691,7 +1717,9 @@ impl Sim {
             }
             Main::ParentDecide => {
                 // Session::inherit: the whole map is decided at once; a chunk a running sweep
-                // lists is checked before the commit (settle_inherited).
+                // lists is checked before the commit (settle_inherited). With the fix, so is a
+                // chunk of the suspect set (generation 0 is never active: HEAD at once).
+                let verify = self.proto.inherit_checks_suspect;
                 let bk = &mut self.backups[b];
                 let mut wait = 0;
                 for c in 0..UNIVERSE {
@@ -1702,6 +1730,10 @@ impl Sim {
                     match bk.active_gen_of(c) {
                         Some(g) => {
                             bk.todo.push((c, Some(g)));
+                            wait |= bit(c);
+                        }
+                        None if verify && bk.suspect & bit(c) != 0 => {
+                            bk.todo.push((c, Some(0)));
                             wait |= bit(c);
                         }
                         None => bk.established |= bit(c),
@@ -1732,19 +1764,35 @@ impl Sim {
                     self.stats.fenced_at_commit += 1;
                     self.finish(b, Outcome::Fenced, "412, read back: fenced by a GC");
                 }
-                Obj::Empty => {
-                    // 412, then nothing. Fences are never deleted: it was our manifest (only
-                    // the retrying commit sends more than one), pruned since.
+                // 412, then nothing. Fences are never deleted: it was our manifest, pruned since
+                // (settle_existing). Only the retrying commit gets here: it sends the PUT again.
+                Obj::Empty if self.proto.retry_commit => {
                     self.note(format_args!("B{b} 412, read back: gone"));
                     self.backups[b].main = Main::CommitAwait;
                     self.backup_main(b, Input::Unknown);
                 }
+                Obj::Empty => self.committed(b, "412, read back: gone (our manifest, pruned)"),
             },
             Main::ResolveAwait => match input {
                 Input::Resp(Res::Created) => self.finish(b, Outcome::Aborted, "own fence stored: not committed"),
                 Input::Resp(_) => self.backups[b].main = Main::ResolveReadBack,
                 // The fence may be sent again: create-only, and fences are never deleted.
-                _ => self.send(t, Kind::Fence { key }),
+                _ if self.again(t) => self.send(t, Kind::Fence { key }),
+                _ => self.backups[b].main = Main::ResolveLastLook,
+            },
+            Main::ResolveLastLook => match self.store.keys[key].obj {
+                Obj::Manifest(_) => self.committed(b, "the fence failed; last look: our manifest"),
+                // "Nothing was committed as far as the store can tell": no fence, no `end`;
+                // the manifest PUT may still be in flight, and the session is not ended.
+                Obj::Empty => {
+                    self.stats.resolve_gave_up += 1;
+                    self.finish(
+                        b,
+                        Outcome::Aborted,
+                        "the fence failed; last look: nothing (not committed, unfenced)",
+                    );
+                }
+                Obj::Fence => self.finish(b, Outcome::Aborted, "the fence failed; last look: a fence (outcome unknown)"),
             },
             Main::ResolveReadBack => match self.store.keys[key].obj {
                 Obj::Manifest(_) => self.committed(b, "fence got 412, read back: our manifest"),
@@ -1759,7 +1807,9 @@ impl Sim {
             Main::AbortAwait => self.finish(b, Outcome::Aborted, "own fence sent (best effort)"),
             Main::EndAwait => match input {
                 Input::Resp(_) => self.backups[b].main = Main::IndexUpdate,
-                _ => self.send(t, Kind::End { sid: b }),
+                _ if self.again(t) => self.send(t, Kind::End { sid: b }),
+                // Best effort: a GC then reads the manifest, or fences a forgotten name.
+                _ => self.backups[b].main = Main::IndexUpdate,
             },
             Main::IndexUpdate => {
                 let bk = &mut self.backups[b];
@@ -1785,9 +1835,21 @@ impl Sim {
         bk.main = if bk.to_fetch.is_empty() { Main::Bump } else { Main::StartGetK };
     }
 
+    /// One more attempt of the PUT `t` waits for, as the retry policy allows?
+    fn again(&mut self, t: Thread) -> bool {
+        let tries = match t {
+            Thread::Main(b) => &mut self.backups[b].tries,
+            Thread::Watch(b) => &mut self.backups[b].wtries,
+            Thread::Gc(_) | Thread::Prune(_) => return false,
+        };
+        *tries += 1;
+        *tries < self.p.attempts
+    }
+
     /// Resolves an unknown outcome of the manifest PUT with the fence.
     fn resolve(&mut self, b: usize) {
         let key = self.backups[b].key;
+        self.backups[b].tries = 0;
         self.backups[b].main = Main::ResolveAwait;
         self.send(Thread::Main(b), Kind::Fence { key });
     }
@@ -1855,13 +1917,18 @@ impl Sim {
                     self.abort(b);
                 } else {
                     self.backups[b].stage = Stage::PutAwait;
+                    self.backups[b].tries = 0;
                     self.note(format_args!("B{b} HEAD c{c} -> missing"));
                     self.send(t, Kind::Chunk(c));
                 }
             }
             Stage::PutAwait => match input {
                 Input::Resp(_) => self.established(b, c),
-                _ => self.send(t, Kind::Chunk(c)),
+                _ if self.again(t) => self.send(t, Kind::Chunk(c)),
+                _ => {
+                    self.note(format_args!("B{b} upload of c{c} failed: aborts"));
+                    self.abort(b);
+                }
             },
         }
     }
@@ -1932,6 +1999,7 @@ impl Sim {
         if !self.store.keys[key].landed {
             self.fail(format!("S5: B{b} reports success but its manifest never landed at k{key}"));
         }
+        self.backups[b].tries = 0;
         self.send(Thread::Main(b), Kind::End { sid: b });
     }
 
@@ -2006,12 +2074,16 @@ impl Sim {
                 }
                 bk.watch = Watch::AckAwait;
                 bk.ack_refs = ack;
+                bk.wtries = 0;
                 self.stats.acks += 1;
                 self.note(format_args!("B{b}w GET gc/{g}/sweep K={}: ack = decided & K, K is Wait", Ids(k)));
                 self.send(t, Kind::Ack { sid: b, gen: g, refs: ack });
             }
             Watch::AckAwait => match input {
                 Input::Resp(_) => self.next_new_gen(b),
+                // put_record gave up: this pass fails; the generation stays seen, never acked
+                // (the GC fences this session after its ack timeout).
+                _ if !self.again(t) => self.next_new_gen(b),
                 _ => {
                     // The retry carries the same set: the gate computed it once.
                     let (gen, refs) = (self.backups[b].new_gens[0], self.backups[b].ack_refs);
@@ -2291,7 +2363,7 @@ impl Sim {
                     gc.i = 0;
                     gc.pc = GcPc::Classify;
                     if gc.sess.is_empty() {
-                        self.after_settle(g);
+                        self.start_sweep(g);
                     }
                 } else {
                     self.note(format_args!("G{g} LIST sessions/ page"));
@@ -2307,6 +2379,11 @@ impl Sim {
                 let listed_manifest = gc.keys.contains(&key);
                 if listed_fence || (self.proto.ended_if_listed && listed_manifest) {
                     self.note(format_args!("G{g} session {}: k{key} was occupied at the mark: ended", v.sid));
+                    self.gcs[g].ended.push(si);
+                } else if v.end && listed_manifest {
+                    // Committed before the mark listed (and read) its manifest.
+                    self.stats.ended_by_end += 1;
+                    self.note(format_args!("G{g} session {} has end, k{key} was listed: ended", v.sid));
                     self.gcs[g].ended.push(si);
                 } else if v.end {
                     let o = self.store.keys[key].obj;
@@ -2438,11 +2515,11 @@ impl Sim {
             GcPc::Cleanup => {
                 let gc = &self.gcs[g];
                 if gc.i == gc.ended.len() {
-                    if self.proto.cleanup_after_end {
-                        self.gcs[g].pc = GcPc::CleanupGens;
+                    self.gcs[g].pc = if self.proto.cleanup_after_end {
+                        GcPc::CleanupGens
                     } else {
-                        self.start_sweep(g);
-                    }
+                        GcPc::End
+                    };
                     return;
                 }
                 if self.proto.cleanup_checks_abandoned && self.store.gen(gen).abandoned {
@@ -2462,7 +2539,12 @@ impl Sim {
             GcPc::Delete => {
                 let d = self.gcs[g].d;
                 if d == 0 {
-                    self.gcs[g].pc = GcPc::End;
+                    // (No batch left, so no HEAD: an empty sweep checks nothing.)
+                    if self.proto.cleanup_after_end {
+                        self.gcs[g].pc = GcPc::End;
+                    } else {
+                        self.begin_cleanup(g);
+                    }
                     return;
                 }
                 // HEAD gc/<gen>/abandoned and the DELETE are one step: the protocol's timing
@@ -2523,23 +2605,13 @@ impl Sim {
         }
     }
 
-    /// The next session still open after the rounds is fenced; then the cleanup or the sweep.
+    /// The next session still open after the rounds is fenced; then the sweep.
     fn fence_next(&mut self, g: usize) {
         let gc = &mut self.gcs[g];
         if gc.i < gc.open.len() {
             gc.pc = GcPc::FenceSend;
         } else {
-            self.after_settle(g);
-        }
-    }
-
-    /// Every session is settled: clean up the ended ones, then sweep (or, in the previous
-    /// order, sweep, `end`, then clean up).
-    fn after_settle(&mut self, g: usize) {
-        if self.proto.cleanup_after_end {
             self.start_sweep(g);
-        } else {
-            self.begin_cleanup(g);
         }
     }
 
@@ -2553,6 +2625,8 @@ impl Sim {
         }
     }
 
+    /// Every session is settled: the sweep, then the cleanup of the ended sessions and `end`
+    /// (in the previous order: `end`, then the cleanup).
     fn start_sweep(&mut self, g: usize) {
         let gc = &mut self.gcs[g];
         gc.d = gc.k & !gc.r;
@@ -2976,8 +3050,37 @@ fn mutation_d2_no_suspect_set_is_caught() {
     assert_caught(Mutation::NoSuspect);
 }
 
+/// (e) scripted: B decides c1 (an orphan: HEAD, it exists) and acks G1's sweep with it; G1
+/// keeps c1 and (mutated) deletes B's session objects (all it listed: the record and the ack)
+/// although B runs on; G2 marks (B has not committed), lists `sessions/` before B's watcher
+/// acks its sweep, and deletes c1.
+fn cleanup_of_a_running_session(proto: Proto) -> Sim {
+    let mut s = traced(proto);
+    s.store.chunks = bit(1);
+    let b = s.add_backup(0, 0, bit(1) | bit(2), false, 0);
+    let g1 = s.add_gc(0);
+    let g2 = s.add_gc(0);
+    let (bt, wt, g1t, g2t) = (Thread::Main(b), Thread::Watch(b), Thread::Gc(g1), Thread::Gc(g2));
+    s.until(bt, "c1 decided and found", |s| s.backups[b].cur == 1);
+    s.until(g1t, "sweep written", |s| s.gcs[g1].pc == GcPc::SessList);
+    s.until(wt, "gen 1 acked", |s| acked(s, b, 1));
+    s.until(g1t, "finished", |s| s.finished(g1t));
+    assert!(s.has(1), "kept for B's ack");
+    s.until(g2t, "sessions listed", |s| sessions_listed(s, g2));
+    assert_eq!(s.gcs[g2].k, bit(1));
+    s.until(wt, "gen 2 acked", |s| acked(s, b, 2));
+    s.until(g2t, "finished", |s| s.finished(g2t));
+    s.until(bt, "finished", |s| s.finished(bt));
+    s
+}
+
 #[test]
 fn mutation_e_cleanup_of_sessions_not_ended_is_caught() {
+    let s = cleanup_of_a_running_session(Proto::IMPLEMENTED);
+    s.assert_safe();
+    assert_eq!(s.backups[0].outcome, Outcome::Committed);
+    assert!(s.has(1));
+    cleanup_of_a_running_session(Proto::mutated(Mutation::CleanupLive)).assert_broken("S1");
     assert_caught(Mutation::CleanupLive);
 }
 
@@ -3393,6 +3496,46 @@ fn problem_9_parent_pruned_during_the_mark() {
     s.assert_safe();
     assert_eq!(s.backups[0].outcome, Outcome::Aborted, "inherited chunk missing after the wait");
     assert!(!s.has(1));
+}
+
+/// Problem 9 once more, with the whole sweep between the parent read and `inherit` (for RBD,
+/// the snapshot and the start of export-diff come in between): the watcher acks the sweep
+/// before the parent's chunks are decided (ack = {}), the GC deletes c1, the sweep ends and
+/// K = {c1} moves to the suspect set; then `inherit` decides c1 and, as implemented, checks
+/// only chunks of an active K: c1 is referenced unchecked. With the fix (the suspect set too
+/// is checked before the commit) the backup finds c1 missing and fails.
+fn problem_9_sweep_over_before_inherit(proto: Proto) -> Sim {
+    let mut s = traced(proto);
+    let parent = s.add_manifest(0, bit(1));
+    let g = s.add_gc(0);
+    let b = s.add_backup(0, 0, bit(2), true, 0);
+    let (bt, wt, gt) = (Thread::Main(b), Thread::Watch(b), Thread::Gc(g));
+    s.until(gt, "claimed", |s| s.gcs[g].pc == GcPc::MarkList);
+    s.until(bt, "parent read", |s| s.backups[b].main == Main::ParentDecide);
+    s.prune_key(parent);
+    s.until(gt, "sessions listed", |s| sessions_listed(s, g));
+    assert_eq!(s.gcs[g].k, bit(1));
+    s.until(wt, "gen 1 acked", |s| acked(s, b, 1));
+    s.until(gt, "finished", |s| s.finished(gt));
+    assert!(!s.has(1));
+    s.until(wt, "gen 1 retired", |s| s.backups[b].active.is_empty());
+    s.until(bt, "finished", |s| s.finished(bt));
+    s
+}
+
+#[test]
+fn problem_9_sweep_over_before_the_parent_is_decided() {
+    let s = problem_9_sweep_over_before_inherit(Proto::IMPLEMENTED);
+    s.assert_broken("S2");
+    let s = problem_9_sweep_over_before_inherit(Proto::named("s1-only"));
+    if std::env::var("FERRY_SIM_SHOW").is_ok() {
+        eprintln!("{}", s.dump());
+    }
+    s.assert_broken("S1");
+    assert_eq!(s.backups[0].outcome, Outcome::Committed);
+    let s = problem_9_sweep_over_before_inherit(Proto::named("inherit-verify"));
+    s.assert_safe();
+    assert_eq!(s.backups[0].outcome, Outcome::Aborted, "c1 is missing: the backup fails");
 }
 
 /// Problem 9 without the Dekker order (the draft's): the parent is read and decided before

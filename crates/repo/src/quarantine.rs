@@ -17,6 +17,17 @@ use crate::error::{Error, Result};
 use crate::gc::put_record;
 use crate::repo::{p, Repository};
 
+/// What a read of a chunk object found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkState {
+    /// No object.
+    Missing,
+    /// The object decodes to content with this ID.
+    Good,
+    /// The object exists but does not decode to this ID (damaged or not authentic).
+    Corrupt,
+}
+
 #[derive(Serialize, Deserialize)]
 struct Record {
     reason: String,
@@ -40,7 +51,8 @@ impl Repository {
             source,
         })?;
         put_record(self, &record_key(id), &body).await?;
-        if corrupt {
+        // Delete only what is still corrupt: a good copy may have been stored since it was read.
+        if corrupt && self.chunk_state(id).await? == ChunkState::Corrupt {
             let (from, to) = (p(&id.object_key()), p(&format!("{}.object", record_key(id))));
             match self.store().inner.copy(&from, &to).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
@@ -52,6 +64,46 @@ impl Repository {
             }
         }
         Ok(())
+    }
+
+    /// Reads and decodes a chunk object (a HEAD cannot tell a corrupt copy from a good one).
+    pub async fn chunk_state(&self, id: &ChunkId) -> Result<ChunkState> {
+        let object = match self.get_chunk_object(id).await {
+            Ok(b) => b,
+            Err(Error::NotFound { .. }) => return Ok(ChunkState::Missing),
+            Err(e) if e.is_integrity() => return Ok(ChunkState::Corrupt),
+            Err(e) => return Err(e),
+        };
+        let (repo, id) = (self.clone(), *id);
+        match tokio::task::spawn_blocking(move || repo.decode_chunk(&id, Vec::from(object))).await {
+            Ok(Ok(_)) => Ok(ChunkState::Good),
+            Ok(Err(e)) if e.is_integrity() => Ok(ChunkState::Corrupt),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(Error::Io {
+                context: "decoding a chunk".into(),
+                source: std::io::Error::other(e.to_string()),
+            }),
+        }
+    }
+
+    /// Stores a good copy of a quarantined chunk: nothing if a good one is there, an upload if
+    /// none is, the damaged object deleted first if it is still there. Returns whether this
+    /// call stored it. Drops the quarantine record once a good copy is there.
+    pub async fn restore_quarantined(&self, id: &ChunkId, encoded: Vec<u8>) -> Result<bool> {
+        let stored = match self.chunk_state(id).await? {
+            ChunkState::Good => false,
+            ChunkState::Missing => self.put_chunk(id, encoded).await?,
+            ChunkState::Corrupt => {
+                let path = p(&id.object_key());
+                match self.store().inner.delete(&path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(Error::store("delete", &path, e)),
+                }
+                self.put_chunk(id, encoded).await?
+            }
+        };
+        let _ = self.release_quarantine(id).await;
+        Ok(stored)
     }
 
     /// The quarantined chunk IDs (one LIST).

@@ -573,6 +573,7 @@ impl Repository {
                 Err(f) => match self.read_manifest(&r).await {
                     Ok(found) if found == manifest => Ok(()),
                     Err(Error::NotFound { .. }) => Err(f),
+                    Err(fenced @ Error::Fenced { .. }) => Err(fenced),
                     _ => Err(Error::CommitUnknown {
                         volume: manifest.meta.volume.clone(),
                         backup: manifest.meta.backup_id.clone(),
@@ -612,7 +613,14 @@ impl Repository {
                 reason: "another manifest with this name already exists".into(),
             }),
             Err(Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e),
+            Err(e @ Error::Fenced { .. }) => Err(e),
+            // Whatever is there could not be read: the key may hold our manifest.
+            Err(e) => Err(Error::CommitUnknown {
+                volume: manifest.meta.volume.clone(),
+                backup: manifest.meta.backup_id.clone(),
+                key: r.key(),
+                last: format!("reading the manifest key back failed: {e}"),
+            }),
         }
     }
 

@@ -68,6 +68,8 @@ struct Gate {
     watcher_error: Option<String>,
     /// Commit settled (committed or fenced): nothing to abort.
     settled: bool,
+    /// Acks computed but not yet stored (their PUT failed): retried on every look.
+    pending_acks: BTreeMap<u64, Vec<ChunkId>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -133,7 +135,42 @@ impl Session {
             source,
         })?;
         put_record(repo, &session_key(&backup, "session"), &record).await?;
-        // Only now: what garbage collection is doing.
+        match Self::observe(repo, &backup).await {
+            Ok((gate, quarantined, observed_gen)) => {
+                let gate = Arc::new(Mutex::new(gate));
+                let watcher = {
+                    let (repo, gate, backup) = (repo.clone(), gate.clone(), backup.clone());
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(opts.poll).await;
+                            let r = watch_once(&repo, &gate, &backup).await;
+                            if let Ok(mut g) = gate.lock() {
+                                g.watcher_error = r.err().map(|e| e.to_string());
+                            }
+                        }
+                    })
+                };
+                Ok(Session {
+                    repo: repo.clone(),
+                    backup,
+                    created,
+                    gate,
+                    observed_gen,
+                    opts,
+                    watcher,
+                    quarantined,
+                })
+            }
+            Err(e) => {
+                // Fence our own name, so no GC waits for a session that never ran.
+                let _ = put_create(repo.store().inner.as_ref(), &backup.key(), bytes::Bytes::new()).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// What garbage collection is doing, and what is in quarantine, as the session begins.
+    async fn observe(repo: &Repository, backup: &BackupRef) -> Result<(Gate, Arc<HashSet<ChunkId>>, u64)> {
         let gens = list_gens(repo).await?;
         let mut gate = Gate::default();
         for (&g, st) in &gens {
@@ -144,36 +181,14 @@ impl Session {
                 gate.seen.insert(g);
                 // Nothing decided yet: an empty acknowledgement, so the GC need not wait for
                 // (or fence) a session that began after its sweep was published.
-                put_record(repo, &session_key(&backup, &format!("ack/{g:020}")), b"").await?;
+                put_record(repo, &session_key(backup, &format!("ack/{g:020}")), b"").await?;
             }
         }
         // Chunks an audit or restore found missing or corrupt: never trusted from the index.
         let quarantined = Arc::new(repo.quarantined().await?);
         gate.suspect.extend(quarantined.iter().copied());
         let observed_gen = gens.iter().filter(|(_, st)| st.over()).map(|(g, _)| *g).max().unwrap_or(0);
-        let gate = Arc::new(Mutex::new(gate));
-        let watcher = {
-            let (repo, gate, backup) = (repo.clone(), gate.clone(), backup.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(opts.poll).await;
-                    let r = watch_once(&repo, &gate, &backup).await;
-                    if let Ok(mut g) = gate.lock() {
-                        g.watcher_error = r.err().map(|e| e.to_string());
-                    }
-                }
-            })
-        };
-        Ok(Session {
-            repo: repo.clone(),
-            backup,
-            created,
-            gate,
-            observed_gen,
-            opts,
-            watcher,
-            quarantined,
-        })
+        Ok((gate, quarantined, observed_gen))
     }
 
     /// Chunks in quarantine when the session began (FORMAT.md §13).
@@ -306,7 +321,26 @@ fn session_key(r: &BackupRef, what: &str) -> String {
 
 /// One look at `gc/`: acknowledge new sweeps, retire finished ones.
 async fn watch_once(repo: &Repository, gate: &Mutex<Gate>, backup: &BackupRef) -> Result<()> {
+    // Acks whose PUT failed before: the GC may still be waiting for them.
+    let pending: Vec<(u64, Vec<ChunkId>)> = {
+        let g = gate.lock().map_err(|_| poisoned())?;
+        g.pending_acks.iter().map(|(k, v)| (*k, v.clone())).collect()
+    };
+    for (g, ack) in pending {
+        put_record(repo, &session_key(backup, &format!("ack/{g:020}")), &encode_ids(&ack)).await?;
+        gate.lock().map_err(|_| poisoned())?.pending_acks.remove(&g);
+    }
     let gens = list_gens(repo).await?;
+    {
+        // A generation no longer listed (cleaned up) is over too.
+        let mut g = gate.lock().map_err(|_| poisoned())?;
+        let gone: Vec<u64> = g.active.keys().filter(|k| !gens.contains_key(k)).copied().collect();
+        for k in gone {
+            if let Some(ids) = g.active.remove(&k) {
+                g.suspect.extend(ids.iter().copied());
+            }
+        }
+    }
     for (&g, st) in &gens {
         let (seen, is_active) = {
             let gate = gate.lock().map_err(|_| poisoned())?;
@@ -319,12 +353,14 @@ async fn watch_once(repo: &Repository, gate: &Mutex<Gate>, backup: &BackupRef) -
             // after it waits.
             let ack: Vec<ChunkId> = {
                 let mut gate = gate.lock().map_err(|_| poisoned())?;
-                let ack = gate.decided.iter().filter(|id| ids.contains(id)).copied().collect();
+                let ack: Vec<ChunkId> = gate.decided.iter().filter(|id| ids.contains(id)).copied().collect();
                 gate.active.insert(g, Arc::new(ids));
                 gate.seen.insert(g);
+                gate.pending_acks.insert(g, ack.clone());
                 ack
             };
             put_record(repo, &session_key(backup, &format!("ack/{g:020}")), &encode_ids(&ack)).await?;
+            gate.lock().map_err(|_| poisoned())?.pending_acks.remove(&g);
         } else if st.over() && is_active {
             let mut gate = gate.lock().map_err(|_| poisoned())?;
             if let Some(k) = gate.active.remove(&g) {
