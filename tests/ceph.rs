@@ -148,11 +148,7 @@ fn failing_rbd(dir: &std::path::Path, mode: &str) -> std::path::PathBuf {
         _ => "rbd \"$@\"; echo 'rbd: simulated failure after the stream' >&2; exit 1",
     };
     let script = format!("#!/bin/bash\nfor a in \"$@\"; do [[ $a = export-diff ]] && {{ {body}; }}; done\nexec rbd \"$@\"\n");
-    std::fs::write(&p, script).expect("write wrapper");
-    std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&p).expect("md").permissions(), 0o755);
-    let mut perm = std::fs::metadata(&p).expect("md").permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
-    std::fs::set_permissions(&p, perm).expect("chmod");
+    crate::util::write_executable(&p, &script);
     p
 }
 
@@ -839,10 +835,7 @@ fn stalling_rbd(dir: &std::path::Path) -> std::path::PathBuf {
         stalled.display(),
         go.display()
     );
-    std::fs::write(&p, script).expect("write wrapper");
-    let mut perm = std::fs::metadata(&p).expect("md").permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
-    std::fs::set_permissions(&p, perm).expect("chmod");
+    crate::util::write_executable(&p, &script);
     p
 }
 

@@ -198,10 +198,7 @@ fn stopping_rbd(dir: &Path, point: &str) -> PathBuf {
         _ => format!("if [[ $a = rm && $prev = snap ]]; then {stop}; fi"),
     };
     let script = format!("#!/bin/bash\nprev=\nfor a in \"$@\"; do\n  {body}\n  prev=$a\ndone\nexec rbd \"$@\"\n");
-    std::fs::write(&p, script).expect("write wrapper");
-    let mut perm = std::fs::metadata(&p).expect("md").permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
-    std::fs::set_permissions(&p, perm).expect("chmod");
+    crate::util::write_executable(&p, &script);
     p
 }
 

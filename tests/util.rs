@@ -387,3 +387,11 @@ pub fn assert_same(what: &str, expected: &[u8], actual: &[u8], block: u64) {
         );
     }
 }
+
+/// Writes an executable script (e.g. an `rbd` wrapper).
+pub fn write_executable(path: &Path, script: &str) {
+    std::fs::write(path, script).expect("write script");
+    let mut perm = std::fs::metadata(path).expect("metadata").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(path, perm).expect("chmod");
+}

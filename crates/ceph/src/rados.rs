@@ -501,23 +501,7 @@ impl Cluster {
     /// that died: its lease would expire by itself after its duration). Returns how many were
     /// broken.
     pub fn break_lease(&self, pool: &str, object: &str) -> Result<usize, Error> {
-        let io = self.ioctx(pool)?;
-        let object_c = cstring("object", object)?;
-        let lock_c = cstring("lock", LEASE_LOCK_NAME)?;
-        let lockers = list_lockers(&io, &object_c, &lock_c)?;
-        let mut broken = 0;
-        for l in lockers {
-            let client = cstring("client", &l.client)?;
-            let cookie = cstring("cookie", &l.cookie)?;
-            // SAFETY: live ioctx, valid C strings.
-            let rc = unsafe { sys::rados_break_lock(io.raw, object_c.as_ptr(), lock_c.as_ptr(), client.as_ptr(), cookie.as_ptr()) };
-            if rc == 0 {
-                broken += 1;
-            } else if rc != -libc::ENOENT {
-                return Err(rados_err(format!("break_lock {pool}/{object}"), rc, ""));
-            }
-        }
-        Ok(broken)
+        self.break_dead_leases(pool, object, |_| true)
     }
 }
 

@@ -602,11 +602,7 @@ async fn store_block(
     if session.quarantined().contains(&id) {
         // Found missing or corrupt by an audit or restore: a HEAD cannot tell a corrupt copy
         // from a good one, so read it; store this block's content unless a good copy is there.
-        let plain = data.len() as u64;
-        let bytes = {
-            let repo = repo.clone();
-            crate::cpu::run(move || repo.encode_chunk(id, &data)).await??
-        };
+        let (plain, bytes) = encode(repo, id, data).await?;
         let stored = bytes.len() as u64;
         let created = repo
             .restore_quarantined(&id, bytes)
@@ -629,11 +625,7 @@ async fn store_block(
     {
         return Ok((i, Some(id), Outcome::FoundInRepo));
     }
-    let plain = data.len() as u64;
-    let bytes = {
-        let repo = repo.clone();
-        crate::cpu::run(move || repo.encode_chunk(id, &data)).await??
-    };
+    let (plain, bytes) = encode(repo, id, data).await?;
     let stored = bytes.len() as u64;
     let created = repo
         .put_chunk(&id, bytes)
@@ -648,6 +640,13 @@ async fn store_block(
             Outcome::FoundInRepo
         },
     ))
+}
+
+/// Compresses and encrypts a block (on the CPU pool): its plaintext length and the object.
+async fn encode(repo: &Arc<Repository>, id: ChunkId, data: Vec<u8>) -> Result<(u64, Vec<u8>)> {
+    let plain = data.len() as u64;
+    let repo = repo.clone();
+    Ok((plain, crate::cpu::run(move || repo.encode_chunk(id, &data)).await??))
 }
 
 /// What the parser thread found.

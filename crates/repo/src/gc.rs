@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 
@@ -63,21 +63,7 @@ impl GenState {
 
 /// Lists `gc/`: every generation's objects.
 pub(crate) async fn list_gens(repo: &Repository) -> Result<BTreeMap<u64, GenState>> {
-    let prefix = p("gc");
-    let metas: Vec<_> = repo
-        .retry_policy()
-        .run(
-            || "listing gc/".to_string(),
-            || async {
-                repo.store()
-                    .inner
-                    .list(Some(&prefix))
-                    .try_collect::<Vec<_>>()
-                    .await
-                    .map_err(|e| Error::store("list", &prefix, e))
-            },
-        )
-        .await?;
+    let metas = repo.list_prefix("gc").await?;
     let mut gens: BTreeMap<u64, GenState> = BTreeMap::new();
     for m in metas {
         let parts: Vec<_> = m.location.parts().collect();
@@ -388,26 +374,9 @@ fn session_of(parts: &[&str]) -> Option<BackupRef> {
     })
 }
 
-async fn list_keys(repo: &Repository, prefix: &str) -> Result<Vec<object_store::ObjectMeta>> {
-    let path = p(prefix);
-    repo.retry_policy()
-        .run(
-            || format!("listing {prefix}/"),
-            || async {
-                repo.store()
-                    .inner
-                    .list(Some(&path))
-                    .try_collect::<Vec<_>>()
-                    .await
-                    .map_err(|e| Error::store("list", &path, e))
-            },
-        )
-        .await
-}
-
 async fn list_sessions(repo: &Repository) -> Result<BTreeMap<BackupRef, SessionEntry>> {
     let mut out: BTreeMap<BackupRef, SessionEntry> = BTreeMap::new();
-    for m in list_keys(repo, "sessions").await? {
+    for m in repo.list_prefix("sessions").await? {
         let owned: Vec<String> = m.location.parts().map(|p| p.as_ref().to_string()).collect();
         let parts: Vec<&str> = owned.iter().map(String::as_str).collect();
         let Some(r) = session_of(&parts) else { continue };
@@ -545,7 +514,7 @@ async fn run_claimed(
         .ok()
         .and_then(|g| chrono::Utc::now().checked_sub_signed(g))
         .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
-    for m in list_keys(repo, "chunks").await? {
+    for m in repo.list_prefix("chunks").await? {
         let Some(id) = m.location.filename().and_then(ChunkId::from_hex) else {
             continue;
         };
@@ -683,7 +652,8 @@ async fn run_claimed(
     not_abandoned(repo, gen, done).await?;
     // Only now is the sweep over: the next GC cannot claim while this one still cleans up.
     put_record(repo, &gen_key(gen, "end"), &encode_ids(doomed.iter().map(|(id, _)| id))).await?;
-    let old: Vec<String> = list_keys(repo, "gc")
+    let old: Vec<String> = repo
+        .list_prefix("gc")
         .await?
         .into_iter()
         .filter_map(|m| {

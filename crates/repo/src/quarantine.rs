@@ -8,7 +8,6 @@
 
 use std::collections::HashSet;
 
-use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 
@@ -108,21 +107,7 @@ impl Repository {
 
     /// The quarantined chunk IDs (one LIST).
     pub async fn quarantined(&self) -> Result<HashSet<ChunkId>> {
-        let prefix = p("quarantine");
-        let metas: Vec<_> = self
-            .retry_policy()
-            .run(
-                || "listing quarantine/".to_string(),
-                || async {
-                    self.store()
-                        .inner
-                        .list(Some(&prefix))
-                        .try_collect::<Vec<_>>()
-                        .await
-                        .map_err(|e| Error::store("list", &prefix, e))
-                },
-            )
-            .await?;
+        let metas = self.list_prefix("quarantine").await?;
         Ok(metas
             .iter()
             .filter_map(|m| m.location.filename().and_then(ChunkId::from_hex))

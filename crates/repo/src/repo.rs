@@ -675,20 +675,7 @@ impl Repository {
             }
             None => p("volumes"),
         };
-        let metas: Vec<_> = self
-            .retry
-            .run(
-                || format!("listing {prefix}"),
-                || async {
-                    self.store
-                        .inner
-                        .list(Some(&prefix))
-                        .try_collect::<Vec<_>>()
-                        .await
-                        .map_err(|e| Error::store("list", &prefix, e))
-                },
-            )
-            .await?;
+        let metas = self.list_prefix(prefix.as_ref()).await?;
         let mut out = Listing::default();
         for m in metas {
             let parts: Vec<_> = m.location.parts().collect();
@@ -712,6 +699,24 @@ impl Repository {
         }
         out.backups.sort();
         Ok(out)
+    }
+
+    /// Lists every object under `prefix` (retried as a whole on transient failures).
+    pub(crate) async fn list_prefix(&self, prefix: &str) -> Result<Vec<object_store::ObjectMeta>> {
+        let path = p(prefix);
+        self.retry
+            .run(
+                || format!("listing {prefix}/"),
+                || async {
+                    self.store
+                        .inner
+                        .list(Some(&path))
+                        .try_collect::<Vec<_>>()
+                        .await
+                        .map_err(|e| Error::store("list", &path, e))
+                },
+            )
+            .await
     }
 
     /// Protects a backup: writes its protection marker (create-only, sealed; `note` says why).
