@@ -74,6 +74,26 @@ pub struct InitOptions {
     pub label: String,
 }
 
+impl RepoConfig {
+    /// Parses a `config` object: header (kind `01`), then JSON; a newer repository format is
+    /// refused ([`Error::UnsupportedFormat`]).
+    pub fn decode(bytes: &[u8]) -> Result<RepoConfig> {
+        Header::decode(bytes, ObjectKind::Config, "config")?;
+        let config: RepoConfig = serde_json::from_slice(&bytes[HEADER_LEN..]).map_err(|source| Error::Json {
+            context: "parsing config".into(),
+            source,
+        })?;
+        if config.format > REPO_FORMAT {
+            return Err(Error::UnsupportedFormat {
+                path: "config".into(),
+                found: config.format,
+                supported: REPO_FORMAT,
+            });
+        }
+        Ok(config)
+    }
+}
+
 impl Default for InitOptions {
     fn default() -> Self {
         InitOptions {
@@ -229,19 +249,7 @@ impl Repository {
             Err(Error::NotFound { .. }) => return Err(Error::NotARepository { url: store.url.clone() }),
             Err(e) => return Err(e),
         };
-        Header::decode(&bytes, ObjectKind::Config, "config")?;
-        let config: RepoConfig = serde_json::from_slice(&bytes[HEADER_LEN..]).map_err(|source| Error::Json {
-            context: "parsing config".into(),
-            source,
-        })?;
-        if config.format > REPO_FORMAT {
-            return Err(Error::UnsupportedFormat {
-                path: "config".into(),
-                found: config.format,
-                supported: REPO_FORMAT,
-            });
-        }
-        Ok(config)
+        RepoConfig::decode(&bytes)
     }
 
     /// Creates a new repository: a master key, one key slot for `passphrase`, then `config`

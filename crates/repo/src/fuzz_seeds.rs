@@ -1,0 +1,124 @@
+//! The fuzz targets' committed seeds (`fuzz/seeds/<target>/`): generated here, and replayed
+//! here through the same decoders on every test run, so CI exercises them without a fuzzer.
+
+use std::path::PathBuf;
+
+use crate::keys::{KdfParams, KeySlot, MasterKey};
+use crate::manifest::{Manifest, ManifestMeta};
+use crate::object::{encode_sealed, ObjectKind};
+use crate::{decode_chunk, encode_chunk_with_id, ChunkId, RepoConfig};
+
+fn seeds_dir(target: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds").join(target)
+}
+
+fn sample_manifest() -> Manifest {
+    let meta: ManifestMeta = crate::manifest::tests::meta(5 * 65536 + 17, 65536);
+    let id = |b: u8| Some(ChunkId([b; 32]));
+    Manifest {
+        meta,
+        blocks: vec![id(1), None, None, id(2), id(1), id(3)],
+    }
+}
+
+/// The seeds, by target: (name, bytes).
+fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
+    let master = MasterKey::from_raw([7u8; 32]);
+    let manifest = sample_manifest().encode().expect("encode");
+    let mut out = vec![("manifest_decode", "sample".to_string(), manifest.clone())];
+    let seal = |kind, payload: &[u8]| encode_sealed(master.seal_key(), kind, b"fuzz", payload, Some(3)).expect("seal");
+    let mut tagged = |tag: u8, name: &str, object: Vec<u8>| {
+        let mut v = vec![tag];
+        v.extend(object);
+        out.push(("sealed_object", name.to_string(), v));
+    };
+    tagged(0, "manifest", seal(ObjectKind::Manifest, &manifest));
+    tagged(
+        1,
+        "protection",
+        seal(
+            ObjectKind::Protection,
+            br#"{"volume":"v","backup_id":"00","created":"2026-11-29T00:00:00Z","note":""}"#,
+        ),
+    );
+    tagged(2, "gc-record", seal(ObjectKind::GcRecord, &[9u8; 64]));
+    let block = vec![0x5au8; 4096];
+    let id = ChunkId::of(&master, &block);
+    tagged(id.0[0], "chunk", encode_chunk_with_id(&master, id, &block, 3).expect("chunk"));
+    let slot = KeySlot::create(&master, b"passphrase", "repository", "seed", KdfParams::argon2id_fast()).expect("slot");
+    out.push(("key_slot", "fast".to_string(), slot.encode().expect("slot encode")));
+    let config = br#"{"format":1,"repository_id":"0123456789abcdef0123456789abcdef","created":"2026-11-29T00:00:00Z","block_size":4194304,"zstd_level":3,"chunk_id":"blake3-keyed","cipher":"aes-256-gcm"}"#;
+    let mut c = crate::object::Header {
+        kind: ObjectKind::Config,
+        flags: 0,
+    }
+    .encode()
+    .to_vec();
+    c.extend_from_slice(config);
+    out.push(("config", "sample".to_string(), c));
+    out
+}
+
+/// Writes the seeds (run by hand after a format change: `cargo test -p ferry-repo --lib
+/// fuzz_seeds -- --ignored`).
+#[test]
+#[ignore]
+fn write_seeds() {
+    for (target, name, bytes) in seeds() {
+        let dir = seeds_dir(target);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join(name), bytes).expect("write seed");
+    }
+}
+
+/// Every committed seed (and every crash input added next to them) goes through its target's
+/// decoders without a panic; the genuine seeds decode.
+#[test]
+fn committed_seeds_replay_through_the_decoders() {
+    let master = MasterKey::from_raw([7u8; 32]);
+    let mut n = 0;
+    for target in ["manifest_decode", "sealed_object", "key_slot", "config"] {
+        let dir = seeds_dir(target);
+        let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        for e in entries {
+            let data = std::fs::read(e.expect("entry").path()).expect("read seed");
+            n += 1;
+            match target {
+                "manifest_decode" => {
+                    let _ = Manifest::decode(&data, "seed");
+                }
+                "sealed_object" => {
+                    if let Some((which, object)) = data.split_first() {
+                        let kinds = [ObjectKind::Manifest, ObjectKind::Protection, ObjectKind::GcRecord];
+                        let _ = crate::object::decode_sealed(
+                            master.seal_key(),
+                            kinds[usize::from(*which) % 3],
+                            b"fuzz",
+                            object.to_vec(),
+                            1 << 20,
+                            "seed",
+                        );
+                        let _ = decode_chunk(&master, &ChunkId([*which; 32]), object.to_vec(), 1 << 20);
+                    }
+                }
+                "key_slot" => {
+                    let _ = KeySlot::decode(&data, "seed");
+                }
+                _ => {
+                    let _ = RepoConfig::decode(&data);
+                }
+            }
+        }
+    }
+    assert!(n >= 6, "the seeds are committed under fuzz/seeds");
+    // The genuine ones decode.
+    for (target, name, bytes) in seeds() {
+        let ok = match target {
+            "manifest_decode" => Manifest::decode(&bytes, "seed").is_ok(),
+            "key_slot" => KeySlot::decode(&bytes, "seed").is_ok(),
+            "config" => RepoConfig::decode(&bytes).is_ok(),
+            _ => true,
+        };
+        assert!(ok, "{target}/{name}");
+    }
+}
