@@ -663,9 +663,12 @@ async fn run_claimed(
         })
         .collect();
     report.generations_cleaned = old.iter().filter(|k| k.ends_with("/run")).count();
-    // `sweep` and `run` before `end` / `abandoned`: a partial cleanup never leaves an old
-    // generation that looks active or running.
-    let (last, first): (Vec<String>, Vec<String>) = old.into_iter().partition(|k| k.ends_with("/end") || k.ends_with("/abandoned"));
+    // `sweep` and `run` before `end`: a partial cleanup never leaves an old generation that
+    // looks active or running.
+    // `abandoned` markers stay for good (0 bytes each, one per takeover): a GC taken over
+    // while alive that resumes after its generation was cleaned up must still find it.
+    let old: Vec<String> = old.into_iter().filter(|k| !k.ends_with("/abandoned")).collect();
+    let (last, first): (Vec<String>, Vec<String>) = old.into_iter().partition(|k| k.ends_with("/end"));
     delete_keys(repo, first).await?;
     delete_keys(repo, last).await?;
     Ok(report)

@@ -24,6 +24,8 @@ pub mod store;
 
 #[cfg(test)]
 mod fuzz_seeds;
+#[cfg(test)]
+mod gc_sim;
 
 pub use block_size::{BlockSize, MAX_BLOCKS, MAX_BLOCK_SIZE, MAX_IMAGE_SIZE, MIN_BLOCK_SIZE};
 pub use chunk::{decode_chunk, encode_chunk, encode_chunk_with_id, is_zero, ChunkId, EncodedChunk};

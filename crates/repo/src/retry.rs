@@ -1,8 +1,9 @@
 //! Application-level retries of store requests that failed transiently.
 //!
-//! `object_store` retries idempotent HTTP requests inside one attempt, within its own timeout;
-//! it does not retry create-only PUTs, and a burst of 503s or one slow response can outlast
-//! it. The repository therefore retries every request whose error is transient
+//! `object_store` retries a request inside one attempt after a 5xx, 429 or 408 answer, within
+//! its own timeout — create-only PUTs included, so a manifest PUT can be resent by the client
+//! itself (FORMAT.md §12.4 names the timing assumption that covers it) — but a burst of 503s
+//! or one slow response can outlast it. The repository therefore retries every request whose error is transient
 //! ([`crate::Error::is_transient`]) with exponential backoff and an overall deadline, and
 //! resolves outcomes that a failure leaves unknown by reading back (see
 //! [`crate::Repository::commit`]). Integrity failures (a tag that does not verify, a chunk ID

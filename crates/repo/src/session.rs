@@ -224,13 +224,18 @@ impl Session {
     }
 
     /// Decides the chunks inherited from the parent's map at once (they are referenced
-    /// without being read). Those a running sweep lists are checked before the commit
-    /// ([`Session::settle_inherited`]).
+    /// without being read). Those a running sweep lists, or a sweep that ended since the
+    /// session began (a whole GC can run between the parent read and this call), are checked
+    /// before the commit ([`Session::settle_inherited`]).
     pub fn inherit<'a>(&self, ids: impl IntoIterator<Item = &'a ChunkId>) -> Result<()> {
         let mut g = self.gate.lock().map_err(|_| poisoned())?;
         for id in ids {
             if let Some((&gen, _)) = g.active.iter().find(|(_, k)| k.contains(id)) {
                 g.inherited_waiting.push((*id, gen));
+            } else if g.suspect.contains(id) {
+                // A sweep that listed it ended between the parent read and now: check it
+                // (generation 0 is never active, so `settle_inherited` HEADs it at once).
+                g.inherited_waiting.push((*id, 0));
             }
             g.decided.insert(*id);
         }
