@@ -184,9 +184,11 @@ impl Session {
                 put_record(repo, &session_key(backup, &format!("ack/{g:020}")), b"").await?;
             }
         }
-        // Chunks an audit or restore found missing or corrupt: never trusted from the index.
+        // Chunks an audit or restore found missing or corrupt: never trusted from the index
+        // (`decide` says Verify; the store path reads them). Kept apart from `suspect`, which
+        // only GC sweeps fill: an inherited quarantined chunk is for the RBD heal to re-read,
+        // not a reason to fail.
         let quarantined = Arc::new(repo.quarantined().await?);
-        gate.suspect.extend(quarantined.iter().copied());
         let observed_gen = gens.iter().filter(|(_, st)| st.over()).map(|(g, _)| *g).max().unwrap_or(0);
         Ok((gate, quarantined, observed_gen))
     }
@@ -220,7 +222,11 @@ impl Session {
             return Ok(Decision::Wait(gen));
         }
         g.decided.insert(*id);
-        Ok(if g.suspect.contains(id) { Decision::Verify } else { Decision::Go })
+        Ok(if g.suspect.contains(id) || self.quarantined.contains(id) {
+            Decision::Verify
+        } else {
+            Decision::Go
+        })
     }
 
     /// Decides the chunks inherited from the parent's map at once (they are referenced
