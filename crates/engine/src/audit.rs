@@ -161,22 +161,14 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
     // 2. Manifests and chains.
     let manifests = analyse(&mut report, outcomes);
     // 3. Every referenced chunk exists (and, sampled, decodes to its ID).
-    let mut chunk_refs: HashMap<ChunkId, (String, String, u64)> = HashMap::new();
-    for (b, m) in &manifests {
-        for (i, id) in m.blocks.iter().enumerate() {
-            if let Some(id) = id {
-                chunk_refs
-                    .entry(*id)
-                    .or_insert_with(|| (b.volume.clone(), m.meta.backup_id.clone(), i as u64));
-            }
-        }
-    }
+    // Who references a bad chunk is found afterwards, from the manifests (every backup).
+    let chunk_refs: HashSet<ChunkId> = manifests.iter().flat_map(|(_, m)| m.blocks.iter().flatten().copied()).collect();
     report.chunks_referenced = chunk_refs.len();
     let percent = opts.read_data_percent.clamp(0.0, 100.0);
     let read_key = blake3::hash(format!("{:?}", std::time::SystemTime::now()).as_bytes());
     // Owned items: the future stays `Send` (a borrowing closure here defeats the compiler's
     // proof, so the audit could not be spawned).
-    let checks = chunk_refs.into_iter().map(|(id, (vol, backup, block))| {
+    let checks = chunk_refs.into_iter().map(|id| {
         let repo = repo.clone();
         // Sample by a per-run keyed hash of the ID: uniform, and different each run.
         let h = blake3::keyed_hash(read_key.as_bytes(), &id.0);
@@ -195,13 +187,13 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
                     }
                 })
             };
-            (id, vol, backup, block, res)
+            (id, res)
         }
     });
     let mut results = futures::stream::iter(checks).buffer_unordered(jobs);
     let mut done = 0u64;
     let mut bad: HashMap<ChunkId, (&'static str, String)> = HashMap::new();
-    while let Some((id, _vol, _backup, _block, res)) = results.next().await {
+    while let Some((id, res)) = results.next().await {
         done += 1;
         observer.event(Event::Progress {
             op: Operation::Audit,
