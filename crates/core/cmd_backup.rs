@@ -170,6 +170,7 @@ pub async fn run(a: BackupArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
             lease: (a.lease_seconds > 0).then(|| Duration::from_secs(a.lease_seconds)),
             verify_blocks: a.verify_blocks,
             keep_snapshots: a.keep_snapshots as usize,
+            ..Default::default()
         };
         let done = engine.backup_rbd(&ceph.ceph(), &image, opts).await?;
         let requests = engine.repository().store().requests();

@@ -44,37 +44,9 @@ pub struct PruneArgs {
     json: bool,
 }
 
-/// `36h`, `7d`, `2w`, `1y6m`: a sum of numbers with units h, d, w, m (30 days), y (365 days).
+/// `36h`, `7d`, `2w`, `1y6m` ([`ferry_repo::retention::parse_period`]).
 pub fn parse_duration(s: &str) -> Result<chrono::Duration, String> {
-    let mut total = chrono::Duration::zero();
-    let mut num = String::new();
-    let mut any = false;
-    for c in s.trim().chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        let n: i64 = num.parse().map_err(|_| format!("'{s}': a number must come before '{c}'"))?;
-        num.clear();
-        let hours = match c {
-            'h' => 1,
-            'd' => 24,
-            'w' => 24 * 7,
-            'm' => 24 * 30,
-            'y' => 24 * 365,
-            _ => return Err(format!("'{s}': unknown unit '{c}' (use h, d, w, m, y)")),
-        };
-        let part = n
-            .checked_mul(hours)
-            .and_then(chrono::Duration::try_hours)
-            .ok_or_else(|| format!("'{s}' is too long"))?;
-        total = total.checked_add(&part).ok_or_else(|| format!("'{s}' is too long"))?;
-        any = true;
-    }
-    if !num.is_empty() || !any {
-        return Err(format!("'{s}' is not a duration: give a unit, e.g. 7d or 36h"));
-    }
-    Ok(total)
+    ferry_repo::retention::parse_period(s)
 }
 
 pub async fn run(a: PruneArgs, r: RepoArgs) -> Result<u8> {

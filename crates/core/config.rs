@@ -18,6 +18,15 @@ pub struct ConfigFile {
     pub s3: S3Section,
     #[serde(default)]
     pub ceph: CephSection,
+    /// The worker's sections, checked by `ferry_worker::WorkerConfig` (ignored by other commands).
+    #[serde(default, rename = "worker")]
+    _worker: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "gc")]
+    _gc: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "clusters")]
+    _clusters: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "selection")]
+    _selection: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -19,6 +19,8 @@ mod cmd_ls;
 mod cmd_protect;
 mod cmd_prune;
 mod cmd_restore;
+mod cmd_status;
+mod cmd_worker;
 mod config;
 mod errors;
 mod output;
@@ -60,6 +62,9 @@ struct Cli {
     /// More log output (-v, -vv); logs go to stderr and never contain secrets.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Log format: text, or json (one object per line, for log collectors).
+    #[arg(long, env = "FERRY_LOG_FORMAT", global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -95,10 +100,18 @@ enum Command {
     /// The local index cache.
     #[command(subcommand)]
     Index(cmd_index::IndexCommand),
+    /// Run scheduled backups, retention, GC and restore drills from a configuration
+    /// (--config FILE; see config/worker.toml), with /metrics and /healthz.
+    Worker(cmd_worker::WorkerArgs),
+    /// Show what the worker of a configuration last did: per volume the last backup, the
+    /// next run and the last error.
+    Status(cmd_status::StatusArgs),
 }
 
-async fn run(cmd: Command, repo: RepoArgs, ceph: CephArgs) -> anyhow::Result<u8> {
+async fn run(cmd: Command, config: Option<std::path::PathBuf>, repo: RepoArgs, ceph: CephArgs) -> anyhow::Result<u8> {
     match cmd {
+        Command::Worker(a) => cmd_worker::run(a, config, repo, &ceph).await,
+        Command::Status(a) => cmd_status::run(a, config).await,
         Command::Init(a) => cmd_init::run(a, repo).await,
         Command::Backup(a) => cmd_backup::run(a, repo, &ceph).await,
         Command::Restore(a) => cmd_restore::run(a, repo, &ceph).await,
@@ -139,17 +152,33 @@ fn main() -> ExitCode {
         libc::umask(0o077);
     }
     let mut cli = Cli::parse();
+    // The worker's log is its output: info by default.
+    let quiet = if matches!(cli.command, Command::Worker(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     let filter = match cli.verbose {
-        0 => "warn",
+        0 => quiet,
         1 => "info,ferry=debug",
         _ => "debug",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let env_filter =
+        tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    if cli.log_format == "json" {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(env_filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        use std::io::IsTerminal;
+        tracing_subscriber::fmt()
+            .with_env_filter(env_filter)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -157,13 +186,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let config_path = cli.config.clone();
     if let Some(path) = &cli.config {
         match config::ConfigFile::load(path) {
             Ok(c) => c.apply(&mut cli.repo, &mut cli.ceph),
             Err(e) => return errors::report(&e),
         }
     }
-    match rt.block_on(run(cli.command, cli.repo, cli.ceph)) {
+    match rt.block_on(run(cli.command, config_path, cli.repo, cli.ceph)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => errors::report(&e),
     }

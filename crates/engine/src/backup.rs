@@ -15,9 +15,10 @@ use ferry_repo::{
 };
 use rbd_diff::{DiffHeader, DiffReader, Event as DiffEvent};
 use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::chunks::fetch_block;
-use crate::error::{Error, Result, ResultExt};
+use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::observer::{Event, Observer, Operation};
 
 /// What the caller knows before the stream is read.
@@ -40,6 +41,28 @@ pub(crate) struct IngestParams {
     pub verify: Option<Verifier>,
     /// The backup's session (begun before the parent was read: FORMAT.md §12).
     pub session: Arc<Session>,
+    /// Stops the ingest when cancelled: nothing is committed (see [`Cancelled`]).
+    pub cancel: Option<CancellationToken>,
+}
+
+/// The backup was stopped by its caller's cancellation token before its commit (a daemon
+/// shutting down); nothing was committed.
+#[derive(Debug)]
+pub struct Cancelled;
+
+impl std::fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cancelled before its commit")
+    }
+}
+
+impl std::error::Error for Cancelled {}
+
+impl Cancelled {
+    /// The error a cancelled backup fails with.
+    pub(crate) fn error() -> Error {
+        Error::new(ErrorKind::Failed, "the backup was cancelled", Some(Box::new(Cancelled)))
+    }
 }
 
 /// The pre-commit check: sees the draft (its complete block map) before it is committed.
@@ -406,7 +429,22 @@ where
     let mut tasks = tokio::task::JoinSet::new();
     let mut results: Vec<(u64, Option<ChunkId>, Outcome)> = Vec::new();
     let mut first_error: Option<Error> = None;
-    while let Some(work) = rx.recv().await {
+    let cancel = params.cancel.clone().unwrap_or_default();
+    loop {
+        let work = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                // Stop at once: in-flight uploads are of content-addressed chunks (harmless
+                // when cut), and dropping the receiver stops the parser and its producer.
+                tasks.abort_all();
+                first_error.get_or_insert(Cancelled::error());
+                break;
+            }
+            w = rx.recv() => match w {
+                Some(w) => w,
+                None => break,
+            },
+        };
         // Reap finished tasks as we go so errors surface early and memory stays bounded.
         while let Some(done) = tasks.try_join_next() {
             match done.map_err(Error::from).and_then(|r| r) {
@@ -438,6 +476,9 @@ where
     }
     drop(rx);
     while let Some(done) = tasks.join_next().await {
+        if matches!(&done, Err(e) if e.is_cancelled()) {
+            continue;
+        }
         match done.map_err(Error::from).and_then(|r| r) {
             Ok(r) => results.push(r),
             Err(e) => {

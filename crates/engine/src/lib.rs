@@ -37,14 +37,17 @@ use std::sync::Arc;
 use ferry_repo::{BackupRef, BackupSpec, BlockSize, Chain, Index, Manifest, Repository, Session, SessionOptions, Source};
 
 pub use audit::{AuditOptions, AuditReport, Finding, VolumeReport};
-pub use backup::{BackupOutcome, CommitOutcomeUnknown};
+pub use backup::{BackupOutcome, Cancelled, CommitOutcomeUnknown};
 pub use chunks::fetch_block;
 pub use error::{Error, ErrorKind, Result, ResultExt};
 pub use lifecycle::{BackupFate, PruneReport};
 pub use observer::{Event, NoObserver, Observer, Operation, Recorder};
-pub use rbd::{Ceph, RbdBackupNotes, RbdBackupOptions, RbdBackupOutcome, RbdImage, RbdTarget, SNAP_PREFIX};
+pub use rbd::{
+    BackupRunning, Ceph, RbdBackupNotes, RbdBackupOptions, RbdBackupOutcome, RbdImage, RbdTarget, SnapshotHooks, UpToDate, SNAP_PREFIX,
+};
 pub use restore::{BlockFailure, Layout, RestoreIncomplete, RestoreOptions, RestoreReport, RestoreTarget, StreamFormat};
 pub use target::{partial_path, FileTarget, StreamTarget};
+pub use tokio_util::sync::CancellationToken;
 
 /// Default number of blocks in flight: three per core, 4 to 16.
 pub fn default_jobs() -> usize {
@@ -224,6 +227,7 @@ impl Engine {
                 expect_to_snap: None,
                 verify: None,
                 session: session.clone(),
+                cancel: None,
             };
             backup::ingest(
                 self.repo.clone(),

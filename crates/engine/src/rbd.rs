@@ -210,7 +210,60 @@ pub struct RbdBackupOptions {
     /// backup, the new one included (at least 1: the newest is the next base). Snapshots of
     /// other repositories and volumes, users' and protected ones are never removed.
     pub keep_snapshots: usize,
+    /// Commands around the snapshot (e.g. a filesystem freeze and thaw in the guest).
+    pub hooks: Option<Arc<dyn SnapshotHooks>>,
+    /// Skip the backup, failing with [`UpToDate`], when the volume's newest backup was
+    /// committed at or after this time — checked under the lease, so several schedulers
+    /// sharing the volumes back each one up once per tick.
+    pub unless_backed_up_since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Stops the backup before its commit (a daemon shutting down): the new snapshot is
+    /// removed, the lease released, nothing committed ([`crate::Cancelled`]).
+    pub cancel: Option<tokio_util::sync::CancellationToken>,
 }
+
+/// Commands run around the snapshot of an RBD backup, under its lease: `before_snapshot`
+/// right before it is taken (an error cancels the backup), `after_snapshot` right after —
+/// always, also when `before_snapshot` or the snapshot failed, so a freeze is released.
+pub trait SnapshotHooks: Send + Sync + std::fmt::Debug {
+    /// Runs right before the snapshot; an error (its message) cancels the backup.
+    fn before_snapshot(&self) -> futures::future::BoxFuture<'_, std::result::Result<(), String>>;
+    /// Runs right after the snapshot (or after a failed `before_snapshot`); failures are
+    /// the hook's to report.
+    fn after_snapshot(&self) -> futures::future::BoxFuture<'_, ()>;
+}
+
+/// Another backup of the image holds its lease (the cause of a refused RBD backup).
+#[derive(Debug)]
+pub struct BackupRunning {
+    /// The lease holder's description.
+    pub holder: String,
+}
+
+impl std::fmt::Display for BackupRunning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the backup lease is held by {}", self.holder)
+    }
+}
+
+impl std::error::Error for BackupRunning {}
+
+/// The volume was backed up at or after [`RbdBackupOptions::unless_backed_up_since`]
+/// (the cause of a refused RBD backup): nothing was done.
+#[derive(Debug)]
+pub struct UpToDate {
+    /// The newest backup.
+    pub backup_id: String,
+    /// When it was committed.
+    pub created: chrono::DateTime<chrono::Utc>,
+}
+
+impl std::fmt::Display for UpToDate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "backup {} was made at {}", self.backup_id, self.created.to_rfc3339())
+    }
+}
+
+impl std::error::Error for UpToDate {}
 
 impl Default for RbdBackupOptions {
     fn default() -> Self {
@@ -222,6 +275,9 @@ impl Default for RbdBackupOptions {
             lease: Some(Duration::from_secs(60)),
             verify_blocks: 8,
             keep_snapshots: 1,
+            hooks: None,
+            unless_backed_up_since: None,
+            cancel: None,
         }
     }
 }
@@ -350,9 +406,11 @@ impl Engine {
                                     tracing::warn!("took over the backup lease of {spec} from a ferry process of this host that is gone");
                                 }
                                 Err(ferry_ceph::Error::LeaseHeld { holder, .. }) => {
-                                    return Err(Error::refused(format!(
-                                        "another backup of {spec} is running ({holder}); not starting a second one"
-                                    )))
+                                    return Err(Error::new(
+                                        ErrorKind::Refused,
+                                        format!("another backup of {spec} is running ({holder}); not starting a second one"),
+                                        Some(Box::new(BackupRunning { holder })),
+                                    ))
                                 }
                                 Err(e) => return Err(Error::from(e).context(format!("taking the backup lease of {spec}"))),
                             }
@@ -460,6 +518,23 @@ impl RbdRun<'_> {
         }
         let chain = or_abort!(self.engine.chain(self.volume).await);
         let mut notes = RbdBackupNotes::default();
+        if let (Some(since), Some(head)) = (self.opts.unless_backed_up_since, chain.head()) {
+            if head.meta.created >= since {
+                session.abort().await;
+                return Err(Error::new(
+                    ErrorKind::Refused,
+                    format!("volume '{}' was backed up since {}", self.volume, since.to_rfc3339()),
+                    Some(Box::new(UpToDate {
+                        backup_id: head.meta.backup_id.clone(),
+                        created: head.meta.created,
+                    })),
+                ));
+            }
+        }
+        if self.opts.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+            session.abort().await;
+            return Err(crate::backup::Cancelled::error());
+        }
 
         // The base: the newest committed backup's to-snapshot, if it is still on this very image.
         let mut parent = None;
@@ -498,19 +573,43 @@ impl RbdRun<'_> {
             .map_err(|e| Error::from(e).context(format!("the object size of {spec} cannot be a block size"))));
         let owner = snap_owner(self.engine.repo.id(), self.volume);
         let snap = snap_name(&owner, chrono::Utc::now());
+        // The hooks bracket the snapshot alone: the after-hook runs at once, whatever happened.
+        let prepared = match &self.opts.hooks {
+            Some(h) => h.before_snapshot().await.map_err(|why| {
+                Error::new(
+                    ErrorKind::Refused,
+                    format!("the pre-snapshot hook of {spec} failed: {why}; no snapshot was taken"),
+                    None,
+                )
+            }),
+            None => Ok(()),
+        };
+        let created = match prepared {
+            Ok(()) => {
+                let (rbd, spec, snap) = (self.rbd.clone(), spec.clone(), snap.clone());
+                blocking(move || {
+                    rbd.snap_create(&spec.pool, &spec.image, &snap)
+                        .with_context(|| format!("creating snapshot {spec}@{snap}"))
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Some(h) = &self.opts.hooks {
+            h.after_snapshot().await;
+        }
+        or_abort!(created);
         let export = or_abort!({
             let (rbd, spec, snap, base) = (self.rbd.clone(), spec.clone(), snap.clone(), notes.base_snapshot.clone());
-            blocking(move || {
-                rbd.snap_create(&spec.pool, &spec.image, &snap)
-                    .with_context(|| format!("creating snapshot {spec}@{snap}"))?;
-                match rbd.export_diff(&spec.pool, &spec.image, &snap, base.as_deref(), true) {
+            blocking(
+                move || match rbd.export_diff(&spec.pool, &spec.image, &snap, base.as_deref(), true) {
                     Ok(e) => Ok(e),
                     Err(e) => {
                         let _ = rbd.snap_remove(&spec.pool, &spec.image, &snap);
                         Err(Error::from(e).context(format!("starting rbd export-diff of {spec}@{snap}")))
                     }
-                }
-            })
+                },
+            )
             .await
         });
         notes.snapshot = snap.clone();
@@ -532,6 +631,7 @@ impl RbdRun<'_> {
             expect_to_snap: Some(snap.clone()),
             verify: Some(self.verifier(parent.map(|(_, m)| m), &snap, session.clone(), healed.clone())),
             session: session.clone(),
+            cancel: self.opts.cancel.clone(),
         };
         let finish = |mut export: ExportDiff, complete: bool| -> Result<()> {
             if !complete {

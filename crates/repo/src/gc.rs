@@ -483,8 +483,13 @@ async fn run_claimed(
     report.fences = listing.fenced.len();
     let listed: std::collections::BTreeSet<BackupRef> = listing.backups.iter().cloned().collect();
     let mut set = MarkSet::default();
-    let mut reads =
-        futures::stream::iter(listing.backups.iter().map(|r| async move { (r, repo.read_manifest(r).await) })).buffer_unordered(8);
+    // Owned refs: a closure over borrowed ones makes this future not `Send` for every
+    // lifetime, and a daemon spawns it.
+    let mut reads = futures::stream::iter(listing.backups.iter().cloned().map(|r| async move {
+        let m = repo.read_manifest(&r).await;
+        (r, m)
+    }))
+    .buffer_unordered(8);
     while let Some((r, m)) = reads.next().await {
         match m {
             Ok(m) => {

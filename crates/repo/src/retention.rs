@@ -116,6 +116,39 @@ impl KeepPolicy {
     }
 }
 
+/// A period as `--keep-within` and `--grace` take it: `36h`, `7d`, `2w`, `1y6m`: a sum of numbers with units h, d, w, m (30 days), y (365 days).
+pub fn parse_period(s: &str) -> Result<Duration, String> {
+    let mut total = Duration::zero();
+    let mut num = String::new();
+    let mut any = false;
+    for c in s.trim().chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: i64 = num.parse().map_err(|_| format!("'{s}': a number must come before '{c}'"))?;
+        num.clear();
+        let hours = match c {
+            'h' => 1,
+            'd' => 24,
+            'w' => 24 * 7,
+            'm' => 24 * 30,
+            'y' => 24 * 365,
+            _ => return Err(format!("'{s}': unknown unit '{c}' (use h, d, w, m, y)")),
+        };
+        let part = n
+            .checked_mul(hours)
+            .and_then(Duration::try_hours)
+            .ok_or_else(|| format!("'{s}' is too long"))?;
+        total = total.checked_add(&part).ok_or_else(|| format!("'{s}' is too long"))?;
+        any = true;
+    }
+    if !num.is_empty() || !any {
+        return Err(format!("'{s}' is not a duration: give a unit, e.g. 7d or 36h"));
+    }
+    Ok(total)
+}
+
 /// One backup as retention sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Candidate {
