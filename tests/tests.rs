@@ -13,3 +13,4 @@ mod faults;
 mod gc;
 mod golden;
 mod lifecycle;
+mod worker;

@@ -457,11 +457,15 @@ where
         if first_error.is_some() {
             break;
         }
-        let permit = sem
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::failed("the upload semaphore was closed"))?;
+        let permit = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                tasks.abort_all();
+                first_error.get_or_insert(Cancelled::error());
+                break;
+            }
+            p = sem.clone().acquire_owned() => p.map_err(|_| Error::failed("the upload semaphore was closed"))?,
+        };
         let repo = repo.clone();
         let index = index.clone();
         let claimed = claimed.clone();
@@ -475,7 +479,21 @@ where
         });
     }
     drop(rx);
-    while let Some(done) = tasks.join_next().await {
+    let mut aborted = false;
+    loop {
+        let done = tokio::select! {
+            biased;
+            _ = cancel.cancelled(), if !aborted => {
+                tasks.abort_all();
+                aborted = true;
+                first_error.get_or_insert(Cancelled::error());
+                continue;
+            }
+            d = tasks.join_next() => match d {
+                Some(d) => d,
+                None => break,
+            },
+        };
         if matches!(&done, Err(e) if e.is_cancelled()) {
             continue;
         }
@@ -550,6 +568,10 @@ where
         stats,
         blocks,
     };
+    // Cancelled while the last uploads finished: abandon rather than commit.
+    if cancel.is_cancelled() {
+        return Err(Cancelled::error());
+    }
     // Before the verifier: it checks the lease, which must be the last thing before the
     // commit (this may wait for a sweep).
     session

@@ -574,7 +574,7 @@ impl Worker {
                 Err(e) if matches!(e.kind(), ErrorKind::Transient | ErrorKind::Source) && attempt < cfg.worker.retries => {
                     let delay = cfg.worker.retry_delay.saturating_mul(1 << attempt.min(10));
                     attempt += 1;
-                    tracing::warn!(volume = %t.volume, "{e:#}; retry {attempt} of {} in {}", cfg.worker.retries, humantime(delay));
+                    tracing::warn!(volume = %t.volume, "{}; retry {attempt} of {} in {}", full(&e), cfg.worker.retries, humantime(delay));
                     if self.pause(delay).await {
                         continue;
                     }
@@ -611,8 +611,8 @@ impl Worker {
                         Ok(r) if r.removed > 0 => tracing::info!(volume = %t.volume, "retention removed {} backup(s)", r.removed),
                         Ok(_) => {}
                         Err(e) => {
-                            tracing::warn!(volume = %t.volume, "retention failed (the backup is committed): {e:#}");
-                            warning = Some(format!("retention failed: {e:#}"));
+                            tracing::warn!(volume = %t.volume, "retention failed (the backup is committed): {}", full(&e));
+                            warning = Some(format!("retention failed: {}", full(&e)));
                         }
                     }
                 }
@@ -652,7 +652,7 @@ impl Worker {
                 (RunResult::Skipped, None)
             }
             Err(e) => {
-                let why = format!("{e:#}");
+                let why = full(&e);
                 tracing::error!(volume = %t.volume, "backup failed: {why}");
                 self.volume_state(&t.volume, |v| v.failures_total += 1);
                 notify(
@@ -719,17 +719,13 @@ impl Worker {
         let started = Instant::now();
         let mut backup_id = String::new();
         let result: Result<(), String> = async {
-            let (_, manifest) = self
-                .engine
-                .resolve(&t.volume, &BackupSpec::Latest)
-                .await
-                .map_err(|e| format!("{e:#}"))?;
+            let (_, manifest) = self.engine.resolve(&t.volume, &BackupSpec::Latest).await.map_err(|e| full(&e))?;
             backup_id = manifest.meta.backup_id.clone();
             let target = self.engine.rbd_target(&ceph, &scratch, false, Some("ferry-drill".into()));
             self.engine
                 .restore(manifest, Box::new(target), &RestoreOptions::default())
                 .await
-                .map_err(|e| format!("{e:#}"))?;
+                .map_err(|e| full(&e))?;
             Ok(())
         }
         .await;
@@ -796,7 +792,7 @@ impl Worker {
                 Err(e) => GcState {
                     last_run: Some(Utc::now()),
                     ok: false,
-                    error: Some(format!("{e:#}")),
+                    error: Some(full(&e)),
                     seconds,
                     next_run,
                     ..s.gc.clone()
@@ -809,10 +805,25 @@ impl Worker {
                 r.chunks_deleted,
                 r.bytes_freed
             ),
-            Err(e) => tracing::error!("garbage collection failed: {e:#}"),
+            Err(e) => tracing::error!("garbage collection failed: {}", full(&e)),
         }
         self.save_state();
     }
+}
+
+/// An error with its causes, "message: cause: cause".
+fn full(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.ends_with(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 fn hex_id() -> String {

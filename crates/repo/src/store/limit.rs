@@ -92,6 +92,13 @@ impl Bucket {
         Some(Duration::from_secs_f64((ticket - self.credit) / rate as f64))
     }
 
+    /// Gives back a reservation of `n` bytes that will never be sent (its upload was
+    /// cancelled while waiting): everyone queued behind it moves up by `n`.
+    fn refund(&mut self, n: u64, now: Instant) {
+        self.refill(now);
+        self.credit = (self.credit + n as f64).min(self.reserved + self.burst as f64);
+    }
+
     fn set_rate(&mut self, rate: Option<u64>, now: Instant) {
         self.refill(now);
         match (self.rate, rate) {
@@ -169,7 +176,28 @@ impl UploadLimiter {
     /// Waits until `bytes` may be sent.
     pub async fn acquire(&self, bytes: u64) {
         let ticket = self.reserve(bytes);
-        self.wait(ticket).await
+        // A waiter dropped before its turn (a cancelled upload) gives its bytes back, or
+        // everyone behind it would wait for bytes that are never sent.
+        struct Refund<'a> {
+            limiter: &'a UploadLimiter,
+            bytes: u64,
+            armed: bool,
+        }
+        impl Drop for Refund<'_> {
+            fn drop(&mut self) {
+                if self.armed {
+                    self.limiter.bucket().refund(self.bytes, Instant::now());
+                    self.limiter.shared.changed.notify_waiters();
+                }
+            }
+        }
+        let mut refund = Refund {
+            limiter: self,
+            bytes,
+            armed: ticket.is_some(),
+        };
+        self.wait(ticket).await;
+        refund.armed = false;
     }
 
     /// Takes a place in the queue for `bytes` (`None`: unlimited, nothing to wait for).
@@ -333,6 +361,20 @@ mod tests {
         let later = t0 + Duration::from_millis(500);
         assert_eq!(b.wait_for(t1, later), Some(Duration::ZERO));
         assert_eq!(b.wait_for(t2, later), Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn a_refunded_reservation_moves_the_queue_up() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(Some(MB), t0);
+        let _paid = b.reserve(MB, t0).unwrap();
+        let cancelled = b.reserve(4 * MB, t0).unwrap();
+        let behind = b.reserve(MB, t0).unwrap();
+        assert_eq!(b.wait_for(cancelled, t0), Some(Duration::from_secs(4)));
+        assert_eq!(b.wait_for(behind, t0), Some(Duration::from_secs(5)));
+        // The 4 MB upload is cancelled while waiting: the one behind it waits 1 s, not 5.
+        b.refund(4 * MB, t0);
+        assert_eq!(b.wait_for(behind, t0), Some(Duration::from_secs(1)));
     }
 
     #[test]
