@@ -670,3 +670,162 @@ hooks = { pre = ["/no/such/freeze"] }
     let err = repo.fails(&["worker"], 2);
     assert!(err.contains("--config"), "{err}");
 }
+
+/// Accepts HTTP POSTs on a local port and hands their bodies to the test.
+fn webhook() -> (u16, std::sync::mpsc::Receiver<String>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Headers, then Content-Length bytes of body.
+            let body = loop {
+                let Ok(n) = s.read(&mut chunk) else { break None };
+                if n == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        break Some(format!("{}\n{body}", head.lines().next().unwrap_or("")));
+                    }
+                }
+            };
+            let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            if let Some(b) = body {
+                let _ = tx.send(b);
+            }
+        }
+    });
+    (port, rx)
+}
+
+/// SIGHUP reloads the configuration (a new selection starts running; a broken file is refused
+/// and the running configuration stays); success notifications arrive as HTTP POSTs.
+#[test]
+fn sighup_reloads_and_notifications_are_posted() {
+    let c = cluster();
+    let repo = c.file_repo();
+    let mut guard = ImageGuard::new(c);
+    let prefix = unique("wkhup");
+    let first = guard.add(&format!("rbd/{prefix}-first"));
+    let second = guard.add(&format!("rbd/{prefix}-second"));
+    for img in [&first, &second] {
+        c.rbd(&["create", "--size", "4M", img]);
+        apply(c, img, 4 * MIB, &[(0, Some(random_bytes(MIB as usize)), 0)]);
+    }
+    let (hook_port, posts) = webhook();
+    let port = free_port();
+    let config = repo.path("worker.toml");
+    let write = |images: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[worker]
+state_dir = "{state}"
+metrics = "127.0.0.1:{port}"
+[[selection]]
+name = "s"
+pool = "rbd"
+images = {images}
+schedule = "*/5 * * * * *"
+notify = {{ on_success = [{{ url = "http://127.0.0.1:{hook_port}/hooks/secret-token" }}] }}
+"#,
+                state = repo.path("state").display()
+            ),
+        )
+        .expect("config")
+    };
+    let name = |img: &str| img.split('/').nth(1).expect("name").to_string();
+    write(&format!("[\"{}\"]", name(&first)));
+    let d = Daemon::start(&repo, &config, "hup");
+    let post = posts.recv_timeout(Duration::from_secs(30)).expect("a success notification");
+    assert!(post.starts_with("POST /hooks/secret-token"), "{post}");
+    let body: serde_json::Value = serde_json::from_str(post.split_once('\n').expect("body").1).expect("json body");
+    assert_eq!(body["event"], "backup.success");
+    assert_eq!(body["volume"], first.replace('/', "."));
+    assert!(body["backup_id"].as_str().is_some_and(|s| s.len() == 16), "{body}");
+    // The webhook URL's path (often a secret) never reaches the log.
+    assert!(!d.log().contains("secret-token"), "{}", d.log());
+
+    // A broken configuration is refused; the worker keeps running on the old one.
+    std::fs::write(&config, "[worker]\nconcurrency = 0\n").expect("config");
+    d.signal(libc::SIGHUP);
+    wait_for(
+        "the refused reload",
+        Duration::from_secs(20),
+        || {
+            scrape(port, "/metrics")
+                .unwrap_or_default()
+                .contains("ferry_worker_config_reload_failures_total 1")
+        },
+        || d.log(),
+    );
+    assert!(d.log().contains("worker.concurrency: must be at least 1"), "{}", d.log());
+    // A good one adds the second image.
+    write(&format!("[\"{}\", \"{}\"]", name(&first), name(&second)));
+    d.signal(libc::SIGHUP);
+    wait_for(
+        "the second image's first backup after the reload",
+        Duration::from_secs(30),
+        || !backups(&repo, &second.replace('/', ".")).is_empty(),
+        || d.log(),
+    );
+    assert!(scrape(port, "/metrics")
+        .unwrap_or_default()
+        .contains("ferry_worker_config_reloads_total 1"));
+}
+
+/// A transient store failure that outlasts the store's own retries fails the attempt; the
+/// worker retries the volume with backoff and the backup succeeds.
+#[test]
+fn a_transient_failure_is_retried_by_the_worker() {
+    let c = cluster();
+    let repo = c.file_repo();
+    let mut guard = ImageGuard::new(c);
+    let img = guard.add(&format!("rbd/{}", unique("wkretry")));
+    c.rbd(&["create", "--size", "8M", &img]);
+    apply(c, &img, 8 * MIB, &[(0, Some(random_bytes(8 * MIB as usize)), 0)]);
+    let config = repo.path("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[worker]
+state_dir = "{state}"
+retries = 4
+retry_delay = "1s"
+[[selection]]
+name = "s"
+pool = "rbd"
+images = ["{name}"]
+schedule = "@daily"
+"#,
+            state = repo.path("state").display(),
+            name = img.split('/').nth(1).expect("name")
+        ),
+    )
+    .expect("config");
+    let out = repo
+        .cmd(&["--config", config.to_str().expect("utf8"), "worker", "--once"])
+        .env("FERRY_TEST_FAULTS", "put:chunks/*:status=503:times=25")
+        .env("FERRY_STORE_DEADLINE", "1")
+        .output()
+        .expect("worker --once");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("retry 1 of 4"), "{log}");
+    assert_eq!(backups(&repo, &img.replace('/', ".")).len(), 1);
+    repo.ok(&["audit"]);
+}
