@@ -59,7 +59,11 @@ pub struct CephSection {
 impl ConfigFile {
     pub fn load(path: &Path) -> Result<ConfigFile> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+        // Not toml's own message: it quotes the offending line, which may hold a secret.
+        toml::from_str(&text).map_err(|e| {
+            let (key, reason) = ferry_worker::config::toml_issue(&text, &e);
+            anyhow::anyhow!("configuration {}: {key}: {reason}", path.display())
+        })
     }
 
     /// Fills what flags and environment left unset.
@@ -89,5 +93,13 @@ mod tests {
         let c = ConfigFile::load(&example).expect("config/ferry.toml parses");
         assert!(c.repository.url.is_some());
         assert!(toml::from_str::<ConfigFile>("[repository]\npassword = \"x\"\n").is_err());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "[repository]\npassword = \"hunter2\"\n").expect("write");
+        let e = format!("{:#}", ConfigFile::load(&f).expect_err("refused"));
+        assert!(
+            e.contains("line 2") && e.contains("unknown field `password`") && !e.contains("hunter2"),
+            "{e}"
+        );
     }
 }

@@ -502,6 +502,24 @@ impl RbdRun<'_> {
             })
             .await?
         };
+        // Under the lease, before any session (a skipped run leaves nothing in the bucket):
+        // was this tick's backup made already, by another worker?
+        if let Some(since) = self.opts.unless_backed_up_since {
+            let chain = self.engine.chain(self.volume).await?;
+            if let Some(head) = chain.head().filter(|h| h.meta.created >= since) {
+                return Err(Error::new(
+                    ErrorKind::Refused,
+                    format!("volume '{}' was backed up since {}", self.volume, since.to_rfc3339()),
+                    Some(Box::new(UpToDate {
+                        backup_id: head.meta.backup_id.clone(),
+                        created: head.meta.created,
+                    })),
+                ));
+            }
+        }
+        if self.opts.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+            return Err(crate::backup::Cancelled::error());
+        }
         // The session first: every piece of evidence (parent, index, HEAD) comes after it.
         let session = self.engine.begin_session(self.volume).await?;
         // Until the ingest owns the session, a failure fences its name here, at once.
@@ -518,23 +536,6 @@ impl RbdRun<'_> {
         }
         let chain = or_abort!(self.engine.chain(self.volume).await);
         let mut notes = RbdBackupNotes::default();
-        if let (Some(since), Some(head)) = (self.opts.unless_backed_up_since, chain.head()) {
-            if head.meta.created >= since {
-                session.abort().await;
-                return Err(Error::new(
-                    ErrorKind::Refused,
-                    format!("volume '{}' was backed up since {}", self.volume, since.to_rfc3339()),
-                    Some(Box::new(UpToDate {
-                        backup_id: head.meta.backup_id.clone(),
-                        created: head.meta.created,
-                    })),
-                ));
-            }
-        }
-        if self.opts.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
-            session.abort().await;
-            return Err(crate::backup::Cancelled::error());
-        }
 
         // The base: the newest committed backup's to-snapshot, if it is still on this very image.
         let mut parent = None;
@@ -573,31 +574,40 @@ impl RbdRun<'_> {
             .map_err(|e| Error::from(e).context(format!("the object size of {spec} cannot be a block size"))));
         let owner = snap_owner(self.engine.repo.id(), self.volume);
         let snap = snap_name(&owner, chrono::Utc::now());
-        // The hooks bracket the snapshot alone: the after-hook runs at once, whatever happened.
-        let prepared = match &self.opts.hooks {
-            Some(h) => h.before_snapshot().await.map_err(|why| {
-                Error::new(
-                    ErrorKind::Refused,
-                    format!("the pre-snapshot hook of {spec} failed: {why}; no snapshot was taken"),
-                    None,
-                )
-            }),
-            None => Ok(()),
+        // The hooks bracket the snapshot alone: the after-hook runs at once, whatever happened
+        // — in a task of its own, so a caller that drops this backup midway (a daemon giving
+        // up on it) cannot skip the after-hook (a thaw).
+        let snapped = {
+            let (rbd, spec, snap, hooks) = (self.rbd.clone(), spec.clone(), snap.clone(), self.opts.hooks.clone());
+            tokio::spawn(async move {
+                let prepared = match &hooks {
+                    Some(h) => h.before_snapshot().await.map_err(|why| {
+                        Error::new(
+                            ErrorKind::Refused,
+                            format!("the pre-snapshot hook of {spec} failed: {why}; no snapshot was taken"),
+                            None,
+                        )
+                    }),
+                    None => Ok(()),
+                };
+                let created = match prepared {
+                    Ok(()) => {
+                        let spec = spec.clone();
+                        blocking(move || {
+                            rbd.snap_create(&spec.pool, &spec.image, &snap)
+                                .with_context(|| format!("creating snapshot {spec}@{snap}"))
+                        })
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Some(h) = &hooks {
+                    h.after_snapshot().await;
+                }
+                created
+            })
         };
-        let created = match prepared {
-            Ok(()) => {
-                let (rbd, spec, snap) = (self.rbd.clone(), spec.clone(), snap.clone());
-                blocking(move || {
-                    rbd.snap_create(&spec.pool, &spec.image, &snap)
-                        .with_context(|| format!("creating snapshot {spec}@{snap}"))
-                })
-                .await
-            }
-            Err(e) => Err(e),
-        };
-        if let Some(h) = &self.opts.hooks {
-            h.after_snapshot().await;
-        }
+        let created = snapped.await.map_err(Error::from).and_then(|r| r);
         or_abort!(created);
         let export = or_abort!({
             let (rbd, spec, snap, base) = (self.rbd.clone(), spec.clone(), snap.clone(), notes.base_snapshot.clone());

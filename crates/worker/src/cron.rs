@@ -4,7 +4,8 @@
 //! each a list of `*`, `N`, `N-M`, each with an optional `/STEP`; month and weekday names
 //! (`jan`, `mon`); weekday 0 and 7 are Sunday; the macros `@yearly` (`@annually`),
 //! `@monthly`, `@weekly`, `@daily` (`@midnight`), `@hourly`. As in Vixie cron, when both
-//! day-of-month and day-of-week are restricted a day matches either.
+//! day-of-month and day-of-week are restricted a day matches either; when either starts with
+//! `*` (`*/2`) a day must match both.
 //!
 //! Times are wall-clock times of a time zone (the worker's local zone): a time that does not
 //! exist (the hour skipped when clocks go forward) is skipped, a time that exists twice
@@ -127,7 +128,8 @@ fn names_hint(spec: &FieldSpec) -> String {
     }
 }
 
-/// Parses one field into a bit set; the flag says whether it was a bare `*`.
+/// Parses one field into a bit set; the flag says whether it starts with `*` (Vixie cron's
+/// rule for combining the day fields).
 fn field(spec: &FieldSpec, text: &str) -> Result<(u64, bool), String> {
     let mut bits = 0u64;
     for item in text.split(',') {
@@ -164,7 +166,7 @@ fn field(spec: &FieldSpec, text: &str) -> Result<(u64, bool), String> {
             v += step;
         }
     }
-    Ok((bits, text == "*"))
+    Ok((bits, text.starts_with('*')))
 }
 
 impl FromStr for Cron {
@@ -236,11 +238,12 @@ impl Cron {
     fn day_matches(&self, d: NaiveDate) -> bool {
         let dom = has(self.days, d.day());
         let dow = has(self.weekdays, d.weekday().num_days_from_sunday());
-        match (self.days_star, self.weekdays_star) {
-            (true, true) => true,
-            (false, true) => dom,
-            (true, false) => dow,
-            (false, false) => dom || dow,
+        // Vixie cron: a day field that starts with `*` (`*`, `*/2`) makes the two an AND;
+        // two restricted fields are an OR.
+        if self.days_star || self.weekdays_star {
+            dom && dow
+        } else {
+            dom || dow
         }
     }
 
@@ -349,6 +352,8 @@ mod tests {
         assert_eq!(next("0 0 1 * fri", "2026-11-29 00:00:00"), "2026-12-01 00:00:00");
         assert_eq!(next("0 0 1 * fri", "2026-12-01 00:00:00"), "2026-12-04 00:00:00");
         assert_eq!(next("5,35 8-10/2 * * *", "2026-11-29 08:35:00"), "2026-11-29 10:05:00");
+        // A starred day field is an AND: odd days that are Mondays (not Monday the 30th).
+        assert_eq!(next("0 0 */2 * mon", "2026-11-29 00:00:00"), "2026-12-07 00:00:00");
         assert_eq!(next("7/20 * * * *", "2026-11-29 08:48:00"), "2026-11-29 09:07:00");
     }
 

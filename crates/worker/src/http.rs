@@ -21,14 +21,19 @@ pub trait Endpoints: Send + Sync + 'static {
 pub async fn serve(addr: SocketAddr, endpoints: Arc<dyn Endpoints>) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    // A few connections at a time: a scanner or a slow client must not take the file
+    // descriptors the backups need.
+    let slots = Arc::new(tokio::sync::Semaphore::new(16));
     let task = tokio::spawn(async move {
         loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else { return };
             let Ok((mut sock, _)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
             let endpoints = endpoints.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let _ = tokio::time::timeout(Duration::from_secs(10), handle(&mut sock, endpoints.as_ref())).await;
             });
         }

@@ -111,7 +111,13 @@ pub fn resolve(sel: &Selection, list: &mut dyn FnMut(&str) -> Result<Vec<String>
             .replace("{pool}", pool)
             .replace("{image}", image)
             .replace("{uuid}", uuid.map(|u| u.1).unwrap_or(image));
-        if out.targets.iter().any(|t| t.volume == volume) {
+        if let Some(other) = out.targets.iter().find(|t| t.volume == volume) {
+            if other.image.pool != pool || other.image.image != image {
+                out.problems.push(format!(
+                    "images {} and {pool}/{image} both make volume '{volume}'; {pool}/{image} is left out (put {{image}} in the volume template)",
+                    other.image
+                ));
+            }
             return;
         }
         let mut labels = sel.labels.clone();

@@ -158,6 +158,10 @@ pub struct Worker {
     permits: Arc<Semaphore>,
     /// Cancels running backups (after the stop timeout).
     abort: CancellationToken,
+    /// Set when the worker stops taking work (SIGTERM): queued runs and retries give up.
+    stopping: CancellationToken,
+    /// Serialises writes of `status.json`.
+    save_lock: Mutex<()>,
 }
 
 impl Worker {
@@ -179,6 +183,8 @@ impl Worker {
             in_flight: Default::default(),
             upload: Mutex::new((Instant::now(), 0, 0.0)),
             abort: CancellationToken::new(),
+            stopping: CancellationToken::new(),
+            save_lock: Mutex::new(()),
         })
     }
 
@@ -196,6 +202,7 @@ impl Worker {
     }
 
     fn save_state(&self) {
+        let _one_at_a_time = self.save_lock.lock().unwrap_or_else(|p| p.into_inner());
         let dir = self.config().worker.state_dir.clone();
         let snapshot = self.with_state(|s| {
             s.updated = Some(Utc::now());
@@ -212,6 +219,10 @@ impl Worker {
         let Some(limiter) = self.engine.repository().store().limiter() else {
             return;
         };
+        // No limits in the configuration: a limit from the command line stays as it is.
+        if !cfg.worker.bandwidth.is_limited() {
+            return;
+        }
         let want = cfg.worker.bandwidth.limit_at(Local::now().time());
         if limiter.rate() != want {
             tracing::info!(
@@ -356,7 +367,11 @@ impl Worker {
 
         loop {
             *self.heartbeat.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-            while runs.try_join_next().is_some() {}
+            while let Some(r) = runs.try_join_next() {
+                if let Err(e) = r {
+                    tracing::error!("a worker task ended abnormally: {e}");
+                }
+            }
             self.apply_bandwidth();
             self.sample_upload_rate();
             let now = Local::now();
@@ -402,8 +417,14 @@ impl Worker {
                         gc_running = true;
                         let (w, g, tx) = (self.clone(), g.clone(), gc_tx.clone());
                         runs.spawn(async move {
+                            struct GcDone(mpsc::UnboundedSender<()>);
+                            impl Drop for GcDone {
+                                fn drop(&mut self) {
+                                    let _ = self.0.send(());
+                                }
+                            }
+                            let _done = GcDone(tx);
                             w.gc(&g).await;
-                            let _ = tx.send(());
                         });
                     }
                     self.with_state(|s| s.gc.next_run = next_gc.map(|t| t.with_timezone(&Utc)));
@@ -418,6 +439,8 @@ impl Worker {
             }
             let sleep = (wake - Local::now()).to_std().unwrap_or(Duration::ZERO);
             tokio::select! {
+                // Ticks that came due go before a reload (which recomputes the schedules).
+                biased;
                 _ = control.shutdown.cancelled() => break,
                 _ = tokio::time::sleep(sleep) => {}
                 Some(v) = done_rx.recv() => { running.remove(&v); }
@@ -452,13 +475,18 @@ impl Worker {
             }
         }
 
-        // Stop: no new work; running backups get the stop timeout, then are cancelled.
+        // Stop: no new work (queued runs and retries give up); running backups get the stop
+        // timeout, then are cancelled.
+        self.stopping.cancel();
+        self.permits.close();
+        while runs.try_join_next().is_some() {}
         let n = runs.len();
         let stop = cfg.worker.stop_timeout;
         if n > 0 {
             tracing::warn!("stopping: waiting up to {} for {n} running task(s) to finish", humantime(stop));
         }
-        let deadline = tokio::time::Instant::now() + stop;
+        let now = tokio::time::Instant::now();
+        let deadline = now.checked_add(stop).unwrap_or(now + Duration::from_secs(86400));
         loop {
             tokio::select! {
                 r = runs.join_next() => if r.is_none() { break },
@@ -488,10 +516,10 @@ impl Worker {
         running.insert(t.volume.clone());
         let (w, done) = (self.clone(), done.clone());
         runs.spawn(async move {
-            let volume = t.volume.clone();
+            // Reported even if the run panics: the volume must not stay "running" forever.
+            let _done = DoneGuard(done, t.volume.clone());
             w.run_volume(&sel, &t, Some(since)).await;
             w.save_state();
-            let _ = done.send(volume);
         });
     }
 
@@ -510,7 +538,7 @@ impl Worker {
         let Ok(_permit) = self.permits.clone().acquire_owned().await else {
             return (RunResult::Failure, Some("the worker is stopping".into()));
         };
-        if self.abort.is_cancelled() {
+        if self.stopping.is_cancelled() {
             return (RunResult::Failure, Some("the worker is stopping".into()));
         }
         let cfg = self.config();
@@ -543,7 +571,7 @@ impl Worker {
             }) as Arc<dyn ferry_engine::SnapshotHooks>
         });
         let mut attempt = 0u32;
-        let lease_wait_until = Instant::now() + cfg.worker.lease * 3;
+        let lease_wait_until = Instant::now() + cfg.worker.lease.saturating_mul(3);
         let result = loop {
             let opts = RbdBackupOptions {
                 volume: Some(t.volume.clone()),
@@ -638,6 +666,12 @@ impl Worker {
                 .await;
                 (RunResult::Success, warning)
             }
+            Err(e) if e.find::<BackupRunning>().is_some() && !self.stopping.is_cancelled() => {
+                // Still held after three lease periods: another worker's backup is running
+                // (and renewing its lease). Not a failure of ours; its result is its own.
+                tracing::info!(volume = %t.volume, "still being backed up by another worker: {}", full(&e));
+                (RunResult::Skipped, None)
+            }
             Err(e) if e.find::<UpToDate>().is_some() => {
                 let u = e.find::<UpToDate>().map(|u| (u.backup_id.clone(), u.created));
                 tracing::info!(volume = %t.volume, "already backed up for this run by another worker: {e}");
@@ -699,6 +733,7 @@ impl Worker {
     async fn pause(&self, d: Duration) -> bool {
         tokio::select! {
             _ = self.abort.cancelled() => false,
+            _ = self.stopping.cancelled() => false,
             _ = tokio::time::sleep(d) => true,
         }
     }
@@ -722,10 +757,11 @@ impl Worker {
             let (_, manifest) = self.engine.resolve(&t.volume, &BackupSpec::Latest).await.map_err(|e| full(&e))?;
             backup_id = manifest.meta.backup_id.clone();
             let target = self.engine.rbd_target(&ceph, &scratch, false, Some("ferry-drill".into()));
-            self.engine
-                .restore(manifest, Box::new(target), &RestoreOptions::default())
-                .await
-                .map_err(|e| full(&e))?;
+            let opts = RestoreOptions::default();
+            tokio::select! {
+                r = self.engine.restore(manifest, Box::new(target), &opts) => r.map_err(|e| full(&e))?,
+                _ = self.abort.cancelled() => return Err("cancelled: the worker is stopping".into()),
+            };
             Ok(())
         }
         .await;
@@ -808,6 +844,15 @@ impl Worker {
             Err(e) => tracing::error!("garbage collection failed: {}", full(&e)),
         }
         self.save_state();
+    }
+}
+
+/// Sends the volume's name when dropped: its run is over, however it ended.
+struct DoneGuard(mpsc::UnboundedSender<String>, String);
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        let _ = self.0.send(std::mem::take(&mut self.1));
     }
 }
 

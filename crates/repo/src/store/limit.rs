@@ -92,11 +92,22 @@ impl Bucket {
         Some(Duration::from_secs_f64((ticket - self.credit) / rate as f64))
     }
 
-    /// Gives back a reservation of `n` bytes that will never be sent (its upload was
-    /// cancelled while waiting): everyone queued behind it moves up by `n`.
-    fn refund(&mut self, n: u64, now: Instant) {
+    /// Gives back the reservation ending at `ticket` (`n` bytes) that will never be sent (its
+    /// upload was cancelled while waiting). The last one in the queue is simply taken off;
+    /// one in the middle moves everyone behind it up by `n` — and, as the bucket keeps no
+    /// per-waiter record, those ahead of it too: at most `n` bytes go early, once.
+    fn refund(&mut self, ticket: f64, n: u64, now: Instant) {
         self.refill(now);
-        self.credit = (self.credit + n as f64).min(self.reserved + self.burst as f64);
+        if self.credit >= ticket {
+            // Already paid for: the bytes were owed to it, nobody waits on them.
+            return;
+        }
+        if ticket >= self.reserved {
+            self.reserved -= n as f64;
+            self.credit = self.credit.min(self.reserved + self.burst as f64);
+        } else {
+            self.credit = (self.credit + n as f64).min(self.reserved + self.burst as f64);
+        }
     }
 
     fn set_rate(&mut self, rate: Option<u64>, now: Instant) {
@@ -180,24 +191,24 @@ impl UploadLimiter {
         // everyone behind it would wait for bytes that are never sent.
         struct Refund<'a> {
             limiter: &'a UploadLimiter,
+            ticket: Option<f64>,
             bytes: u64,
-            armed: bool,
         }
         impl Drop for Refund<'_> {
             fn drop(&mut self) {
-                if self.armed {
-                    self.limiter.bucket().refund(self.bytes, Instant::now());
+                if let Some(t) = self.ticket {
+                    self.limiter.bucket().refund(t, self.bytes, Instant::now());
                     self.limiter.shared.changed.notify_waiters();
                 }
             }
         }
         let mut refund = Refund {
             limiter: self,
+            ticket,
             bytes,
-            armed: ticket.is_some(),
         };
         self.wait(ticket).await;
-        refund.armed = false;
+        refund.ticket = None;
     }
 
     /// Takes a place in the queue for `bytes` (`None`: unlimited, nothing to wait for).
@@ -373,8 +384,12 @@ mod tests {
         assert_eq!(b.wait_for(cancelled, t0), Some(Duration::from_secs(4)));
         assert_eq!(b.wait_for(behind, t0), Some(Duration::from_secs(5)));
         // The 4 MB upload is cancelled while waiting: the one behind it waits 1 s, not 5.
-        b.refund(4 * MB, t0);
+        b.refund(cancelled, 4 * MB, t0);
         assert_eq!(b.wait_for(behind, t0), Some(Duration::from_secs(1)));
+        // The last in the queue is taken off exactly: a new one waits only for `behind`.
+        b.refund(behind, MB, t0);
+        let next = b.reserve(MB, t0).unwrap();
+        assert_eq!(b.wait_for(next, t0), Some(Duration::from_secs(1)));
     }
 
     #[test]
