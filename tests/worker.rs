@@ -196,9 +196,19 @@ fn a_scheduled_worker_backs_up_each_image_once_per_tick_on_rgw() {
     );
     let images: Vec<String> = ["a", "b", "c"].iter().map(|s| guard.add(&format!("rbd/{prefix}-{s}"))).collect();
     let cinder = guard.add(&format!("rbd/volume-{uuid}"));
+    let instance = uuid.replace('-', "").chars().rev().collect::<String>();
+    let instance = format!(
+        "{}-{}-{}-{}-{}",
+        &instance[..8],
+        &instance[8..12],
+        &instance[12..16],
+        &instance[16..20],
+        &instance[20..]
+    );
+    let nova = guard.add(&format!("rbd/{instance}_disk"));
     let failing = guard.add(&format!("rbd/{prefix}x-fail"));
     let hung = guard.add(&format!("rbd/{prefix}x-hung"));
-    for img in images.iter().chain([&cinder, &failing, &hung]) {
+    for img in images.iter().chain([&cinder, &nova, &failing, &hung]) {
         c.rbd(&["create", "--size", "8M", "--object-size", "1M", img]);
         apply(c, img, 8 * MIB, &[(0, Some(random_bytes(3 * MIB as usize)), 0)]);
     }
@@ -233,6 +243,8 @@ keep_snapshots = 3
 name = "cinder"
 cinder_volumes = ["{uuid}"]
 cinder_pool = "rbd"
+nova_instances = ["{instance}"]
+nova_pool = "rbd"
 schedule = "*/6 * * * * *"
 keep = {{ last = 3 }}
 drill = {{ every = 2 }}
@@ -266,7 +278,7 @@ hooks = {{ pre = ["sleep", "60"], timeout = "1s" }}
         .map(|v| v["volume"].as_str().expect("volume").to_string())
         .collect();
     let vol = |img: &str| img.replace('/', ".");
-    for img in images.iter().chain([&cinder, &failing, &hung]) {
+    for img in images.iter().chain([&cinder, &nova, &failing, &hung]) {
         assert!(planned.contains(&vol(img)), "{img} not planned: {plan}");
     }
 
@@ -373,20 +385,24 @@ hooks = {{ pre = ["sleep", "60"], timeout = "1s" }}
     eprintln!("worker stopped {:.1} s after SIGTERM", t.elapsed().as_secs_f64());
 
     // One backup per image per tick; keep-last 3; every kept backup equals its snapshot.
-    for img in images.iter().chain([&cinder]) {
+    for img in images.iter().chain([&cinder, &nova]) {
         let v = vol(img);
         let bs = backups(&repo, &v);
         assert_eq!(bs.len(), 3, "{v}: keep-last 3 should leave 3 backups: {bs:#?}");
         let ticks: Vec<i64> = bs.iter().map(|b| created(b).timestamp().div_euclid(6)).collect();
         let distinct: BTreeSet<&i64> = ticks.iter().collect();
         assert_eq!(distinct.len(), ticks.len(), "{v}: two backups in one tick: {ticks:?}");
+        let openstack = img == &cinder || img == &nova;
         for b in &bs {
             if img == &cinder {
                 assert_eq!(b["labels"]["openstack.cinder_volume"], uuid.as_str(), "{b}");
             }
-            assert_eq!(b["labels"]["selection"], if img == &cinder { "cinder" } else { "glob" });
+            if img == &nova {
+                assert_eq!(b["labels"]["openstack.nova_instance"], instance.as_str(), "{b}");
+            }
+            assert_eq!(b["labels"]["selection"], if openstack { "cinder" } else { "glob" });
         }
-        if img != &cinder {
+        if !openstack {
             for b in &bs {
                 restore_equals_snapshot(c, &repo, &v, b, img);
             }
@@ -828,4 +844,67 @@ schedule = "@daily"
     assert!(log.contains("retry 1 of 4"), "{log}");
     assert_eq!(backups(&repo, &img.replace('/', ".")).len(), 1);
     repo.ok(&["audit"]);
+}
+
+/// A run missed while the worker was down runs once at start (not once per missed tick); a
+/// volume backed up since its last tick does not.
+#[test]
+fn a_missed_run_runs_once_at_start() {
+    let c = cluster();
+    let repo = c.file_repo();
+    let mut guard = ImageGuard::new(c);
+    let img = guard.add(&format!("rbd/{}", unique("wkmiss")));
+    c.rbd(&["create", "--size", "4M", &img]);
+    apply(c, &img, 4 * MIB, &[(0, Some(random_bytes(MIB as usize)), 0)]);
+    let v = img.replace('/', ".");
+    let config = repo.path("worker.toml");
+    // Fires at one second of each minute, `at` (chosen a few seconds ahead).
+    let write = |at: u32| {
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[worker]
+state_dir = "{state}"
+[[selection]]
+name = "s"
+pool = "rbd"
+images = ["{name}"]
+schedule = "{at} * * * * *"
+"#,
+                state = repo.path("state").display(),
+                name = img.split('/').nth(1).expect("name")
+            ),
+        )
+        .expect("config")
+    };
+    // A first backup, then let the schedule's tick pass while no worker runs.
+    write(0);
+    repo.ok(&["--config", config.to_str().expect("utf8"), "worker", "--once"]);
+    let at = ((chrono::Utc::now().timestamp() + 3) % 60) as u32;
+    write(at);
+    std::thread::sleep(Duration::from_secs(5));
+    // The missed tick runs once at start; the next tick is a minute away.
+    let mut d = Daemon::start(&repo, &config, "missed");
+    wait_for(
+        "the missed run",
+        Duration::from_secs(30),
+        || backups(&repo, &v).len() == 2,
+        || d.log(),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(backups(&repo, &v).len(), 2, "{}", d.log());
+    assert!(d.log().contains("missed its last scheduled run"), "{}", d.log());
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait(Duration::from_secs(30)), Some(0));
+    // Started again before the next tick: nothing was missed, nothing runs.
+    let now = chrono::Utc::now().timestamp();
+    if (at as i64 - now % 60).rem_euclid(60) > 8 {
+        let mut d = Daemon::start(&repo, &config, "again");
+        std::thread::sleep(Duration::from_secs(6));
+        d.signal(libc::SIGTERM);
+        assert_eq!(d.wait(Duration::from_secs(30)), Some(0));
+        assert_eq!(backups(&repo, &v).len(), 2, "{}", d.log());
+        assert!(!d.log().contains("missed its last scheduled run"), "{}", d.log());
+    }
 }

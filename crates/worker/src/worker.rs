@@ -294,7 +294,7 @@ impl Worker {
         let mut runs = JoinSet::new();
         for sel in &cfg.selections {
             let r = resolve_selection(&cfg, sel).await;
-            self.note_selection(sel, &r.targets, &r.problems, None);
+            self.note_selection(sel, &r.targets, &r.problems, next_tick(&sel.schedule, Local::now()));
             self.note_chains(&r.targets).await;
             report
                 .problems
