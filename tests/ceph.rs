@@ -958,16 +958,37 @@ fn broken_lease(lease_seconds: &str, take_over: bool, pause_ms: u64) {
             "exclusive",
         ]);
     }
-    // Then (after `pause_ms`: two renewal intervals of a 3 s lease, or none) let the stream finish.
-    std::thread::sleep(std::time::Duration::from_millis(pause_ms));
-    std::fs::write(&go, b"").expect("touch go");
-    let out = match rx.recv_timeout(std::time::Duration::from_secs(60)) {
-        Ok(out) => out.expect("wait ferry"),
-        Err(_) => {
-            kill();
-            panic!("ferry did not end within 60 s after the stream resumed");
+    // A broken lock is found by the next renewal (a 3 s lease renews every second): the backup
+    // stops at once — uploads stopped, the stalled export-diff killed — without waiting for
+    // the stream. A lock taken over inside a 60 s lease's renewal interval is only found right
+    // before the commit, once the stream resumes.
+    let early = if take_over {
+        std::thread::sleep(std::time::Duration::from_millis(pause_ms));
+        None
+    } else {
+        match rx.recv_timeout(std::time::Duration::from_secs(15)) {
+            Ok(out) => Some(out.expect("wait ferry")),
+            Err(_) => {
+                kill();
+                panic!("the backup did not stop within 15 s of losing its lease while export-diff stalled");
+            }
         }
     };
+    std::fs::write(&go, b"").expect("touch go");
+    let out = match early {
+        Some(out) => out,
+        None => match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(out) => out.expect("wait ferry"),
+            Err(_) => {
+                kill();
+                panic!("ferry did not end within 60 s after the stream resumed");
+            }
+        },
+    };
+    if !take_over {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("lost mid-backup") && err.contains("uploads stopped"), "{err}");
+    }
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),

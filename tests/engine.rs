@@ -185,3 +185,64 @@ async fn request_counts_of_a_known_backup_are_exact() {
     let r = store.requests().since(&before);
     assert_eq!((r.list, r.get, r.head, r.put, r.delete), (3, 2, 3, 6, 0), "{r:?}");
 }
+
+/// A manifest PUT that cannot be answered before the backup's lease would lapse is given up
+/// and settled by the fence: nothing is committed, and no late copy of the manifest can land.
+/// With no time left at all, nothing is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_would_outlive_its_lease_is_fenced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("file://{}/repo", dir.path().display());
+    let opts = InitOptions {
+        kdf: KdfParams::argon2id_fast(),
+        ..Default::default()
+    };
+    Repository::init(open_store(&url, &StoreOptions::default()).expect("store"), b"pass", opts)
+        .await
+        .expect("init");
+    let slow = StoreOptions {
+        faults: Some(ferry_repo::FaultPlan::parse("put:volumes/*/backups/*:slow=3s:times=1").expect("plan")),
+        ..Default::default()
+    };
+    let repo = Repository::open(open_store(&url, &slow).expect("store"), b"pass")
+        .await
+        .expect("open");
+    let draft = || ferry_repo::BackupDraft {
+        volume: "v".into(),
+        source: Default::default(),
+        from_snap: None,
+        to_snap: Some("s1".into()),
+        parent: None,
+        image_size: 0,
+        block_size: repo.config().block_size,
+        labels: Default::default(),
+        protected: false,
+        stats: Default::default(),
+        blocks: Vec::new(),
+    };
+    let session = ferry_repo::Session::begin(&repo, "v", Default::default()).await.expect("session");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
+    let t = std::time::Instant::now();
+    let err = repo
+        .commit_within(draft(), &session, Some(deadline))
+        .await
+        .expect_err("not committed");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(3),
+        "the PUT was not given up at the deadline"
+    );
+    assert!(err.to_string().contains("lease would lapse"), "{err}");
+    // The name is fenced: the slow PUT can never land a manifest there.
+    let r = session.backup().clone();
+    assert!(matches!(repo.read_manifest(&r).await, Err(ferry_repo::Error::Fenced { .. })));
+    assert!(repo.list_volumes(None).await.expect("list").backups.is_empty());
+    // No time left: nothing is sent at all.
+    let session = ferry_repo::Session::begin(&repo, "v", Default::default()).await.expect("session");
+    let past = tokio::time::Instant::now();
+    let err = repo.commit_within(draft(), &session, Some(past)).await.expect_err("not committed");
+    assert!(err.to_string().contains("nothing was sent"), "{err}");
+    assert!(matches!(
+        repo.read_manifest(session.backup()).await,
+        Err(ferry_repo::Error::NotFound { .. })
+    ));
+}

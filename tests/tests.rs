@@ -12,5 +12,6 @@ mod engine;
 mod faults;
 mod gc;
 mod golden;
+mod hostile;
 mod lifecycle;
 mod worker;

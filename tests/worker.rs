@@ -283,6 +283,11 @@ hooks = {{ pre = ["sleep", "60"], timeout = "1s" }}
     }
 
     let mut d = Daemon::start(&repo, &config, "main");
+    // The daemon holds the key: no core dumps.
+    std::thread::sleep(Duration::from_millis(500));
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap_or_default();
+    let core = limits.lines().find(|l| l.starts_with("Max core file size")).unwrap_or("");
+    assert!(core.split_whitespace().nth(4) == Some("0"), "core dumps are enabled: {core:?}");
     let metrics = || scrape(port, "/metrics").unwrap_or_default();
     let count = |v: &str| {
         metric(&metrics(), "ferry_volume_backups_total")

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use ferry_engine::{Ceph, Engine, Error as EngineError, ErrorKind, Observer};
 use ferry_repo::{open_store, Index, Repository, Store, StoreOptions};
+use zeroize::Zeroizing;
 
 /// Options shared by every command that touches a repository.
 #[derive(Args, Debug, Clone)]
@@ -98,7 +99,7 @@ impl RepoArgs {
         Ok(open_store(self.url()?, &opts)?)
     }
 
-    pub fn passphrase(&self) -> Result<Vec<u8>> {
+    pub fn passphrase(&self) -> Result<Zeroizing<Vec<u8>>> {
         passphrase_from(self.password_file.as_deref(), "FERRY_PASSWORD", "Repository passphrase: ")
     }
 
@@ -164,7 +165,7 @@ pub fn default_index_dir() -> PathBuf {
 
 /// Reads a secret from a file, an environment variable or an interactive prompt — never
 /// from the command line, so it stays out of `ps` and shell history.
-pub fn passphrase_from(file: Option<&std::path::Path>, env: &str, prompt: &str) -> Result<Vec<u8>> {
+pub fn passphrase_from(file: Option<&std::path::Path>, env: &str, prompt: &str) -> Result<Zeroizing<Vec<u8>>> {
     if let Some(f) = file {
         use std::os::unix::fs::PermissionsExt;
         let md = std::fs::metadata(f).with_context(|| format!("reading passphrase file {}", f.display()))?;
@@ -180,8 +181,8 @@ pub fn passphrase_from(file: Option<&std::path::Path>, env: &str, prompt: &str) 
             )
             .into());
         }
-        let s = std::fs::read(f).with_context(|| format!("reading passphrase file {}", f.display()))?;
-        let s = s.strip_suffix(b"\n").unwrap_or(&s).to_vec();
+        let s = Zeroizing::new(std::fs::read(f).with_context(|| format!("reading passphrase file {}", f.display()))?);
+        let s = Zeroizing::new(s.strip_suffix(b"\n").unwrap_or(&s).to_vec());
         if s.is_empty() {
             bail!("passphrase file {} is empty", f.display());
         }
@@ -191,11 +192,11 @@ pub fn passphrase_from(file: Option<&std::path::Path>, env: &str, prompt: &str) 
         if v.is_empty() {
             bail!("${env} is set but empty");
         }
-        return Ok(v.into_bytes());
+        return Ok(Zeroizing::new(v.into_bytes()));
     }
     if std::io::stdin().is_terminal() {
         let p = rpassword::prompt_password(prompt).context("reading passphrase")?;
-        return Ok(p.into_bytes());
+        return Ok(Zeroizing::new(p.into_bytes()));
     }
     Err(EngineError::new(
         ErrorKind::Auth,

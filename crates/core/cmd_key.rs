@@ -42,7 +42,7 @@ pub enum KeyCommand {
     },
 }
 
-fn new_passphrase(file: Option<&std::path::Path>) -> Result<Vec<u8>> {
+fn new_passphrase(file: Option<&std::path::Path>) -> Result<zeroize::Zeroizing<Vec<u8>>> {
     let p = passphrase_from(file, "FERRY_NEW_PASSWORD", "New passphrase: ")?;
     if file.is_none() && std::env::var_os("FERRY_NEW_PASSWORD").is_none() {
         let again = passphrase_from(None, "FERRY_NEW_PASSWORD", "Repeat new passphrase: ")?;

@@ -143,7 +143,24 @@ fn tune_allocator() {
     }
 }
 
+/// The process holds the repository's master key and the passphrase: no core dump may carry
+/// them to disk (RLIMIT_CORE 0), and no other process of the same user may read its memory
+/// (not dumpable: ptrace and /proc/PID/mem are refused). FERRY_ALLOW_CORE_DUMPS=1 keeps both
+/// for debugging.
+fn harden_process() {
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("FERRY_ALLOW_CORE_DUMPS").is_none() {
+        let none = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: setrlimit and prctl only change this process's own limits and flags.
+        unsafe {
+            libc::setrlimit(libc::RLIMIT_CORE, &none);
+            libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    harden_process();
     tune_allocator();
     // Everything ferry creates — the index, a file:// repository's objects, restored
     // volumes — holds data or metadata of the volumes: private to its owner.

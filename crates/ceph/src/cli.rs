@@ -352,6 +352,9 @@ impl RbdCli {
 
         let mut cmd = self.command(&args);
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // Its own process group: a caller stopping the export can signal everything that holds
+        // the pipe (a wrapper script's children too), see [`ExportDiff::process_group`].
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let command = self.display(&args);
         let mut child = self.spawn(&mut cmd, &command)?;
         let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
@@ -592,6 +595,13 @@ impl ExportDiff {
     /// The command line, for messages.
     pub fn command(&self) -> &str {
         &self.0.command
+    }
+
+    /// The process group of the `rbd` child (it leads its own): signal `-group` to stop it
+    /// and anything it started that holds the pipe.
+    pub fn process_group(&self) -> Option<u32> {
+        // The child leads its own group (spawned with `process_group(0)`).
+        self.id()
     }
 
     /// Process id of the `rbd` child.

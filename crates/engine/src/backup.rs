@@ -66,7 +66,9 @@ impl Cancelled {
 }
 
 /// The pre-commit check: sees the draft (its complete block map) before it is committed.
-pub(crate) type Verifier = Box<dyn FnOnce(&mut BackupDraft) -> Result<()> + Send>;
+/// It returns the time by which the manifest PUT must be answered (the RBD source: before its
+/// lease lapses), if any.
+pub(crate) type Verifier = Box<dyn FnOnce(&mut BackupDraft) -> Result<Option<std::time::Instant>> + Send>;
 
 /// What the parser thread hands to the workers.
 enum Work {
@@ -505,6 +507,11 @@ where
         }
     }
     let (parsed, workers_stopped) = parse.await?;
+    // Cancelled: whatever the parser saw after that (its producer killed, the channel closed)
+    // is a consequence, not the cause.
+    if cancel.is_cancelled() {
+        return Err(Cancelled::error());
+    }
     // A parse error explains an upload stop, so report it first — unless the parser only
     // stopped because the workers did: then the workers' error is the cause.
     let parsed = match (parsed, first_error) {
@@ -578,14 +585,15 @@ where
         .settle_inherited()
         .await
         .context("checking the parent's chunks after a garbage collection")?;
-    let draft = match params.verify {
+    let (draft, deadline) = match params.verify {
         Some(verify) => {
             let mut draft = draft;
-            crate::cpu::blocking(move || verify(&mut draft).map(|_| draft)).await?
+            crate::cpu::blocking(move || verify(&mut draft).map(|d| (draft, d))).await?
         }
-        None => draft,
+        None => (draft, None),
     };
-    let (backup, manifest) = match repo.commit(draft, &session).await {
+    let deadline = deadline.map(tokio::time::Instant::from_std);
+    let (backup, manifest) = match repo.commit_within(draft, &session, deadline).await {
         Ok(v) => v,
         Err(e @ ferry_repo::Error::CommitUnknown { .. }) => {
             return Err(Error::new(

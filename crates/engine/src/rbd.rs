@@ -77,6 +77,10 @@ impl std::fmt::Display for RbdImage {
     }
 }
 
+/// Lease time kept in reserve at the commit: the manifest PUT must be answered this long before
+/// the lease would lapse (else its outcome is settled by the fence, FORMAT.md §12.2).
+const COMMIT_MARGIN: Duration = Duration::from_secs(1);
+
 /// Prefix of the snapshots ferry creates (and rotates).
 pub const SNAP_PREFIX: &str = "ferry-";
 
@@ -624,6 +628,24 @@ impl RbdRun<'_> {
         });
         notes.snapshot = snap.clone();
         let healed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        // Uploads stop as soon as the lease is unhealthy (its renewal failed or is overdue):
+        // work done without the image held exclusively could never be committed anyway.
+        let stop = self.opts.cancel.as_ref().map(|c| c.child_token()).unwrap_or_default();
+        let lease_lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watch = {
+            let (lease, stop, lost) = (self.lease.clone(), stop.clone(), lease_lost.clone());
+            tokio::spawn(async move {
+                let Some(lease) = lease else { return };
+                loop {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    if !lease.is_healthy() {
+                        lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                        stop.cancel();
+                        return;
+                    }
+                }
+            })
+        };
         let params = IngestParams {
             volume: self.volume.to_string(),
             block_size,
@@ -641,18 +663,57 @@ impl RbdRun<'_> {
             expect_to_snap: Some(snap.clone()),
             verify: Some(self.verifier(parent.map(|(_, m)| m), &snap, session.clone(), healed.clone())),
             session: session.clone(),
-            cancel: self.opts.cancel.clone(),
+            cancel: Some(stop.clone()),
         };
-        let finish = |mut export: ExportDiff, complete: bool| -> Result<()> {
-            if !complete {
-                export.kill();
+        // A cancelled backup (shutdown, lost lease) kills export-diff at once: a stalled one
+        // would otherwise hold the parser in a read. The pid is only signalled while the child
+        // is not yet reaped (the lock orders the kill before `wait`), so it cannot be reused.
+        let unreaped = Arc::new(std::sync::Mutex::new(export.process_group()));
+        let killer = {
+            let (stop, unreaped) = (stop.clone(), unreaped.clone());
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                if let Some(group) = *unreaped.lock().unwrap_or_else(|p| p.into_inner()) {
+                    // SAFETY: kill(2) on our own child's process group; the child has not been
+                    // waited for, so the group ID is still its own.
+                    unsafe {
+                        libc::kill(-(group as i32), libc::SIGKILL);
+                    }
+                }
+            })
+        };
+        let finish = {
+            let unreaped = unreaped.clone();
+            move |mut export: ExportDiff, complete: bool| -> Result<()> {
+                if !complete {
+                    export.kill();
+                }
+                unreaped.lock().unwrap_or_else(|p| p.into_inner()).take();
+                export
+                    .wait()
+                    .map_err(|e| Error::new(ErrorKind::Source, format!("rbd export-diff failed: {e}"), None))
             }
-            export
-                .wait()
-                .map_err(|e| Error::new(ErrorKind::Source, format!("rbd export-diff failed: {e}"), None))
         };
         let e = self.engine;
         let result = ingest(e.repo.clone(), e.index.clone(), e.observer.clone(), export, None, finish, params).await;
+        watch.abort();
+        killer.abort();
+        let result = match result {
+            Err(err) if lease_lost.load(std::sync::atomic::Ordering::Relaxed) && err.find::<crate::backup::Cancelled>().is_some() => {
+                Err(Error::new(
+                    ErrorKind::Source,
+                    format!(
+                        "the backup lease of {spec} was lost mid-backup ({}); uploads stopped, nothing committed",
+                        self.lease
+                            .as_ref()
+                            .and_then(|l| l.failure())
+                            .unwrap_or_else(|| "renewal overdue".into())
+                    ),
+                    None,
+                ))
+            }
+            r => r,
+        };
         let outcome = match result {
             Ok(v) => v,
             Err(err) if err.find::<crate::backup::CommitOutcomeUnknown>().is_some() => {
@@ -687,7 +748,21 @@ impl RbdRun<'_> {
             })
             .filter_map(|b| b.meta.to_snap.clone())
             .collect();
-        let plan = plan_rotation(&snaps, &owner, &snap, &committed, self.opts.keep_snapshots);
+        let mut plan = plan_rotation(&snaps, &owner, &snap, &committed, self.opts.keep_snapshots);
+        // Snapshots are removed only while the image is still ours: another backup of it may
+        // have started once our lease lapsed, and its base must stay.
+        if let Some(l) = self.lease.clone() {
+            if !plan.remove.is_empty() && !blocking(move || Ok(l.renew_now())).await.unwrap_or(false) {
+                warn(
+                    e.observer.as_ref(),
+                    &format!(
+                        "the backup lease of {spec} was lost after the commit; older snapshots are left for the next backup: {}",
+                        plan.remove.join(", ")
+                    ),
+                );
+                plan.keep.append(&mut plan.remove);
+            }
+        }
         let (rbd, spec2) = (self.rbd.clone(), spec.clone());
         let to_remove = plan.remove.clone();
         let (removed, warnings) = blocking(move || {
@@ -735,24 +810,35 @@ impl RbdRun<'_> {
             // Blocks the diff did not touch but whose chunk is quarantined: read them again.
             let n_healed = heal_quarantined(&cluster, &spec, &snap, draft, &session, &repo)?;
             healed.store(n_healed, std::sync::atomic::Ordering::Relaxed);
-            // Commit only while we still hold the image exclusively: ask the cluster now (a
-            // lock broken since the last periodic renewal is found here).
-            if let Some(l) = &lease {
-                if !l.renew_now() {
-                    return Err(Error::new(
-                        ErrorKind::Source,
-                        format!(
-                            "the backup lease of {spec} was lost ({}); not committing",
-                            l.failure().unwrap_or_else(|| "renewal overdue".into())
-                        ),
-                        None,
-                    ));
-                }
+            if let Some(pm) = &sample {
+                verify_unchanged(&cluster, &spec, &snap, pm, draft, n, &repo)?;
             }
-            match &sample {
-                Some(pm) => verify_unchanged(&cluster, &spec, &snap, pm, draft, n, &repo),
-                None => Ok(()),
+            // Commit only while we still hold the image exclusively: ask the cluster now, the
+            // last thing before the commit (a lock broken since the last periodic renewal is
+            // found here), and give the manifest PUT only the lease time that is left.
+            let Some(l) = &lease else { return Ok(None) };
+            if !l.renew_now() {
+                return Err(Error::new(
+                    ErrorKind::Source,
+                    format!(
+                        "the backup lease of {spec} was lost ({}); not committing",
+                        l.failure().unwrap_or_else(|| "renewal overdue".into())
+                    ),
+                    None,
+                ));
             }
+            let left = l.time_left();
+            if left < COMMIT_MARGIN * 2 {
+                return Err(Error::new(
+                    ErrorKind::Source,
+                    format!(
+                        "the backup lease of {spec} has {:.1} s left, too little to commit in; not committing",
+                        left.as_secs_f64()
+                    ),
+                    None,
+                ));
+            }
+            Ok(Some(std::time::Instant::now() + (left - COMMIT_MARGIN)))
         })
     }
 }

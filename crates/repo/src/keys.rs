@@ -24,6 +24,16 @@ pub struct MasterKey {
     seal: SealKey,
 }
 
+/// Key material is wiped when the key is dropped (the AES key schedule inside the seal key is
+/// the cipher crate's to manage).
+impl Drop for MasterKey {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.raw.zeroize();
+        self.id_key.zeroize();
+    }
+}
+
 impl std::fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("MasterKey(..)")
@@ -42,7 +52,9 @@ impl MasterKey {
     /// `derive_key` (FORMAT.md §3).
     pub fn from_raw(raw: [u8; 32]) -> Self {
         let id_key = blake3::derive_key(CHUNK_ID_CONTEXT, &raw);
-        let seal = SealKey::new(&blake3::derive_key(OBJECT_KEY_CONTEXT, &raw));
+        let mut obj_key = zeroize::Zeroizing::new(blake3::derive_key(OBJECT_KEY_CONTEXT, &raw));
+        let seal = SealKey::new(&obj_key);
+        zeroize::Zeroize::zeroize(&mut *obj_key);
         MasterKey { raw, id_key, seal }
     }
 
@@ -153,7 +165,7 @@ impl KeySlot {
         let id = hex::encode(id);
         let mut salt = [0u8; 16];
         rand::rng().fill_bytes(&mut salt);
-        let kek = SealKey::new(&kdf.derive(passphrase, &salt)?);
+        let kek = SealKey::new(&zeroize::Zeroizing::new(kdf.derive(passphrase, &salt)?));
         let mut sealed = Vec::new();
         kek.seal_into(&mut sealed, &Self::aad(repository_id, &id), &master.raw)?;
         Ok(KeySlot {
@@ -177,11 +189,12 @@ impl KeySlot {
         };
         let salt = B64.decode(&self.salt).map_err(|_| bad("salt is not base64"))?;
         let sealed = B64.decode(&self.nonce_and_wrapped).map_err(|_| bad("wrapped key is not base64"))?;
-        let kek = SealKey::new(&self.kdf.derive(passphrase, &salt)?);
+        let kek = SealKey::new(&zeroize::Zeroizing::new(self.kdf.derive(passphrase, &salt)?));
         match kek.open(&[], &Self::aad(repository_id, &self.id), sealed, "") {
             Ok(raw) => {
-                let raw: [u8; 32] = raw.try_into().map_err(|_| bad("wrapped key is not 32 bytes"))?;
-                Ok(Some(MasterKey::from_raw(raw)))
+                let raw = zeroize::Zeroizing::new(raw);
+                let bytes: [u8; 32] = raw.as_slice().try_into().map_err(|_| bad("wrapped key is not 32 bytes"))?;
+                Ok(Some(MasterKey::from_raw(bytes)))
             }
             Err(Error::Integrity { .. }) => Ok(None),
             Err(e) => Err(e),

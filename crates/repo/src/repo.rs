@@ -511,6 +511,19 @@ impl Repository {
     /// (FORMAT.md §12); a manifest key a garbage collection fenced meanwhile refuses the
     /// commit with [`Error::Fenced`].
     pub async fn commit(&self, draft: BackupDraft, session: &crate::session::Session) -> Result<(BackupRef, Manifest)> {
+        self.commit_within(draft, session, None).await
+    }
+
+    /// [`Repository::commit`], with the manifest PUT answered by `deadline` (a lease ends
+    /// then): a PUT still unanswered is given up and settled like any unknown outcome, by the
+    /// fence; with the deadline already past, nothing is sent (the error is transient and
+    /// nothing was committed).
+    pub async fn commit_within(
+        &self,
+        draft: BackupDraft,
+        session: &crate::session::Session,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(BackupRef, Manifest)> {
         validate_volume_name(&draft.volume)?;
         if draft.volume != session.backup().volume {
             return Err(Error::InvalidArgument(format!(
@@ -560,7 +573,28 @@ impl Repository {
         // "Already exists" is read back; an unknown outcome is settled with the fence — a
         // 0-byte create-only PUT at the same key, after which no late copy of the manifest
         // can land.
-        let outcome = match put_create(self.store.inner.as_ref(), &key, sealed).await {
+        let put = put_create(self.store.inner.as_ref(), &key, sealed);
+        let sent = match deadline {
+            None => put.await,
+            Some(d) if d <= tokio::time::Instant::now() => {
+                return Err(Error::Unavailable {
+                    what: format!("committing backup {}", manifest.meta.backup_id),
+                    attempts: 0,
+                    secs: 0.0,
+                    last: "no time was left to send the manifest before the backup's lease lapses; nothing was sent".into(),
+                });
+            }
+            Some(d) => match tokio::time::timeout_at(d, put).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::Unavailable {
+                    what: format!("the manifest PUT of backup {}", manifest.meta.backup_id),
+                    attempts: 1,
+                    secs: 0.0,
+                    last: "no answer before the backup's lease would lapse".into(),
+                }),
+            },
+        };
+        let outcome = match sent {
             Ok(true) => Ok(()),
             Ok(false) => self.settle_existing(&r, &manifest).await,
             Err(e) if e.is_transient() => match self
