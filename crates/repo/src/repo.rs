@@ -225,7 +225,21 @@ pub(crate) async fn get_bytes_limited(store: &dyn ObjectStore, key: &str, max: u
             reason: format!("{} bytes, more than the {max} an object of its kind can have", res.meta.size),
         });
     }
-    res.bytes().await.map_err(|e| Error::store("get", &path, e))
+    let expected = res.range.end.saturating_sub(res.range.start);
+    let body = res.bytes().await.map_err(|e| Error::store("get", &path, e))?;
+    // A body shorter than the store announced was cut in transit (a connection closed early):
+    // a network failure to retry, not damaged data.
+    if (body.len() as u64) < expected {
+        return Err(Error::store(
+            "get",
+            &path,
+            object_store::Error::Generic {
+                store: "ferry",
+                source: format!("the response ended after {} of {expected} bytes", body.len()).into(),
+            },
+        ));
+    }
+    Ok(body)
 }
 
 pub(crate) async fn put_create(store: &dyn ObjectStore, key: &str, bytes: impl Into<Bytes>) -> Result<bool> {

@@ -39,7 +39,8 @@
 //!     every range.
 //! - **times=N**: fire on at most N requests (N ≥ 1), then pass everything. **after=N**: let
 //!   the first N matching requests pass before firing. Both together: requests N+1 … N+times
-//!   fire. Neither: fire on every match.
+//!   fire. Neither: fire on every match. **every=N**: within that window, fire only on every
+//!   Nth matching request (the Nth, 2Nth, …): `every=10` is a steady, reproducible 10 %.
 //!
 //! DURATION is an integer with `ms`, `s` or `m` (`200ms`, `2s`). Method and action names are
 //! case-insensitive.
@@ -155,6 +156,7 @@ pub struct FaultRule {
     action: FaultAction,
     times: Option<u64>,
     after: u64,
+    every: Option<u64>,
     seen: AtomicU64,
     fired: AtomicU64,
 }
@@ -226,6 +228,9 @@ impl fmt::Display for FaultRule {
         }
         if self.after > 0 {
             write!(f, ":after={}", self.after)?;
+        }
+        if let Some(e) = self.every {
+            write!(f, ":every={e}")?;
         }
         Ok(())
     }
@@ -306,7 +311,9 @@ impl FaultPlan {
     fn decide(&self, op: Op, key: &str) -> Option<&FaultRule> {
         self.rules.iter().filter(|r| r.matches(op, key)).find(|rule| {
             let n = rule.seen.fetch_add(1, Ordering::SeqCst);
-            let open = n >= rule.after && rule.times.is_none_or(|t| n - rule.after < t);
+            let open = n >= rule.after
+                && rule.times.is_none_or(|t| n - rule.after < t)
+                && rule.every.is_none_or(|e| (n - rule.after) % e == e - 1);
             if open {
                 rule.fired.fetch_add(1, Ordering::SeqCst);
             }
@@ -407,7 +414,7 @@ fn parse_rule(rule: &str) -> Result<FaultRule, String> {
     if matches!(action, FaultAction::Truncate(_)) && !matches!(method, FaultMethod::Get | FaultMethod::Any) {
         return Err("truncate applies to GETs only (method get or any)".into());
     }
-    let (mut times, mut after) = (None, None);
+    let (mut times, mut after, mut every) = (None, None, None);
     for opt in &fields[3..] {
         match opt.split_once('=') {
             Some(("times", v)) if times.is_none() => {
@@ -418,7 +425,14 @@ fn parse_rule(rule: &str) -> Result<FaultRule, String> {
                 times = Some(n);
             }
             Some(("after", v)) if after.is_none() => after = Some(parse_count("after", v)?),
-            _ => return Err(format!("unknown or repeated option '{opt}' (times=N, after=N)")),
+            Some(("every", v)) if every.is_none() => {
+                let n = parse_count("every", v)?;
+                if n == 0 {
+                    return Err("every=0 would never fire".into());
+                }
+                every = Some(n);
+            }
+            _ => return Err(format!("unknown or repeated option '{opt}' (times=N, after=N, every=N)")),
         }
     }
     Ok(FaultRule {
@@ -427,6 +441,7 @@ fn parse_rule(rule: &str) -> Result<FaultRule, String> {
         action,
         times,
         after: after.unwrap_or(0),
+        every,
         seen: AtomicU64::new(0),
         fired: AtomicU64::new(0),
     })
@@ -809,6 +824,20 @@ mod tests {
         assert_eq!(plan.rules()[0].seen(), 5);
         // HEAD is not GET.
         s.head(&p("a")).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn every_fires_on_every_nth_match() {
+        let (s, _, plan) = faulty("get:*:status=503:every=3");
+        s.put(&p("a"), "hello".into()).await.unwrap();
+        let outcomes: Vec<bool> = futures::future::join_all((0..9).map(|_| async { s.get(&p("a")).await.is_err() }))
+            .await
+            .into_iter()
+            .collect();
+        assert_eq!(outcomes.iter().filter(|&&e| e).count(), 3);
+        assert_eq!(plan.fired(), vec![3]);
+        assert_eq!(plan.to_string(), "get:*:status=503:every=3");
+        assert!(FaultPlan::parse("get:*:status=503:every=0").unwrap_err().contains("never fire"));
     }
 
     #[tokio::test]
