@@ -913,3 +913,49 @@ schedule = "{at} * * * * *"
         assert!(!d.log().contains("missed its last scheduled run"), "{}", d.log());
     }
 }
+
+/// Two selections naming one image: the first keeps it, the second is told, and the image is
+/// backed up once per run with the first selection's label.
+#[test]
+fn an_image_in_two_selections_is_backed_up_once_by_the_first() {
+    let c = cluster();
+    let repo = c.file_repo();
+    let mut guard = ImageGuard::new(c);
+    let img = guard.add(&format!("rbd/{}", unique("wkdup")));
+    c.rbd(&["create", "--size", "4M", &img]);
+    let name = img.split('/').nth(1).expect("name").to_string();
+    let config = repo.path("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[worker]
+state_dir = "{state}"
+[[selection]]
+name = "first"
+pool = "rbd"
+images = ["{name}"]
+schedule = "@daily"
+[[selection]]
+name = "second"
+pool = "rbd"
+images = ["{name}*"]
+schedule = "@hourly"
+"#,
+            state = repo.path("state").display()
+        ),
+    )
+    .expect("config");
+    let cfg = config.to_str().expect("utf8");
+    let out = repo.run(&["--config", cfg, "worker", "--check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("which selection 'first' already backs up"), "{text}");
+    let out = repo.run(&["--config", cfg, "worker", "--once"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("already backs up"), "{text}");
+    let bs = backups(&repo, &img.replace('/', "."));
+    assert_eq!(bs.len(), 1, "{bs:#?}");
+    assert_eq!(bs[0]["labels"]["selection"], "first");
+}

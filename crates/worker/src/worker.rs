@@ -135,6 +135,13 @@ pub async fn plan(config: &WorkerConfig) -> Plan {
         plan.problems
             .extend(r.problems.into_iter().map(|p| format!("selection '{}': {p}", sel.name)));
         for t in r.targets {
+            if let Some(other) = plan.volumes.iter().find(|v| v.volume == t.volume) {
+                plan.problems.push(format!(
+                    "selection '{}': image {} makes volume '{}', which selection '{}' already backs up; left to that selection",
+                    sel.name, t.image, t.volume, other.selection
+                ));
+                continue;
+            }
             plan.volumes.push(PlannedVolume {
                 selection: sel.name.clone(),
                 image: t.image.to_string(),
@@ -233,8 +240,30 @@ impl Worker {
         }
     }
 
-    /// Notes what a selection names now: new volumes, volumes gone, problems.
-    fn note_selection(&self, sel: &Selection, targets: &[Target], problems: &[String], next: Option<DateTime<Local>>) {
+    /// Notes what a selection names now: new volumes, volumes gone, problems. Returns the
+    /// targets this selection runs: a volume another selection already backs up stays that
+    /// selection's (two schedules, retentions and label sets on one chain would fight), and
+    /// the clash is reported.
+    fn note_selection(&self, sel: &Selection, targets: &[Target], problems: &[String], next: Option<DateTime<Local>>) -> Vec<Target> {
+        let mut problems = problems.to_vec();
+        let targets: Vec<Target> = self.with_state(|s| {
+            targets
+                .iter()
+                .filter(|t| match s.volumes.get(&t.volume) {
+                    Some(v) if v.selected && v.selection != sel.name => {
+                        problems.push(format!(
+                            "image {} makes volume '{}', which selection '{}' already backs up; left to that selection",
+                            t.image, t.volume, v.selection
+                        ));
+                        false
+                    }
+                    _ => true,
+                })
+                .cloned()
+                .collect()
+        });
+        let targets = &targets[..];
+        let problems = &problems[..];
         let names: BTreeSet<&str> = targets.iter().map(|t| t.volume.as_str()).collect();
         self.with_state(|s| {
             for (name, v) in s.volumes.iter_mut() {
@@ -265,6 +294,7 @@ impl Worker {
             }
             s.problems.insert(sel.name.clone(), problems.to_vec());
         });
+        targets.to_vec()
     }
 
     /// Fills the state from the repository: each volume's newest backup and chain length.
@@ -294,12 +324,13 @@ impl Worker {
         let mut runs = JoinSet::new();
         for sel in &cfg.selections {
             let r = resolve_selection(&cfg, sel).await;
-            self.note_selection(sel, &r.targets, &r.problems, next_tick(&sel.schedule, Local::now()));
-            self.note_chains(&r.targets).await;
+            let targets = self.note_selection(sel, &r.targets, &r.problems, next_tick(&sel.schedule, Local::now()));
+            self.note_chains(&targets).await;
+            let problems = self.with_state(|s| s.problems.get(&sel.name).cloned().unwrap_or_default());
             report
                 .problems
-                .extend(r.problems.iter().map(|p| format!("selection '{}': {p}", sel.name)));
-            for t in r.targets {
+                .extend(problems.iter().map(|p| format!("selection '{}': {p}", sel.name)));
+            for t in targets {
                 let (w, sel) = (self.clone(), sel.clone());
                 runs.spawn(async move {
                     let (res, err) = w.run_volume(&sel, &t, Some(since)).await;
@@ -343,10 +374,10 @@ impl Worker {
         let mut start_runs: Vec<(Selection, Target, DateTime<Utc>)> = Vec::new();
         for (i, sel) in cfg.selections.iter().enumerate() {
             let r = resolve_selection(&cfg, sel).await;
-            self.note_selection(sel, &r.targets, &r.problems, next_sel[i]);
-            self.note_chains(&r.targets).await;
+            let targets = self.note_selection(sel, &r.targets, &r.problems, next_sel[i]);
+            self.note_chains(&targets).await;
             let tick = last_tick(&sel.schedule, now).map(|t| t.with_timezone(&Utc));
-            for t in r.targets {
+            for t in targets {
                 let last = self.volume_state(&t.volume, |v| v.last_success);
                 let missed = match (last, tick) {
                     (None, _) => true,
@@ -380,8 +411,8 @@ impl Worker {
                 let Some(tick) = next_sel[i].filter(|t| *t <= now) else { continue };
                 next_sel[i] = next_tick(&sel.schedule, now);
                 let r = resolve_selection(&cfg, sel).await;
-                self.note_selection(sel, &r.targets, &r.problems, next_sel[i]);
-                for t in r.targets {
+                let targets = self.note_selection(sel, &r.targets, &r.problems, next_sel[i]);
+                for t in targets {
                     if running.contains(&t.volume) {
                         tracing::warn!(selection = %sel.name, volume = %t.volume, "its previous run is still going; not starting another");
                         continue;
@@ -458,10 +489,20 @@ impl Worker {
                         let new = Arc::new(new);
                         *self.config.lock().unwrap_or_else(|p| p.into_inner()) = new.clone();
                         cfg = new;
-                        self.with_state(|s| s.reloads += 1);
+                        self.with_state(|s| {
+                            s.reloads += 1;
+                            // Volumes of selections that are gone belong to no one now (a
+                            // renamed selection takes them over below).
+                            for v in s.volumes.values_mut() {
+                                if !cfg.selections.iter().any(|x| x.name == v.selection) {
+                                    v.selected = false;
+                                }
+                            }
+                            s.problems.retain(|name, _| cfg.selections.iter().any(|x| &x.name == name));
+                        });
                         for sel in &cfg.selections {
                             let r = resolve_selection(&cfg, sel).await;
-                            self.note_selection(sel, &r.targets, &r.problems, next_tick(&sel.schedule, now));
+                            let _ = self.note_selection(sel, &r.targets, &r.problems, next_tick(&sel.schedule, now));
                         }
                     }
                     Err(e) => {
