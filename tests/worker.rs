@@ -509,7 +509,12 @@ schedule = "*/20 * * * * *"
     for img in small.iter().chain([&big]) {
         let v = img.replace('/', ".");
         let bs = backups(&repo, &v);
-        assert!(!bs.is_empty(), "{v} has no backup");
+        assert!(
+            !bs.is_empty(),
+            "{v} has no backup\nsurvivor:\n{}\nkilled:\n{}",
+            survivor.log(),
+            killed.log()
+        );
         let ticks: Vec<i64> = bs.iter().map(|b| created(b).timestamp().div_euclid(20)).collect();
         let distinct: BTreeSet<&i64> = ticks.iter().collect();
         assert_eq!(distinct.len(), ticks.len(), "{v}: two backups in one tick: {ticks:?}");

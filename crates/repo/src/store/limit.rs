@@ -5,8 +5,10 @@
 //!   [`UploadLimiter::set_rate`] (a scheduler switching rates by time window); waiting uploads
 //!   pick up the new rate at once. `None` = unlimited; `Some(0)` = paused (uploads wait until
 //!   the rate changes).
-//! - A PUT waits for tokens for its **whole payload before the request is sent**; so does each
-//!   multipart part. Nothing else is limited (GET, HEAD, LIST, DELETE pass straight through).
+//! - A PUT of a chunk (`chunks/`, `quarantine/`) waits for tokens for its **whole payload
+//!   before the request is sent**; so does each multipart part. Nothing else is limited:
+//!   metadata PUTs (manifests, sessions, fences, acknowledgements, GC records) never queue
+//!   behind bulk data, and GET, HEAD, LIST, DELETE pass straight through.
 //! - The bucket holds at most one second of the rate ([`UploadLimiter::burst`]), so after a
 //!   quiet period at most that much goes out at once; over any interval of length `t` at most
 //!   `rate × t + burst` bytes are released. Payloads larger than the burst are fine: they wait
@@ -242,6 +244,15 @@ impl UploadLimiter {
     }
 }
 
+/// The bulk of what a repository uploads: chunks (and quarantined copies of them). Only these
+/// wait for the limiter; manifests, sessions, fences, acknowledgements and GC records are small
+/// and must never queue behind gigabytes of chunks — a backup's commit has a deadline (its
+/// lease), and a GC waits for acknowledgements.
+fn is_bulk(location: &Path) -> bool {
+    let key = location.as_ref();
+    key.starts_with("chunks/") || key.starts_with("quarantine/")
+}
+
 /// Limits the upload bandwidth of the wrapped store (see the [module documentation](self)).
 #[derive(Debug)]
 pub struct UploadLimitStore {
@@ -274,12 +285,17 @@ impl fmt::Display for UploadLimitStore {
 #[deny(clippy::missing_trait_methods)]
 impl ObjectStore for UploadLimitStore {
     async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> object_store::Result<PutResult> {
-        self.limiter.acquire(payload.content_length() as u64).await;
+        if is_bulk(location) {
+            self.limiter.acquire(payload.content_length() as u64).await;
+        }
         self.inner.put_opts(location, payload, opts).await
     }
 
     async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> object_store::Result<Box<dyn MultipartUpload>> {
         let upload = self.inner.put_multipart_opts(location, opts).await?;
+        if !is_bulk(location) {
+            return Ok(upload);
+        }
         Ok(Box::new(LimitedUpload {
             upload,
             limiter: self.limiter.clone(),
@@ -442,7 +458,7 @@ mod tests {
             // Two "connections" sharing one limiter.
             let s = store.clone();
             tasks.push(tokio::spawn(async move {
-                s.put(&Path::from(format!("c/{i}")), PutPayload::from(vec![0u8; 100_000]))
+                s.put(&Path::from(format!("chunks/c/{i}")), PutPayload::from(vec![0u8; 100_000]))
                     .await
                     .unwrap();
             }));
@@ -456,8 +472,8 @@ mod tests {
         // Reads are not limited, and unlimited uploads do not wait.
         store.limiter().set_rate(None);
         let start = Instant::now();
-        store.put(&Path::from("big"), PutPayload::from(vec![0u8; 5_000_000])).await.unwrap();
-        store.get(&Path::from("big")).await.unwrap().bytes().await.unwrap();
+        store.put(&Path::from("chunks/big"), PutPayload::from(vec![0u8; 5_000_000])).await.unwrap();
+        store.get(&Path::from("chunks/big")).await.unwrap().bytes().await.unwrap();
         assert!(start.elapsed() < Duration::from_secs(5));
     }
 
@@ -466,9 +482,9 @@ mod tests {
         let limiter = UploadLimiter::new(Some(0));
         let store = Arc::new(UploadLimitStore::new(Arc::new(InMemory::new()), limiter.clone()));
         // The initial burst lets 64 KiB through; the next upload waits for the rate change.
-        store.put(&Path::from("a"), PutPayload::from(vec![0u8; 1000])).await.unwrap();
+        store.put(&Path::from("chunks/a"), PutPayload::from(vec![0u8; 1000])).await.unwrap();
         let s = store.clone();
-        let waiting = tokio::spawn(async move { s.put(&Path::from("b"), PutPayload::from(vec![0u8; 200_000])).await });
+        let waiting = tokio::spawn(async move { s.put(&Path::from("chunks/b"), PutPayload::from(vec![0u8; 200_000])).await });
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!waiting.is_finished(), "a paused limiter let 200 kB through");
         limiter.set_rate(None);
@@ -477,6 +493,25 @@ mod tests {
             .unwrap()
             .unwrap()
             .unwrap();
-        assert_eq!(store.head(&Path::from("b")).await.unwrap().size, 200_000);
+        assert_eq!(store.head(&Path::from("chunks/b")).await.unwrap().size, 200_000);
+    }
+
+    #[tokio::test]
+    async fn metadata_never_waits_behind_chunks() {
+        let limiter = UploadLimiter::new(Some(0));
+        let store = Arc::new(UploadLimitStore::new(Arc::new(InMemory::new()), limiter.clone()));
+        store.put(&Path::from("chunks/a"), PutPayload::from(vec![0u8; 64 << 10])).await.unwrap();
+        let s = store.clone();
+        let chunk = tokio::spawn(async move { s.put(&Path::from("chunks/b"), PutPayload::from(vec![0u8; 200_000])).await });
+        // Paused for chunks; a manifest, a session record and a fence go at once.
+        for key in ["volumes/v/backups/x", "sessions/v/x/session", "gc/1/ack"] {
+            tokio::time::timeout(Duration::from_secs(2), store.put(&Path::from(key), PutPayload::from(vec![1u8; 300_000])))
+                .await
+                .unwrap_or_else(|_| panic!("{key} waited for the limiter"))
+                .unwrap();
+        }
+        assert!(!chunk.is_finished());
+        limiter.set_rate(None);
+        chunk.await.unwrap().unwrap();
     }
 }
