@@ -472,7 +472,10 @@ mod tests {
         // Reads are not limited, and unlimited uploads do not wait.
         store.limiter().set_rate(None);
         let start = Instant::now();
-        store.put(&Path::from("chunks/big"), PutPayload::from(vec![0u8; 5_000_000])).await.unwrap();
+        store
+            .put(&Path::from("chunks/big"), PutPayload::from(vec![0u8; 5_000_000]))
+            .await
+            .unwrap();
         store.get(&Path::from("chunks/big")).await.unwrap().bytes().await.unwrap();
         assert!(start.elapsed() < Duration::from_secs(5));
     }
@@ -500,15 +503,21 @@ mod tests {
     async fn metadata_never_waits_behind_chunks() {
         let limiter = UploadLimiter::new(Some(0));
         let store = Arc::new(UploadLimitStore::new(Arc::new(InMemory::new()), limiter.clone()));
-        store.put(&Path::from("chunks/a"), PutPayload::from(vec![0u8; 64 << 10])).await.unwrap();
+        store
+            .put(&Path::from("chunks/a"), PutPayload::from(vec![0u8; 64 << 10]))
+            .await
+            .unwrap();
         let s = store.clone();
         let chunk = tokio::spawn(async move { s.put(&Path::from("chunks/b"), PutPayload::from(vec![0u8; 200_000])).await });
         // Paused for chunks; a manifest, a session record and a fence go at once.
         for key in ["volumes/v/backups/x", "sessions/v/x/session", "gc/1/ack"] {
-            tokio::time::timeout(Duration::from_secs(2), store.put(&Path::from(key), PutPayload::from(vec![1u8; 300_000])))
-                .await
-                .unwrap_or_else(|_| panic!("{key} waited for the limiter"))
-                .unwrap();
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                store.put(&Path::from(key), PutPayload::from(vec![1u8; 300_000])),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{key} waited for the limiter"))
+            .unwrap();
         }
         assert!(!chunk.is_finished());
         limiter.set_rate(None);
