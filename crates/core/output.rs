@@ -8,19 +8,7 @@ use ferry_engine::{Event, Observer};
 
 /// Parses sizes like 4194304, 4M, 4MiB, 1G.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" | "kb" => 1 << 10,
-        "m" | "mib" | "mb" => 1 << 20,
-        "g" | "gib" | "gb" => 1 << 30,
-        "t" | "tib" | "tb" => 1 << 40,
-        u => return Err(format!("unknown size unit '{u}'")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+    ferry_worker::units::parse_size(s)
 }
 
 pub fn human_bytes(n: u64) -> String {
