@@ -206,6 +206,7 @@ fn manifest(c: &mut Criterion) {
         let m = Manifest {
             meta: meta(1 << 40, BLOCK as u64),
             blocks: map,
+            deltas: Default::default(),
         };
         let enc = m.encode().unwrap();
         let sealed = encode_sealed(k.seal_key(), ObjectKind::Manifest, b"volumes/bench", &enc, Some(ZSTD_LEVEL)).unwrap();

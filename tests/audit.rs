@@ -165,6 +165,7 @@ fn a_continuity_break_with_the_parent_present_is_still_a_finding() {
             protected: false,
             stats: Default::default(),
             blocks: m.blocks.clone(),
+            deltas: m.deltas.clone(),
         };
         let session = ferry_repo::Session::begin(&r, "v", Default::default()).await.expect("session");
         let (_, broken) = r.commit(draft, &session).await.expect("commit");

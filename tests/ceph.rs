@@ -1428,6 +1428,7 @@ fn a_legacy_ferry_snapshot_base_continues_incrementally_and_only_it_is_removed()
             protected: false,
             stats: m.meta.stats.clone(),
             blocks: m.blocks.clone(),
+            deltas: m.deltas.clone(),
         };
         let session = ferry_repo::Session::begin(&r, &m.meta.volume, Default::default())
             .await

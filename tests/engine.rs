@@ -166,8 +166,9 @@ async fn request_counts_of_a_known_backup_are_exact() {
 
     // An incremental rewriting two whole blocks with new data and one block partly: the head
     // manifest is read (1 GET), the partly written block is completed from its parent chunk
-    // (1 GET), three new chunks are checked and written, plus the manifest and the session's
-    // two records; three LISTs as above.
+    // (1 GET), three new contents are checked (HEAD) and written — two chunks and one delta
+    // object of the 7 changed bytes, PUT without a HEAD of its own — plus the manifest and the
+    // session's two records; three LISTs as above.
     let mut b = vec![0u8; MIB as usize];
     rng.fill(&mut b);
     v.write(MIB, &b);
@@ -175,7 +176,7 @@ async fn request_counts_of_a_known_backup_are_exact() {
     v.write(2 * MIB, &b);
     v.write(3 * MIB + 100, b"partial");
     let before = store.requests();
-    engine
+    let b2 = engine
         .backup_stream(
             std::io::Cursor::new(v.diff("s2", Vec::new()).expect("diff")),
             StreamBackupOptions::new("count"),
@@ -184,6 +185,11 @@ async fn request_counts_of_a_known_backup_are_exact() {
         .expect("incremental");
     let r = store.requests().since(&before);
     assert_eq!((r.list, r.get, r.head, r.put, r.delete), (3, 2, 3, 6, 0), "{r:?}");
+    let s = &b2.manifest.meta.stats;
+    assert_eq!((s.blocks_new, s.blocks_delta, s.bytes_delta), (3, 1, 7), "{s:?}");
+    assert_eq!(s.bytes_read_blocks, MIB);
+    assert_eq!(b2.manifest.meta.format, ferry_repo::MANIFEST_FORMAT);
+    assert_eq!(b2.manifest.deltas.len(), 1);
 }
 
 /// A manifest PUT that cannot be answered before the backup's lease would lapse is given up
@@ -219,6 +225,7 @@ async fn a_commit_that_would_outlive_its_lease_is_fenced() {
         protected: false,
         stats: Default::default(),
         blocks: Vec::new(),
+        deltas: Default::default(),
     };
     let session = ferry_repo::Session::begin(&repo, "v", Default::default()).await.expect("session");
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(500);

@@ -9,7 +9,7 @@ use ferry_repo::{BackupRef, ChunkId, Manifest, Repository};
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::chunks::fetch_block;
+use crate::chunks::{block_objects, fetch_block};
 use crate::error::{Error, Result};
 use crate::observer::{Event, Observer, Operation};
 
@@ -162,7 +162,14 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
     let manifests = analyse(&mut report, outcomes);
     // 3. Every referenced chunk exists (and, sampled, decodes to its ID).
     // Who references a bad chunk is found afterwards, from the manifests (every backup).
-    let chunk_refs: HashSet<ChunkId> = manifests.iter().flat_map(|(_, m)| m.blocks.iter().flatten().copied()).collect();
+    // Objects, not content IDs: whole chunks, and delta objects with what they must decode to.
+    let mut delta_of: HashMap<ChunkId, (ChunkId, ChunkId)> = HashMap::new();
+    for (_, m) in &manifests {
+        for (target, d) in &m.deltas {
+            delta_of.insert(d.object, (*target, d.base));
+        }
+    }
+    let chunk_refs: HashSet<ChunkId> = manifests.iter().flat_map(|(_, m)| m.objects()).collect();
     report.chunks_referenced = chunk_refs.len();
     let percent = opts.read_data_percent.clamp(0.0, 100.0);
     let read_key = blake3::hash(format!("{:?}", std::time::SystemTime::now()).as_bytes());
@@ -170,6 +177,7 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
     // proof, so the audit could not be spawned).
     let checks = chunk_refs.into_iter().map(|id| {
         let repo = repo.clone();
+        let delta = delta_of.get(&id).copied();
         // Sample by a per-run keyed hash of the ID: uniform, and different each run.
         let h = blake3::keyed_hash(read_key.as_bytes(), &id.0);
         let mut first = [0u8; 8];
@@ -177,7 +185,23 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
         let sample = percent >= 100.0 || (percent > 0.0 && (u64::from_le_bytes(first) % 10_000) < (percent * 100.0) as u64);
         async move {
             let res = if sample {
-                fetch_block(&repo, &id).await.map(|_| true)
+                match delta {
+                    None => fetch_block(&repo, &id).await.map(|_| true),
+                    Some((target, base)) => match repo.get_chunk_object(&id).await {
+                        Ok(bytes) => {
+                            let r = repo.clone();
+                            crate::cpu::run(move || r.decode_delta(&id, &target, &base, Vec::from(bytes)).map(|_| true))
+                                .await
+                                .unwrap_or_else(|e| {
+                                    Err(ferry_repo::Error::Io {
+                                        context: "decode worker".into(),
+                                        source: std::io::Error::other(e.to_string()),
+                                    })
+                                })
+                        }
+                        Err(e) => Err(e),
+                    },
+                }
             } else {
                 repo.chunk_exists(&id).await.and_then(|e| {
                     if e {
@@ -219,13 +243,17 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
     // Every backup that references a bad chunk, not only the first one found.
     for (b, m) in &manifests {
         let mut hits: BTreeMap<ChunkId, Vec<u64>> = BTreeMap::new();
+        // A block needs its whole delta chain: a bad base is reported for every block on it.
         for (i, id) in m.blocks.iter().enumerate() {
-            if let Some(id) = id.filter(|id| bad.contains_key(id)) {
-                hits.entry(id).or_default().push(i as u64);
+            let Some(id) = id else { continue };
+            let objects = block_objects(&m.deltas, id).unwrap_or_else(|_| vec![*id]);
+            for o in objects.into_iter().filter(|o| bad.contains_key(o)) {
+                hits.entry(o).or_default().push(i as u64);
             }
         }
         for (id, blocks) in hits {
             let (kind, what) = &bad[&id];
+            let noun = if delta_of.contains_key(&id) { "delta object" } else { "chunk" };
             let more = match blocks.len() {
                 1 => String::new(),
                 n => format!(" and {} more", n - 1),
@@ -234,7 +262,7 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
                 kind,
                 volume: b.volume.clone(),
                 backup: Some(m.meta.backup_id.clone()),
-                detail: format!("chunk {id} (block {}{more}) {what}", blocks[0]),
+                detail: format!("{noun} {id} (block {}{more}) {what}", blocks[0]),
             });
         }
     }
@@ -443,6 +471,7 @@ mod tests {
             Manifest {
                 meta,
                 blocks: vec![None; 4],
+                deltas: Default::default(),
             },
         )
     }

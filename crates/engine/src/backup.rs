@@ -11,13 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ferry_repo::{
-    is_zero, BackupDraft, BackupRef, BackupStats, BlockSize, ChunkId, Decision, Index, Manifest, Repository, Session, Source,
+    is_zero, BackupDraft, BackupRef, BackupStats, BlockSize, ChunkId, Decision, DeltaRef, Index, Manifest, Repository, Session, Source,
 };
 use rbd_diff::{DiffHeader, DiffReader, Event as DiffEvent};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::chunks::fetch_block;
+use crate::chunks::fetch_content;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::observer::{Event, Observer, Operation};
 
@@ -43,7 +43,14 @@ pub(crate) struct IngestParams {
     pub session: Arc<Session>,
     /// Stops the ingest when cancelled: nothing is committed (see [`Cancelled`]).
     pub cancel: Option<CancellationToken>,
+    /// Reads a whole block of the new image (offset, buffer) to complete a block the diff
+    /// covers only partly (the RBD source: the new snapshot, read locally); without it the
+    /// parent's content is fetched from the repository.
+    pub block_reader: Option<BlockReader>,
 }
+
+/// Reads `buf.len()` bytes of the new image at an offset (on the parser thread).
+pub(crate) type BlockReader = Box<dyn FnMut(u64, &mut [u8]) -> Result<()> + Send>;
 
 /// The backup was stopped by its caller's cancellation token before its commit (a daemon
 /// shutting down); nothing was committed.
@@ -72,8 +79,14 @@ pub(crate) type Verifier = Box<dyn FnOnce(&mut BackupDraft) -> Result<Option<std
 
 /// What the parser thread hands to the workers.
 enum Work {
-    /// Block content (len = block length; may be all zero).
-    Block { index: u64, data: Vec<u8> },
+    /// Block content (len = block length; may be all zero). `delta`: the block was changed
+    /// only in these ranges (offset, length) since the parent's content `base`, so it may be
+    /// stored as a delta on it.
+    Block {
+        index: u64,
+        data: Vec<u8>,
+        delta: Option<(ChunkId, Vec<(u32, u32)>)>,
+    },
     /// Block known to be all zero without looking (covered by one `z`).
     Hole { index: u64 },
 }
@@ -85,6 +98,7 @@ struct ParseStats {
     zeroed_bytes: u64,
     blocks_changed: u64,
     blocks_partial: u64,
+    bytes_read_blocks: u64,
 }
 
 /// A block being assembled: its bytes and which ranges the stream covered.
@@ -106,6 +120,12 @@ impl Pending {
     }
 }
 
+/// A pending block's covered ranges as delta extents (block offsets fit in u32: blocks are at
+/// most 64 MiB).
+fn extents(covered: &[(u64, u64)]) -> Vec<(u32, u32)> {
+    covered.iter().map(|&(s, e)| (s as u32, (e - s) as u32)).collect()
+}
+
 /// The blocking half: parses and assembles blocks.
 struct Assembler<'a> {
     repo: &'a Arc<Repository>,
@@ -113,6 +133,9 @@ struct Assembler<'a> {
     block_size: u64,
     image_size: u64,
     base: &'a [Option<ChunkId>],
+    /// The parent's delta table (how its contents are stored).
+    base_deltas: &'a BTreeMap<ChunkId, DeltaRef>,
+    block_reader: Option<BlockReader>,
     parent_size: u64,
     pending: Option<Pending>,
     tx: mpsc::Sender<Work>,
@@ -165,29 +188,55 @@ impl Assembler<'_> {
             return Ok(());
         };
         let len = p.data.len() as u64;
+        let mut delta = None;
         if p.covered_len() < len {
-            // Partly covered: the rest comes from the parent's block (zeros if it was a hole).
-            if let Some(Some(id)) = self.base.get(p.index as usize) {
-                let old = self.fetch_parent(id, p.index)?;
-                let mut pos = 0u64;
-                let mut gaps = Vec::new();
-                for &(s, e) in &p.covered {
-                    if s > pos {
-                        gaps.push((pos, s));
+            // Partly covered: the rest is the parent's block (zeros if it was a hole) — read
+            // from the new image where the source can, else fetched from the repository.
+            if let Some(Some(id)) = self.base.get(p.index as usize).copied() {
+                if let Some(read) = self.block_reader.as_mut() {
+                    let mut full = vec![0u8; len as usize];
+                    read(p.index * self.block_size, &mut full)
+                        .with_context(|| format!("reading block {} of the new snapshot to complete a partly changed block", p.index))?;
+                    // What the diff says changed must be what the snapshot holds.
+                    if let Some(&(s, e)) = p
+                        .covered
+                        .iter()
+                        .find(|&&(s, e)| full[s as usize..e as usize] != p.data[s as usize..e as usize])
+                    {
+                        return Err(Error::new(
+                            ErrorKind::Source,
+                            format!(
+                                "block {} read from the new snapshot differs from the diff stream in bytes {s}..{e}",
+                                p.index
+                            ),
+                            None,
+                        ));
                     }
-                    pos = e;
-                }
-                if pos < len {
-                    gaps.push((pos, len));
-                }
-                for (s, e) in gaps {
-                    let (s, e) = (s as usize, e as usize);
-                    let old_end = e.min(old.len());
-                    if s < old_end {
-                        p.data[s..old_end].copy_from_slice(&old[s..old_end]);
+                    p.data = full;
+                } else {
+                    let old = self.fetch_parent(&id, p.index)?;
+                    let mut pos = 0u64;
+                    let mut gaps = Vec::new();
+                    for &(s, e) in &p.covered {
+                        if s > pos {
+                            gaps.push((pos, s));
+                        }
+                        pos = e;
+                    }
+                    if pos < len {
+                        gaps.push((pos, len));
+                    }
+                    for (s, e) in gaps {
+                        let (s, e) = (s as usize, e as usize);
+                        let old_end = e.min(old.len());
+                        if s < old_end {
+                            p.data[s..old_end].copy_from_slice(&old[s..old_end]);
+                        }
                     }
                 }
+                self.stats.bytes_read_blocks += len;
                 self.stats.blocks_partial += 1;
+                delta = Some((id, extents(&p.covered)));
             }
         }
         self.stats.blocks_changed += 1;
@@ -195,13 +244,15 @@ impl Assembler<'_> {
         self.send(Work::Block {
             index: p.index,
             data: p.data,
+            delta,
         })
     }
 
     fn fetch_parent(&self, id: &ChunkId, index: u64) -> Result<Vec<u8>> {
         self.rt
-            .block_on(fetch_block(self.repo, id))
-            .with_context(|| format!("reading block {index} (chunk {id}) of the parent backup to complete a partly changed block"))
+            .block_on(fetch_content(self.repo, self.base_deltas, id))
+            .map_err(|e| Error::from(*e.error))
+            .with_context(|| format!("reading block {index} (content {id}) of the parent backup to complete a partly changed block"))
     }
 
     fn data(&mut self, offset: u64, mut data: &[u8]) -> Result<()> {
@@ -259,7 +310,11 @@ impl Assembler<'_> {
                     self.stats.blocks_changed += 1;
                     self.stats.blocks_partial += 1;
                     self.last_touched = true;
-                    self.send(Work::Block { index: last, data: old })?;
+                    self.send(Work::Block {
+                        index: last,
+                        data: old,
+                        delta: None,
+                    })?;
                 }
             }
         }
@@ -385,8 +440,13 @@ where
     // The parent's map is referenced as a whole (blocks the stream does not touch keep its
     // chunks): decide them now, before any sweep published later could take them.
     if let Some((_, m)) = &parent {
-        session.inherit(m.blocks.iter().flatten())?;
+        let objects: Vec<ChunkId> = m.objects().collect();
+        session.inherit(objects.iter())?;
     }
+    // How the parent's contents are stored: deltas build on them, and a content found here
+    // is reused as it is (its objects were inherited above).
+    let parent_deltas: Arc<BTreeMap<ChunkId, DeltaRef>> = Arc::new(parent.as_ref().map(|(_, m)| m.deltas.clone()).unwrap_or_default());
+    let block_reader = params.block_reader;
 
     // Parser thread.
     let parse = {
@@ -394,6 +454,7 @@ where
         let parent = parent.clone();
         let observer = observer.clone();
         let rt = tokio::runtime::Handle::current();
+        let block_reader = block_reader;
         tokio::task::spawn_blocking(move || -> (Result<Parsed>, bool) {
             let mut source = source;
             let mut workers_stopped = false;
@@ -403,6 +464,7 @@ where
                 rt,
                 tx,
                 parent.as_ref(),
+                block_reader,
                 &volume,
                 expect_to_snap.as_deref(),
                 default_block_size,
@@ -429,7 +491,7 @@ where
     let sem = Arc::new(Semaphore::new(params.jobs.max(1)));
     let claimed: Arc<Mutex<HashSet<ChunkId>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
-    let mut results: Vec<(u64, Option<ChunkId>, Outcome)> = Vec::new();
+    let mut results: Vec<Stored> = Vec::new();
     let mut first_error: Option<Error> = None;
     let cancel = params.cancel.clone().unwrap_or_default();
     loop {
@@ -472,11 +534,26 @@ where
         let index = index.clone();
         let claimed = claimed.clone();
         let session = session.clone();
+        let parent_deltas = parent_deltas.clone();
         tasks.spawn(async move {
             let _permit = permit;
             match work {
-                Work::Hole { index: i } => Ok((i, None, Outcome::Zero)),
-                Work::Block { index: i, data } => store_block(&repo, &index, &session, &claimed, i, data).await,
+                Work::Hole { index: i } => Ok(Stored {
+                    index: i,
+                    id: None,
+                    outcome: Outcome::Zero,
+                    delta: None,
+                }),
+                Work::Block { index: i, data, delta } => {
+                    let ctx = StoreCtx {
+                        repo: &repo,
+                        index: &index,
+                        session: &session,
+                        claimed: &claimed,
+                        parent_deltas: &parent_deltas,
+                    };
+                    store_block(&ctx, i, data, delta).await
+                }
             }
         });
     }
@@ -539,14 +616,37 @@ where
         zeroed_bytes: pstats.zeroed_bytes,
         blocks_changed: pstats.blocks_changed,
         blocks_partial: pstats.blocks_partial,
+        bytes_read_blocks: pstats.bytes_read_blocks,
         ..Default::default()
     };
-    for (i, id, outcome) in results {
+    // The table: the parent's (an incremental's unchanged blocks keep their storage) and
+    // this backup's new deltas; the commit cuts it to what the map reaches.
+    let mut deltas: BTreeMap<ChunkId, DeltaRef> = match &header.from_snap {
+        Some(_) => (*parent_deltas).clone(),
+        None => BTreeMap::new(),
+    };
+    for Stored {
+        index: i,
+        id,
+        outcome,
+        delta,
+    } in results
+    {
         blocks[i as usize] = id;
+        if let (Some(id), Some(d)) = (id, delta) {
+            deltas.insert(id, d);
+        }
         match outcome {
             Outcome::Zero => stats.blocks_zero += 1,
             Outcome::New { plain, stored } => {
                 stats.blocks_new += 1;
+                stats.bytes_new += plain;
+                stats.bytes_uploaded += stored;
+            }
+            Outcome::NewDelta { plain, stored, changed } => {
+                stats.blocks_new += 1;
+                stats.blocks_delta += 1;
+                stats.bytes_delta += changed;
                 stats.bytes_new += plain;
                 stats.bytes_uploaded += stored;
             }
@@ -574,6 +674,7 @@ where
         protected: header.protected.unwrap_or(false),
         stats,
         blocks,
+        deltas,
     };
     // Cancelled while the last uploads finished: abandon rather than commit.
     if cancel.is_cancelled() {
@@ -628,16 +729,45 @@ enum Outcome {
     Known,
     FoundInRepo,
     New { plain: u64, stored: u64 },
+    NewDelta { plain: u64, stored: u64, changed: u64 },
 }
 
-async fn store_block(
-    repo: &Arc<Repository>,
-    index: &Index,
-    session: &Session,
-    claimed: &Mutex<HashSet<ChunkId>>,
-    i: u64,
-    data: Vec<u8>,
-) -> Result<(u64, Option<ChunkId>, Outcome)> {
+/// One block's result: its content ID, what storing it cost, and — when it is stored as a
+/// delta — its delta table entry.
+struct Stored {
+    index: u64,
+    id: Option<ChunkId>,
+    outcome: Outcome,
+    delta: Option<DeltaRef>,
+}
+
+/// What every block's upload shares.
+struct StoreCtx<'a> {
+    repo: &'a Arc<Repository>,
+    index: &'a Index,
+    session: &'a Session,
+    claimed: &'a Mutex<HashSet<ChunkId>>,
+    parent_deltas: &'a BTreeMap<ChunkId, DeltaRef>,
+}
+
+/// Garbage collection first: an object a running sweep may delete waits until it is over.
+async fn decide(session: &Session, id: &ChunkId, i: u64) -> Result<Decision> {
+    loop {
+        match session.decide(id)? {
+            Decision::Wait(gen) => session.wait_over(gen).await.with_context(|| format!("block {i} (object {id})"))?,
+            d => return Ok(d),
+        }
+    }
+}
+
+async fn store_block(ctx: &StoreCtx<'_>, i: u64, data: Vec<u8>, delta: Option<(ChunkId, Vec<(u32, u32)>)>) -> Result<Stored> {
+    let StoreCtx {
+        repo,
+        index,
+        session,
+        claimed,
+        parent_deltas,
+    } = *ctx;
     let (data, id) = {
         let repo = repo.clone();
         crate::cpu::run(move || {
@@ -651,24 +781,34 @@ async fn store_block(
         .await?
     };
     let Some(id) = id else {
-        return Ok((i, None, Outcome::Zero));
+        return Ok(Stored {
+            index: i,
+            id: None,
+            outcome: Outcome::Zero,
+            delta: None,
+        });
     };
-    // Garbage collection first: a chunk a running sweep may delete waits until it is over.
-    let decision = loop {
-        match session.decide(&id)? {
-            Decision::Wait(gen) => session.wait_over(gen).await.with_context(|| format!("block {i} (chunk {id})"))?,
-            d => break d,
-        }
+    let done = |outcome: Outcome| Stored {
+        index: i,
+        id: Some(id),
+        outcome,
+        delta: None,
     };
+    // Content the chain already stores as a delta (a block that changed back): reuse it as
+    // it is — its objects are the parent's, inherited by the session.
+    if parent_deltas.contains_key(&id) {
+        return Ok(done(Outcome::Known));
+    }
+    let decision = decide(session, &id, i).await?;
     if decision == Decision::Go && index.has_chunk(&id)? {
-        return Ok((i, Some(id), Outcome::Known));
+        return Ok(done(Outcome::Known));
     }
     if !claimed
         .lock()
         .map_err(|_| Error::failed("the dedup set's lock was poisoned"))?
         .insert(id)
     {
-        return Ok((i, Some(id), Outcome::Known));
+        return Ok(done(Outcome::Known));
     }
     if session.quarantined().contains(&id) {
         // Found missing or corrupt by an audit or restore: a HEAD cannot tell a corrupt copy
@@ -679,22 +819,23 @@ async fn store_block(
             .restore_quarantined(&id, bytes)
             .await
             .with_context(|| format!("storing quarantined chunk {id} (block {i}) again"))?;
-        return Ok((
-            i,
-            Some(id),
-            if created {
-                Outcome::New { plain, stored }
-            } else {
-                Outcome::FoundInRepo
-            },
-        ));
+        return Ok(done(if created {
+            Outcome::New { plain, stored }
+        } else {
+            Outcome::FoundInRepo
+        }));
     }
     if repo
         .chunk_exists(&id)
         .await
         .with_context(|| format!("checking for chunk {id} (block {i})"))?
     {
-        return Ok((i, Some(id), Outcome::FoundInRepo));
+        return Ok(done(Outcome::FoundInRepo));
+    }
+    if let Some((base, extents)) = delta {
+        if let Some(stored) = store_delta(ctx, i, id, &data, base, &extents).await? {
+            return Ok(stored);
+        }
     }
     let (plain, bytes) = encode(repo, id, data).await?;
     let stored = bytes.len() as u64;
@@ -702,15 +843,81 @@ async fn store_block(
         .put_chunk(&id, bytes)
         .await
         .with_context(|| format!("uploading chunk {id} (block {i})"))?;
-    Ok((
-        i,
-        Some(id),
-        if created {
-            Outcome::New { plain, stored }
-        } else {
-            Outcome::FoundInRepo
-        },
-    ))
+    Ok(done(if created {
+        Outcome::New { plain, stored }
+    } else {
+        Outcome::FoundInRepo
+    }))
+}
+
+/// Stores content `id` as a delta on the parent's content `base` (FORMAT.md §14) when the
+/// chain stays within its bounds — depth and total changed bytes — else `None`: store it whole.
+async fn store_delta(
+    ctx: &StoreCtx<'_>,
+    i: u64,
+    id: ChunkId,
+    data: &[u8],
+    base: ChunkId,
+    extents: &[(u32, u32)],
+) -> Result<Option<Stored>> {
+    let StoreCtx {
+        repo,
+        index,
+        session,
+        parent_deltas,
+        ..
+    } = *ctx;
+    if base == id {
+        return Ok(None);
+    }
+    let changed: u64 = extents.iter().map(|&(_, l)| l as u64).sum();
+    let (chain, _) = ferry_repo::delta_chain(parent_deltas, &base).map_err(Error::failed)?;
+    let chain_bytes: u64 = chain.iter().map(|(_, d)| d.bytes as u64).sum();
+    if chain.len() + 1 > ferry_repo::delta::MAX_WRITE_DEPTH || chain_bytes + changed > ferry_repo::delta::max_chain_bytes(data.len()) {
+        return Ok(None);
+    }
+    let object = repo.delta_object_id(&id, &base);
+    let entry = DeltaRef {
+        base,
+        object,
+        bytes: changed as u32,
+    };
+    let with = |outcome: Outcome| {
+        Some(Stored {
+            index: i,
+            id: Some(id),
+            outcome,
+            delta: Some(entry),
+        })
+    };
+    let decision = decide(session, &object, i).await?;
+    if decision == Decision::Go && index.has_chunk(&object)? {
+        return Ok(with(Outcome::Known));
+    }
+    if session.quarantined().contains(&object) {
+        // A damaged copy of this very delta: the block goes whole instead.
+        return Ok(None);
+    }
+    // No HEAD first: a delta is small, and the create-only PUT says whether it existed.
+    let delta = ferry_repo::Delta::from_extents(id, base, data, extents)?;
+    let (plain, bytes) = {
+        let repo = repo.clone();
+        crate::cpu::run(move || {
+            let plain = delta.encode().len() as u64;
+            repo.encode_delta(&object, &delta).map(|b| (plain, b))
+        })
+        .await??
+    };
+    let stored = bytes.len() as u64;
+    let created = repo
+        .put_chunk(&object, bytes)
+        .await
+        .with_context(|| format!("uploading delta object {object} (block {i})"))?;
+    Ok(with(if created {
+        Outcome::NewDelta { plain, stored, changed }
+    } else {
+        Outcome::FoundInRepo
+    }))
 }
 
 /// Compresses and encrypts a block (on the CPU pool): its plaintext length and the object.
@@ -735,6 +942,7 @@ fn parse_stream<R: Read>(
     rt: tokio::runtime::Handle,
     tx: mpsc::Sender<Work>,
     parent: Option<&(BackupRef, Arc<Manifest>)>,
+    block_reader: Option<BlockReader>,
     volume: &str,
     expect_to_snap: Option<&str>,
     default_block_size: BlockSize,
@@ -754,10 +962,12 @@ fn parse_stream<R: Read>(
     }
     // Full stream: untouched blocks are zero. Incremental: they are the parent's, and the
     // chain keeps the parent's block size.
-    let (base, parent_size, block_size): (&[Option<ChunkId>], u64, BlockSize) = match (&header.from_snap, parent) {
-        (Some(_), Some((_, m))) => (&m.blocks, m.meta.image_size, m.meta.block_size),
-        _ => (&[], 0, default_block_size),
-    };
+    let empty = BTreeMap::new();
+    let (base, base_deltas, parent_size, block_size): (&[Option<ChunkId>], &BTreeMap<ChunkId, DeltaRef>, u64, BlockSize) =
+        match (&header.from_snap, parent) {
+            (Some(_), Some((_, m))) => (&m.blocks, &m.deltas, m.meta.image_size, m.meta.block_size),
+            _ => (&[], &empty, 0, default_block_size),
+        };
     if header.image_size > ferry_repo::MAX_IMAGE_SIZE || block_size.blocks_in(header.image_size) > ferry_repo::MAX_BLOCKS {
         return Err(Error::input(format!(
             "the diff stream claims an image of {} bytes; ferry takes at most {} bytes and {} blocks per volume ({} blocks of {block_size} here)",
@@ -773,6 +983,8 @@ fn parse_stream<R: Read>(
         block_size: block_size.get(),
         image_size: header.image_size,
         base,
+        base_deltas,
+        block_reader,
         parent_size,
         pending: None,
         tx,

@@ -228,6 +228,7 @@ impl Engine {
                 verify: None,
                 session: session.clone(),
                 cancel: None,
+                block_reader: None,
             };
             backup::ingest(
                 self.repo.clone(),

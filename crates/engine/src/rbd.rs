@@ -613,10 +613,14 @@ impl RbdRun<'_> {
         };
         let created = snapped.await.map_err(Error::from).and_then(|r| r);
         or_abort!(created);
+        // A full backup reads whole objects; an incremental asks for the exact extents that
+        // changed, so a block written in a few places is stored as a delta of those bytes
+        // (FORMAT.md §14) — the rest of such a block is read locally from the new snapshot.
+        let whole_object = parent.is_none();
         let export = or_abort!({
             let (rbd, spec, snap, base) = (self.rbd.clone(), spec.clone(), snap.clone(), notes.base_snapshot.clone());
             blocking(
-                move || match rbd.export_diff(&spec.pool, &spec.image, &snap, base.as_deref(), true) {
+                move || match rbd.export_diff(&spec.pool, &spec.image, &snap, base.as_deref(), whole_object) {
                     Ok(e) => Ok(e),
                     Err(e) => {
                         let _ = rbd.snap_remove(&spec.pool, &spec.image, &snap);
@@ -664,6 +668,29 @@ impl RbdRun<'_> {
             verify: Some(self.verifier(parent.map(|(_, m)| m), &snap, session.clone(), healed.clone())),
             session: session.clone(),
             cancel: Some(stop.clone()),
+            block_reader: Some({
+                let (cluster, spec, snap) = (self.cluster.clone(), spec.clone(), snap.clone());
+                let mut reader: Option<ferry_ceph::SnapshotReader> = None;
+                Box::new(move |offset: u64, buf: &mut [u8]| -> Result<()> {
+                    let r = match &mut reader {
+                        Some(r) => r,
+                        None => reader.insert(
+                            cluster
+                                .open_snapshot(&spec.pool, &spec.image, &snap)
+                                .with_context(|| format!("opening {spec}@{snap} to read partly changed blocks"))?,
+                        ),
+                    };
+                    let n = r.read(offset, buf)?;
+                    if n != buf.len() {
+                        return Err(Error::new(
+                            ErrorKind::Source,
+                            format!("{spec}@{snap}: read {n} of {} bytes at offset {offset}", buf.len()),
+                            None,
+                        ));
+                    }
+                    Ok(())
+                })
+            }),
         };
         // A cancelled backup (shutdown, lost lease) kills export-diff at once: a stalled one
         // would otherwise hold the parser in a read. The pid is only signalled while the child
@@ -854,8 +881,15 @@ fn heal_quarantined(
     repo: &Arc<ferry_repo::Repository>,
 ) -> Result<u64> {
     let q = session.quarantined();
+    // A block needs its whole delta chain: a quarantined base heals every block on it.
     let targets: Vec<usize> = (0..draft.blocks.len())
-        .filter(|&i| draft.blocks[i].is_some_and(|id| q.contains(&id)))
+        .filter(|&i| {
+            draft.blocks[i].is_some_and(|id| {
+                crate::chunks::block_objects(&draft.deltas, &id)
+                    .map(|objects| objects.iter().any(|o| q.contains(o)))
+                    .unwrap_or(true)
+            })
+        })
         .collect();
     if targets.is_empty() {
         return Ok(0);
@@ -875,6 +909,8 @@ fn heal_quarantined(
             continue;
         }
         let id = repo.chunk_id(data);
+        // Stored whole from now on: the content's delta (if any) is not needed by this map.
+        draft.deltas.remove(&id);
         while let ferry_repo::Decision::Wait(gen) = session.decide(&id)? {
             rt.block_on(session.wait_over(gen))?;
         }
@@ -941,8 +977,9 @@ fn verify_unchanged(
         // short chunk after a regrow; the rest reads as zeros): compare the content itself.
         if let Some(id) = &new.blocks[i] {
             let chunk = tokio::runtime::Handle::current()
-                .block_on(crate::chunks::fetch_block(repo, id))
-                .with_context(|| format!("reading chunk {id} of block {i} to verify the diff"))?;
+                .block_on(crate::chunks::fetch_content(repo, &new.deltas, id))
+                .map_err(|e| Error::from(*e.error))
+                .with_context(|| format!("reading content {id} of block {i} to verify the diff"))?;
             if chunk.len() < data.len() && data[..chunk.len()] == chunk[..] && ferry_repo::is_zero(&data[chunk.len()..]) {
                 continue;
             }

@@ -15,7 +15,7 @@ use futures::StreamExt;
 use rbd_diff::{DiffHeader, DiffWriter};
 use serde::Serialize;
 
-use crate::chunks::fetch_block;
+use crate::chunks::{fetch_content, ContentError};
 use crate::error::{Error, ErrorKind, Result};
 use crate::observer::{Event, Observer, Operation};
 
@@ -26,7 +26,7 @@ pub struct BlockFailure {
     pub block: u64,
     /// Byte offset of the block in the volume.
     pub offset: u64,
-    /// The chunk the block needs.
+    /// The object at fault: the block's chunk, or an object of its delta chain.
     pub chunk: String,
     /// Why it could not be read.
     pub error: String,
@@ -150,7 +150,8 @@ pub trait RestoreTarget: Send {
     fn abandon(&mut self) -> Option<String>;
 }
 
-fn failure(m: &Manifest, index: u64, id: &ChunkId, e: &ferry_repo::Error) -> BlockFailure {
+fn failure(m: &Manifest, index: u64, ce: &ContentError) -> BlockFailure {
+    let (id, e) = (&ce.object, &*ce.error);
     BlockFailure {
         block: index,
         offset: index * m.meta.block_size.get(),
@@ -340,9 +341,9 @@ async fn restore_positional(
                     Ok((len as u64, true))
                 }
                 Some(id) => {
-                    let data = fetch_block(&repo, &id)
+                    let data = fetch_content(&repo, &manifest.deltas, &id)
                         .await
-                        .map_err(|e| BlockErr::Failure(failure(&manifest, i, &id, &e)))?;
+                        .map_err(|e| BlockErr::Failure(failure(&manifest, i, &e)))?;
                     let n = data.len().min(len);
                     let pad = if n < len && !zeros.is_empty() { len - n } else { 0 };
                     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
@@ -402,9 +403,9 @@ fn ordered_blocks(repo: Arc<Repository>, manifest: Arc<Manifest>, jobs: usize) -
             async move {
                 match manifest.blocks[i as usize] {
                     None => (i, Piece::Hole),
-                    Some(id) => match fetch_block(&repo, &id).await {
+                    Some(id) => match fetch_content(&repo, &manifest.deltas, &id).await {
                         Ok(d) => (i, Piece::Data(d)),
-                        Err(e) => (i, Piece::Failed(failure(&manifest, i, &id, &e))),
+                        Err(e) => (i, Piece::Failed(failure(&manifest, i, &e))),
                     },
                 }
             }

@@ -113,6 +113,16 @@ pub enum Error {
         /// The ID its content hashes to (64 hex).
         actual: String,
     },
+    /// A delta object decrypted, but its payload is malformed or is not the delta the
+    /// manifest names (FORMAT.md §14), or applying it does not give its target content. An
+    /// integrity error ([`Error::is_integrity`]).
+    #[error("integrity error in '{path}': bad delta: {reason}")]
+    DeltaDecode {
+        /// The delta object's key, `chunks/<2 hex>/<64 hex>`.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// An authentic payload flagged zstd is not a zstd frame, does not decompress, or declares
     /// or produces more than the reader's plaintext limit ([`Repository`](crate::Repository)
     /// allows 64 MiB for a chunk, 1 GiB for a manifest). An integrity error
@@ -307,6 +317,7 @@ impl Error {
             self,
             Error::Integrity { .. }
                 | Error::ChunkIdMismatch { .. }
+                | Error::DeltaDecode { .. }
                 | Error::Decompress { .. }
                 | Error::BadObject { .. }
                 | Error::ManifestDecode { .. }

@@ -13,19 +13,50 @@ fn seeds_dir(target: &str) -> PathBuf {
 }
 
 fn sample_manifest() -> Manifest {
-    let meta: ManifestMeta = crate::manifest::tests::meta(5 * 65536 + 17, 65536);
+    let mut meta: ManifestMeta = crate::manifest::tests::meta(5 * 65536 + 17, 65536);
+    meta.format = crate::manifest::MANIFEST_FORMAT_PLAIN;
     let id = |b: u8| Some(ChunkId([b; 32]));
     Manifest {
         meta,
         blocks: vec![id(1), None, None, id(2), id(1), id(3)],
+        deltas: Default::default(),
     }
+}
+
+/// A format-2 manifest: block 3's content is a delta on block 0's, block 5's a delta on that.
+fn sample_delta_manifest() -> Manifest {
+    let mut m = sample_manifest();
+    m.meta.format = crate::manifest::MANIFEST_FORMAT;
+    let d = |base: u8, object: u8| crate::DeltaRef {
+        base: ChunkId([base; 32]),
+        object: ChunkId([object; 32]),
+        bytes: 4096,
+    };
+    m.deltas.insert(ChunkId([2; 32]), d(1, 0x12));
+    m.deltas.insert(ChunkId([3; 32]), d(2, 0x23));
+    m
+}
+
+fn sample_delta() -> crate::Delta {
+    let mut content = vec![0x5au8; 8192];
+    content[100..200].fill(1);
+    content[4000..4100].fill(2);
+    crate::Delta::from_extents(ChunkId([2; 32]), ChunkId([1; 32]), &content, &[(100, 100), (4000, 100)]).expect("delta")
 }
 
 /// The seeds, by target: (name, bytes).
 fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let master = MasterKey::from_raw([7u8; 32]);
     let manifest = sample_manifest().encode().expect("encode");
-    let mut out = vec![("manifest_decode", "sample".to_string(), manifest.clone())];
+    let mut out = vec![
+        ("manifest_decode", "sample".to_string(), manifest.clone()),
+        (
+            "manifest_decode",
+            "deltas".to_string(),
+            sample_delta_manifest().encode().expect("encode"),
+        ),
+        ("delta_decode", "sample".to_string(), sample_delta().encode()),
+    ];
     let seal = |kind, payload: &[u8]| encode_sealed(master.seal_key(), kind, b"fuzz", payload, Some(3)).expect("seal");
     let mut tagged = |tag: u8, name: &str, object: Vec<u8>| {
         let mut v = vec![tag];
@@ -77,7 +108,7 @@ fn write_seeds() {
 fn committed_seeds_replay_through_the_decoders() {
     let master = MasterKey::from_raw([7u8; 32]);
     let mut n = 0;
-    for target in ["manifest_decode", "sealed_object", "key_slot", "config"] {
+    for target in ["manifest_decode", "sealed_object", "key_slot", "config", "delta_decode"] {
         let dir = seeds_dir(target);
         let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         for e in entries {
@@ -104,6 +135,11 @@ fn committed_seeds_replay_through_the_decoders() {
                 "key_slot" => {
                     let _ = KeySlot::decode(&data, "seed");
                 }
+                "delta_decode" => {
+                    if let Ok(d) = crate::Delta::decode(&data) {
+                        let _ = d.apply(vec![1u8; 100]);
+                    }
+                }
                 _ => {
                     let _ = RepoConfig::decode(&data);
                 }
@@ -117,6 +153,7 @@ fn committed_seeds_replay_through_the_decoders() {
             "manifest_decode" => Manifest::decode(&bytes, "seed").is_ok(),
             "key_slot" => KeySlot::decode(&bytes, "seed").is_ok(),
             "config" => RepoConfig::decode(&bytes).is_ok(),
+            "delta_decode" => crate::Delta::decode(&bytes).is_ok(),
             _ => true,
         };
         assert!(ok, "{target}/{name}");

@@ -494,7 +494,7 @@ async fn run_claimed(
         match m {
             Ok(m) => {
                 report.manifests += 1;
-                m.blocks.into_iter().flatten().for_each(|id| set.add(id));
+                m.objects().for_each(|id| set.add(id));
             }
             Err(Error::NotFound { .. } | Error::Fenced { .. }) => {}
             // A manifest that cannot be read may reference any chunk: deleting anything now
@@ -564,7 +564,7 @@ async fn run_claimed(
         if e.ended {
             // Committed after the listing (or gone since): read what is there.
             match repo.read_manifest(&r).await {
-                Ok(m) => marked.late.extend(m.blocks.into_iter().flatten()),
+                Ok(m) => marked.late.extend(m.objects()),
                 Err(Error::NotFound { .. } | Error::Fenced { .. }) => {}
                 Err(err) => return Err(err),
             }
@@ -612,7 +612,7 @@ async fn run_claimed(
             match repo.read_manifest(&r).await {
                 Ok(m) => {
                     report.sessions_committed += 1;
-                    marked.late.extend(m.blocks.into_iter().flatten());
+                    marked.late.extend(m.objects());
                 }
                 Err(Error::Fenced { .. } | Error::NotFound { .. }) => report.sessions_fenced += 1,
                 Err(e) => return Err(e),
@@ -703,7 +703,7 @@ enum Settled {
 async fn settle(repo: &Repository, r: &BackupRef, gen: u64, marked: &mut Marked) -> Result<Settled> {
     match repo.read_manifest(r).await {
         Ok(m) => {
-            marked.late.extend(m.blocks.into_iter().flatten());
+            marked.late.extend(m.objects());
             return Ok(Settled::Committed);
         }
         Err(Error::Fenced { .. }) => return Ok(Settled::Fenced),

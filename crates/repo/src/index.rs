@@ -213,7 +213,8 @@ impl Index {
         })?;
         let mut batch = sled::Batch::default();
         let stamp = stamp.to_le_bytes();
-        for id in manifest.blocks.iter().flatten() {
+        // Objects, not content IDs: a block stored as a delta has no chunk under its ID.
+        for id in manifest.objects() {
             batch.insert(&id.0[..], &stamp[..]);
         }
         self.chunks.apply_batch(batch).map_err(self.err())?;

@@ -15,12 +15,14 @@ use crate::object::{Header, ObjectKind, SealKey, HEADER_LEN};
 
 const CHUNK_ID_CONTEXT: &str = "ferry 2026-11 chunk id v1";
 const OBJECT_KEY_CONTEXT: &str = "ferry 2026-11 object encryption v1";
+const DELTA_ID_CONTEXT: &str = "ferry 2026-11 delta id v1";
 
 /// The repository master key and the keys derived from it.
 #[derive(Clone)]
 pub struct MasterKey {
     raw: [u8; 32],
     id_key: [u8; 32],
+    delta_key: [u8; 32],
     seal: SealKey,
 }
 
@@ -31,6 +33,7 @@ impl Drop for MasterKey {
         use zeroize::Zeroize;
         self.raw.zeroize();
         self.id_key.zeroize();
+        self.delta_key.zeroize();
     }
 }
 
@@ -52,15 +55,26 @@ impl MasterKey {
     /// `derive_key` (FORMAT.md §3).
     pub fn from_raw(raw: [u8; 32]) -> Self {
         let id_key = blake3::derive_key(CHUNK_ID_CONTEXT, &raw);
+        let delta_key = blake3::derive_key(DELTA_ID_CONTEXT, &raw);
         let mut obj_key = zeroize::Zeroizing::new(blake3::derive_key(OBJECT_KEY_CONTEXT, &raw));
         let seal = SealKey::new(&obj_key);
         zeroize::Zeroize::zeroize(&mut *obj_key);
-        MasterKey { raw, id_key, seal }
+        MasterKey {
+            raw,
+            id_key,
+            delta_key,
+            seal,
+        }
     }
 
     /// `K_id`, the key for chunk IDs (keyed BLAKE3), so IDs reveal nothing about content.
     pub fn id_key(&self) -> &[u8; 32] {
         &self.id_key
+    }
+
+    /// `K_delta`, the key for delta object IDs (FORMAT.md §14).
+    pub fn delta_key(&self) -> &[u8; 32] {
+        &self.delta_key
     }
 
     /// `K_obj`, the AES-256-GCM key sealing chunks and manifests.

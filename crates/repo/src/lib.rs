@@ -8,6 +8,7 @@
 
 pub mod block_size;
 pub mod chunk;
+pub mod delta;
 pub mod error;
 pub mod gc;
 pub mod index;
@@ -29,11 +30,14 @@ mod gc_sim;
 
 pub use block_size::{BlockSize, MAX_BLOCKS, MAX_BLOCK_SIZE, MAX_IMAGE_SIZE, MIN_BLOCK_SIZE};
 pub use chunk::{decode_chunk, encode_chunk, encode_chunk_with_id, is_zero, ChunkId, EncodedChunk};
+pub use delta::{delta_object_id, Delta, DeltaRef};
 pub use error::{Error, Result};
 pub use gc::{collect_garbage, GcEvent, GcOptions, GcReport};
 pub use index::{BackupSummary, Chain, Index, SyncReport};
 pub use keys::{KdfParams, KeySlot, MasterKey};
-pub use manifest::{BackupStats, Manifest, ManifestMeta, Source, MANIFEST_FORMAT};
+pub use manifest::{
+    delta_chain, objects_of, reachable_deltas, BackupStats, Manifest, ManifestMeta, Source, MANIFEST_FORMAT, MANIFEST_FORMAT_PLAIN,
+};
 pub use repo::{validate_volume_name, BackupDraft, BackupRef, InitOptions, Listing, RepoConfig, Repository, REPO_FORMAT};
 pub use retry::RetryPolicy;
 pub use session::{Decision, Session, SessionOptions};

@@ -2,22 +2,30 @@
 //!
 //! Plaintext layout (then zstd and the AES-GCM seal, see FORMAT.md):
 //! ```text
-//! "FMAN" | le32 meta_len | meta JSON | le64 block_count | runs...
+//! "FMAN" | le32 meta_len | meta JSON | le64 block_count | runs... [| delta table]
 //! run: u8 kind (0 = holes, 1 = chunks) | le64 count | (kind 1) count × 32-byte chunk IDs
+//! delta table (format 2 only): le64 n | n × (target[32] | base[32] | object[32] | le32 bytes)
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
 use crate::block_size::BlockSize;
 use crate::chunk::ChunkId;
+use crate::delta::{DeltaRef, MAX_READ_DEPTH};
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"FMAN";
-/// The manifest format (meta `format`) this build writes and the highest it reads; it changes
-/// when the block-map encoding or the meaning of a meta field changes (FORMAT.md §10).
-pub const MANIFEST_FORMAT: u32 = 1;
+/// The highest manifest format (meta `format`) this build reads, and the one it writes for a
+/// backup with delta objects; it changes when the block-map encoding or the meaning of a meta
+/// field changes (FORMAT.md §10). A manifest without deltas is written as format 1, which
+/// every version of ferry reads.
+pub const MANIFEST_FORMAT: u32 = 2;
+/// The manifest format of a backup without delta objects (no delta table).
+pub const MANIFEST_FORMAT_PLAIN: u32 = 1;
+/// Bytes per delta table entry: target, base, object, changed bytes.
+const DELTA_ENTRY: usize = 32 * 3 + 4;
 
 /// Where the backed-up data came from (meta `source`). The optional fields are omitted from
 /// the JSON when absent; ferry fills them for `rbd` sources.
@@ -74,6 +82,17 @@ pub struct BackupStats {
     pub bytes_uploaded: u64,
     /// Milliseconds from the start of ingest to just before the manifest is written.
     pub duration_ms: u64,
+    /// Changed blocks stored as delta objects (FORMAT.md §14); 0 when absent (older backups).
+    #[serde(default)]
+    pub blocks_delta: u64,
+    /// Bytes of changed extents those delta objects carry (before compression).
+    #[serde(default)]
+    pub bytes_delta: u64,
+    /// Bytes read from the source besides the diff stream: whole blocks read from the new
+    /// snapshot to complete partly changed ones (RBD sources), or the parent's chunks read
+    /// for that (diff streams). 0 when absent.
+    #[serde(default)]
+    pub bytes_read_blocks: u64,
 }
 
 /// Everything in a manifest but the block map: the meta JSON of FORMAT.md §6.1.
@@ -121,11 +140,78 @@ pub struct Manifest {
     /// The metadata.
     pub meta: ManifestMeta,
     /// The block map, one entry per block (⌈`image_size` / `block_size`⌉ entries): the
-    /// chunk holding the block's content, or `None` for a hole (reads as zeros).
+    /// content ID of the block (the keyed hash of its full content), or `None` for a hole
+    /// (reads as zeros).
     pub blocks: Vec<Option<ChunkId>>,
+    /// The delta table (format 2): content IDs stored as delta objects, each on a base
+    /// content ID. A content ID not in it is a whole chunk under its own ID.
+    pub deltas: BTreeMap<ChunkId, DeltaRef>,
+}
+
+/// Whether a content ID is stored whole or as a delta, per a manifest's delta table.
+pub fn object_of(deltas: &BTreeMap<ChunkId, DeltaRef>, id: &ChunkId) -> ChunkId {
+    deltas.get(id).map_or(*id, |d| d.object)
+}
+
+/// The deltas to apply to get content `id`, newest first, and the whole chunk at the bottom
+/// (`id` itself when it is not in the table). Errors on a chain deeper than the reader's
+/// limit (which also catches cycles).
+pub fn delta_chain(deltas: &BTreeMap<ChunkId, DeltaRef>, id: &ChunkId) -> std::result::Result<(Vec<(ChunkId, DeltaRef)>, ChunkId), String> {
+    let mut chain = Vec::new();
+    let mut cur = *id;
+    while let Some(d) = deltas.get(&cur) {
+        if chain.len() >= MAX_READ_DEPTH {
+            return Err(format!("the delta chain of {id} is deeper than {MAX_READ_DEPTH} (or a cycle)"));
+        }
+        chain.push((cur, *d));
+        cur = d.base;
+    }
+    Ok((chain, cur))
+}
+
+/// Every object the content IDs of `blocks` need under `deltas`: whole chunks, delta objects,
+/// and their bases down to whole chunks (may repeat an ID). Entries of the table that no
+/// block reaches are included too (keeping them is harmless; ferry writes none).
+pub fn objects_of<'a>(blocks: &'a [Option<ChunkId>], deltas: &'a BTreeMap<ChunkId, DeltaRef>) -> impl Iterator<Item = ChunkId> + 'a {
+    blocks
+        .iter()
+        .flatten()
+        .filter(|id| !deltas.contains_key(id))
+        .copied()
+        .chain(deltas.values().map(|d| d.object))
+        .chain(deltas.values().map(|d| d.base).filter(|b| !deltas.contains_key(b)))
+}
+
+/// The entries of `table` that the content IDs of `blocks` reach (a backup's table is its
+/// parent's plus its own new deltas, cut to what its map needs).
+pub fn reachable_deltas(blocks: &[Option<ChunkId>], table: &BTreeMap<ChunkId, DeltaRef>) -> BTreeMap<ChunkId, DeltaRef> {
+    let mut out = BTreeMap::new();
+    for id in blocks.iter().flatten() {
+        let mut cur = *id;
+        let mut depth = 0;
+        while let Some(d) = table.get(&cur) {
+            if out.insert(cur, *d).is_some() || depth > MAX_READ_DEPTH {
+                break;
+            }
+            cur = d.base;
+            depth += 1;
+        }
+    }
+    out
 }
 
 impl Manifest {
+    /// Every object the backup needs: whole chunks, delta objects and their bases (may
+    /// repeat an ID). What garbage collection marks, a session inherits and the index records.
+    pub fn objects(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        objects_of(&self.blocks, &self.deltas)
+    }
+
+    /// The object holding content `id` (a delta object when the table says so).
+    pub fn object_of(&self, id: &ChunkId) -> ChunkId {
+        object_of(&self.deltas, id)
+    }
+
     /// Length of block `index` (the last one may be short).
     pub fn block_len(&self, index: u64) -> u64 {
         let bs = self.meta.block_size.get();
@@ -160,6 +246,20 @@ impl Manifest {
                 }
             }
             i = j;
+        }
+        if self.meta.format >= 2 {
+            out.extend_from_slice(&(self.deltas.len() as u64).to_le_bytes());
+            for (target, d) in &self.deltas {
+                out.extend_from_slice(&target.0);
+                out.extend_from_slice(&d.base.0);
+                out.extend_from_slice(&d.object.0);
+                out.extend_from_slice(&d.bytes.to_le_bytes());
+            }
+        } else if !self.deltas.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "a manifest of format {} cannot hold delta objects",
+                self.meta.format
+            )));
         }
         Ok(out)
     }
@@ -232,10 +332,70 @@ impl Manifest {
                 k => return Err(bad(format!("unknown run kind {k}"))),
             }
         }
+        let mut deltas = BTreeMap::new();
+        if meta.format >= 2 {
+            let n = r.u64().map_err(&bad)?;
+            if n > ((bytes.len() - r.pos) / DELTA_ENTRY) as u64 {
+                return Err(bad(format!("a delta table of {n} entries does not fit")));
+            }
+            let mut last: Option<ChunkId> = None;
+            for _ in 0..n {
+                let e = r.take(DELTA_ENTRY).map_err(&bad)?;
+                let id = |at: usize| {
+                    let mut a = [0u8; 32];
+                    a.copy_from_slice(&e[at..at + 32]);
+                    ChunkId(a)
+                };
+                let (target, base, object) = (id(0), id(32), id(64));
+                let changed = u32::from_le_bytes([e[96], e[97], e[98], e[99]]);
+                if last.is_some_and(|l| l >= target) {
+                    return Err(bad("delta table entries out of order or repeated".into()));
+                }
+                if target == base {
+                    return Err(bad(format!("delta of {target} on itself")));
+                }
+                last = Some(target);
+                deltas.insert(
+                    target,
+                    DeltaRef {
+                        base,
+                        object,
+                        bytes: changed,
+                    },
+                );
+            }
+            // Every chain ends on a whole chunk within the reader's depth (no cycles).
+            let mut depth_ok: HashMap<ChunkId, usize> = HashMap::new();
+            for target in deltas.keys() {
+                let mut path = Vec::new();
+                let mut cur = *target;
+                let mut below = 0;
+                while let Some(d) = deltas.get(&cur) {
+                    if let Some(&k) = depth_ok.get(&cur) {
+                        below = k;
+                        break;
+                    }
+                    path.push(cur);
+                    if path.len() > MAX_READ_DEPTH {
+                        return Err(bad(format!(
+                            "the delta chain of {target} is deeper than {MAX_READ_DEPTH} or cyclic"
+                        )));
+                    }
+                    cur = d.base;
+                }
+                for (i, t) in path.iter().rev().enumerate() {
+                    let k = below + i + 1;
+                    if k > MAX_READ_DEPTH {
+                        return Err(bad(format!("the delta chain of {target} is deeper than {MAX_READ_DEPTH}")));
+                    }
+                    depth_ok.insert(*t, k);
+                }
+            }
+        }
         if r.pos != bytes.len() {
             return Err(bad(format!("{} trailing bytes", bytes.len() - r.pos)));
         }
-        Ok(Manifest { meta, blocks })
+        Ok(Manifest { meta, blocks, deltas })
     }
 }
 
@@ -299,15 +459,52 @@ pub(crate) mod tests {
         fn block_map_round_trip(map in proptest::collection::vec(proptest::option::of(any::<[u8; 32]>().prop_map(ChunkId)), 0..300), bs_log in 12u32..23) {
             let bs = 1u64 << bs_log;
             let size = if map.is_empty() { 0 } else { (map.len() as u64 - 1) * bs + 1 + (bs_log as u64 % 7) };
-            let m = Manifest { meta: meta(size, bs), blocks: map };
+            let mut md = meta(size, bs);
+            md.format = MANIFEST_FORMAT_PLAIN;
+            let m = Manifest { meta: md, blocks: map, deltas: BTreeMap::new() };
             let enc = m.encode().unwrap();
             prop_assert_eq!(Manifest::decode(&enc, "m").unwrap(), m);
         }
 
         #[test]
+        fn delta_table_round_trip(map in proptest::collection::vec(proptest::option::of(0u8..40), 1..60),
+                                  links in proptest::collection::vec((0u8..40, 0u8..40, any::<u32>()), 0..40)) {
+            // Content IDs 0..40; an entry links a higher ID to a lower one (no cycles).
+            let cid = |n: u8| ChunkId([n; 32]);
+            let mut deltas = BTreeMap::new();
+            for (a, b, bytes) in links {
+                let (t, base) = (a.max(b), a.min(b));
+                if t != base {
+                    deltas.insert(cid(t), DeltaRef { base: cid(base), object: ChunkId([t.wrapping_add(100); 32]), bytes });
+                }
+            }
+            let blocks: Vec<Option<ChunkId>> = map.iter().map(|b| b.map(cid)).collect();
+            let m = Manifest { meta: meta(blocks.len() as u64 * 4096, 4096), blocks, deltas };
+            let enc = m.encode().unwrap();
+            let back = Manifest::decode(&enc, "m").unwrap();
+            prop_assert_eq!(&back, &m);
+            // Every block's chain ends on an object in objects(), and every delta it passes too.
+            let objects: std::collections::HashSet<ChunkId> = m.objects().collect();
+            for id in m.blocks.iter().flatten() {
+                let (chain, whole) = delta_chain(&m.deltas, id).unwrap();
+                prop_assert!(objects.contains(&whole));
+                for (_, d) in chain {
+                    prop_assert!(objects.contains(&d.object));
+                }
+            }
+            // Cutting the table to what the map reaches keeps every chain.
+            let cut = reachable_deltas(&m.blocks, &m.deltas);
+            for id in m.blocks.iter().flatten() {
+                prop_assert_eq!(delta_chain(&cut, id).unwrap(), delta_chain(&m.deltas, id).unwrap());
+            }
+        }
+
+        #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400), cut in any::<prop::sample::Index>()) {
             let _ = Manifest::decode(&bytes, "m");
-            let m = Manifest { meta: meta(10 * 4096, 4096), blocks: vec![None, Some(ChunkId([1; 32])), None, None, Some(ChunkId([2; 32])), None, None, None, None, None] };
+            let mut deltas = BTreeMap::new();
+            deltas.insert(ChunkId([2; 32]), DeltaRef { base: ChunkId([1; 32]), object: ChunkId([3; 32]), bytes: 9 });
+            let m = Manifest { meta: meta(10 * 4096, 4096), blocks: vec![None, Some(ChunkId([1; 32])), None, None, Some(ChunkId([2; 32])), None, None, None, None, None], deltas };
             let enc = m.encode().unwrap();
             let i = cut.index(enc.len());
             prop_assert!(Manifest::decode(&enc[..i], "m").is_err());
@@ -324,9 +521,58 @@ pub(crate) mod tests {
         let m = Manifest {
             meta: meta(1 << 40, 4 << 20),
             blocks,
+            deltas: BTreeMap::new(),
         };
         let enc = m.encode().unwrap();
         assert!(enc.len() < 2000, "{}", enc.len());
         assert_eq!(Manifest::decode(&enc, "m").unwrap(), m);
+    }
+
+    #[test]
+    fn cyclic_or_deep_delta_tables_are_refused() {
+        let cid = |n: u32| {
+            let mut a = [0u8; 32];
+            a[..4].copy_from_slice(&n.to_le_bytes());
+            ChunkId(a)
+        };
+        let table = |links: &[(u32, u32)]| {
+            links
+                .iter()
+                .map(|&(t, b)| {
+                    (
+                        cid(t),
+                        DeltaRef {
+                            base: cid(b),
+                            object: cid(t + 1000),
+                            bytes: 1,
+                        },
+                    )
+                })
+                .collect::<BTreeMap<_, _>>()
+        };
+        let encode = |deltas: BTreeMap<ChunkId, DeltaRef>| {
+            Manifest {
+                meta: meta(4096, 4096),
+                blocks: vec![Some(cid(1))],
+                deltas,
+            }
+            .encode()
+            .unwrap()
+        };
+        let cyc = encode(table(&[(1, 2), (2, 3), (3, 1)]));
+        assert!(Manifest::decode(&cyc, "m").unwrap_err().to_string().contains("cyclic"));
+        let deep: Vec<(u32, u32)> = (1..=(MAX_READ_DEPTH as u32 + 1)).map(|i| (i, i + 1)).collect();
+        assert!(Manifest::decode(&encode(table(&deep)), "m").is_err());
+        let ok: Vec<(u32, u32)> = (1..=(MAX_READ_DEPTH as u32)).map(|i| (i, i + 1)).collect();
+        assert!(Manifest::decode(&encode(table(&ok)), "m").is_ok());
+        // A format-1 manifest has no table.
+        let mut m1 = meta(4096, 4096);
+        m1.format = MANIFEST_FORMAT_PLAIN;
+        let m = Manifest {
+            meta: m1,
+            blocks: vec![Some(cid(1))],
+            deltas: table(&[(1, 2)]),
+        };
+        assert!(m.encode().is_err());
     }
 }

@@ -40,6 +40,9 @@ pub enum ObjectKind {
     Protection = 5,
     /// `sessions/…` and `gc/…`: garbage-collection protocol records, sealed (kind byte `06`).
     GcRecord = 6,
+    /// `chunks/<2 hex>/<64 hex>` of a delta object: a block's changed extents on a base (kind
+    /// byte `07`, FORMAT.md §14).
+    Delta = 7,
 }
 
 impl ObjectKind {
@@ -51,6 +54,7 @@ impl ObjectKind {
             4 => ObjectKind::Manifest,
             5 => ObjectKind::Protection,
             6 => ObjectKind::GcRecord,
+            7 => ObjectKind::Delta,
             _ => return None,
         })
     }

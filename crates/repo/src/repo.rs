@@ -129,8 +129,11 @@ pub struct BackupDraft {
     pub protected: bool,
     /// What the backup cost.
     pub stats: BackupStats,
-    /// The complete block map (`None` = hole).
+    /// The complete block map (`None` = hole): content IDs.
     pub blocks: Vec<Option<ChunkId>>,
+    /// Content IDs stored as delta objects (the parent's table and this backup's new
+    /// entries; the commit keeps only what the map reaches).
+    pub deltas: std::collections::BTreeMap<ChunkId, crate::delta::DeltaRef>,
 }
 
 /// What a listing of `volumes/` found.
@@ -473,6 +476,21 @@ impl Repository {
         decode_chunk(&self.key, id, object, MAX_BLOCK_SIZE as usize)
     }
 
+    /// The object ID of the delta of content `target` on content `base` (FORMAT.md §14).
+    pub fn delta_object_id(&self, target: &ChunkId, base: &ChunkId) -> ChunkId {
+        crate::delta::delta_object_id(&self.key, target, base)
+    }
+
+    /// Compresses and seals a delta as object `object`. CPU work: off the async threads.
+    pub fn encode_delta(&self, object: &ChunkId, delta: &crate::delta::Delta) -> Result<Vec<u8>> {
+        crate::delta::encode_delta_object(&self.key, object, delta, self.config.zstd_level)
+    }
+
+    /// Opens delta object `object` and checks it is the delta of `target` on `base`. CPU work.
+    pub fn decode_delta(&self, object: &ChunkId, target: &ChunkId, base: &ChunkId, bytes: Vec<u8>) -> Result<crate::delta::Delta> {
+        crate::delta::decode_delta_object(&self.key, object, target, base, bytes, MAX_BLOCK_SIZE as usize * 2)
+    }
+
     /// True when the chunk object exists (HEAD).
     pub async fn chunk_exists(&self, id: &ChunkId) -> Result<bool> {
         let path = p(&id.object_key());
@@ -556,9 +574,14 @@ impl Repository {
                 draft.block_size
             )));
         }
+        let deltas = crate::manifest::reachable_deltas(&draft.blocks, &draft.deltas);
         let manifest = Manifest {
             meta: ManifestMeta {
-                format: MANIFEST_FORMAT,
+                format: if deltas.is_empty() {
+                    crate::manifest::MANIFEST_FORMAT_PLAIN
+                } else {
+                    MANIFEST_FORMAT
+                },
                 backup_id: session.backup().backup_id().to_string(),
                 repository_id: self.config.repository_id.clone(),
                 volume: draft.volume,
@@ -574,6 +597,7 @@ impl Repository {
                 stats: draft.stats,
             },
             blocks: draft.blocks,
+            deltas,
         };
         let r = session.backup().clone();
         let key = r.key();
