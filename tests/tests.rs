@@ -8,6 +8,7 @@ mod ceph;
 mod cli;
 mod core;
 mod crash;
+mod delta;
 mod engine;
 mod faults;
 mod gc;

@@ -46,6 +46,10 @@ pub struct BackupArgs {
     /// repositories', other volumes', users' and protected snapshots are never removed.
     #[arg(long, default_value_t = 1, value_name = "K", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "diff")]
     keep_snapshots: u32,
+    /// Store every changed block whole, never as a delta of its changed bytes (FORMAT.md §14):
+    /// uploads whole blocks, keeps manifests readable by ferry before delta objects.
+    #[arg(long)]
+    no_deltas: bool,
     /// --diff streams: build on this backup (ID, id:PREFIX, snap:NAME) instead of the
     /// volume's newest one.
     #[arg(long, conflicts_with = "source")]
@@ -145,9 +149,22 @@ fn print_summary(o: &BackupOutcome, requests: &ferry_repo::RequestStats) {
         human_bytes(s.zeroed_bytes)
     );
     println!(
-        "  blocks    {} changed: {} new, {} deduplicated ({} found in repository), {} zero; {} completed from parent",
-        s.blocks_changed, s.blocks_new, s.blocks_dedup, s.blocks_found_in_repo, s.blocks_zero, s.blocks_partial
+        "  blocks    {} changed: {} new ({} as deltas of {} changed bytes), {} deduplicated ({} found in repository), {} zero",
+        s.blocks_changed,
+        s.blocks_new,
+        s.blocks_delta,
+        human_bytes(s.bytes_delta),
+        s.blocks_dedup,
+        s.blocks_found_in_repo,
+        s.blocks_zero
     );
+    if s.blocks_partial > 0 {
+        println!(
+            "  partial   {} blocks changed in part, completed by reading {} more",
+            s.blocks_partial,
+            human_bytes(s.bytes_read_blocks)
+        );
+    }
     println!(
         "  stored    {} uploaded for {} of new data",
         human_bytes(s.bytes_uploaded),
@@ -170,6 +187,7 @@ pub async fn run(a: BackupArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
             lease: (a.lease_seconds > 0).then(|| Duration::from_secs(a.lease_seconds)),
             verify_blocks: a.verify_blocks,
             keep_snapshots: a.keep_snapshots as usize,
+            deltas: !a.no_deltas,
             ..Default::default()
         };
         let done = engine.backup_rbd(&ceph.ceph(), &image, opts).await?;
@@ -222,6 +240,7 @@ pub async fn run(a: BackupArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
         labels: a.labels.into_iter().collect::<BTreeMap<_, _>>(),
         jobs: a.jobs,
         total,
+        deltas: !a.no_deltas,
     };
     let done = engine.backup_stream(reader, opts).await?;
     let requests = engine.repository().store().requests();

@@ -47,6 +47,8 @@ pub(crate) struct IngestParams {
     /// covers only partly (the RBD source: the new snapshot, read locally); without it the
     /// parent's content is fetched from the repository.
     pub block_reader: Option<BlockReader>,
+    /// Store partly changed blocks as deltas on the parent's content (FORMAT.md §14).
+    pub deltas: bool,
 }
 
 /// Reads `buf.len()` bytes of the new image at an offset (on the parser thread).
@@ -447,6 +449,7 @@ where
     // is reused as it is (its objects were inherited above).
     let parent_deltas: Arc<BTreeMap<ChunkId, DeltaRef>> = Arc::new(parent.as_ref().map(|(_, m)| m.deltas.clone()).unwrap_or_default());
     let block_reader = params.block_reader;
+    let use_deltas = params.deltas;
 
     // Parser thread.
     let parse = {
@@ -545,6 +548,7 @@ where
                     delta: None,
                 }),
                 Work::Block { index: i, data, delta } => {
+                    let delta = delta.filter(|_| use_deltas);
                     let ctx = StoreCtx {
                         repo: &repo,
                         index: &index,
@@ -894,8 +898,9 @@ async fn store_delta(
     if decision == Decision::Go && index.has_chunk(&object)? {
         return Ok(with(Outcome::Known));
     }
-    if session.quarantined().contains(&object) {
-        // A damaged copy of this very delta: the block goes whole instead.
+    // A damaged copy of this very delta, or of anything under it: the block goes whole.
+    let q = session.quarantined();
+    if q.contains(&object) || crate::chunks::block_objects(parent_deltas, &base).map_or(true, |objs| objs.iter().any(|o| q.contains(o))) {
         return Ok(None);
     }
     // No HEAD first: a delta is small, and the create-only PUT says whether it existed.

@@ -78,6 +78,8 @@ pub struct StreamBackupOptions {
     pub jobs: usize,
     /// The stream's length, if known (for progress).
     pub total: Option<u64>,
+    /// Store partly changed blocks as deltas (FORMAT.md §14); false: always whole.
+    pub deltas: bool,
 }
 
 impl StreamBackupOptions {
@@ -90,6 +92,7 @@ impl StreamBackupOptions {
             labels: BTreeMap::new(),
             jobs: default_jobs(),
             total: None,
+            deltas: true,
         }
     }
 }
@@ -229,6 +232,7 @@ impl Engine {
                 session: session.clone(),
                 cancel: None,
                 block_reader: None,
+                deltas: opts.deltas,
             };
             backup::ingest(
                 self.repo.clone(),

@@ -223,6 +223,9 @@ pub struct RbdBackupOptions {
     /// Stops the backup before its commit (a daemon shutting down): the new snapshot is
     /// removed, the lease released, nothing committed ([`crate::Cancelled`]).
     pub cancel: Option<tokio_util::sync::CancellationToken>,
+    /// Store partly changed blocks as deltas of their changed bytes (FORMAT.md §14; an
+    /// incremental then reads the exact export-diff); false: whole objects, whole blocks.
+    pub deltas: bool,
 }
 
 /// Commands run around the snapshot of an RBD backup, under its lease: `before_snapshot`
@@ -282,6 +285,7 @@ impl Default for RbdBackupOptions {
             hooks: None,
             unless_backed_up_since: None,
             cancel: None,
+            deltas: true,
         }
     }
 }
@@ -616,7 +620,7 @@ impl RbdRun<'_> {
         // A full backup reads whole objects; an incremental asks for the exact extents that
         // changed, so a block written in a few places is stored as a delta of those bytes
         // (FORMAT.md §14) — the rest of such a block is read locally from the new snapshot.
-        let whole_object = parent.is_none();
+        let whole_object = parent.is_none() || !self.opts.deltas;
         let export = or_abort!({
             let (rbd, spec, snap, base) = (self.rbd.clone(), spec.clone(), snap.clone(), notes.base_snapshot.clone());
             blocking(
@@ -668,6 +672,7 @@ impl RbdRun<'_> {
             verify: Some(self.verifier(parent.map(|(_, m)| m), &snap, session.clone(), healed.clone())),
             session: session.clone(),
             cancel: Some(stop.clone()),
+            deltas: self.opts.deltas,
             block_reader: Some({
                 let (cluster, spec, snap) = (self.cluster.clone(), spec.clone(), snap.clone());
                 let mut reader: Option<ferry_ceph::SnapshotReader> = None;

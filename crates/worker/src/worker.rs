@@ -625,6 +625,7 @@ impl Worker {
                 hooks: hooks.clone(),
                 unless_backed_up_since: since,
                 cancel: Some(self.abort.child_token()),
+                deltas: true,
             };
             match self.engine.backup_rbd(&ceph, &t.image, opts).await {
                 Ok(o) => break Ok(o),
