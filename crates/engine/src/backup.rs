@@ -49,6 +49,36 @@ pub(crate) struct IngestParams {
     pub block_reader: Option<BlockReader>,
     /// Store partly changed blocks as deltas on the parent's content (FORMAT.md §14).
     pub deltas: bool,
+    /// Filled with a random sample of this backup's new delta blocks and their extents
+    /// before the verifier runs (the RBD source checks them against both snapshots).
+    pub delta_sample: Option<DeltaSample>,
+}
+
+/// Up to `cap` delta blocks of a backup, chosen uniformly at random: (block, extents).
+#[derive(Debug, Default)]
+pub(crate) struct DeltaSampleInner {
+    pub cap: usize,
+    pub seen: u64,
+    pub picks: Vec<(u64, Vec<(u32, u32)>)>,
+}
+
+/// Shared between the ingest (writes) and the verifier (reads).
+pub(crate) type DeltaSample = Arc<Mutex<DeltaSampleInner>>;
+
+impl DeltaSampleInner {
+    /// Reservoir sampling: every delta block ends up in `picks` with equal probability.
+    fn offer(&mut self, index: u64, extents: Vec<(u32, u32)>) {
+        use rand::Rng;
+        self.seen += 1;
+        if self.picks.len() < self.cap {
+            self.picks.push((index, extents));
+        } else if self.cap > 0 {
+            let j = rand::rng().random_range(0..self.seen);
+            if (j as usize) < self.cap {
+                self.picks[j as usize] = (index, extents);
+            }
+        }
+    }
 }
 
 /// Reads `buf.len()` bytes of the new image at an offset (on the parser thread).
@@ -546,6 +576,7 @@ where
                     id: None,
                     outcome: Outcome::Zero,
                     delta: None,
+                    extents: None,
                 }),
                 Work::Block { index: i, data, delta } => {
                     let delta = delta.filter(|_| use_deltas);
@@ -629,16 +660,21 @@ where
         Some(_) => (*parent_deltas).clone(),
         None => BTreeMap::new(),
     };
+    let mut new_deltas: Vec<(u64, Vec<(u32, u32)>)> = Vec::new();
     for Stored {
         index: i,
         id,
         outcome,
         delta,
+        extents,
     } in results
     {
         blocks[i as usize] = id;
         if let (Some(id), Some(d)) = (id, delta) {
             deltas.insert(id, d);
+            if let (Some(_), Some(e)) = (&params.delta_sample, extents) {
+                new_deltas.push((i, e));
+            }
         }
         match outcome {
             Outcome::Zero => stats.blocks_zero += 1,
@@ -659,6 +695,12 @@ where
                 stats.blocks_dedup += 1;
                 stats.blocks_found_in_repo += 1;
             }
+        }
+    }
+    if let Some(s) = &params.delta_sample {
+        let mut sample = s.lock().map_err(|_| Error::failed("the delta sample's lock was poisoned"))?;
+        for (i, e) in new_deltas {
+            sample.offer(i, e);
         }
     }
     stats.duration_ms = started.elapsed().as_millis() as u64;
@@ -743,6 +785,8 @@ struct Stored {
     id: Option<ChunkId>,
     outcome: Outcome,
     delta: Option<DeltaRef>,
+    /// The delta's extents (for the verifier's sample).
+    extents: Option<Vec<(u32, u32)>>,
 }
 
 /// What every block's upload shares.
@@ -790,6 +834,7 @@ async fn store_block(ctx: &StoreCtx<'_>, i: u64, data: Vec<u8>, delta: Option<(C
             id: None,
             outcome: Outcome::Zero,
             delta: None,
+            extents: None,
         });
     };
     let done = |outcome: Outcome| Stored {
@@ -797,6 +842,7 @@ async fn store_block(ctx: &StoreCtx<'_>, i: u64, data: Vec<u8>, delta: Option<(C
         id: Some(id),
         outcome,
         delta: None,
+        extents: None,
     };
     // Content the chain already stores as a delta (a block that changed back): reuse it as
     // it is — its objects are the parent's, inherited by the session.
@@ -892,6 +938,7 @@ async fn store_delta(
             id: Some(id),
             outcome,
             delta: Some(entry),
+            extents: Some(extents.to_vec()),
         })
     };
     let decision = decide(session, &object, i).await?;

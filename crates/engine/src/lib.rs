@@ -233,6 +233,7 @@ impl Engine {
                 cancel: None,
                 block_reader: None,
                 deltas: opts.deltas,
+                delta_sample: None,
             };
             backup::ingest(
                 self.repo.clone(),

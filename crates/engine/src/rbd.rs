@@ -654,6 +654,10 @@ impl RbdRun<'_> {
                 }
             })
         };
+        let delta_sample: crate::backup::DeltaSample = Arc::new(std::sync::Mutex::new(crate::backup::DeltaSampleInner {
+            cap: self.opts.verify_blocks,
+            ..Default::default()
+        }));
         let params = IngestParams {
             volume: self.volume.to_string(),
             block_size,
@@ -669,10 +673,18 @@ impl RbdRun<'_> {
             jobs: self.opts.jobs,
             labels: self.opts.labels.clone(),
             expect_to_snap: Some(snap.clone()),
-            verify: Some(self.verifier(parent.map(|(_, m)| m), &snap, session.clone(), healed.clone())),
+            verify: Some(self.verifier(
+                parent.map(|(_, m)| m),
+                notes.base_snapshot.clone(),
+                &snap,
+                session.clone(),
+                healed.clone(),
+                delta_sample.clone(),
+            )),
             session: session.clone(),
             cancel: Some(stop.clone()),
             deltas: self.opts.deltas,
+            delta_sample: Some(delta_sample.clone()),
             block_reader: Some({
                 let (cluster, spec, snap) = (self.cluster.clone(), spec.clone(), snap.clone());
                 let mut reader: Option<ferry_ceph::SnapshotReader> = None;
@@ -822,12 +834,15 @@ impl RbdRun<'_> {
     }
 
     /// The pre-commit check: the lease still held, and a sample of unchanged blocks re-read.
+    #[allow(clippy::too_many_arguments)]
     fn verifier(
         &self,
         parent: Option<Arc<Manifest>>,
+        base_snap: Option<String>,
         snap: &str,
         session: Arc<ferry_repo::Session>,
         healed: Arc<std::sync::atomic::AtomicU64>,
+        delta_sample: crate::backup::DeltaSample,
     ) -> Verifier {
         let sample = parent.filter(|_| self.opts.verify_blocks > 0);
         let (cluster, spec, snap, repo, n, lease) = (
@@ -844,6 +859,15 @@ impl RbdRun<'_> {
             healed.store(n_healed, std::sync::atomic::Ordering::Relaxed);
             if let Some(pm) = &sample {
                 verify_unchanged(&cluster, &spec, &snap, pm, draft, n, &repo)?;
+                if let Some(base) = &base_snap {
+                    let picks = std::mem::take(
+                        &mut delta_sample
+                            .lock()
+                            .map_err(|_| Error::failed("the delta sample's lock was poisoned"))?
+                            .picks,
+                    );
+                    verify_deltas(&cluster, &spec, base, &snap, pm, draft, &picks, &repo)?;
+                }
             }
             // Commit only while we still hold the image exclusively: ask the cluster now, the
             // last thing before the commit (a lock broken since the last periodic renewal is
@@ -999,6 +1023,70 @@ fn verify_unchanged(
         "diff verification failed: {} of {} sampled blocks that the export-diff of {spec}@{snap} called unchanged differ from the parent backup (blocks {bad:?})",
         bad.len(),
         sample.len()
+    );
+    Err(Error::new(
+        ErrorKind::Source,
+        msg.clone(),
+        Some(Box::new(DiffVerificationFailed(msg))),
+    ))
+}
+
+/// Checks a sample of the blocks this incremental stored as deltas: the base snapshot's block
+/// with the delta's extents taken from the new snapshot must be the new snapshot's block —
+/// else the exact export-diff missed a change inside the block, and the incremental is
+/// refused (a full backup follows, as for `verify_unchanged`).
+#[allow(clippy::too_many_arguments)]
+fn verify_deltas(
+    cluster: &Cluster,
+    spec: &RbdImage,
+    base_snap: &str,
+    snap: &str,
+    parent: &Manifest,
+    new: &BackupDraft,
+    picks: &[(u64, Vec<(u32, u32)>)],
+    repo: &Arc<ferry_repo::Repository>,
+) -> Result<()> {
+    if picks.is_empty() {
+        return Ok(());
+    }
+    let bs = new.block_size.get();
+    let mut old_reader = cluster
+        .open_snapshot(&spec.pool, &spec.image, base_snap)
+        .with_context(|| format!("opening {spec}@{base_snap} to verify deltas"))?;
+    let mut new_reader = cluster
+        .open_snapshot(&spec.pool, &spec.image, snap)
+        .with_context(|| format!("opening {spec}@{snap} to verify deltas"))?;
+    let mut bad = Vec::new();
+    for (i, extents) in picks {
+        let i = *i;
+        let new_len = new.image_size.saturating_sub(i * bs).min(bs) as usize;
+        let old_len = parent.block_len(i) as usize;
+        let mut old = vec![0u8; old_len];
+        let n = old_reader.read(i * bs, &mut old)?;
+        old.truncate(n);
+        let mut now = vec![0u8; new_len];
+        let n = new_reader.read(i * bs, &mut now)?;
+        now.truncate(n);
+        // The old block with the new bytes in the delta's extents, as a restore builds it.
+        old.resize(now.len(), 0);
+        for &(o, l) in extents {
+            let (o, e) = (o as usize, (o + l) as usize);
+            if e <= now.len() {
+                old[o..e].copy_from_slice(&now[o..e]);
+            }
+        }
+        let expected = new.blocks.get(i as usize).copied().flatten();
+        if old != now || expected != Some(repo.chunk_id(&now)) {
+            bad.push(i);
+        }
+    }
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let msg = format!(
+        "diff verification failed: {} of {} sampled delta blocks of {spec}@{snap} changed outside the extents the export-diff from {base_snap} reported (blocks {bad:?})",
+        bad.len(),
+        picks.len()
     );
     Err(Error::new(
         ErrorKind::Source,
