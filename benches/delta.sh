@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Ship what changed (issue 11): what an incremental of scattered 4 KiB writes uploads.
 #
-# One image of incompressible data (SIZE_MIB, default 1024) in the dev cluster; then three
-# rounds of random 4 KiB page writes — 1 %, 5 % and 20 % of the pages — each followed by:
+# One image of incompressible data (SIZE_MIB, default 512; ~12 × that in disk space) in the dev cluster; then three
+# rounds of random 4 KiB page writes — 1 %, 5 % and 20 % of the pages — each between a full
+# backup (of a volume of its own, so every round starts a fresh delta chain; dedup makes it
+# upload nothing after the first) and an incremental:
 #   - ferry            (delta objects, FORMAT.md §14)           → bytes added to its repository
 #   - ferry --no-deltas (whole blocks: ferry before deltas)     → bytes added to its repository
 #   - Benji 0.17 with hints from `rbd diff` (4 MiB blocks, zstd 3 + AES-GCM; compare.sh's venv)
 #   - the exact `rbd export-diff` between the same snapshots, raw and `zstd -3`
-# After the 5 % round (every block a delta of depth 2), restore time of the newest backup of
+# After the 5 % round (every block a delta), restore time of the newest backup of
 # each ferry repository (same image state: delta-heavy vs delta-free), best of ROUNDS (3).
 #
 #   scripts/ceph-dev up; benches/delta.sh           (results in $WORK/delta.tsv and on stdout)
@@ -18,7 +20,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=lib.sh
 log() { printf '[delta %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 . "$ROOT/benches/lib.sh"
-SIZE_MIB=${SIZE_MIB:-1024}
+SIZE_MIB=${SIZE_MIB:-512}
 ROUNDS=${ROUNDS:-3}
 WORK=${WORK:-/tmp/ferry-bench-delta}
 BENJI=${BENJI:-/tmp/ferry-bench/benji-venv/bin/benji}
@@ -34,6 +36,14 @@ SPEC=$POOL/$IMAGE
 
 rm -rf "$WORK"
 mkdir -p "$WORK"
+# Repositories, Benji's storage and exports take about 12 × the image; the dev cluster's OSD
+# file grows too. A full disk crashes the OSD (bluestore aborts on the I/O error): refuse.
+need=$((SIZE_MIB * 14))
+avail=$(df --output=avail -m "$WORK" | tail -n 1)
+if [[ $avail -lt $need ]]; then
+    log "only $avail MiB free under $WORK, this run needs about $need MiB (SIZE_MIB=$SIZE_MIB): refusing"
+    exit 1
+fi
 cleanup() {
     rbd snap purge "$SPEC" >/dev/null 2>&1 || true
     rbd rm --no-progress "$SPEC" >/dev/null 2>&1 || true
@@ -94,11 +104,10 @@ fi
 snap_of() { python3 -c 'import json,sys; print(json.load(sys.stdin)["to_snap"])'; }
 bytes_of() { du -sb "$1" | cut -f1; }
 
-log "full backups"
-prev_a=$("${ferry_a[@]}" backup "rbd:$SPEC" --volume delta --keep-snapshots 2 --json | snap_of)
-"${ferry_b[@]}" backup "rbd:$SPEC" --volume whole --no-deltas --json >/dev/null
 if [[ $benji_ok = 1 ]]; then
-    rbd export --no-progress "$SPEC@$prev_a" "$WORK/export.raw" >/dev/null
+    log "Benji: full backup"
+    rbd snap create --no-progress "$SPEC@benji0" >/dev/null
+    rbd export --no-progress "$SPEC@benji0" "$WORK/export.raw" >/dev/null
     "${benji[@]}" -m backup -u v0 -s s0 "file:$WORK/export.raw" bench >/dev/null
 fi
 
@@ -108,6 +117,9 @@ round=0
 for pct in 1 5 20; do
     round=$((round + 1))
     n=$((pages * pct / 100))
+    log "round $round: full backups of volumes delta-$pct and whole-$pct"
+    prev_a=$("${ferry_a[@]}" backup "rbd:$SPEC" --volume "delta-$pct" --keep-snapshots 2 --json | snap_of)
+    "${ferry_b[@]}" backup "rbd:$SPEC" --volume "whole-$pct" --no-deltas --json >/dev/null
     log "round $round: $n random 4 KiB writes ($pct % of the pages)"
     python3 - "$((SIZE_MIB << 20))" "$n" "$round" <<'EOF' | rbd import-diff --no-progress - "$SPEC"
 import random, struct, sys
@@ -123,8 +135,8 @@ EOF
     before_a=$(bytes_of "$WORK/repo-delta")
     before_b=$(bytes_of "$WORK/repo-whole")
     wait_quiet
-    snap=$("${ferry_a[@]}" backup "rbd:$SPEC" --volume delta --keep-snapshots 2 --json | tee "$WORK/ferry-$pct.json" | snap_of)
-    "${ferry_b[@]}" backup "rbd:$SPEC" --volume whole --no-deltas --json >"$WORK/ferry-whole-$pct.json"
+    snap=$("${ferry_a[@]}" backup "rbd:$SPEC" --volume "delta-$pct" --keep-snapshots 2 --json | tee "$WORK/ferry-$pct.json" | snap_of)
+    "${ferry_b[@]}" backup "rbd:$SPEC" --volume "whole-$pct" --no-deltas --json >"$WORK/ferry-whole-$pct.json"
     up_a=$(($(bytes_of "$WORK/repo-delta") - before_a))
     up_b=$(($(bytes_of "$WORK/repo-whole") - before_b))
     rbd export-diff --no-progress --from-snap "$prev_a" "$SPEC@$snap" "$WORK/exact.diff" >/dev/null
@@ -134,13 +146,14 @@ EOF
     up_benji=""
     if [[ $benji_ok = 1 ]]; then
         before=$(bytes_of "$WORK/benji/storage")
+        rm -f "$WORK/export.raw"
         rbd export --no-progress "$SPEC@$snap" "$WORK/export.raw" >/dev/null
+        # Benji's base is its previous version (the image before this round's writes).
         rbd diff --from-snap "$prev_a" --format json "$SPEC@$snap" >"$WORK/hints.json"
         "${benji[@]}" -m backup -u "v$round" -s "s$round" -r "$WORK/hints.json" -f "v$((round - 1))" "file:$WORK/export.raw" bench >/dev/null
         up_benji=$(($(bytes_of "$WORK/benji/storage") - before))
     fi
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$pct" "$n" "$diff_raw" "$diff_zstd" "$up_a" "$up_b" "$up_benji" >>"$WORK/delta.tsv"
-    prev_a=$snap
     if [[ $pct = 5 ]]; then
         rbd export --no-progress "$SPEC@$snap" "$WORK/expected.raw" >/dev/null
         want=$(b3sum --no-names "$WORK/expected.raw" 2>/dev/null || sha256sum "$WORK/expected.raw" | cut -d' ' -f1)
@@ -154,7 +167,7 @@ EOF
                 sync
                 wait_quiet
                 t0=$(date +%s.%N)
-                "${repo[@]}" restore "$which" --to "$WORK/restore.raw" >/dev/null
+                "${repo[@]}" restore "$which-5" --to "$WORK/restore.raw" >/dev/null
                 t=$(echo "$(date +%s.%N) - $t0" | bc)
                 if [[ -z $best ]] || (($(echo "$t < $best" | bc))); then best=$t; fi
             done
