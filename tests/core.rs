@@ -469,3 +469,50 @@ fn a_file_repository_commit_is_durable_in_order() {
         lines.join("\n")
     );
 }
+
+/// `VOLUME@TIME`, `at:TIME` and `--at TIME` pick the newest backup made at or before the time.
+#[test]
+fn restore_by_time_picks_the_newest_backup_at_or_before_it() {
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let chain = build_chain(&repo, "vt");
+    let ls = repo.json(&["ls", "vt"]);
+    let created: Vec<String> = ls
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|b| b["created"].as_str().expect("created").to_string())
+        .collect();
+    assert_eq!(created.len(), chain.len());
+    let restore = |args: &[&str]| {
+        let out = repo.path(&format!("t-{}.raw", rand::random::<u64>()));
+        let mut a = vec!["restore"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["--to", out.to_str().expect("utf8")]);
+        repo.ok(&a);
+        hash_file(&out)
+    };
+    // Exactly a backup's time: that backup; a moment before the next one: still it.
+    assert_eq!(restore(&[&format!("vt@{}", created[2])]), chain[2].1);
+    assert_eq!(restore(&[&format!("vt@at:{}", created[3])]), chain[3].1);
+    assert_eq!(restore(&["vt", "--at", &created[1]]), chain[1].1);
+    let t4 = chrono::DateTime::parse_from_rfc3339(&created[4]).expect("time") - chrono::Duration::microseconds(1);
+    assert_eq!(restore(&["vt", "--at", &t4.to_rfc3339()]), chain[3].1);
+    // A date: the end of that day — the newest backup.
+    let today = &created[0][..10];
+    assert_eq!(restore(&[&format!("vt@{today}")]), chain.last().expect("one").1);
+    // Before the first backup: refused, naming the oldest.
+    let err = repo.fails(&["restore", "vt@2000-01-01", "--to", repo.path("x.raw").to_str().expect("utf8")], 5);
+    assert!(err.contains("at or before"), "{err}");
+    let err = repo.fails(
+        &[
+            "restore",
+            "vt@latest",
+            "--at",
+            today,
+            "--to",
+            repo.path("y.raw").to_str().expect("utf8"),
+        ],
+        5,
+    );
+    assert!(err.contains("--at"), "{err}");
+}

@@ -140,6 +140,19 @@ fn delta_chains_stay_bounded_and_every_backup_restores() {
     v.resize(9 * MIB + 5000);
     v.write(8 * MIB - 100, &[1u8; 300]);
     step(&mut v, &mut chain);
+    // A full stream over the chain: every content exists, those stored as deltas are reused
+    // as they are stored (their table entries come along), nothing is uploaded.
+    let full = ferry_testdata::full_diff_of_image(&mut std::io::Cursor::new(v.data.clone()), v.size(), 1 << 20, "full", Vec::new())
+        .expect("full diff");
+    let j = repo.backup_bytes("v", &full);
+    assert_eq!(
+        (j["kind"].as_str(), j["stats"]["blocks_new"].as_u64()),
+        (Some("full"), Some(0)),
+        "{j}"
+    );
+    chain.push((j["backup_id"].as_str().expect("id").to_string(), v.hash()));
+    let m = manifests(&repo, "v").pop().expect("newest");
+    assert_eq!((depth(&m, 0), depth(&m, 3)), (Some(1), Some(2)));
 
     for (id, hash) in &chain {
         assert_eq!(&restore_hash(&repo, &format!("v@{id}"), &[]), hash, "backup {id}");

@@ -47,7 +47,7 @@ pub struct BackupArgs {
     #[arg(long, default_value_t = 1, value_name = "K", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "diff")]
     keep_snapshots: u32,
     /// Store every changed block whole, never as a delta of its changed bytes (FORMAT.md §14):
-    /// uploads whole blocks, keeps manifests readable by ferry before delta objects.
+    /// uploads whole blocks (unchanged blocks a chain already stores as deltas stay so).
     #[arg(long)]
     no_deltas: bool,
     /// --diff streams: build on this backup (ID, id:PREFIX, snap:NAME) instead of the

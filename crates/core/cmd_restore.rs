@@ -23,8 +23,13 @@ pub enum OutFormat {
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
     /// VOLUME or VOLUME@BACKUP: BACKUP is 'latest', a backup ID or unique prefix (4+ digits), a snapshot
-    /// name, or explicitly id:PREFIX / snap:NAME (a bare word that is both is refused).
+    /// name, a time (the newest backup made at or before it), or explicitly id:PREFIX /
+    /// snap:NAME / at:TIME (a bare word that is two of these is refused).
     target: String,
+    /// The newest backup made at or before TIME: RFC 3339 (2026-11-30T02:00:00Z), or
+    /// YYYY-MM-DD[THH:MM[:SS]] in UTC, or a date alone (the end of that day, UTC).
+    #[arg(long, value_name = "TIME")]
+    at: Option<String>,
     /// Where to write: a file (sparse), a block device, '-' for stdout, or rbd:POOL/IMAGE.
     #[arg(long)]
     to: PathBuf,
@@ -49,7 +54,17 @@ pub struct RestoreArgs {
 }
 
 pub async fn run(a: RestoreArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
-    let (volume, spec) = BackupSpec::split_target(&a.target)?;
+    let (volume, mut spec) = BackupSpec::split_target(&a.target)?;
+    if let Some(at) = &a.at {
+        if a.target.contains('@') {
+            return Err(ferry_repo::Error::InvalidArgument(format!(
+                "'{}' names a backup after '@' and --at names another way: give one of them",
+                a.target
+            ))
+            .into());
+        }
+        spec = BackupSpec::parse(Some(&format!("at:{at}")))?;
+    }
     let engine = r.engine(Progress::new(a.json)).await?;
     let (br, manifest) = engine.resolve(volume, &spec).await?;
     let to = a.to.to_string_lossy().to_string();

@@ -656,10 +656,9 @@ where
     };
     // The table: the parent's (an incremental's unchanged blocks keep their storage) and
     // this backup's new deltas; the commit cuts it to what the map reaches.
-    let mut deltas: BTreeMap<ChunkId, DeltaRef> = match &header.from_snap {
-        Some(_) => (*parent_deltas).clone(),
-        None => BTreeMap::new(),
-    };
+    // Also for a full stream over a chain: a content found in the parent's table was reused
+    // as it is stored there (its objects are inherited), so its entries must come along.
+    let mut deltas: BTreeMap<ChunkId, DeltaRef> = (*parent_deltas).clone();
     let mut new_deltas: Vec<(u64, Vec<(u32, u32)>)> = Vec::new();
     for Stored {
         index: i,
@@ -670,6 +669,10 @@ where
     } in results
     {
         blocks[i as usize] = id;
+        if let (Some(id), None, Outcome::New { .. } | Outcome::FoundInRepo) = (id, &delta, &outcome) {
+            // Stored (or found) whole: every reference to this content reads the chunk.
+            deltas.remove(&id);
+        }
         if let (Some(id), Some(d)) = (id, delta) {
             deltas.insert(id, d);
             if let (Some(_), Some(e)) = (&params.delta_sample, extents) {
@@ -847,7 +850,12 @@ async fn store_block(ctx: &StoreCtx<'_>, i: u64, data: Vec<u8>, delta: Option<(C
     // Content the chain already stores as a delta (a block that changed back): reuse it as
     // it is — its objects are the parent's, inherited by the session.
     if parent_deltas.contains_key(&id) {
-        return Ok(done(Outcome::Known));
+        let q = session.quarantined();
+        let damaged = crate::chunks::block_objects(parent_deltas, &id).map_or(true, |objs| objs.iter().any(|o| q.contains(o)));
+        if !damaged {
+            return Ok(done(Outcome::Known));
+        }
+        // Something of its chain is quarantined: store the content whole (below).
     }
     let decision = decide(session, &id, i).await?;
     if decision == Decision::Go && index.has_chunk(&id)? {
@@ -917,20 +925,34 @@ async fn store_delta(
         parent_deltas,
         ..
     } = *ctx;
-    if base == id {
+    let (chain, whole) = ferry_repo::delta_chain(parent_deltas, &base).map_err(Error::failed)?;
+    // Never a delta on itself or on a chain that passes through its own content (that would
+    // be a cycle: the parent stores `base` as a delta on `id`).
+    if base == id || whole == id || chain.iter().any(|(t, _)| *t == id) {
+        return Ok(None);
+    }
+    // Anything under it damaged (quarantined): the block goes whole.
+    let q = session.quarantined();
+    if q.contains(&whole) || chain.iter().any(|(_, d)| q.contains(&d.object)) {
+        return Ok(None);
+    }
+    let delta = ferry_repo::Delta::from_extents(id, base, data, extents)?;
+    let payload = delta.encode();
+    // Bounds: depth, and payload bytes over the chain (extent tables included, so a swarm of
+    // tiny extents cannot make a delta larger than its block).
+    let chain_bytes: u64 = chain.iter().map(|(_, d)| d.bytes as u64).sum();
+    if chain.len() + 1 > ferry_repo::delta::MAX_WRITE_DEPTH
+        || chain_bytes + payload.len() as u64 > ferry_repo::delta::max_chain_bytes(data.len())
+    {
         return Ok(None);
     }
     let changed: u64 = extents.iter().map(|&(_, l)| l as u64).sum();
-    let (chain, _) = ferry_repo::delta_chain(parent_deltas, &base).map_err(Error::failed)?;
-    let chain_bytes: u64 = chain.iter().map(|(_, d)| d.bytes as u64).sum();
-    if chain.len() + 1 > ferry_repo::delta::MAX_WRITE_DEPTH || chain_bytes + changed > ferry_repo::delta::max_chain_bytes(data.len()) {
-        return Ok(None);
-    }
-    let object = repo.delta_object_id(&id, &base);
+    let plain = payload.len() as u64;
+    let object = repo.delta_object_id(&payload);
     let entry = DeltaRef {
         base,
         object,
-        bytes: changed as u32,
+        bytes: plain as u32,
     };
     let with = |outcome: Outcome| {
         Some(Stored {
@@ -942,29 +964,25 @@ async fn store_delta(
         })
     };
     let decision = decide(session, &object, i).await?;
-    if decision == Decision::Go && index.has_chunk(&object)? {
+    if decision == Decision::Go && !q.contains(&object) && index.has_chunk(&object)? {
         return Ok(with(Outcome::Known));
     }
-    // A damaged copy of this very delta, or of anything under it: the block goes whole.
-    let q = session.quarantined();
-    if q.contains(&object) || crate::chunks::block_objects(parent_deltas, &base).map_or(true, |objs| objs.iter().any(|o| q.contains(o))) {
-        return Ok(None);
-    }
-    // No HEAD first: a delta is small, and the create-only PUT says whether it existed.
-    let delta = ferry_repo::Delta::from_extents(id, base, data, extents)?;
-    let (plain, bytes) = {
+    let bytes = {
         let repo = repo.clone();
-        crate::cpu::run(move || {
-            let plain = delta.encode().len() as u64;
-            repo.encode_delta(&object, &delta).map(|b| (plain, b))
-        })
-        .await??
+        crate::cpu::run(move || repo.encode_delta(&object, &delta)).await??
     };
     let stored = bytes.len() as u64;
-    let created = repo
-        .put_chunk(&object, bytes)
-        .await
-        .with_context(|| format!("uploading delta object {object} (block {i})"))?;
+    let created = if q.contains(&object) {
+        // A damaged copy of this very delta: read it, replace it unless it is good after all.
+        repo.restore_quarantined(&object, bytes)
+            .await
+            .with_context(|| format!("storing quarantined delta object {object} (block {i}) again"))?
+    } else {
+        // No HEAD first: a delta is small, and the create-only PUT says whether it existed.
+        repo.put_chunk(&object, bytes)
+            .await
+            .with_context(|| format!("uploading delta object {object} (block {i})"))?
+    };
     Ok(with(if created {
         Outcome::NewDelta { plain, stored, changed }
     } else {

@@ -4,8 +4,9 @@
 //! A block keeps its content ID (the keyed BLAKE3 of its full content) in the manifest's map;
 //! the manifest's delta table says that this content is stored as a delta object on a base
 //! content ID, which is a whole chunk or, in turn, a delta. A delta object lives in the chunk
-//! key space (`chunks/<2 hex>/<64 hex>`) under its own object ID, so garbage collection,
-//! sessions, quarantine and the index handle it as one more object.
+//! key space (`chunks/<2 hex>/<64 hex>`) under its own object ID — the keyed BLAKE3 of its
+//! payload under `K_delta` — so garbage collection, sessions, quarantine and the index handle
+//! it as one more object, and it is checked against its ID like a chunk.
 //!
 //! Payload (the plaintext, before zstd and the seal; integers little-endian):
 //! ```text
@@ -44,18 +45,16 @@ pub struct DeltaRef {
     pub base: ChunkId,
     /// The delta object's ID (its key `chunks/<2 hex>/<64 hex>` and associated data).
     pub object: ChunkId,
-    /// Bytes of changed extents the delta carries (its data, before compression).
+    /// The delta's payload length (extent table and data, before compression): what the
+    /// writer's chain bound counts.
     pub bytes: u32,
 }
 
-/// The object ID of the delta of content `target` on content `base`: keyed BLAKE3 under a key
-/// of its own (`K_delta`), so it is deterministic (two writers of the same delta meet at one
-/// create-only key) and never a content ID.
-pub fn delta_object_id(key: &MasterKey, target: &ChunkId, base: &ChunkId) -> ChunkId {
-    let mut h = blake3::Hasher::new_keyed(key.delta_key());
-    h.update(&target.0);
-    h.update(&base.0);
-    ChunkId(*h.finalize().as_bytes())
+/// The object ID of a delta payload: keyed BLAKE3 of the payload under a key of its own
+/// (`K_delta`), so it is deterministic (two writers of the same delta meet at one create-only
+/// key), checkable like a chunk's, and never a content ID.
+pub fn delta_object_id(key: &MasterKey, payload: &[u8]) -> ChunkId {
+    ChunkId(*blake3::keyed_hash(key.delta_key(), payload).as_bytes())
 }
 
 /// A decoded delta object.
@@ -186,8 +185,22 @@ pub fn encode_delta_object(key: &MasterKey, object: &ChunkId, delta: &Delta, zst
     encode_sealed(key.seal_key(), ObjectKind::Delta, &object.0, &delta.encode(), Some(zstd_level))
 }
 
-/// Opens the delta object `object` and checks it is the delta of `target` on `base` that the
-/// manifest says it is (payload bounded by `max_len`).
+/// Opens the delta object `object`: authentic, its payload hashes to its ID, well formed.
+pub fn open_delta_object(key: &MasterKey, object: &ChunkId, bytes: Vec<u8>, max_len: usize) -> Result<Delta> {
+    let path = object.object_key();
+    let plain = decode_sealed(key.seal_key(), ObjectKind::Delta, &object.0, bytes, max_len, &path)?;
+    let actual = delta_object_id(key, &plain);
+    if &actual != object {
+        return Err(Error::DeltaDecode {
+            path,
+            reason: format!("its payload hashes to {actual}"),
+        });
+    }
+    Delta::decode(&plain).map_err(|reason| Error::DeltaDecode { path, reason })
+}
+
+/// Opens the delta object `object` ([`open_delta_object`]) and checks it is the delta of
+/// `target` on `base` that the manifest says it is (payload bounded by `max_len`).
 pub fn decode_delta_object(
     key: &MasterKey,
     object: &ChunkId,
@@ -197,11 +210,7 @@ pub fn decode_delta_object(
     max_len: usize,
 ) -> Result<Delta> {
     let path = object.object_key();
-    let plain = decode_sealed(key.seal_key(), ObjectKind::Delta, &object.0, bytes, max_len, &path)?;
-    let delta = Delta::decode(&plain).map_err(|reason| Error::DeltaDecode {
-        path: path.clone(),
-        reason,
-    })?;
+    let delta = open_delta_object(key, object, bytes, max_len)?;
     if &delta.target != target || &delta.base != base {
         return Err(Error::DeltaDecode {
             path,
@@ -249,13 +258,13 @@ mod tests {
             let (t, b) = (ChunkId::of(&k, &content), ChunkId::of(&k, &base));
             prop_assume!(t != b);
             let d = Delta::from_extents(t, b, &content, &extents).unwrap();
-            let obj = delta_object_id(&k, &t, &b);
+            let obj = delta_object_id(&k, &d.encode());
             let bytes = encode_delta_object(&k, &obj, &d, 3).unwrap();
             let back = decode_delta_object(&k, &obj, &t, &b, bytes.clone(), 1 << 20).unwrap();
             prop_assert_eq!(&back, &d);
             prop_assert_eq!(back.apply(base.clone()), content);
             // Another object ID, or another expected pair, is refused.
-            let other = delta_object_id(&k, &b, &t);
+            let other = delta_object_id(&k, b"other");
             prop_assert!(decode_delta_object(&k, &other, &t, &b, bytes.clone(), 1 << 20).is_err());
             prop_assert!(decode_delta_object(&k, &obj, &b, &t, bytes, 1 << 20).is_err());
         }
@@ -276,13 +285,17 @@ mod tests {
     }
 
     #[test]
-    fn object_ids_are_not_content_ids() {
+    fn object_ids_are_not_content_ids_and_are_checked() {
         let k = key();
-        let (t, b) = (ChunkId([1; 32]), ChunkId([2; 32]));
-        let mut joined = t.0.to_vec();
-        joined.extend_from_slice(&b.0);
-        assert_ne!(delta_object_id(&k, &t, &b), ChunkId::of(&k, &joined));
-        assert_ne!(delta_object_id(&k, &t, &b), delta_object_id(&k, &b, &t));
+        let d = Delta::from_extents(ChunkId([1; 32]), ChunkId([2; 32]), &[7u8; 64], &[(3, 5)]).unwrap();
+        let payload = d.encode();
+        let id = delta_object_id(&k, &payload);
+        assert_ne!(id, ChunkId::of(&k, &payload));
+        // Sealed under another ID (a copy moved, or a payload that is not this one's): refused.
+        let wrong = delta_object_id(&k, b"x");
+        let sealed = encode_delta_object(&k, &wrong, &d, 3).unwrap();
+        let e = open_delta_object(&k, &wrong, sealed, 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("hashes to"), "{e}");
     }
 
     #[test]

@@ -130,6 +130,7 @@ fn committed_seeds_replay_through_the_decoders() {
                             "seed",
                         );
                         let _ = decode_chunk(&master, &ChunkId([*which; 32]), object.to_vec(), 1 << 20);
+                        let _ = crate::delta::open_delta_object(&master, &ChunkId([*which; 32]), object.to_vec(), 1 << 20);
                     }
                 }
                 "key_slot" => {

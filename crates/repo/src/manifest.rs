@@ -169,6 +169,39 @@ pub fn delta_chain(deltas: &BTreeMap<ChunkId, DeltaRef>, id: &ChunkId) -> std::r
     Ok((chain, cur))
 }
 
+/// Every chain of a delta table ends on a whole chunk within the reader's depth (no cycles,
+/// no content on itself).
+pub fn check_table(deltas: &BTreeMap<ChunkId, DeltaRef>) -> std::result::Result<(), String> {
+    let mut depth_ok: HashMap<ChunkId, usize> = HashMap::new();
+    for (target, d) in deltas {
+        if *target == d.base {
+            return Err(format!("delta of {target} on itself"));
+        }
+        let mut path = Vec::new();
+        let mut cur = *target;
+        let mut below = 0;
+        while let Some(d) = deltas.get(&cur) {
+            if let Some(&k) = depth_ok.get(&cur) {
+                below = k;
+                break;
+            }
+            path.push(cur);
+            if path.len() > MAX_READ_DEPTH {
+                return Err(format!("the delta chain of {target} is deeper than {MAX_READ_DEPTH} or cyclic"));
+            }
+            cur = d.base;
+        }
+        for (i, t) in path.iter().rev().enumerate() {
+            let k = below + i + 1;
+            if k > MAX_READ_DEPTH {
+                return Err(format!("the delta chain of {target} is deeper than {MAX_READ_DEPTH}"));
+            }
+            depth_ok.insert(*t, k);
+        }
+    }
+    Ok(())
+}
+
 /// Every object the content IDs of `blocks` need under `deltas`: whole chunks, delta objects,
 /// and their bases down to whole chunks (may repeat an ID). Entries of the table that no
 /// block reaches are included too (keeping them is harmless; ferry writes none).
@@ -248,6 +281,8 @@ impl Manifest {
             i = j;
         }
         if self.meta.format >= 2 {
+            // A table no reader would accept is never written.
+            check_table(&self.deltas).map_err(|e| Error::InvalidArgument(format!("invalid delta table: {e}")))?;
             out.extend_from_slice(&(self.deltas.len() as u64).to_le_bytes());
             for (target, d) in &self.deltas {
                 out.extend_from_slice(&target.0);
@@ -364,33 +399,7 @@ impl Manifest {
                     },
                 );
             }
-            // Every chain ends on a whole chunk within the reader's depth (no cycles).
-            let mut depth_ok: HashMap<ChunkId, usize> = HashMap::new();
-            for target in deltas.keys() {
-                let mut path = Vec::new();
-                let mut cur = *target;
-                let mut below = 0;
-                while let Some(d) = deltas.get(&cur) {
-                    if let Some(&k) = depth_ok.get(&cur) {
-                        below = k;
-                        break;
-                    }
-                    path.push(cur);
-                    if path.len() > MAX_READ_DEPTH {
-                        return Err(bad(format!(
-                            "the delta chain of {target} is deeper than {MAX_READ_DEPTH} or cyclic"
-                        )));
-                    }
-                    cur = d.base;
-                }
-                for (i, t) in path.iter().rev().enumerate() {
-                    let k = below + i + 1;
-                    if k > MAX_READ_DEPTH {
-                        return Err(bad(format!("the delta chain of {target} is deeper than {MAX_READ_DEPTH}")));
-                    }
-                    depth_ok.insert(*t, k);
-                }
-            }
+            check_table(&deltas).map_err(bad)?;
         }
         if r.pos != bytes.len() {
             return Err(bad(format!("{} trailing bytes", bytes.len() - r.pos)));
@@ -557,14 +566,19 @@ pub(crate) mod tests {
                 deltas,
             }
             .encode()
-            .unwrap()
         };
-        let cyc = encode(table(&[(1, 2), (2, 3), (3, 1)]));
-        assert!(Manifest::decode(&cyc, "m").unwrap_err().to_string().contains("cyclic"));
+        // The writer refuses what no reader would take...
+        let e = encode(table(&[(1, 2), (2, 3), (3, 1)])).unwrap_err();
+        assert!(e.to_string().contains("cyclic"), "{e}");
         let deep: Vec<(u32, u32)> = (1..=(MAX_READ_DEPTH as u32 + 1)).map(|i| (i, i + 1)).collect();
-        assert!(Manifest::decode(&encode(table(&deep)), "m").is_err());
+        assert!(encode(table(&deep)).is_err());
         let ok: Vec<(u32, u32)> = (1..=(MAX_READ_DEPTH as u32)).map(|i| (i, i + 1)).collect();
-        assert!(Manifest::decode(&encode(table(&ok)), "m").is_ok());
+        assert!(Manifest::decode(&encode(table(&ok)).unwrap(), "m").is_ok());
+        // ...and the reader refuses it too: a chain 1 → 2 → 3 → 4 with the last base patched to 1.
+        let mut cyc = encode(table(&[(1, 2), (2, 3), (3, 4)])).unwrap();
+        let at = cyc.len() - 68;
+        cyc[at..at + 32].copy_from_slice(&cid(1).0);
+        assert!(Manifest::decode(&cyc, "m").unwrap_err().to_string().contains("cyclic"));
         // A format-1 manifest has no table.
         let mut m1 = meta(4096, 4096);
         m1.format = MANIFEST_FORMAT_PLAIN;

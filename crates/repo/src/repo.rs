@@ -476,9 +476,14 @@ impl Repository {
         decode_chunk(&self.key, id, object, MAX_BLOCK_SIZE as usize)
     }
 
-    /// The object ID of the delta of content `target` on content `base` (FORMAT.md §14).
-    pub fn delta_object_id(&self, target: &ChunkId, base: &ChunkId) -> ChunkId {
-        crate::delta::delta_object_id(&self.key, target, base)
+    /// The object ID of a delta payload (FORMAT.md §14). CPU work (cheap: deltas are small).
+    pub fn delta_object_id(&self, payload: &[u8]) -> ChunkId {
+        crate::delta::delta_object_id(&self.key, payload)
+    }
+
+    /// Opens a delta object and checks it against its ID (not what it is the delta of).
+    pub fn open_delta(&self, object: &ChunkId, bytes: Vec<u8>) -> Result<crate::delta::Delta> {
+        crate::delta::open_delta_object(&self.key, object, bytes, MAX_BLOCK_SIZE as usize * 2)
     }
 
     /// Compresses and seals a delta as object `object`. CPU work: off the async threads.

@@ -1,7 +1,9 @@
 //! `VOLUME@SPEC`: naming one backup of a volume, unambiguously.
 //!
 //! A spec is `latest`, `id:HEX` (a backup ID or a unique prefix of one), `snap:NAME` (the
-//! backup whose to-snapshot is exactly NAME), or a bare word. A bare word is looked up both
+//! backup whose to-snapshot is exactly NAME), `at:TIME` (the newest backup made at or before
+//! TIME: see [`parse_time`]), or a bare word; a bare word that reads as a time is a time
+//! (unless a snapshot has that name: then ferry refuses and asks for `at:` or `snap:`). A bare word is looked up both
 //! ways (as an ID prefix only if it has at least [`MIN_BARE_PREFIX`] hex digits); when it names
 //! exactly one backup by to-snapshot and nothing else by ID prefix, or exactly one by ID prefix
 //! and nothing by snapshot, that backup is meant. When the two readings disagree, ferry refuses
@@ -22,8 +24,28 @@ pub enum BackupSpec {
     Id(String),
     /// The backup whose to-snapshot has exactly this name (`snap:…`).
     Snapshot(String),
+    /// The newest backup committed at or before this time (`at:…`, or a bare time).
+    At(chrono::DateTime<chrono::Utc>),
     /// A bare word: an ID prefix or a snapshot name, whichever is unambiguous.
     Either(String),
+}
+
+/// Reads a point in time: RFC 3339 (`2026-11-30T02:00:00Z`, `2026-11-30T03:00:00+01:00`), or
+/// without a zone in UTC (`2026-11-30T02:00[:SS]`, a space instead of `T` too), or a date alone
+/// (`2026-11-30`), meaning the end of that day in UTC — "the backup of that day".
+pub fn parse_time(s: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    use chrono::{NaiveDate, NaiveDateTime, TimeZone, Utc};
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    for f in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, f) {
+            return Some(Utc.from_utc_datetime(&t));
+        }
+    }
+    let d = NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+    let end = d.and_hms_nano_opt(23, 59, 59, 999_999_999)?;
+    Some(Utc.from_utc_datetime(&end))
 }
 
 impl BackupSpec {
@@ -39,6 +61,10 @@ impl BackupSpec {
                         return Err(invalid("a backup ID is hexadecimal"));
                     }
                     Ok(BackupSpec::Id(id.to_ascii_lowercase()))
+                } else if let Some(t) = s.strip_prefix("at:") {
+                    parse_time(t)
+                        .map(BackupSpec::At)
+                        .ok_or_else(|| invalid("a time is RFC 3339 (2026-11-30T02:00:00Z), YYYY-MM-DD[THH:MM[:SS]] in UTC, or a date"))
                 } else if let Some(snap) = s.strip_prefix("snap:") {
                     if snap.is_empty() {
                         return Err(invalid("no snapshot name after 'snap:'"));
@@ -66,6 +92,7 @@ impl std::fmt::Display for BackupSpec {
             BackupSpec::Latest => f.write_str("latest"),
             BackupSpec::Id(s) => write!(f, "id:{s}"),
             BackupSpec::Snapshot(s) => write!(f, "snap:{s}"),
+            BackupSpec::At(t) => write!(f, "at:{}", t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
             BackupSpec::Either(s) => f.write_str(s),
         }
     }
@@ -107,12 +134,43 @@ pub fn resolve<'a>(volume: &str, chain: &'a [BackupSummary], spec: &BackupSpec) 
             }),
         }
     };
+    let at = |t: &chrono::DateTime<chrono::Utc>| -> Result<&'a BackupSummary> {
+        // By commit time, not by name: the newest one made at or before `t`.
+        chain
+            .iter()
+            .filter(|b| b.meta.created <= *t)
+            .max_by_key(|b| b.meta.created)
+            .ok_or_else(|| {
+                let oldest = chain.iter().map(|b| b.meta.created).min();
+                Error::NoSuchBackup {
+                    volume: volume.to_string(),
+                    spec: format!(
+                        "{spec} (no backup was made at or before it; the oldest is of {})",
+                        oldest.map_or_else(|| "-".to_string(), |o| o.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                    ),
+                }
+            })
+    };
     match spec {
         BackupSpec::Latest => chain.last().ok_or_else(no_such),
+        BackupSpec::At(t) => at(t),
         BackupSpec::Id(p) => one(by_id(p), "by ID prefix"),
         BackupSpec::Snapshot(s) => one(by_snap(s), "by snapshot name"),
         BackupSpec::Either(s) => {
             let snaps = by_snap(s);
+            if let Some(t) = parse_time(s) {
+                if snaps.is_empty() {
+                    return at(&t);
+                }
+                return Err(Error::AmbiguousBackup {
+                    volume: volume.to_string(),
+                    spec: spec.to_string(),
+                    detail: format!(
+                        "it is a time and the snapshot of backup {}; say at:{s} or snap:{s}",
+                        snaps[0].meta.backup_id
+                    ),
+                });
+            }
             // A short hex word (a snapshot named "4") is too likely to be something else to
             // stand for an ID prefix; `id:` says it is one.
             let is_hex = s.len() >= MIN_BARE_PREFIX && s.bytes().all(|b| b.is_ascii_hexdigit());
@@ -198,5 +256,33 @@ mod tests {
             resolve("v", &[], &BackupSpec::Latest).unwrap_err(),
             Error::NoBackups { .. }
         ));
+    }
+
+    #[test]
+    fn times_pick_the_newest_backup_at_or_before() {
+        let mut c = chain(&[("aa11", "s1"), ("bb22", "s2"), ("cc33", "2026-11-30")]);
+        let t = |s: &str| parse_time(s).unwrap();
+        c[0].meta.created = t("2026-11-28T10:00:00Z");
+        c[1].meta.created = t("2026-11-29T10:00:00Z");
+        c[2].meta.created = t("2026-11-30T10:00:00Z");
+        assert_eq!(pick(&c, "at:2026-11-29T10:00:00Z").unwrap(), "bb22");
+        assert_eq!(pick(&c, "2026-11-29T09:59:59Z").unwrap(), "aa11");
+        assert_eq!(pick(&c, "2026-11-29T11:00:00+01:00").unwrap(), "bb22");
+        assert_eq!(pick(&c, "2026-11-29 10:30").unwrap(), "bb22");
+        // A date is the end of that day (UTC).
+        assert_eq!(pick(&c, "at:2026-11-29").unwrap(), "bb22");
+        assert_eq!(pick(&c, "at:2030-01-01").unwrap(), "cc33");
+        let e = pick(&c, "2026-11-27").unwrap_err();
+        assert!(
+            matches!(e, Error::NoSuchBackup { .. }) && e.to_string().contains("2026-11-28T10:00:00Z"),
+            "{e}"
+        );
+        // A snapshot named like a time: refused, never a guess.
+        assert!(matches!(pick(&c, "2026-11-30").unwrap_err(), Error::AmbiguousBackup { .. }));
+        assert_eq!(pick(&c, "snap:2026-11-30").unwrap(), "cc33");
+        assert!(matches!(pick(&c, "at:yesterday").unwrap_err(), Error::InvalidArgument(_)));
+        // By commit time, not by the order of names (a clock stepped back).
+        c[2].meta.created = t("2026-11-27T10:00:00Z");
+        assert_eq!(pick(&c, "at:2026-11-29T23:00:00Z").unwrap(), "bb22");
     }
 }
