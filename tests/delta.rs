@@ -309,7 +309,6 @@ fn scattered_4k_writes_upload_what_changed_on_rgw() {
     let stats = &inc["stats"];
     assert!(stats["blocks_delta"].as_u64().expect("n") > 40, "{stats}");
     assert!(stats["bytes_delta"].as_u64() <= stats["data_bytes"].as_u64(), "{stats}");
-    assert!(stats["bytes_read_blocks"].as_u64().expect("n") > 0, "{stats}");
 
     random_writes(&mut rng);
     backup("second incremental");

@@ -27,7 +27,7 @@ pub struct RestoreArgs {
     /// snap:NAME / at:TIME (a bare word that is two of these is refused).
     target: String,
     /// The newest backup made at or before TIME: RFC 3339 (2026-11-30T02:00:00Z), or
-    /// YYYY-MM-DD[THH:MM[:SS]] in UTC, or a date alone (the end of that day, UTC).
+    /// YYYY-MM-DDTHH:MM(:SS) in UTC, or a date alone (the end of that day, UTC).
     #[arg(long, value_name = "TIME")]
     at: Option<String>,
     /// Where to write: a file (sparse), a block device, '-' for stdout, or rbd:POOL/IMAGE.

@@ -21,8 +21,8 @@ mod error;
 mod rados;
 
 pub use cli::{
-    scrub_secrets, ExportDiff, ImageInfo, ImageParent, ImportDiff, RbdCli, SnapInfo, DEFAULT_COMMAND_TIMEOUT, DEFAULT_MOUNT_TIMEOUT,
-    SECRET_ENV_PREFIXES,
+    scrub_secrets, DiffExtent, ExportDiff, ImageInfo, ImageParent, ImportDiff, RbdCli, SnapInfo, DEFAULT_COMMAND_TIMEOUT,
+    DEFAULT_MOUNT_TIMEOUT, SECRET_ENV_PREFIXES,
 };
 pub use config::CephConfig;
 pub use error::{Error, RbdContext};

@@ -49,6 +49,11 @@ pub(crate) struct IngestParams {
     pub block_reader: Option<BlockReader>,
     /// Store partly changed blocks as deltas on the parent's content (FORMAT.md §14).
     pub deltas: bool,
+    /// The exact changed extents per block (offsets within the block), from a source that
+    /// streams whole blocks (the RBD source: `export-diff --whole-object` for the data, `rbd
+    /// diff` for the extents): a whole block with entries here may be stored as a delta of
+    /// those ranges on the parent's content.
+    pub block_extents: Option<BlockExtents>,
     /// Filled with a random sample of this backup's new delta blocks and their extents
     /// before the verifier runs (the RBD source checks them against both snapshots).
     pub delta_sample: Option<DeltaSample>,
@@ -80,6 +85,9 @@ impl DeltaSampleInner {
         }
     }
 }
+
+/// Exact changed extents per block index: (offset in the block, length), ascending.
+pub(crate) type BlockExtents = Arc<BTreeMap<u64, Vec<(u32, u32)>>>;
 
 /// Reads `buf.len()` bytes of the new image at an offset (on the parser thread).
 pub(crate) type BlockReader = Box<dyn FnMut(u64, &mut [u8]) -> Result<()> + Send>;
@@ -168,6 +176,10 @@ struct Assembler<'a> {
     /// The parent's delta table (how its contents are stored).
     base_deltas: &'a BTreeMap<ChunkId, DeltaRef>,
     block_reader: Option<BlockReader>,
+    /// Exact changed extents of whole blocks (see [`IngestParams::block_extents`]).
+    block_extents: Option<BlockExtents>,
+    /// The next block index whose absence from the stream [`Assembler::check_skipped`] checks.
+    extents_cursor: u64,
     parent_size: u64,
     pending: Option<Pending>,
     tx: mpsc::Sender<Work>,
@@ -181,10 +193,31 @@ struct Assembler<'a> {
 }
 
 impl Assembler<'_> {
-    fn touch(&mut self, index: u64) {
+    fn touch(&mut self, index: u64) -> Result<()> {
         if index + 1 == self.image_size.div_ceil(self.block_size) {
             self.last_touched = true;
         }
+        self.check_skipped(index)?;
+        self.extents_cursor = index + 1;
+        Ok(())
+    }
+
+    /// Every block the exact extents name must come through the stream: one that is skipped
+    /// (before `upto`) means the two views of the diff disagree, and the incremental is not
+    /// to be trusted (the RBD source then takes a full backup).
+    fn check_skipped(&self, upto: u64) -> Result<()> {
+        let Some(map) = &self.block_extents else { return Ok(()) };
+        if let Some((&i, _)) = map.range(self.extents_cursor..upto).next() {
+            let msg = format!(
+                "diff verification failed: the exact extents name block {i} as changed, but the whole-object export-diff does not carry it"
+            );
+            return Err(Error::new(
+                ErrorKind::Source,
+                msg.clone(),
+                Some(Box::new(crate::rbd::DiffVerificationFailed(msg))),
+            ));
+        }
+        Ok(())
     }
 
     fn block_len(&self, index: u64) -> u64 {
@@ -270,9 +303,14 @@ impl Assembler<'_> {
                 self.stats.blocks_partial += 1;
                 delta = Some((id, extents(&p.covered)));
             }
+        } else if let (Some(map), Some(Some(id))) = (&self.block_extents, self.base.get(p.index as usize).copied()) {
+            // A whole block whose exact changes are known: a delta candidate.
+            if let Some(e) = map.get(&p.index).filter(|e| !e.is_empty()) {
+                delta = Some((id, e.clone()));
+            }
         }
         self.stats.blocks_changed += 1;
-        self.touch(p.index);
+        self.touch(p.index)?;
         self.send(Work::Block {
             index: p.index,
             data: p.data,
@@ -316,7 +354,7 @@ impl Assembler<'_> {
                 // A whole block zeroed: a hole, no buffer needed (cheap for huge discards).
                 self.finish_pending()?;
                 self.stats.blocks_changed += 1;
-                self.touch(index);
+                self.touch(index)?;
                 self.send(Work::Hole { index })?;
             } else {
                 let p = self.pending_for(index)?;
@@ -332,6 +370,7 @@ impl Assembler<'_> {
     /// a later grow would bring stale bytes back.
     fn finish(&mut self) -> Result<()> {
         self.finish_pending()?;
+        self.check_skipped(u64::MAX)?;
         let nblocks = self.image_size.div_ceil(self.block_size);
         if nblocks > 0 && self.image_size < self.parent_size && !self.image_size.is_multiple_of(self.block_size) {
             let last = nblocks - 1;
@@ -479,6 +518,7 @@ where
     // is reused as it is (its objects were inherited above).
     let parent_deltas: Arc<BTreeMap<ChunkId, DeltaRef>> = Arc::new(parent.as_ref().map(|(_, m)| m.deltas.clone()).unwrap_or_default());
     let block_reader = params.block_reader;
+    let block_extents = params.block_extents.clone();
     let use_deltas = params.deltas;
 
     // Parser thread.
@@ -498,6 +538,7 @@ where
                 tx,
                 parent.as_ref(),
                 block_reader,
+                block_extents,
                 &volume,
                 expect_to_snap.as_deref(),
                 default_block_size,
@@ -1013,6 +1054,7 @@ fn parse_stream<R: Read>(
     tx: mpsc::Sender<Work>,
     parent: Option<&(BackupRef, Arc<Manifest>)>,
     block_reader: Option<BlockReader>,
+    block_extents: Option<BlockExtents>,
     volume: &str,
     expect_to_snap: Option<&str>,
     default_block_size: BlockSize,
@@ -1055,6 +1097,8 @@ fn parse_stream<R: Read>(
         base,
         base_deltas,
         block_reader,
+        block_extents,
+        extents_cursor: 0,
         parent_size,
         pending: None,
         tx,

@@ -234,6 +234,7 @@ impl Engine {
                 block_reader: None,
                 deltas: opts.deltas,
                 delta_sample: None,
+                block_extents: None,
             };
             backup::ingest(
                 self.repo.clone(),

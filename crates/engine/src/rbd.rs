@@ -321,7 +321,7 @@ pub struct RbdBackupOutcome {
 
 /// The diff called blocks unchanged that are not (Ceph's diff machinery has had such bugs).
 #[derive(Debug)]
-struct DiffVerificationFailed(String);
+pub(crate) struct DiffVerificationFailed(pub(crate) String);
 
 impl std::fmt::Display for DiffVerificationFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -617,10 +617,30 @@ impl RbdRun<'_> {
         };
         let created = snapped.await.map_err(Error::from).and_then(|r| r);
         or_abort!(created);
-        // A full backup reads whole objects; an incremental asks for the exact extents that
-        // changed, so a block written in a few places is stored as a delta of those bytes
-        // (FORMAT.md §14) — the rest of such a block is read locally from the new snapshot.
-        let whole_object = parent.is_none() || !self.opts.deltas;
+        // Whole objects are read (rbd streams them fast, in parallel); for an incremental the
+        // exact extents that changed come from `rbd diff` (metadata, no data), so a block
+        // written in a few places is stored as a delta of those bytes (FORMAT.md §14).
+        let block_extents = match (&notes.base_snapshot, self.opts.deltas) {
+            (Some(base), true) => {
+                let (rbd, spec2, snap2, base) = (self.rbd.clone(), spec.clone(), snap.clone(), base.clone());
+                let listed = blocking(move || {
+                    rbd.diff_extents(&spec2.pool, &spec2.image, &snap2, &base)
+                        .with_context(|| format!("listing the changed extents of {spec2}@{snap2} since {base}"))
+                })
+                .await;
+                match listed {
+                    Ok(extents) => Some(Arc::new(extents_by_block(&extents, block_size.get()))),
+                    Err(e) => {
+                        let (rbd, spec2, snap2) = (self.rbd.clone(), spec.clone(), snap.clone());
+                        let _ = blocking(move || Ok(rbd.snap_remove(&spec2.pool, &spec2.image, &snap2))).await;
+                        session.abort().await;
+                        return Err(e);
+                    }
+                }
+            }
+            _ => None,
+        };
+        let whole_object = true;
         let export = or_abort!({
             let (rbd, spec, snap, base) = (self.rbd.clone(), spec.clone(), snap.clone(), notes.base_snapshot.clone());
             blocking(
@@ -685,6 +705,7 @@ impl RbdRun<'_> {
             cancel: Some(stop.clone()),
             deltas: self.opts.deltas,
             delta_sample: Some(delta_sample.clone()),
+            block_extents,
             block_reader: Some({
                 let (cluster, spec, snap) = (self.cluster.clone(), spec.clone(), snap.clone());
                 let mut reader: Option<ferry_ceph::SnapshotReader> = None;
@@ -1031,6 +1052,39 @@ fn verify_unchanged(
     ))
 }
 
+/// The changed extents per block (offsets within the block), merged where they touch; a block
+/// with more than [`MAX_EXTENTS_PER_BLOCK`] is left out (stored whole: its extent table would
+/// cost more than it saves).
+fn extents_by_block(extents: &[ferry_ceph::DiffExtent], block_size: u64) -> BTreeMap<u64, Vec<(u32, u32)>> {
+    let mut sorted: Vec<&ferry_ceph::DiffExtent> = extents.iter().collect();
+    sorted.sort_by_key(|e| e.offset);
+    let mut out: BTreeMap<u64, Vec<(u32, u32)>> = BTreeMap::new();
+    for e in sorted {
+        let (mut off, end) = (e.offset, e.offset.saturating_add(e.length));
+        while off < end {
+            let block = off / block_size;
+            let start = off - block * block_size;
+            let len = (block_size - start).min(end - off);
+            let v = out.entry(block).or_default();
+            match v.last_mut() {
+                // Sorted by offset: a range that starts within or right after the last one
+                // extends it.
+                Some(last) if last.0 as u64 + last.1 as u64 >= start => {
+                    let new_end = (start + len).max(last.0 as u64 + last.1 as u64);
+                    last.1 = (new_end - last.0 as u64) as u32;
+                }
+                _ => v.push((start as u32, len as u32)),
+            }
+            off += len;
+        }
+    }
+    out.retain(|_, v| v.len() <= MAX_EXTENTS_PER_BLOCK);
+    out
+}
+
+/// Most extents a delta block may have (more: the block is stored whole).
+const MAX_EXTENTS_PER_BLOCK: usize = 4096;
+
 /// Checks a sample of the blocks this incremental stored as deltas: the base snapshot's block
 /// with the delta's extents taken from the new snapshot must be the new snapshot's block —
 /// else the exact export-diff missed a change inside the block, and the incremental is
@@ -1338,5 +1392,25 @@ mod tests {
         // Not in our chain (e.g. another repository's base): never touched.
         let plan = plan_rotation(&list, A, &new, &BTreeSet::new(), 1);
         assert!(plan.remove.is_empty() && plan.keep.is_empty());
+    }
+
+    fn ext(offset: u64, length: u64) -> ferry_ceph::DiffExtent {
+        ferry_ceph::DiffExtent {
+            offset,
+            length,
+            exists: true,
+        }
+    }
+
+    #[test]
+    fn extents_split_at_blocks_merge_and_sort() {
+        let m = extents_by_block(&[ext(5000, 100), ext(4090, 20), ext(100, 10), ext(8190, 4), ext(20_000, 1)], 4096);
+        assert_eq!(m[&0], vec![(100, 10), (4090, 6)]);
+        assert_eq!(m[&1], vec![(0, 14), (904, 100), (4094, 2)]);
+        assert_eq!(m[&2], vec![(0, 2)]);
+        assert_eq!(m[&4], vec![(3616, 1)]);
+        // Overlapping and touching ranges become one.
+        let m = extents_by_block(&[ext(10, 10), ext(15, 10), ext(25, 5)], 4096);
+        assert_eq!(m[&0], vec![(10, 20)]);
     }
 }
