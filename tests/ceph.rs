@@ -96,14 +96,18 @@ fn rbd_chain(repo: &Repo) {
         40 * MIB,
         &[(16 * MIB, None, 4 * MIB), (36 * MIB, Some(vec![0u8; 8192]), 0)],
     );
-    backup("incremental 2");
+    let inc = backup("incremental 2");
+    // Every one stays incremental: the diff's two views (whole objects, exact extents) agree.
+    assert_eq!(inc["kind"], "incremental", "{inc}");
     // 3: grow, write into the new area; then shrink in a later interval is covered by the
     // core tests; here a grow with data.
     c.rbd(&["resize", "--no-progress", "--size", "52M", &image]);
     apply(c, &image, 52 * MIB, &[(50 * MIB, Some(pattern(4, MIB as usize)), 0)]);
-    backup("incremental 3 (grown)");
+    let inc = backup("incremental 3 (grown)");
+    assert_eq!(inc["kind"], "incremental", "{inc}");
     c.rbd(&["resize", "--no-progress", "--allow-shrink", "--size", "30M", &image]);
-    backup("incremental 4 (shrunk)");
+    let inc = backup("incremental 4 (shrunk)");
+    assert_eq!(inc["kind"], "incremental", "{inc}");
 
     for (id, hash, _) in &expected {
         let out = repo.path(&format!("{id}.raw"));
@@ -375,6 +379,55 @@ fn a_diff_that_misses_changes_inside_delta_blocks_is_caught() {
     assert_eq!(j["kind"], "full", "{j}");
     let reason = j["rbd"]["full_reason"].as_str().expect("reason");
     assert!(reason.contains("sampled delta blocks"), "{j}");
+    let restored = repo.path("r.raw");
+    repo.ok(&["restore", &format!("rbd.{name}"), "--to", restored.to_str().expect("utf8")]);
+    assert_eq!(
+        hash_file(&restored),
+        c.export_hash(&format!("{image}@{}", j["to_snap"].as_str().expect("snap")))
+    );
+    c.rbd(&["snap", "purge", "--no-progress", &image]);
+    c.rbd(&["rm", "--no-progress", &image]);
+}
+
+/// `rbd diff` failing only costs the deltas: the incremental goes on with whole blocks, says so,
+/// and restores bit-exactly.
+#[test]
+fn a_failing_rbd_diff_stores_changed_blocks_whole() {
+    let c = cluster();
+    let repo = c.file_repo();
+    let name = unique("nodiff");
+    let image = format!("rbd/{name}");
+    c.rbd(&["create", "--size", "8M", &image]);
+    apply(c, &image, 8 * MIB, &[(0, Some(pattern(31, 8 * MIB as usize)), 0)]);
+    repo.ok(&["backup", &format!("rbd:{image}")]);
+    apply(c, &image, 8 * MIB, &[(4 * MIB + 100, Some(pattern(32, 700)), 0)]);
+    let wrapper = repo.dir.path().join("rbd-nodiff");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/bash\nfor a in \"$@\"; do [[ $a = diff ]] && { echo 'rbd: diff failed (injected)' >&2; exit 1; }; done\nexec rbd \"$@\"\n",
+    )
+    .expect("write wrapper");
+    let mut perm = std::fs::metadata(&wrapper).expect("md").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(&wrapper, perm).expect("chmod");
+    let out = repo
+        .cmd(&["backup", &format!("rbd:{image}"), "--json"])
+        .env("FERRY_RBD_PROGRAM", &wrapper)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stored whole this time"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(j["kind"], "incremental", "{j}");
+    assert_eq!(
+        (j["stats"]["blocks_changed"].as_u64(), j["stats"]["blocks_delta"].as_u64()),
+        (Some(1), Some(0)),
+        "{j}"
+    );
     let restored = repo.path("r.raw");
     repo.ok(&["restore", &format!("rbd.{name}"), "--to", restored.to_str().expect("utf8")]);
     assert_eq!(
