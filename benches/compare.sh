@@ -567,36 +567,7 @@ run_benji() {
     local dir=$REPOS/benji
     rm -rf "$dir"
     mkdir -p "$dir/storage"
-    # Schema: benji/schemas/v1/benji.config.yaml, benji.storage.file.yaml,
-    # benji.transform.{zstd,aes_256_gcm}.yaml, benji.io.file.yaml in the installed package.
-    cat >"$dir/benji.yaml" <<EOF
-configurationVersion: '1'
-databaseEngine: sqlite:///$dir/benji.sqlite
-defaultStorage: storage-1
-logFile: $dir/benji.log
-blockSize: 4194304
-storages:
-  - name: storage-1
-    storageId: 1
-    module: file
-    configuration:
-      path: $dir/storage
-      activeTransforms: [zstd, encryption]
-transforms:
-  - name: zstd
-    module: zstd
-    configuration:
-      level: 3
-  - name: encryption
-    module: aes_256_gcm
-    configuration:
-      kdfSalt: 'ZmVycnktYmVuY2gtc2FsdA=='
-      kdfIterations: 20000
-      password: '$BENJI_PASSWORD'
-ios:
-  - name: file
-    module: file
-EOF
+    benji_config "$dir" "$BENJI_PASSWORD"
     local b=("$BENJI" -c "$dir/benji.yaml" --log-level WARNING)
     "${b[@]}" database-init >"$LOGS/benji-init.log" 2>&1 || { record benji.error "database-init: $(tail -n 2 "$LOGS/benji-init.log")"; return 1; }
     timed benji.full "${b[@]}" -m backup -u bench-1 -s s1 "file:$DATA/image.raw" bench >"$LOGS/benji.full.json" ||

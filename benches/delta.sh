@@ -66,34 +66,7 @@ rm -f "$WORK/image.raw"
 benji_ok=0
 if [[ -x $BENJI ]]; then
     mkdir -p "$WORK/benji/storage"
-    cat >"$WORK/benji/benji.yaml" <<EOF
-configurationVersion: '1'
-databaseEngine: sqlite:///$WORK/benji/benji.sqlite
-defaultStorage: storage-1
-logFile: $WORK/benji/benji.log
-blockSize: 4194304
-storages:
-  - name: storage-1
-    storageId: 1
-    module: file
-    configuration:
-      path: $WORK/benji/storage
-      activeTransforms: [zstd, encryption]
-transforms:
-  - name: zstd
-    module: zstd
-    configuration:
-      level: 3
-  - name: encryption
-    module: aes_256_gcm
-    configuration:
-      kdfSalt: 'ZmVycnktYmVuY2gtc2FsdA=='
-      kdfIterations: 20000
-      password: 'ferry-bench-password'
-ios:
-  - name: file
-    module: file
-EOF
+    benji_config "$WORK/benji" ferry-bench-password
     benji=("$BENJI" -c "$WORK/benji/benji.yaml" --log-level WARNING)
     "${benji[@]}" database-init >/dev/null 2>&1 && benji_ok=1
 else

@@ -29,3 +29,39 @@ wait_quiet() {
         sleep 4
     done
 }
+
+# benji_config DIR PASSWORD: DIR/benji.yaml for Benji 0.17 — sqlite in DIR, file storage in
+# DIR/storage, 4 MiB blocks, zstd 3 then AES-256-GCM (as ferry stores), file I/O.
+# Schema: benji/schemas/v1/benji.config.yaml, benji.storage.file.yaml,
+# benji.transform.{zstd,aes_256_gcm}.yaml, benji.io.file.yaml in the installed package.
+benji_config() {
+    local dir=$1 password=$2
+    cat >"$dir/benji.yaml" <<EOF
+configurationVersion: '1'
+databaseEngine: sqlite:///$dir/benji.sqlite
+defaultStorage: storage-1
+logFile: $dir/benji.log
+blockSize: 4194304
+storages:
+  - name: storage-1
+    storageId: 1
+    module: file
+    configuration:
+      path: $dir/storage
+      activeTransforms: [zstd, encryption]
+transforms:
+  - name: zstd
+    module: zstd
+    configuration:
+      level: 3
+  - name: encryption
+    module: aes_256_gcm
+    configuration:
+      kdfSalt: 'ZmVycnktYmVuY2gtc2FsdA=='
+      kdfIterations: 20000
+      password: '$password'
+ios:
+  - name: file
+    module: file
+EOF
+}

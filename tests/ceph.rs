@@ -329,10 +329,40 @@ fn filter_incrementals(dir: &std::path::Path, wrapper: &std::path::Path, filter:
         "#!/bin/bash\nif [[ \" $* \" = *\" export-diff \"* && \" $* \" = *\" --from-snap \"* ]]; then rbd \"$@\" | python3 {}; exit ${{PIPESTATUS[0]}}; fi\nexec rbd \"$@\"\n",
         dir.join("filter.py").display()
     );
-    std::fs::write(wrapper, script).expect("write wrapper");
-    let mut perm = std::fs::metadata(wrapper).expect("md").permissions();
+    write_script(wrapper, &script);
+}
+
+/// Writes an executable script.
+fn write_script(path: &std::path::Path, script: &str) {
+    std::fs::write(path, script).expect("write script");
+    let mut perm = std::fs::metadata(path).expect("md").permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
-    std::fs::set_permissions(wrapper, perm).expect("chmod");
+    std::fs::set_permissions(path, perm).expect("chmod");
+}
+
+/// `ferry backup rbd:IMAGE --json` with `wrapper` as its rbd: the JSON summary and stderr.
+fn backup_through(repo: &crate::util::Repo, image: &str, wrapper: &std::path::Path, extra: &[&str]) -> (serde_json::Value, String) {
+    let source = format!("rbd:{image}");
+    let mut args = vec!["backup", source.as_str(), "--json"];
+    args.extend_from_slice(extra);
+    let out = repo.cmd(&args).env("FERRY_RBD_PROGRAM", wrapper).output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    (serde_json::from_slice(&out.stdout).expect("json"), stderr)
+}
+
+/// The newest backup of `rbd.NAME` restores to what `rbd export` gives of its snapshot; then
+/// the image goes.
+fn restores_then_remove(c: &Cluster, repo: &crate::util::Repo, name: &str, j: &serde_json::Value) {
+    let image = format!("rbd/{name}");
+    let restored = repo.path("r.raw");
+    repo.ok(&["restore", &format!("rbd.{name}"), "--to", restored.to_str().expect("utf8")]);
+    assert_eq!(
+        hash_file(&restored),
+        c.export_hash(&format!("{image}@{}", j["to_snap"].as_str().expect("snap")))
+    );
+    c.rbd(&["snap", "purge", "--no-progress", &image]);
+    c.rbd(&["rm", "--no-progress", &image]);
 }
 
 /// An rbd whose `rbd diff` (the exact extents of an incremental) drops every second extent:
@@ -365,28 +395,12 @@ fn a_diff_that_misses_changes_inside_delta_blocks_is_caught() {
         "#!/bin/bash\nfor a in \"$@\"; do [[ $a = diff ]] && {{ rbd \"$@\" | python3 {}; exit ${{PIPESTATUS[0]}}; }}; done\nexec rbd \"$@\"\n",
         filter.display()
     );
-    std::fs::write(&wrapper, script).expect("write wrapper");
-    let mut perm = std::fs::metadata(&wrapper).expect("md").permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
-    std::fs::set_permissions(&wrapper, perm).expect("chmod");
-    let out = repo
-        .cmd(&["backup", &format!("rbd:{image}"), "--json"])
-        .env("FERRY_RBD_PROGRAM", &wrapper)
-        .output()
-        .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    write_script(&wrapper, &script);
+    let (j, _) = backup_through(&repo, &image, &wrapper, &[]);
     assert_eq!(j["kind"], "full", "{j}");
     let reason = j["rbd"]["full_reason"].as_str().expect("reason");
     assert!(reason.contains("sampled delta blocks"), "{j}");
-    let restored = repo.path("r.raw");
-    repo.ok(&["restore", &format!("rbd.{name}"), "--to", restored.to_str().expect("utf8")]);
-    assert_eq!(
-        hash_file(&restored),
-        c.export_hash(&format!("{image}@{}", j["to_snap"].as_str().expect("snap")))
-    );
-    c.rbd(&["snap", "purge", "--no-progress", &image]);
-    c.rbd(&["rm", "--no-progress", &image]);
+    restores_then_remove(c, &repo, &name, &j);
 }
 
 /// `rbd diff` failing only costs the deltas: the incremental goes on with whole blocks, says so,
@@ -402,40 +416,19 @@ fn a_failing_rbd_diff_stores_changed_blocks_whole() {
     repo.ok(&["backup", &format!("rbd:{image}")]);
     apply(c, &image, 8 * MIB, &[(4 * MIB + 100, Some(pattern(32, 700)), 0)]);
     let wrapper = repo.dir.path().join("rbd-nodiff");
-    std::fs::write(
+    write_script(
         &wrapper,
         "#!/bin/bash\nfor a in \"$@\"; do [[ $a = diff ]] && { echo 'rbd: diff failed (injected)' >&2; exit 1; }; done\nexec rbd \"$@\"\n",
-    )
-    .expect("write wrapper");
-    let mut perm = std::fs::metadata(&wrapper).expect("md").permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
-    std::fs::set_permissions(&wrapper, perm).expect("chmod");
-    let out = repo
-        .cmd(&["backup", &format!("rbd:{image}"), "--json"])
-        .env("FERRY_RBD_PROGRAM", &wrapper)
-        .output()
-        .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("stored whole this time"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let (j, stderr) = backup_through(&repo, &image, &wrapper, &[]);
+    assert!(stderr.contains("stored whole this time"), "{stderr}");
     assert_eq!(j["kind"], "incremental", "{j}");
     assert_eq!(
         (j["stats"]["blocks_changed"].as_u64(), j["stats"]["blocks_delta"].as_u64()),
         (Some(1), Some(0)),
         "{j}"
     );
-    let restored = repo.path("r.raw");
-    repo.ok(&["restore", &format!("rbd.{name}"), "--to", restored.to_str().expect("utf8")]);
-    assert_eq!(
-        hash_file(&restored),
-        c.export_hash(&format!("{image}@{}", j["to_snap"].as_str().expect("snap")))
-    );
-    c.rbd(&["snap", "purge", "--no-progress", &image]);
-    c.rbd(&["rm", "--no-progress", &image]);
+    restores_then_remove(c, &repo, &name, &j);
 }
 
 /// An rbd whose incremental export-diff drops every data record (a diff bug like the ones
@@ -467,32 +460,14 @@ while r.read(1 << 20): pass
 "#;
     filter_incrementals(repo.dir.path(), &wrapper, filter);
 
-    let out = repo
-        .cmd(&["backup", &format!("rbd:{image}"), "--json", "--verify-blocks", "64"])
-        .env("FERRY_RBD_PROGRAM", &wrapper)
-        .output()
-        .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let (j, _) = backup_through(&repo, &image, &wrapper, &["--verify-blocks", "64"]);
     assert_eq!(j["kind"], "full", "{j}");
-    assert!(
-        j["rbd"]["full_reason"]
-            .as_str()
-            .expect("reason")
-            .contains("diff verification failed"),
-        "{j}"
-    );
-    let restored = repo.path("r.raw");
-    repo.ok(&["restore", &format!("rbd.{name}"), "--to", restored.to_str().expect("utf8")]);
-    assert_eq!(
-        hash_file(&restored),
-        c.export_hash(&format!("{image}@{}", j["to_snap"].as_str().expect("snap")))
-    );
+    let reason = j["rbd"]["full_reason"].as_str().expect("reason");
+    assert!(reason.contains("diff verification failed"), "{j}");
     // Two backups committed (the discarded incremental is not), one ferry snapshot left.
     assert_eq!(repo.backups(&format!("rbd.{name}")).len(), 2);
     assert_eq!(ferry_snaps(c, &image).len(), 1);
-    c.rbd(&["snap", "purge", "--no-progress", &image]);
-    c.rbd(&["rm", "--no-progress", &image]);
+    restores_then_remove(c, &repo, &name, &j);
 }
 
 // ------------------------------------------------------------------------------------------

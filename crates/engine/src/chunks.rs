@@ -30,16 +30,22 @@ pub struct ContentError {
     pub error: Box<ferry_repo::Error>,
 }
 
-/// Every object the content `id` needs under `deltas`, newest delta first, the whole chunk
-/// last.
-pub fn block_objects(deltas: &BTreeMap<ChunkId, DeltaRef>, id: &ChunkId) -> Result<Vec<ChunkId>, ContentError> {
-    let (chain, whole) = delta_chain(deltas, id).map_err(|reason| ContentError {
+/// [`delta_chain`] with its failure (a table too deep: never from a manifest that decoded) as
+/// the content's error.
+fn chain_of(deltas: &BTreeMap<ChunkId, DeltaRef>, id: &ChunkId) -> Result<(Vec<(ChunkId, DeltaRef)>, ChunkId), ContentError> {
+    delta_chain(deltas, id).map_err(|reason| ContentError {
         object: *id,
         error: Box::new(ferry_repo::Error::DeltaDecode {
             path: id.object_key(),
             reason,
         }),
-    })?;
+    })
+}
+
+/// Every object the content `id` needs under `deltas`, newest delta first, the whole chunk
+/// last.
+pub fn block_objects(deltas: &BTreeMap<ChunkId, DeltaRef>, id: &ChunkId) -> Result<Vec<ChunkId>, ContentError> {
+    let (chain, whole) = chain_of(deltas, id)?;
     Ok(chain.iter().map(|(_, d)| d.object).chain(std::iter::once(whole)).collect())
 }
 
@@ -53,13 +59,7 @@ pub async fn fetch_content(repo: &Arc<Repository>, deltas: &BTreeMap<ChunkId, De
             error: Box::new(error),
         });
     }
-    let (chain, whole) = delta_chain(deltas, id).map_err(|reason| ContentError {
-        object: *id,
-        error: Box::new(ferry_repo::Error::DeltaDecode {
-            path: id.object_key(),
-            reason,
-        }),
-    })?;
+    let (chain, whole) = chain_of(deltas, id)?;
     let base = async {
         fetch_block(repo, &whole).await.map_err(|error| ContentError {
             object: whole,
