@@ -9,7 +9,7 @@ use ferry_repo::{BackupRef, ChunkId, Manifest, Repository};
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::chunks::{block_objects, fetch_block};
+use crate::chunks::{block_objects, fetch_block, fetch_delta};
 use crate::error::{Error, Result};
 use crate::observer::{Event, Observer, Operation};
 
@@ -187,20 +187,7 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
             let res = if sample {
                 match delta {
                     None => fetch_block(&repo, &id).await.map(|_| true),
-                    Some((target, base)) => match repo.get_chunk_object(&id).await {
-                        Ok(bytes) => {
-                            let r = repo.clone();
-                            crate::cpu::run(move || r.decode_delta(&id, &target, &base, Vec::from(bytes)).map(|_| true))
-                                .await
-                                .unwrap_or_else(|e| {
-                                    Err(ferry_repo::Error::Io {
-                                        context: "decode worker".into(),
-                                        source: std::io::Error::other(e.to_string()),
-                                    })
-                                })
-                        }
-                        Err(e) => Err(e),
-                    },
+                    Some((target, base)) => fetch_delta(&repo, &id, &target, &base).await.map(|_| true),
                 }
             } else {
                 repo.chunk_exists(&id).await.and_then(|e| {

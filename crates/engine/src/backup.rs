@@ -43,10 +43,6 @@ pub(crate) struct IngestParams {
     pub session: Arc<Session>,
     /// Stops the ingest when cancelled: nothing is committed (see [`Cancelled`]).
     pub cancel: Option<CancellationToken>,
-    /// Reads a whole block of the new image (offset, buffer) to complete a block the diff
-    /// covers only partly (the RBD source: the new snapshot, read locally); without it the
-    /// parent's content is fetched from the repository.
-    pub block_reader: Option<BlockReader>,
     /// Store partly changed blocks as deltas on the parent's content (FORMAT.md §14).
     pub deltas: bool,
     /// The exact changed extents per block (offsets within the block), from a source that
@@ -88,9 +84,6 @@ impl DeltaSampleInner {
 
 /// Exact changed extents per block index: (offset in the block, length), ascending.
 pub(crate) type BlockExtents = Arc<BTreeMap<u64, Vec<(u32, u32)>>>;
-
-/// Reads `buf.len()` bytes of the new image at an offset (on the parser thread).
-pub(crate) type BlockReader = Box<dyn FnMut(u64, &mut [u8]) -> Result<()> + Send>;
 
 /// The backup was stopped by its caller's cancellation token before its commit (a daemon
 /// shutting down); nothing was committed.
@@ -175,7 +168,6 @@ struct Assembler<'a> {
     base: &'a [Option<ChunkId>],
     /// The parent's delta table (how its contents are stored).
     base_deltas: &'a BTreeMap<ChunkId, DeltaRef>,
-    block_reader: Option<BlockReader>,
     /// Exact changed extents of whole blocks (see [`IngestParams::block_extents`]).
     block_extents: Option<BlockExtents>,
     /// The next block index whose absence from the stream [`Assembler::check_skipped`] checks.
@@ -258,48 +250,26 @@ impl Assembler<'_> {
         let len = p.data.len() as u64;
         let mut delta = None;
         if p.covered_len() < len {
-            // Partly covered: the rest is the parent's block (zeros if it was a hole) — read
-            // from the new image where the source can, else fetched from the repository.
+            // Partly covered: the rest is the parent's block (zeros if it was a hole), fetched
+            // from the repository.
             if let Some(Some(id)) = self.base.get(p.index as usize).copied() {
-                if let Some(read) = self.block_reader.as_mut() {
-                    let mut full = vec![0u8; len as usize];
-                    read(p.index * self.block_size, &mut full)
-                        .with_context(|| format!("reading block {} of the new snapshot to complete a partly changed block", p.index))?;
-                    // What the diff says changed must be what the snapshot holds.
-                    if let Some(&(s, e)) = p
-                        .covered
-                        .iter()
-                        .find(|&&(s, e)| full[s as usize..e as usize] != p.data[s as usize..e as usize])
-                    {
-                        return Err(Error::new(
-                            ErrorKind::Source,
-                            format!(
-                                "block {} read from the new snapshot differs from the diff stream in bytes {s}..{e}",
-                                p.index
-                            ),
-                            None,
-                        ));
+                let old = self.fetch_parent(&id, p.index)?;
+                let mut pos = 0u64;
+                let mut gaps = Vec::new();
+                for &(s, e) in &p.covered {
+                    if s > pos {
+                        gaps.push((pos, s));
                     }
-                    p.data = full;
-                } else {
-                    let old = self.fetch_parent(&id, p.index)?;
-                    let mut pos = 0u64;
-                    let mut gaps = Vec::new();
-                    for &(s, e) in &p.covered {
-                        if s > pos {
-                            gaps.push((pos, s));
-                        }
-                        pos = e;
-                    }
-                    if pos < len {
-                        gaps.push((pos, len));
-                    }
-                    for (s, e) in gaps {
-                        let (s, e) = (s as usize, e as usize);
-                        let old_end = e.min(old.len());
-                        if s < old_end {
-                            p.data[s..old_end].copy_from_slice(&old[s..old_end]);
-                        }
+                    pos = e;
+                }
+                if pos < len {
+                    gaps.push((pos, len));
+                }
+                for (s, e) in gaps {
+                    let (s, e) = (s as usize, e as usize);
+                    let old_end = e.min(old.len());
+                    if s < old_end {
+                        p.data[s..old_end].copy_from_slice(&old[s..old_end]);
                     }
                 }
                 self.stats.bytes_read_blocks += len;
@@ -520,7 +490,6 @@ where
     // How the parent's contents are stored: deltas build on them, and a content found here
     // is reused as it is (its objects were inherited above).
     let parent_deltas: Arc<BTreeMap<ChunkId, DeltaRef>> = Arc::new(parent.as_ref().map(|(_, m)| m.deltas.clone()).unwrap_or_default());
-    let block_reader = params.block_reader;
     let block_extents = params.block_extents.clone();
     let use_deltas = params.deltas;
 
@@ -530,7 +499,6 @@ where
         let parent = parent.clone();
         let observer = observer.clone();
         let rt = tokio::runtime::Handle::current();
-        let block_reader = block_reader;
         tokio::task::spawn_blocking(move || -> (Result<Parsed>, bool) {
             let mut source = source;
             let mut workers_stopped = false;
@@ -540,7 +508,6 @@ where
                 rt,
                 tx,
                 parent.as_ref(),
-                block_reader,
                 block_extents,
                 &volume,
                 expect_to_snap.as_deref(),
@@ -1056,7 +1023,6 @@ fn parse_stream<R: Read>(
     rt: tokio::runtime::Handle,
     tx: mpsc::Sender<Work>,
     parent: Option<&(BackupRef, Arc<Manifest>)>,
-    block_reader: Option<BlockReader>,
     block_extents: Option<BlockExtents>,
     volume: &str,
     expect_to_snap: Option<&str>,
@@ -1099,7 +1065,6 @@ fn parse_stream<R: Read>(
         image_size: header.image_size,
         base,
         base_deltas,
-        block_reader,
         block_extents,
         extents_cursor: 0,
         parent_size,

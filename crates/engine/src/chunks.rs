@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use ferry_repo::{delta_chain, ChunkId, DeltaRef, Repository};
+use ferry_repo::{delta_chain, ChunkId, Delta, DeltaRef, Repository};
 
 /// Downloads, decrypts, decompresses and verifies one chunk (its content must hash to `id`).
 /// Decoding runs on the blocking pool under a CPU permit.
@@ -18,6 +18,21 @@ pub async fn fetch_block(repo: &Arc<Repository>, id: &ChunkId) -> Result<Vec<u8>
     tokio::task::spawn_blocking(move || repo.decode_chunk(&id, object))
         .await
         .unwrap_or_else(|e| Err(worker_failed(e.to_string())))
+}
+
+/// Downloads and opens delta object `object`, checking it is the delta of `target` on `base`
+/// (decoding on the CPU pool).
+pub async fn fetch_delta(repo: &Arc<Repository>, object: &ChunkId, target: &ChunkId, base: &ChunkId) -> Result<Delta, ferry_repo::Error> {
+    let bytes = Vec::from(repo.get_chunk_object(object).await?);
+    let (repo, object, target, base) = (repo.clone(), *object, *target, *base);
+    crate::cpu::run(move || repo.decode_delta(&object, &target, &base, bytes))
+        .await
+        .unwrap_or_else(|e| {
+            Err(ferry_repo::Error::Io {
+                context: "decode worker".into(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })
 }
 
 /// A block's content could not be produced: which object failed, and why.
@@ -69,24 +84,10 @@ pub async fn fetch_content(repo: &Arc<Repository>, deltas: &BTreeMap<ChunkId, De
     let fetches = chain.iter().map(|(target, d)| {
         let (target, d) = (*target, *d);
         async move {
-            let bytes = Vec::from(repo.get_chunk_object(&d.object).await.map_err(|error| ContentError {
+            fetch_delta(repo, &d.object, &target, &d.base).await.map_err(|error| ContentError {
                 object: d.object,
                 error: Box::new(error),
-            })?);
-            let repo = repo.clone();
-            crate::cpu::run(move || repo.decode_delta(&d.object, &target, &d.base, bytes))
-                .await
-                .map_err(|e| ContentError {
-                    object: d.object,
-                    error: Box::new(ferry_repo::Error::Io {
-                        context: "decode worker".into(),
-                        source: std::io::Error::other(e.to_string()),
-                    }),
-                })?
-                .map_err(|error| ContentError {
-                    object: d.object,
-                    error: Box::new(error),
-                })
+            })
         }
     });
     let (base, applied) = futures::join!(base, futures::future::try_join_all(fetches));

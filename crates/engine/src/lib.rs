@@ -231,7 +231,6 @@ impl Engine {
                 verify: None,
                 session: session.clone(),
                 cancel: None,
-                block_reader: None,
                 deltas: opts.deltas,
                 delta_sample: None,
                 block_extents: None,

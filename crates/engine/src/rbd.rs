@@ -647,11 +647,10 @@ impl RbdRun<'_> {
             }
             _ => None,
         };
-        let whole_object = true;
         let export = or_abort!({
             let (rbd, spec, snap, base) = (self.rbd.clone(), spec.clone(), snap.clone(), notes.base_snapshot.clone());
             blocking(
-                move || match rbd.export_diff(&spec.pool, &spec.image, &snap, base.as_deref(), whole_object) {
+                move || match rbd.export_diff(&spec.pool, &spec.image, &snap, base.as_deref(), true) {
                     Ok(e) => Ok(e),
                     Err(e) => {
                         let _ = rbd.snap_remove(&spec.pool, &spec.image, &snap);
@@ -713,29 +712,6 @@ impl RbdRun<'_> {
             deltas: self.opts.deltas,
             delta_sample: Some(delta_sample.clone()),
             block_extents,
-            block_reader: Some({
-                let (cluster, spec, snap) = (self.cluster.clone(), spec.clone(), snap.clone());
-                let mut reader: Option<ferry_ceph::SnapshotReader> = None;
-                Box::new(move |offset: u64, buf: &mut [u8]| -> Result<()> {
-                    let r = match &mut reader {
-                        Some(r) => r,
-                        None => reader.insert(
-                            cluster
-                                .open_snapshot(&spec.pool, &spec.image, &snap)
-                                .with_context(|| format!("opening {spec}@{snap} to read partly changed blocks"))?,
-                        ),
-                    };
-                    let n = r.read(offset, buf)?;
-                    if n != buf.len() {
-                        return Err(Error::new(
-                            ErrorKind::Source,
-                            format!("{spec}@{snap}: read {n} of {} bytes at offset {offset}", buf.len()),
-                            None,
-                        ));
-                    }
-                    Ok(())
-                })
-            }),
         };
         // A cancelled backup (shutdown, lost lease) kills export-diff at once: a stalled one
         // would otherwise hold the parser in a read. The pid is only signalled while the child
