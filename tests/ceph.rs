@@ -470,6 +470,107 @@ while r.read(1 << 20): pass
     restores_then_remove(c, &repo, &name, &j);
 }
 
+/// An rbd whose full export-diff flips one byte of the first data record: the backup is
+/// authentic and complete, and the repository audit cannot tell it is wrong. `audit
+/// --compare-source` reads the snapshot back and names the block; a correct backup compares
+/// clean, and one whose snapshot is gone is information, not a finding.
+#[test]
+fn audit_compare_source_finds_a_backup_that_differs_from_its_snapshot() {
+    let c = cluster();
+    let repo = c.file_repo();
+    let (good, bad) = (unique("cmp-good"), unique("cmp-bad"));
+    for name in [&good, &bad] {
+        let image = format!("rbd/{name}");
+        c.rbd(&["create", "--size", "16M", &image]);
+        apply(c, &image, 16 * MIB, &[(MIB, Some(pattern(41, 10 * MIB as usize)), 0)]);
+    }
+    // The good volume: two backups; only the second's snapshot stays on the cluster.
+    repo.ok(&["backup", &format!("rbd:rbd/{good}")]);
+    apply(c, &format!("rbd/{good}"), 16 * MIB, &[(12 * MIB, Some(pattern(42, 4096)), 0)]);
+    repo.ok(&["backup", &format!("rbd:rbd/{good}")]);
+    let clean = repo.json(&["audit", "--compare-source"]);
+    assert_eq!(clean["ok"], true, "{clean}");
+    assert_eq!(clean["source"]["backups_compared"], 1, "{clean}");
+    assert_eq!(clean["source"]["blocks_compared"], 4, "{clean}");
+    assert_eq!(clean["source"]["bytes_read"], 16 * MIB, "{clean}");
+    let gone: Vec<&serde_json::Value> = clean["info"]
+        .as_array()
+        .expect("info")
+        .iter()
+        .filter(|f| f["kind"] == "source-gone")
+        .collect();
+    assert_eq!(gone.len(), 1, "{clean}");
+    assert!(gone[0]["detail"].as_str().expect("detail").contains("no longer exists"), "{clean}");
+
+    let wrapper = repo.dir.path().join("rbd-flip");
+    std::fs::write(
+        repo.dir.path().join("flip.py"),
+        r#"import struct, sys
+r, w = sys.stdin.buffer, sys.stdout.buffer
+w.write(r.read(12))
+flipped = False
+while True:
+    t = r.read(1)
+    if t in (b"f", b"t"):
+        n = r.read(4); w.write(t + n + r.read(struct.unpack("<I", n)[0]))
+    elif t == b"s":
+        w.write(t + r.read(8))
+    elif t == b"z":
+        w.write(t + r.read(16))
+    elif t == b"w":
+        h = r.read(16); w.write(t + h); left = struct.unpack("<QQ", h)[1]
+        while left:
+            d = bytearray(r.read(min(left, 1 << 20)))
+            if not d: sys.exit("short record")
+            if not flipped: d[0] ^= 0xFF; flipped = True
+            left -= len(d); w.write(d)
+    else:
+        w.write(t + r.read()); break
+w.flush()
+"#,
+    )
+    .expect("write filter");
+    write_script(
+        &wrapper,
+        &format!(
+            "#!/bin/bash\nif [[ \" $* \" = *\" export-diff \"* && \" $* \" != *\" --from-snap \"* ]]; then rbd \"$@\" | python3 {}; exit ${{PIPESTATUS[0]}}; fi\nexec rbd \"$@\"\n",
+            repo.dir.path().join("flip.py").display()
+        ),
+    );
+    let (j, _) = backup_through(&repo, &format!("rbd/{bad}"), &wrapper, &[]);
+    let backup = j["backup_id"].as_str().expect("backup id").to_string();
+    // The repository alone cannot tell: every chunk is present and decodes to its ID.
+    let plain = repo.json(&["audit", "--read-data"]);
+    assert_eq!(plain["ok"], true, "{plain}");
+    let found = repo.json_code(&["audit", "--compare-source", &format!("rbd.{bad}")], 3);
+    let findings = found["findings"].as_array().expect("findings");
+    assert_eq!(findings.len(), 1, "{found}");
+    assert_eq!(findings[0]["kind"], "source-mismatch", "{found}");
+    assert_eq!(findings[0]["volume"], format!("rbd.{bad}"), "{found}");
+    assert_eq!(findings[0]["backup"], backup.as_str(), "{found}");
+    // The first data record starts at 1 MiB: block 0 of 4 MiB blocks.
+    assert!(findings[0]["detail"].as_str().expect("detail").starts_with("block 0 "), "{found}");
+    // The human report names it too; a sample of 0 % reads nothing and finds nothing.
+    let out = repo.run(&["audit", "--compare-source", &format!("rbd.{bad}")]);
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("FINDING [source-mismatch] rbd.{bad} {backup}: block 0 ")),
+        "{text}"
+    );
+    let none = repo.json(&["audit", "--compare-source", "--sample", "0", &format!("rbd.{bad}")]);
+    assert_eq!(
+        (none["ok"].as_bool(), none["source"]["blocks_compared"].as_u64()),
+        (Some(true), Some(0)),
+        "{none}"
+    );
+    for name in [&good, &bad] {
+        let image = format!("rbd/{name}");
+        c.rbd(&["snap", "purge", "--no-progress", &image]);
+        c.rbd(&["rm", "--no-progress", &image]);
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // Oracles that are not ferry: the kernel's block device, the real rbd import-diff and export,
 // RADOS locks seen by the rados tool, the raw bytes of the bucket.

@@ -1,12 +1,13 @@
 //! `ferry audit`: prove manifests authentic, chains continuous, chunks present and intact.
 //! Findings print as `FINDING` lines (exit 3); information (a forgotten parent, a fork) as
-//! `INFO` lines after them, which never change the exit code.
+//! `INFO` lines after them, which never change the exit code. `--compare-source` also reads
+//! the backups' snapshots that still exist on the cluster and compares them block by block.
 
 use anyhow::Result;
 use clap::Args;
-use ferry_engine::{AuditOptions, Error as EngineError};
+use ferry_engine::{AuditOptions, CompareOptions, Error as EngineError, ErrorKind};
 
-use crate::args::RepoArgs;
+use crate::args::{CephArgs, RepoArgs};
 use crate::errors::exit;
 use crate::output::{print_json, requests_line, Progress};
 
@@ -25,24 +26,65 @@ pub struct AuditArgs {
     /// blocks uploads them again, and an RBD backup re-reads them from its snapshot).
     #[arg(long)]
     no_quarantine: bool,
+    /// Also compare backups with their source: every backup whose snapshot still exists on
+    /// the Ceph cluster (same cluster, same image) is read through librbd and each block
+    /// compared with the backup's block map; a difference is a `source-mismatch` finding
+    /// naming the block. Needs the cluster's settings (--ceph-conf, --ceph-keyring, --ceph-id).
+    #[arg(long)]
+    compare_source: bool,
+    /// With --compare-source: compare PERCENT of each backup's blocks (sampled anew each run).
+    #[arg(long, value_name = "PERCENT", default_value_t = 100.0, requires = "compare_source")]
+    sample: f64,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
 
-pub async fn run(a: AuditArgs, r: RepoArgs) -> Result<u8> {
-    let engine = r.engine(Progress::new(true)).await?;
+pub async fn run(a: AuditArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
+    if !(0.0..=100.0).contains(&a.sample) || a.sample.is_nan() {
+        return Err(EngineError::new(
+            ErrorKind::Usage,
+            format!("--sample must be a percentage from 0 to 100, not {}", a.sample),
+            None,
+        )
+        .into());
+    }
+    let engine = r.engine(Progress::new(a.json)).await?;
     let opts = AuditOptions {
-        volumes: a.volumes,
+        volumes: a.volumes.clone(),
         read_data_percent: a.read_data.unwrap_or(0.0),
         jobs: a.jobs,
         quarantine: !a.no_quarantine,
     };
-    let report = engine.audit(&opts).await?;
+    let mut report = engine.audit(&opts).await?;
+    let source = if a.compare_source {
+        let c = engine
+            .compare_source(
+                &ceph.ceph(),
+                &CompareOptions {
+                    volumes: a.volumes,
+                    sample_percent: a.sample,
+                },
+            )
+            .await?;
+        report.findings.extend(c.findings.iter().cloned());
+        report.info.extend(c.info.iter().cloned());
+        report.ok = report.findings.is_empty();
+        Some(c)
+    } else {
+        None
+    };
     let requests = engine.repository().store().requests();
     if a.json {
         let mut v = serde_json::to_value(&report)?;
         v["requests"] = serde_json::to_value(requests)?;
+        if let Some(c) = &source {
+            v["source"] = serde_json::json!({
+                "backups_compared": c.backups_compared,
+                "blocks_compared": c.blocks_compared,
+                "bytes_read": c.bytes_read,
+            });
+        }
         print_json(&v)?;
     } else {
         println!("{:<24} {:>8} {:>6} {:>12}  NEWEST", "VOLUME", "BACKUPS", "FULL", "INCREMENTAL");
@@ -60,6 +102,14 @@ pub async fn run(a: AuditArgs, r: RepoArgs) -> Result<u8> {
             "{} manifests checked, {} chunks referenced, {} present, {} read and verified",
             report.manifests_checked, report.chunks_referenced, report.chunks_present, report.chunks_read
         );
+        if let Some(c) = &source {
+            println!(
+                "compared with the source: {} backup(s), {} block(s), {} read from the cluster",
+                c.backups_compared,
+                c.blocks_compared,
+                crate::output::human_bytes(c.bytes_read)
+            );
+        }
         if report.manifests_vanished > 0 {
             println!(
                 "{} manifest(s) deleted while the audit ran (listed, then gone): not checked",
@@ -86,6 +136,9 @@ pub async fn run(a: AuditArgs, r: RepoArgs) -> Result<u8> {
         println!("requests: {}", requests_line(&requests));
         if report.ok {
             println!("audit passed: manifests authentic, chains continuous, all chunks present");
+            if source.as_ref().is_some_and(|c| c.backups_compared > 0) {
+                println!("every compared backup equals its source snapshot");
+            }
         }
     }
     if !report.ok {

@@ -117,7 +117,7 @@ async fn run(cmd: Command, config: Option<std::path::PathBuf>, repo: RepoArgs, c
         Command::Restore(a) => cmd_restore::run(a, repo, &ceph).await,
         Command::Doctor(a) => cmd_doctor::run(a, repo, &ceph).await,
         Command::Ls(a) => cmd_ls::run(a, repo).await,
-        Command::Audit(a) => cmd_audit::run(a, repo).await,
+        Command::Audit(a) => cmd_audit::run(a, repo, &ceph).await,
         Command::Forget(a) => cmd_forget::run(a, repo).await,
         Command::Prune(a) => cmd_prune::run(a, repo).await,
         Command::Gc(a) => cmd_gc::run(a, repo).await,

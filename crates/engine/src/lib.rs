@@ -22,6 +22,7 @@
 mod audit;
 mod backup;
 mod chunks;
+mod compare;
 mod cpu;
 pub mod error;
 mod lifecycle;
@@ -39,6 +40,7 @@ use ferry_repo::{BackupRef, BackupSpec, BlockSize, Chain, Index, Manifest, Repos
 pub use audit::{AuditOptions, AuditReport, Finding, VolumeReport};
 pub use backup::{BackupOutcome, Cancelled, CommitOutcomeUnknown};
 pub use chunks::fetch_block;
+pub use compare::{CompareOptions, SourceComparison, MAX_BLOCK_FINDINGS};
 pub use error::{Error, ErrorKind, Result, ResultExt};
 pub use lifecycle::{BackupFate, PruneReport};
 pub use observer::{Event, NoObserver, Observer, Operation, Recorder};
@@ -260,5 +262,12 @@ impl Engine {
     /// Audits the repository (see [`AuditOptions`]); findings are in the report.
     pub async fn audit(&self, opts: &AuditOptions) -> Result<AuditReport> {
         audit::audit(self.repo.clone(), self.observer.clone(), opts).await
+    }
+
+    /// Compares backups with their source snapshots where those still exist on the cluster
+    /// (see [`CompareOptions`]): reads the snapshots through librbd and checks every sampled
+    /// block's content ID against the manifest. Differences are findings in the result.
+    pub async fn compare_source(&self, ceph: &Ceph, opts: &CompareOptions) -> Result<SourceComparison> {
+        compare::compare(self.repo.clone(), self.observer.clone(), ceph, opts).await
     }
 }

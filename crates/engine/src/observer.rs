@@ -18,6 +18,8 @@ pub enum Operation {
     Audit,
     /// Deleting unreferenced chunks (progress in chunks deleted).
     Gc,
+    /// Reading source snapshots to compare them with backups (progress in bytes).
+    CompareSource,
 }
 
 /// One thing that happened.
