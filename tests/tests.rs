@@ -15,4 +15,5 @@ mod gc;
 mod golden;
 mod hostile;
 mod lifecycle;
+mod sync;
 mod worker;

@@ -79,6 +79,11 @@ impl RepoArgs {
     }
 
     pub fn store(&self) -> Result<Store> {
+        self.store_at(self.url()?)
+    }
+
+    /// A store at another URL with the same options (a sync's destination).
+    pub fn store_at(&self, url: &str) -> Result<Store> {
         let faults = match std::env::var(FAULTS_ENV) {
             Ok(plan) if !plan.trim().is_empty() => {
                 let plan = ferry_repo::FaultPlan::parse(&plan).map_err(|e| anyhow::anyhow!("${FAULTS_ENV}: {e}"))?;
@@ -96,7 +101,7 @@ impl RepoArgs {
             faults,
             ..Default::default()
         };
-        Ok(open_store(self.url()?, &opts)?)
+        Ok(open_store(url, &opts)?)
     }
 
     pub fn passphrase(&self) -> Result<Zeroizing<Vec<u8>>> {

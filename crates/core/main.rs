@@ -20,6 +20,7 @@ mod cmd_protect;
 mod cmd_prune;
 mod cmd_restore;
 mod cmd_status;
+mod cmd_sync;
 mod cmd_worker;
 mod config;
 mod errors;
@@ -106,6 +107,9 @@ enum Command {
     /// Show what the worker of a configuration last did: per volume the last backup, the
     /// next run and the last error.
     Status(cmd_status::StatusArgs),
+    /// Copy backups a second repository lacks (another bucket, region or provider), as
+    /// ciphertext: the copy opens with the same passphrases; resumable.
+    Sync(cmd_sync::SyncArgs),
 }
 
 async fn run(cmd: Command, config: Option<std::path::PathBuf>, repo: RepoArgs, ceph: CephArgs) -> anyhow::Result<u8> {
@@ -125,6 +129,7 @@ async fn run(cmd: Command, config: Option<std::path::PathBuf>, repo: RepoArgs, c
         Command::Unprotect(a) => cmd_protect::unprotect(a, repo).await,
         Command::Key(a) => cmd_key::run(a, repo).await,
         Command::Index(a) => cmd_index::run(a, repo).await,
+        Command::Sync(a) => cmd_sync::run(a, repo).await,
     }
 }
 

@@ -29,6 +29,7 @@ mod lifecycle;
 pub mod observer;
 mod rbd;
 mod restore;
+mod sync;
 mod target;
 
 use std::collections::BTreeMap;
@@ -48,6 +49,7 @@ pub use rbd::{
     BackupRunning, Ceph, RbdBackupNotes, RbdBackupOptions, RbdBackupOutcome, RbdImage, RbdTarget, SnapshotHooks, UpToDate, SNAP_PREFIX,
 };
 pub use restore::{BlockFailure, Layout, RestoreIncomplete, RestoreOptions, RestoreReport, RestoreTarget, StreamFormat};
+pub use sync::{SyncOptions, SyncOutcome, SyncSkip};
 pub use target::{partial_path, FileTarget, StreamTarget};
 pub use tokio_util::sync::CancellationToken;
 
@@ -262,6 +264,13 @@ impl Engine {
     /// Audits the repository (see [`AuditOptions`]); findings are in the report.
     pub async fn audit(&self, opts: &AuditOptions) -> Result<AuditReport> {
         audit::audit(self.repo.clone(), self.observer.clone(), opts).await
+    }
+
+    /// Copies every backup (of `opts.volumes`, or all) that `dst` lacks, with the objects it
+    /// needs, as ciphertext (see [`SyncOptions`]). `dst` must be this repository already:
+    /// [`Repository::copy_identity`] makes an empty location one, then open it.
+    pub async fn sync_to(&self, dst: Arc<Repository>, opts: &SyncOptions) -> Result<SyncOutcome> {
+        sync::sync(self.repo.clone(), dst, self.observer.clone(), self.session, opts).await
     }
 
     /// Compares backups with their source snapshots where those still exist on the cluster

@@ -20,6 +20,8 @@ pub enum Operation {
     Gc,
     /// Reading source snapshots to compare them with backups (progress in bytes).
     CompareSource,
+    /// Copying backups to a second repository (progress in bytes copied).
+    Sync,
 }
 
 /// One thing that happened.

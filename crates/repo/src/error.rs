@@ -255,6 +255,41 @@ pub enum Error {
         /// When it started.
         started: String,
     },
+    /// An unfinished copy of this backup (`ferry sync`) by a process that may still run holds
+    /// its session in the destination. A refusal.
+    #[error("backup {name} of volume '{volume}' is being copied by another ferry sync (host {host}, pid {pid}, started {started}); if that process is gone, run the sync with --takeover")]
+    SessionHeld {
+        /// The volume.
+        volume: String,
+        /// The manifest name.
+        name: String,
+        /// The host of the other attempt.
+        host: String,
+        /// Its process ID there.
+        pid: u32,
+        /// When it started.
+        started: String,
+    },
+    /// A backup was copied into this repository before (its copy session ended) and has
+    /// been forgotten here since: it is not copied again under its name.
+    #[error("backup {name} of volume '{volume}' was copied here before and has since been forgotten here; it is not copied again")]
+    CopyForgotten {
+        /// The volume.
+        volume: String,
+        /// The manifest name.
+        name: String,
+    },
+    /// A copy's destination is another repository than its source (another repository ID).
+    /// A refusal.
+    #[error("{url} is another repository (ID {found}) than the source (ID {expected}); a sync copies into an empty location or an earlier copy of the same repository")]
+    OtherRepository {
+        /// The destination.
+        url: String,
+        /// Its repository ID.
+        found: String,
+        /// The source's.
+        expected: String,
+    },
     /// A backup waited too long for a garbage collection to finish sweeping chunks it needs.
     /// Transient.
     #[error("waited {secs} s for garbage collection {gen} to finish sweeping chunks this backup needs; run the backup again later")]
@@ -363,6 +398,8 @@ impl Error {
                 | Error::NoSuchBackup { .. }
                 | Error::AmbiguousBackup { .. }
                 | Error::GcRunning { .. }
+                | Error::SessionHeld { .. }
+                | Error::OtherRepository { .. }
         )
     }
 

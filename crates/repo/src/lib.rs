@@ -38,7 +38,7 @@ pub use keys::{KdfParams, KeySlot, MasterKey};
 pub use manifest::{
     delta_chain, objects_of, reachable_deltas, BackupStats, Manifest, ManifestMeta, Source, MANIFEST_FORMAT, MANIFEST_FORMAT_PLAIN,
 };
-pub use repo::{validate_volume_name, BackupDraft, BackupRef, InitOptions, Listing, RepoConfig, Repository, REPO_FORMAT};
+pub use repo::{validate_volume_name, BackupDraft, BackupRef, IdentityCopy, InitOptions, Listing, RepoConfig, Repository, REPO_FORMAT};
 pub use retry::RetryPolicy;
 pub use session::{Decision, Session, SessionOptions};
 pub use spec::{resolve, BackupSpec};

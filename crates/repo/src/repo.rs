@@ -197,6 +197,15 @@ pub fn validate_volume_name(name: &str) -> Result<()> {
     }
 }
 
+/// What [`Repository::copy_identity`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdentityCopy {
+    /// The destination was empty and is now this repository (config written).
+    pub created: bool,
+    /// Key slots copied (missing there before).
+    pub key_slots_copied: usize,
+}
+
 /// An opened repository (config read, master key unwrapped).
 #[derive(Clone)]
 pub struct Repository {
@@ -608,7 +617,42 @@ impl Repository {
         let key = r.key();
         let plain = manifest.encode()?;
         let sealed = encode_sealed(self.key.seal_key(), ObjectKind::Manifest, key.as_bytes(), &plain, Some(3))?;
-        let sealed = Bytes::from(sealed);
+        self.publish(&r, Bytes::from(sealed), &manifest, session, deadline).await?;
+        Ok((r, manifest))
+    }
+
+    /// Commits a **copy** of another repository's backup (`ferry sync`): `sealed` is the
+    /// source's manifest object, byte for byte, and `manifest` what it decodes to. The
+    /// session is the copy's ([`crate::Session::begin_copy`], named like the source), so
+    /// the commit follows the same protocol as a backup's (FORMAT.md §12.2 step 6). The
+    /// object must open under this repository's key at this key and decode to `manifest`
+    /// (an integrity error otherwise): what arrives is verified before it is published.
+    pub async fn commit_copy(&self, sealed: Bytes, manifest: &Manifest, session: &crate::session::Session) -> Result<BackupRef> {
+        let r = session.backup().clone();
+        session.ready_to_commit()?;
+        let found = self.decode_manifest_object(&r, sealed.clone())?;
+        if found != *manifest {
+            return Err(Error::ManifestDecode {
+                path: r.key(),
+                reason: "the copied manifest object is not the manifest that was read".into(),
+            });
+        }
+        self.publish(&r, sealed, manifest, session, None).await?;
+        Ok(r)
+    }
+
+    /// Writes a sealed manifest create-only, once, and settles the outcome (FORMAT.md §12.2
+    /// step 6): "already exists" and unknown outcomes are read back or fenced, never sent
+    /// again.
+    async fn publish(
+        &self,
+        r: &BackupRef,
+        sealed: Bytes,
+        manifest: &Manifest,
+        session: &crate::session::Session,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<()> {
+        let key = r.key();
         // Every chunk the map references must be durable before the manifest exists.
         self.store.barrier().await?;
         // The manifest PUT is sent once: sending it again after a lost answer could re-create
@@ -639,7 +683,7 @@ impl Repository {
         };
         let outcome = match sent {
             Ok(true) => Ok(()),
-            Ok(false) => self.settle_existing(&r, &manifest).await,
+            Ok(false) => self.settle_existing(r, manifest).await,
             Err(e) if e.is_transient() => match self
                 .retry
                 .run(
@@ -650,13 +694,13 @@ impl Repository {
             {
                 // Our fence is there: the manifest never was, and never will be.
                 Ok(true) => Err(e),
-                Ok(false) => self.settle_existing(&r, &manifest).await,
+                Ok(false) => self.settle_existing(r, manifest).await,
                 // The store refuses the fence too: one last look. Our manifest there settles it;
                 // nothing there means nothing was committed as far as the store can tell (a
                 // copy still in flight would be fenced by the next GC, which finds this
                 // session unended); anything else stays unknown.
-                Err(f) => match self.read_manifest(&r).await {
-                    Ok(found) if found == manifest => Ok(()),
+                Err(f) => match self.read_manifest(r).await {
+                    Ok(found) if found == *manifest => Ok(()),
                     Err(Error::NotFound { .. }) => Err(f),
                     Err(fenced @ Error::Fenced { .. }) => Err(fenced),
                     _ => Err(Error::CommitUnknown {
@@ -683,7 +727,7 @@ impl Repository {
             }
             session.end().await;
         }
-        outcome.map(|()| (r, manifest))
+        outcome
     }
 
     /// What is at a manifest key our create-only PUT (of the manifest or of a fence) found
@@ -713,6 +757,11 @@ impl Repository {
     /// repository and backup ID its key says ([`Error::ManifestDecode`] if not). A compressed
     /// plaintext beyond 1 GiB is refused ([`Error::Decompress`]).
     pub async fn read_manifest(&self, r: &BackupRef) -> Result<Manifest> {
+        Ok(self.read_manifest_object(r).await?.1)
+    }
+
+    /// [`Repository::read_manifest`], also returning the object as stored (for a copy).
+    pub async fn read_manifest_object(&self, r: &BackupRef) -> Result<(Bytes, Manifest)> {
         let key = r.key();
         let bytes = self
             .retry
@@ -721,6 +770,13 @@ impl Repository {
                 || get_bytes_limited(self.store.inner.as_ref(), &key, MAX_MANIFEST_OBJECT),
             )
             .await?;
+        let m = self.decode_manifest_object(r, bytes.clone())?;
+        Ok((bytes, m))
+    }
+
+    /// Opens and decodes a manifest object found at `r`'s key (a 0-byte one is a fence).
+    fn decode_manifest_object(&self, r: &BackupRef, bytes: Bytes) -> Result<Manifest> {
+        let key = r.key();
         if bytes.is_empty() {
             return Err(Error::Fenced {
                 volume: r.volume.clone(),
@@ -862,6 +918,122 @@ impl Repository {
             &key,
         )?;
         Ok(true)
+    }
+
+    /// The backup's protection marker object as stored, after checking it opens under this
+    /// repository's key (`None`: the backup is not protected).
+    pub async fn get_protection_object(&self, r: &BackupRef) -> Result<Option<Bytes>> {
+        let key = r.protection_key();
+        let bytes = match get_bytes(self.store.inner.as_ref(), &key).await {
+            Ok(b) => b,
+            Err(Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        decode_sealed(
+            self.key.seal_key(),
+            ObjectKind::Protection,
+            key.as_bytes(),
+            Vec::from(bytes.clone()),
+            1 << 20,
+            &key,
+        )?;
+        Ok(Some(bytes))
+    }
+
+    /// Writes a protection marker object copied from another copy of this repository
+    /// (create-only, after checking it opens here); `false` when the backup already was
+    /// protected.
+    pub async fn put_protection_object(&self, r: &BackupRef, bytes: Bytes) -> Result<bool> {
+        let key = r.protection_key();
+        decode_sealed(
+            self.key.seal_key(),
+            ObjectKind::Protection,
+            key.as_bytes(),
+            Vec::from(bytes.clone()),
+            1 << 20,
+            &key,
+        )?;
+        self.retry
+            .run(
+                || format!("writing {key}"),
+                || put_create(self.store.inner.as_ref(), &key, bytes.clone()),
+            )
+            .await
+    }
+
+    /// Makes `dst` a copy of this repository's identity, for `ferry sync`: every valid key
+    /// slot missing there is copied as stored (the master key stays wrapped: the copy opens
+    /// with the same passphrases), then `config` as stored if `dst` has none (written last,
+    /// like `init`). A `dst` holding another repository is refused before anything is
+    /// written ([`Error::OtherRepository`]).
+    pub async fn copy_identity(&self, dst: &Store) -> Result<IdentityCopy> {
+        let created = match Self::read_config(dst).await {
+            Ok(c) if c.repository_id == self.config.repository_id => false,
+            Ok(c) => {
+                return Err(Error::OtherRepository {
+                    url: dst.url.clone(),
+                    found: c.repository_id,
+                    expected: self.config.repository_id.clone(),
+                })
+            }
+            Err(Error::NotARepository { .. }) => true,
+            Err(e) => return Err(e),
+        };
+        let prefix = p("keys");
+        let metas: Vec<_> = self
+            .store
+            .inner
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| Error::store("list", &prefix, e))?;
+        let theirs: std::collections::HashSet<String> = dst
+            .inner
+            .list(Some(&prefix))
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .map_err(|e| Error::store("list", &prefix, e))?;
+        let mut key_slots_copied = 0;
+        for m in metas {
+            let key = m.location.to_string();
+            if theirs.contains(&key) {
+                continue;
+            }
+            let bytes = match get_bytes(self.store.inner.as_ref(), &key).await {
+                Ok(b) => b,
+                Err(Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            // Only genuine slots travel (a planted object stays behind).
+            if KeySlot::decode(&bytes, &key).is_err() {
+                continue;
+            }
+            if self
+                .retry
+                .run(|| format!("copying {key}"), || put_create(dst.inner.as_ref(), &key, bytes.clone()))
+                .await?
+            {
+                key_slots_copied += 1;
+            }
+        }
+        if created {
+            let config = get_bytes(self.store.inner.as_ref(), "config").await?;
+            RepoConfig::decode(&config)?;
+            if !put_create(dst.inner.as_ref(), "config", config).await? {
+                // Another sync made it meanwhile: it must be this repository.
+                let c = Self::read_config(dst).await?;
+                if c.repository_id != self.config.repository_id {
+                    return Err(Error::OtherRepository {
+                        url: dst.url.clone(),
+                        found: c.repository_id,
+                        expected: self.config.repository_id.clone(),
+                    });
+                }
+            }
+        }
+        dst.barrier().await?;
+        Ok(IdentityCopy { created, key_slots_copied })
     }
 
     /// Forgets a backup: deletes its manifest, unless it is protected (checked right before

@@ -90,6 +90,10 @@ pub struct Session {
     opts: SessionOptions,
     watcher: tokio::task::JoinHandle<()>,
     quarantined: Arc<HashSet<ChunkId>>,
+    /// A backup's session fences its name when it will not commit; a copy's session does
+    /// not (its name is the source's: fenced, that backup could never be copied; a later
+    /// attempt adopts the session instead, and a GC fences it if nobody does).
+    fence_on_drop: bool,
 }
 
 impl Drop for Session {
@@ -98,7 +102,7 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.watcher.abort();
         let settled = self.gate.lock().map(|g| g.settled).unwrap_or(true);
-        if !settled {
+        if !settled && self.fence_on_drop {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 let (store, key) = (self.repo.store().inner.clone(), self.backup.key());
                 rt.spawn(async move {
@@ -135,6 +139,82 @@ impl Session {
             source,
         })?;
         put_record(repo, &session_key(&backup, "session"), &record).await?;
+        Self::start(repo, backup, created, opts, true).await
+    }
+
+    /// Begins the session of a **copy** (`ferry sync`): the manifest name is the source
+    /// backup's, `backup`, whose time is `created`. If an earlier attempt left its session
+    /// record under this name, that session is adopted when its process is provably gone (a
+    /// dead process of this host and boot) or `takeover` is given; otherwise
+    /// [`Error::SessionHeld`]. A copy session never fences its own name: a GC does, if the
+    /// copy dies and is not resumed before it runs (then that backup cannot be copied under
+    /// its name any more; the commit reports [`Error::Fenced`]).
+    ///
+    /// Adopting is safe for the GC protocol: the earlier attempt is gone, so every sweep
+    /// published after it died is acknowledged by this one, and what it acknowledged before
+    /// stays acknowledged.
+    pub async fn begin_copy(
+        repo: &Repository,
+        backup: BackupRef,
+        created: chrono::DateTime<chrono::Utc>,
+        opts: SessionOptions,
+        takeover: bool,
+    ) -> Result<Session> {
+        crate::repo::validate_volume_name(&backup.volume)?;
+        let record = serde_json::to_vec(&SessionRecord {
+            volume: backup.volume.clone(),
+            name: backup.name.clone(),
+            holder: Holder::me(),
+        })
+        .map_err(|source| Error::Json {
+            context: "encoding a session record".into(),
+            source,
+        })?;
+        let key = session_key(&backup, "session");
+        if !put_record(repo, &key, &record).await? {
+            let old: SessionRecord = serde_json::from_slice(&get_record(repo, &key).await?).map_err(|source| Error::Json {
+                context: format!("reading session record {key}"),
+                source,
+            })?;
+            // A session that ended (`end`: it committed) is never adopted: a GC counts it
+            // ended and would not wait for this attempt's acknowledgements. Its manifest was
+            // forgotten in this repository since; it is not copied again.
+            match get_record(repo, &session_key(&backup, "end")).await {
+                Ok(_) => {
+                    return Err(Error::CopyForgotten {
+                        volume: backup.volume.clone(),
+                        name: backup.name.clone(),
+                    })
+                }
+                Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            if !takeover && !old.holder.is_dead_here() {
+                return Err(Error::SessionHeld {
+                    volume: backup.volume.clone(),
+                    name: backup.name.clone(),
+                    host: old.holder.host,
+                    pid: old.holder.pid,
+                    started: old.holder.started.to_rfc3339(),
+                });
+            }
+            tracing::info!(
+                "adopting the session of an earlier attempt at {} (host {}, pid {}, gone)",
+                backup.key(),
+                old.holder.host,
+                old.holder.pid
+            );
+        }
+        Self::start(repo, backup, created, opts, false).await
+    }
+
+    async fn start(
+        repo: &Repository,
+        backup: BackupRef,
+        created: chrono::DateTime<chrono::Utc>,
+        opts: SessionOptions,
+        fence_on_drop: bool,
+    ) -> Result<Session> {
         match Self::observe(repo, &backup).await {
             Ok((gate, quarantined, observed_gen)) => {
                 let gate = Arc::new(Mutex::new(gate));
@@ -159,11 +239,14 @@ impl Session {
                     opts,
                     watcher,
                     quarantined,
+                    fence_on_drop,
                 })
             }
             Err(e) => {
                 // Fence our own name, so no GC waits for a session that never ran.
-                let _ = put_create(repo.store().inner.as_ref(), &backup.key(), bytes::Bytes::new()).await;
+                if fence_on_drop {
+                    let _ = put_create(repo.store().inner.as_ref(), &backup.key(), bytes::Bytes::new()).await;
+                }
                 Err(e)
             }
         }
@@ -318,7 +401,7 @@ impl Session {
     /// fences it anyway if this fails.
     pub async fn abort(&self) {
         let settled = self.gate.lock().map(|g| g.settled).unwrap_or(false);
-        if !settled {
+        if !settled && self.fence_on_drop {
             let _ = put_create(self.repo.store().inner.as_ref(), &self.backup.key(), bytes::Bytes::new()).await;
         }
         self.settled(true);
