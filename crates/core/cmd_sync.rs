@@ -21,9 +21,10 @@ use crate::output::{human_bytes, print_json, requests_line, Progress};
 /// again by the next sync). The destination uses the same store options (--s3-endpoint,
 /// credentials) as the source.
 ///
-/// Exit codes: 0 everything copied (or skipped as fenced/vanished: see the report); 1 a
-/// store failed, or another sync is copying a backup; 3 a backup could not be copied because
-/// it is damaged in the source; 5 the destination is another repository.
+/// Exit codes: 0 everything copied (or skipped as forgotten at the copy or vanished from the
+/// source: see the report); 1 a store failed, or a backup could not be copied this time
+/// (another sync may be copying it, a GC of the copy stopped it, a newer format); 3 a backup
+/// is damaged in the source; 5 the destination is another repository.
 #[derive(Args, Debug)]
 pub struct SyncArgs {
     /// The second repository's URL (empty, or an earlier copy of this repository).
@@ -34,9 +35,10 @@ pub struct SyncArgs {
     /// Objects copied at once.
     #[arg(long, default_value_t = 16)]
     jobs: usize,
-    /// Resume the unfinished copy of a backup even though the process that began it may
-    /// still run on another host (a dead process of this host is taken over without this).
-    /// Only when you know it is gone.
+    /// Copy a backup whose unfinished copy was begun by a process that may still run on
+    /// another host (a dead process of this host never holds a backup back; a GC of the copy
+    /// ends a dead one's attempt). Only when you know it is gone: else the copy may hold the
+    /// backup twice.
     #[arg(long)]
     takeover: bool,
     /// Print the report as JSON.
@@ -97,7 +99,7 @@ pub async fn run(a: SyncArgs, r: RepoArgs) -> Result<u8> {
     }
     Ok(if out.skipped.iter().any(|s| s.kind == "damaged") {
         exit::INTEGRITY
-    } else if out.skipped.iter().any(|s| s.kind == "busy") {
+    } else if out.skipped.iter().any(|s| matches!(s.kind, "busy" | "fenced" | "unsupported")) {
         exit::FAILURE
     } else {
         exit::OK

@@ -4,17 +4,19 @@
 //! verified (opened, decompressed, its ID recomputed) before it is written. Only what is
 //! missing travels, so a sync that stopped is resumed by running it again.
 //!
-//! The copy writes into the destination exactly like a backup (FORMAT.md §12.2): one session
-//! per backup, named like the source's manifest, objects decided under it (and waiting for
-//! a running sweep of the destination's GC), the objects of the destination's copy of the
-//! previous backup inherited, the manifest written once and last. So `ferry gc` on the copy
-//! is as safe beside a sync as beside backups.
+//! The copy writes into the destination exactly like a backup (FORMAT.md §12.2, §15): a
+//! session of its own per attempt — never shared, never adopted — named like the source's
+//! manifest (after an interrupted attempt, the same backup ID a microsecond later, the
+//! manifest then sealed for that name), objects decided under it (and waiting for a running
+//! sweep of the destination's GC), the objects of the destination's copy of the previous
+//! backup inherited, the manifest written once and last. So `ferry gc` on the copy is as safe
+//! beside a sync as beside backups.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use ferry_repo::{BackupRef, ChunkId, Decision, Repository, Session, SessionOptions};
+use ferry_repo::{copy_attempts, copy_name, BackupRef, ChunkId, CopyAttempt, Decision, Repository, Session, SessionOptions};
 use futures::StreamExt;
 use serde::Serialize;
 
@@ -28,8 +30,9 @@ pub struct SyncOptions {
     pub volumes: Vec<String>,
     /// Objects copied at once.
     pub jobs: usize,
-    /// Adopt the unfinished copy of a backup even if the process that began it may still run
-    /// (it must be gone: two copies of one backup at once are not safe for the GC protocol).
+    /// Copy a backup even though an unfinished attempt by a process that may still run (on
+    /// another host) exists. Safe for the protocol (each attempt has its own session), but if
+    /// that process is alive, the copy may end up holding the backup twice.
     pub takeover: bool,
 }
 
@@ -37,11 +40,11 @@ pub struct SyncOptions {
 #[derive(Debug, Serialize, Clone, PartialEq, Eq)]
 pub struct SyncSkip {
     /// `damaged`: the backup's manifest or an object it needs is missing or damaged in the
-    /// source (audit the source); `busy`: another sync is copying it (run again later);
-    /// `fenced`: an interrupted copy of it was ended by a GC in the destination, so it cannot
-    /// be copied under its name (later backups are); `forgotten`: copied before and forgotten
-    /// in the destination since (not resurrected while the destination remembers the copy);
-    /// `vanished`: deleted from the source meanwhile.
+    /// source (audit the source); `unsupported`: its manifest format is newer than this
+    /// ferry; `busy`: another sync may be copying it (run again later); `fenced`: a GC of the
+    /// destination stopped this run's copy (the next sync copies it again); `forgotten`:
+    /// copied before and forgotten in the destination since (not brought back while the
+    /// destination remembers the copy); `vanished`: deleted from the source meanwhile.
     pub kind: &'static str,
     /// The volume.
     pub volume: String,
@@ -73,8 +76,7 @@ pub struct SyncOutcome {
     pub bytes_copied: u64,
     /// Protection markers copied.
     pub protections_copied: usize,
-    /// Backups not copied, and why (a backup damaged in the source, one fenced in the
-    /// destination, one another sync is copying).
+    /// Backups not copied, and why (see [`SyncSkip::kind`]).
     pub skipped: Vec<SyncSkip>,
 }
 
@@ -129,6 +131,8 @@ async fn run(
     for b in &there.backups {
         newest_there.entry(b.volume.clone()).or_default().push(b.clone());
     }
+    let present_ids: HashSet<(&str, &str)> = there.backups.iter().map(|b| (b.volume.as_str(), b.backup_id())).collect();
+    let mut attempts: BTreeMap<String, BTreeMap<String, Vec<CopyAttempt>>> = BTreeMap::new();
     for b in &source.backups {
         if !opts.volumes.is_empty() && !opts.volumes.contains(&b.volume) {
             continue;
@@ -139,24 +143,65 @@ async fn run(
             backup: b.backup_id().to_string(),
             reason,
         };
-        if present.contains(b) {
+        if present.contains(b) || present_ids.contains(&(b.volume.as_str(), b.backup_id())) {
             out.backups_present += 1;
-        } else if there.fenced.contains(b) {
-            out.skipped.push(skip(
-                "fenced",
-                "its name is fenced in the destination (an interrupted copy a garbage collection there ended); later backups are copied"
-                    .into(),
-            ));
-            continue;
         } else {
+            if !attempts.contains_key(&b.volume) {
+                let a = copy_attempts(dst, &b.volume)
+                    .await
+                    .with_context(|| format!("listing the destination's sessions of volume '{}'", b.volume))?;
+                attempts.insert(b.volume.clone(), a);
+            }
+            let earlier: &[CopyAttempt] = attempts
+                .get(&b.volume)
+                .and_then(|a| a.get(b.backup_id()))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            if earlier.iter().any(|a| a.ended) {
+                out.skipped.push(skip(
+                    "forgotten",
+                    "copied here before and forgotten here since; not copied again".into(),
+                ));
+                continue;
+            }
+            if let Some(a) = earlier.iter().find(|a| a.maybe_alive && !there.fenced.contains(&a.backup)) {
+                if !opts.takeover {
+                    out.skipped.push(skip(
+                        "busy",
+                        format!(
+                            "another sync may be copying it (session {}); if that process is gone, a GC of the destination ends it, or run with --takeover",
+                            a.backup.key()
+                        ),
+                    ));
+                    continue;
+                }
+            }
+            let used: HashSet<&str> = earlier
+                .iter()
+                .map(|a| a.backup.name.as_str())
+                .chain(there.fenced.iter().filter(|f| f.volume == b.volume).map(|f| f.name.as_str()))
+                .collect();
             let parent = newest_there
                 .get(&b.volume)
                 .and_then(|list| list.iter().filter(|p| p.name < b.name).max())
                 .cloned();
-            match copy_backup(src, dst, b, parent.as_ref(), session_opts, opts, observer, &bytes_done, &mut out).await {
-                Ok(()) => {
+            match copy_backup(
+                src,
+                dst,
+                b,
+                &used,
+                parent.as_ref(),
+                session_opts,
+                opts,
+                observer,
+                &bytes_done,
+                &mut out,
+            )
+            .await
+            {
+                Ok(r) => {
                     out.backups_copied += 1;
-                    newest_there.entry(b.volume.clone()).or_default().push(b.clone());
+                    newest_there.entry(b.volume.clone()).or_default().push(r);
                 }
                 Err(Skip(kind, reason)) => {
                     out.skipped.push(skip(kind, reason));
@@ -166,18 +211,25 @@ async fn run(
             }
         }
         if source.protected.contains(b) && !there.protected.contains(b) {
-            if let Some(marker) = src
-                .get_protection_object(b)
-                .await
-                .with_context(|| format!("reading the protection marker of {}", b.key()))?
-            {
-                if dst
-                    .put_protection_object(b, marker)
-                    .await
-                    .with_context(|| format!("copying the protection marker of {}", b.key()))?
-                {
-                    out.protections_copied += 1;
+            match src.get_protection_object(b).await {
+                Ok(Some(marker)) => {
+                    if dst
+                        .put_protection_object(b, marker)
+                        .await
+                        .with_context(|| format!("copying the protection marker of {}", b.key()))?
+                    {
+                        out.protections_copied += 1;
+                    }
                 }
+                Ok(None) => {}
+                Err(e) if e.is_integrity() => crate::observer::warn(
+                    observer,
+                    &format!(
+                        "the protection marker of {} is damaged in the source and was not copied: {e}",
+                        b.key()
+                    ),
+                ),
+                Err(e) => return Err(Error::from(e).context(format!("reading the protection marker of {}", b.key()))),
             }
         }
     }
@@ -198,44 +250,88 @@ impl From<Error> for CopyError {
     }
 }
 
+/// Copies one backup; returns the name it was committed under.
 #[allow(clippy::too_many_arguments)]
 async fn copy_backup(
     src: &Arc<Repository>,
     dst: &Arc<Repository>,
     b: &BackupRef,
+    used: &HashSet<&str>,
     parent: Option<&BackupRef>,
     session_opts: SessionOptions,
     opts: &SyncOptions,
     observer: &dyn Observer,
     bytes_done: &AtomicU64,
     out: &mut SyncOutcome,
-) -> std::result::Result<(), CopyError> {
+) -> std::result::Result<BackupRef, CopyError> {
     let (sealed, m) = match src.read_manifest_object(b).await {
         Ok(x) => x,
         // Forgotten in the source since the listing: nothing to copy.
         Err(ferry_repo::Error::NotFound { .. } | ferry_repo::Error::Fenced { .. }) => {
             return Err(Skip("vanished", "deleted from the source while the sync ran".into()))
         }
-        Err(e) if e.is_integrity() || matches!(e, ferry_repo::Error::UnsupportedFormat { .. }) => {
-            return Err(Skip("damaged", format!("its manifest in the source cannot be used: {e}")))
-        }
+        Err(e @ ferry_repo::Error::UnsupportedFormat { .. }) => return Err(Skip("unsupported", e.to_string())),
+        Err(e) if e.is_integrity() => return Err(Skip("damaged", format!("its manifest in the source cannot be used: {e}"))),
         Err(e) => return Err(Fail(Error::from(e).context(format!("reading manifest {}", b.key())))),
     };
-    let session = match Session::begin_copy(dst, b.clone(), m.meta.created, session_opts, opts.takeover).await {
-        Ok(s) => s,
-        Err(e @ ferry_repo::Error::SessionHeld { .. }) => return Err(Skip("busy", e.to_string())),
-        Err(e @ ferry_repo::Error::CopyForgotten { .. }) => return Err(Skip("forgotten", e.to_string())),
-        Err(e) => return Err(Fail(Error::from(e).context(format!("beginning the copy of {}", b.key())))),
+    // A session of its own: the source's name first, else the next free attempt name.
+    let mut session = None;
+    for k in 0..1000u32 {
+        let Some(name) = copy_name(&b.name, k) else {
+            return Err(Fail(Error::failed(format!("manifest name {} cannot be parsed", b.name))));
+        };
+        if used.contains(name.as_str()) {
+            continue;
+        }
+        let r = BackupRef {
+            volume: b.volume.clone(),
+            name,
+        };
+        match Session::begin_named(dst, r, m.meta.created, session_opts).await {
+            Ok(Some(s)) => {
+                session = Some(s);
+                break;
+            }
+            // Taken since the listing: another sync has just begun copying it.
+            Ok(None) => return Err(Skip("busy", "another sync began copying it at the same time".into())),
+            Err(e) => return Err(Fail(Error::from(e).context(format!("beginning the copy of {}", b.key())))),
+        }
+    }
+    let Some(session) = session else {
+        return Err(Fail(Error::failed(format!("1000 earlier attempts to copy {}", b.key()))));
     };
+    let session = Arc::new(session);
+    let r = copy_into(src, dst, b, &sealed, &m, &session, parent, opts, observer, bytes_done, out).await;
+    if r.is_err() {
+        // Its own name only: the next attempt takes another.
+        session.abort().await;
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn copy_into(
+    src: &Arc<Repository>,
+    dst: &Arc<Repository>,
+    b: &BackupRef,
+    sealed: &bytes::Bytes,
+    m: &ferry_repo::Manifest,
+    session: &Arc<Session>,
+    parent: Option<&BackupRef>,
+    opts: &SyncOptions,
+    observer: &dyn Observer,
+    bytes_done: &AtomicU64,
+    out: &mut SyncOutcome,
+) -> std::result::Result<BackupRef, CopyError> {
     // After the session, the destination's copy of the previous backup: its objects are
     // referenced without a HEAD, like a backup's parent (a sweep that lists them is settled
-    // before the commit).
+    // before the commit); never one in quarantine there.
     let mut wanted: Vec<ChunkId> = m.objects().collect::<HashSet<_>>().into_iter().collect();
     wanted.sort();
     if let Some(p) = parent {
         match dst.read_manifest(p).await {
             Ok(pm) => {
-                let theirs: HashSet<ChunkId> = pm.objects().collect();
+                let theirs: HashSet<ChunkId> = pm.objects().filter(|id| !session.quarantined().contains(id)).collect();
                 let (inherited, rest): (Vec<ChunkId>, Vec<ChunkId>) = wanted.into_iter().partition(|id| theirs.contains(id));
                 session.inherit(inherited.iter()).map_err(Error::from)?;
                 out.objects_present += inherited.len() as u64;
@@ -247,7 +343,6 @@ async fn copy_backup(
     }
     // Delta objects are checked as what they are (their ID, target and base).
     let delta_of: BTreeMap<ChunkId, (ChunkId, ChunkId)> = m.deltas.iter().map(|(t, d)| (d.object, (*t, d.base))).collect();
-    let session = Arc::new(session);
     let results: Vec<std::result::Result<bool, CopyError>> = futures::stream::iter(wanted.into_iter().map(|id| {
         let (src, dst, session) = (src.clone(), dst.clone(), session.clone());
         let delta = delta_of.get(&id).copied();
@@ -266,11 +361,25 @@ async fn copy_backup(
     .buffer_unordered(opts.jobs.max(1))
     .collect()
     .await;
+    let mut missing_in_source = false;
     for r in results {
-        match r? {
-            true => out.objects_copied += 1,
-            false => out.objects_present += 1,
+        match r {
+            Ok(true) => out.objects_copied += 1,
+            Ok(false) => out.objects_present += 1,
+            Err(Skip("missing", _)) => missing_in_source = true,
+            Err(e) => return Err(e),
         }
+    }
+    if missing_in_source {
+        // Missing because the backup was forgotten in the source and a GC there took its
+        // objects meanwhile (vanished), or because the source is damaged.
+        return Err(match src.read_manifest(b).await {
+            Err(ferry_repo::Error::NotFound { .. } | ferry_repo::Error::Fenced { .. }) => {
+                Skip("vanished", "deleted from the source while the sync ran".into())
+            }
+            Err(e) if e.is_transient() => Fail(Error::from(e).context(format!("reading manifest {}", b.key()))),
+            _ => Skip("damaged", "objects it needs are missing in the source (audit the source)".into()),
+        });
     }
     session.settle_inherited().await.map_err(|e| match e {
         // An inherited object a sweep of the destination deleted: the next run copies it.
@@ -285,14 +394,14 @@ async fn copy_backup(
         e => Fail(Error::from(e)),
     })?;
     let len = sealed.len() as u64;
-    match dst.commit_copy(sealed, &m, &session).await {
-        Ok(_) => {
+    match dst.commit_copy(b, sealed.clone(), m, session).await {
+        Ok(r) => {
             bytes_done.fetch_add(len, Ordering::Relaxed);
-            Ok(())
+            Ok(r)
         }
         Err(e @ ferry_repo::Error::Fenced { .. }) => Err(Skip(
             "fenced",
-            format!("a garbage collection in the destination fenced its name during the copy: {e}"),
+            format!("a garbage collection in the destination stopped the copy (the next sync copies it again): {e}"),
         )),
         Err(e) => Err(Fail(Error::from(e).context(format!("committing the copy of {}", b.key())))),
     }

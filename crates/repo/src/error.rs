@@ -255,30 +255,6 @@ pub enum Error {
         /// When it started.
         started: String,
     },
-    /// An unfinished copy of this backup (`ferry sync`) by a process that may still run holds
-    /// its session in the destination. A refusal.
-    #[error("backup {name} of volume '{volume}' is being copied by another ferry sync (host {host}, pid {pid}, started {started}); if that process is gone, run the sync with --takeover")]
-    SessionHeld {
-        /// The volume.
-        volume: String,
-        /// The manifest name.
-        name: String,
-        /// The host of the other attempt.
-        host: String,
-        /// Its process ID there.
-        pid: u32,
-        /// When it started.
-        started: String,
-    },
-    /// A backup was copied into this repository before (its copy session ended) and has
-    /// been forgotten here since: it is not copied again under its name.
-    #[error("backup {name} of volume '{volume}' was copied here before and has since been forgotten here; it is not copied again")]
-    CopyForgotten {
-        /// The volume.
-        volume: String,
-        /// The manifest name.
-        name: String,
-    },
     /// A copy's destination is another repository than its source (another repository ID).
     /// A refusal.
     #[error("{url} is another repository (ID {found}) than the source (ID {expected}); a sync copies into an empty location or an earlier copy of the same repository")]
@@ -398,7 +374,6 @@ impl Error {
                 | Error::NoSuchBackup { .. }
                 | Error::AmbiguousBackup { .. }
                 | Error::GcRunning { .. }
-                | Error::SessionHeld { .. }
                 | Error::OtherRepository { .. }
         )
     }

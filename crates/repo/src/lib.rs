@@ -40,7 +40,7 @@ pub use manifest::{
 };
 pub use repo::{validate_volume_name, BackupDraft, BackupRef, IdentityCopy, InitOptions, Listing, RepoConfig, Repository, REPO_FORMAT};
 pub use retry::RetryPolicy;
-pub use session::{Decision, Session, SessionOptions};
+pub use session::{copy_attempts, copy_name, CopyAttempt, Decision, Session, SessionOptions};
 pub use spec::{resolve, BackupSpec};
 pub use store::{open_store, Store, StoreOptions};
 pub use store::{

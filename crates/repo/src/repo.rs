@@ -621,22 +621,48 @@ impl Repository {
         Ok((r, manifest))
     }
 
-    /// Commits a **copy** of another repository's backup (`ferry sync`): `sealed` is the
-    /// source's manifest object, byte for byte, and `manifest` what it decodes to. The
-    /// session is the copy's ([`crate::Session::begin_copy`], named like the source), so
-    /// the commit follows the same protocol as a backup's (FORMAT.md §12.2 step 6). The
-    /// object must open under this repository's key at this key and decode to `manifest`
-    /// (an integrity error otherwise): what arrives is verified before it is published.
-    pub async fn commit_copy(&self, sealed: Bytes, manifest: &Manifest, session: &crate::session::Session) -> Result<BackupRef> {
+    /// Commits a **copy** of a backup of another copy of this repository (`ferry sync`):
+    /// `sealed` is the source's manifest object (named `source`), `manifest` what it decodes
+    /// to; the session is the copy attempt's ([`crate::Session::begin_named`]), so the
+    /// commit follows the same protocol as a backup's (FORMAT.md §12.2 step 6). Under the
+    /// source's own name the object is written byte for byte, after checking it opens here
+    /// and decodes to `manifest` (an integrity error otherwise); under another attempt's name
+    /// (FORMAT.md §15) the same manifest is sealed for that key.
+    pub async fn commit_copy(
+        &self,
+        source: &BackupRef,
+        sealed: Bytes,
+        manifest: &Manifest,
+        session: &crate::session::Session,
+    ) -> Result<BackupRef> {
         let r = session.backup().clone();
         session.ready_to_commit()?;
-        let found = self.decode_manifest_object(&r, sealed.clone())?;
-        if found != *manifest {
-            return Err(Error::ManifestDecode {
-                path: r.key(),
-                reason: "the copied manifest object is not the manifest that was read".into(),
-            });
+        if r.volume != source.volume || r.backup_id() != source.backup_id() {
+            return Err(Error::InvalidArgument(format!(
+                "a copy of {} cannot commit in the session of {}",
+                source.key(),
+                r.key()
+            )));
         }
+        let sealed = if r == *source {
+            let found = self.decode_manifest_object(&r, sealed.clone())?;
+            if found != *manifest {
+                return Err(Error::ManifestDecode {
+                    path: r.key(),
+                    reason: "the copied manifest object is not the manifest that was read".into(),
+                });
+            }
+            sealed
+        } else {
+            let key = r.key();
+            Bytes::from(encode_sealed(
+                self.key.seal_key(),
+                ObjectKind::Manifest,
+                key.as_bytes(),
+                &manifest.encode()?,
+                Some(3),
+            )?)
+        };
         self.publish(&r, sealed, manifest, session, None).await?;
         Ok(r)
     }

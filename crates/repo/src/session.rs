@@ -90,10 +90,6 @@ pub struct Session {
     opts: SessionOptions,
     watcher: tokio::task::JoinHandle<()>,
     quarantined: Arc<HashSet<ChunkId>>,
-    /// A backup's session fences its name when it will not commit; a copy's session does
-    /// not (its name is the source's: fenced, that backup could never be copied; a later
-    /// attempt adopts the session instead, and a GC fences it if nobody does).
-    fence_on_drop: bool,
 }
 
 impl Drop for Session {
@@ -102,7 +98,7 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.watcher.abort();
         let settled = self.gate.lock().map(|g| g.settled).unwrap_or(true);
-        if !settled && self.fence_on_drop {
+        if !settled {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 let (store, key) = (self.repo.store().inner.clone(), self.backup.key());
                 rt.spawn(async move {
@@ -139,27 +135,21 @@ impl Session {
             source,
         })?;
         put_record(repo, &session_key(&backup, "session"), &record).await?;
-        Self::start(repo, backup, created, opts, true).await
+        Self::start(repo, backup, created, opts).await
     }
 
-    /// Begins the session of a **copy** (`ferry sync`): the manifest name is the source
-    /// backup's, `backup`, whose time is `created`. If an earlier attempt left its session
-    /// record under this name, that session is adopted when its process is provably gone (a
-    /// dead process of this host and boot) or `takeover` is given; otherwise
-    /// [`Error::SessionHeld`]. A copy session never fences its own name: a GC does, if the
-    /// copy dies and is not resumed before it runs (then that backup cannot be copied under
-    /// its name any more; the commit reports [`Error::Fenced`]).
-    ///
-    /// Adopting is safe for the GC protocol: the earlier attempt is gone, so every sweep
-    /// published after it died is acknowledged by this one, and what it acknowledged before
-    /// stays acknowledged.
-    pub async fn begin_copy(
+    /// Begins the session of a **copy** (`ferry sync`) under exactly the manifest name of
+    /// `backup` (the source's name, or another name for the same backup ID after an earlier
+    /// attempt, [`copy_name`]), whose time is `created`. `Ok(None)` when a session under this
+    /// name exists already: every attempt has a session of its own, never shared, never
+    /// adopted (FORMAT.md §15). Like a backup's, a copy's session fences its name when it
+    /// will not commit.
+    pub async fn begin_named(
         repo: &Repository,
         backup: BackupRef,
         created: chrono::DateTime<chrono::Utc>,
         opts: SessionOptions,
-        takeover: bool,
-    ) -> Result<Session> {
+    ) -> Result<Option<Session>> {
         crate::repo::validate_volume_name(&backup.volume)?;
         let record = serde_json::to_vec(&SessionRecord {
             volume: backup.volume.clone(),
@@ -170,51 +160,13 @@ impl Session {
             context: "encoding a session record".into(),
             source,
         })?;
-        let key = session_key(&backup, "session");
-        if !put_record(repo, &key, &record).await? {
-            let old: SessionRecord = serde_json::from_slice(&get_record(repo, &key).await?).map_err(|source| Error::Json {
-                context: format!("reading session record {key}"),
-                source,
-            })?;
-            // A session that ended (`end`: it committed) is never adopted: a GC counts it
-            // ended and would not wait for this attempt's acknowledgements. Its manifest was
-            // forgotten in this repository since; it is not copied again.
-            match get_record(repo, &session_key(&backup, "end")).await {
-                Ok(_) => {
-                    return Err(Error::CopyForgotten {
-                        volume: backup.volume.clone(),
-                        name: backup.name.clone(),
-                    })
-                }
-                Err(Error::NotFound { .. }) => {}
-                Err(e) => return Err(e),
-            }
-            if !takeover && !old.holder.is_dead_here() {
-                return Err(Error::SessionHeld {
-                    volume: backup.volume.clone(),
-                    name: backup.name.clone(),
-                    host: old.holder.host,
-                    pid: old.holder.pid,
-                    started: old.holder.started.to_rfc3339(),
-                });
-            }
-            tracing::info!(
-                "adopting the session of an earlier attempt at {} (host {}, pid {}, gone)",
-                backup.key(),
-                old.holder.host,
-                old.holder.pid
-            );
+        if !put_record(repo, &session_key(&backup, "session"), &record).await? {
+            return Ok(None);
         }
-        Self::start(repo, backup, created, opts, false).await
+        Self::start(repo, backup, created, opts).await.map(Some)
     }
 
-    async fn start(
-        repo: &Repository,
-        backup: BackupRef,
-        created: chrono::DateTime<chrono::Utc>,
-        opts: SessionOptions,
-        fence_on_drop: bool,
-    ) -> Result<Session> {
+    async fn start(repo: &Repository, backup: BackupRef, created: chrono::DateTime<chrono::Utc>, opts: SessionOptions) -> Result<Session> {
         match Self::observe(repo, &backup).await {
             Ok((gate, quarantined, observed_gen)) => {
                 let gate = Arc::new(Mutex::new(gate));
@@ -239,14 +191,11 @@ impl Session {
                     opts,
                     watcher,
                     quarantined,
-                    fence_on_drop,
                 })
             }
             Err(e) => {
                 // Fence our own name, so no GC waits for a session that never ran.
-                if fence_on_drop {
-                    let _ = put_create(repo.store().inner.as_ref(), &backup.key(), bytes::Bytes::new()).await;
-                }
+                let _ = put_create(repo.store().inner.as_ref(), &backup.key(), bytes::Bytes::new()).await;
                 Err(e)
             }
         }
@@ -401,12 +350,79 @@ impl Session {
     /// fences it anyway if this fails.
     pub async fn abort(&self) {
         let settled = self.gate.lock().map(|g| g.settled).unwrap_or(false);
-        if !settled && self.fence_on_drop {
+        if !settled {
             let _ = put_create(self.repo.store().inner.as_ref(), &self.backup.key(), bytes::Bytes::new()).await;
         }
         self.settled(true);
         self.watcher.abort();
     }
+}
+
+/// The name of copy attempt `k` of the backup named `source` (FORMAT.md §15): the source's
+/// name for attempt 0, else its time `k` microseconds later with the same backup ID (names
+/// still sort by time, and every reader takes the backup ID from the name's end).
+pub fn copy_name(source: &str, k: u32) -> Option<String> {
+    if k == 0 {
+        return Some(source.to_string());
+    }
+    let (time, id) = source.rsplit_once('-')?;
+    let t = chrono::NaiveDateTime::parse_from_str(time, "%Y%m%dT%H%M%S%.6fZ").ok()?;
+    let t = t + chrono::Duration::microseconds(i64::from(k));
+    Some(format!("{}-{id}", t.format("%Y%m%dT%H%M%S%.6fZ")))
+}
+
+/// An earlier session in the repository of a backup's copy (or of the backup itself).
+#[derive(Debug, Clone)]
+pub struct CopyAttempt {
+    /// The name it promised.
+    pub backup: BackupRef,
+    /// It committed (`end`).
+    pub ended: bool,
+    /// Its process may still run: not provably gone (a dead process of this host and boot).
+    pub maybe_alive: bool,
+}
+
+/// The sessions under `sessions/<volume>/`, grouped by the backup ID their names end with.
+pub async fn copy_attempts(repo: &Repository, volume: &str) -> Result<BTreeMap<String, Vec<CopyAttempt>>> {
+    crate::repo::validate_volume_name(volume)?;
+    let mut names: BTreeMap<String, (bool, bool)> = BTreeMap::new();
+    for m in repo.list_prefix(&format!("sessions/{volume}")).await? {
+        let parts: Vec<String> = m.location.parts().map(|p| p.as_ref().to_string()).collect();
+        if parts.len() < 4 || parts[1] != volume {
+            continue;
+        }
+        let e = names.entry(parts[2].clone()).or_default();
+        match parts[3].as_str() {
+            "end" => e.0 = true,
+            "session" => e.1 = true,
+            _ => {}
+        }
+    }
+    let mut out: BTreeMap<String, Vec<CopyAttempt>> = BTreeMap::new();
+    for (name, (ended, has_record)) in names {
+        let backup = BackupRef {
+            volume: volume.to_string(),
+            name,
+        };
+        let maybe_alive = if has_record && !ended {
+            match get_record(repo, &session_key(&backup, "session")).await {
+                Ok(bytes) => serde_json::from_slice::<SessionRecord>(&bytes)
+                    .map(|r| !r.holder.is_dead_here())
+                    .unwrap_or(true),
+                // Cleaned up by a GC since the listing: over.
+                Err(Error::NotFound { .. }) => false,
+                Err(e) => return Err(e),
+            }
+        } else {
+            false
+        };
+        out.entry(backup.backup_id().to_string()).or_default().push(CopyAttempt {
+            backup,
+            ended,
+            maybe_alive,
+        });
+    }
+    Ok(out)
 }
 
 fn session_key(r: &BackupRef, what: &str) -> String {
