@@ -571,6 +571,128 @@ w.flush()
     }
 }
 
+/// Standby replay (issue 12 item 1): a DR image built from backup 1, replayed to 2 (grown) and
+/// 3 (shrunk), equals the source snapshots and carries their names, writing only what
+/// changed; a replay killed half-way is repaired by the next without --force; an image
+/// written since its last replay is refused, and --force brings it back.
+#[test]
+fn a_standby_image_follows_the_backups_through_grow_shrink_and_a_broken_replay() {
+    let c = cluster();
+    let repo = c.file_repo();
+    let (name, dr) = (unique("standby-src"), unique("standby-dr"));
+    let (image, dr_image) = (format!("rbd/{name}"), format!("rbd/{dr}"));
+    let (vol, onto) = (format!("rbd.{name}"), format!("rbd:{dr_image}"));
+    c.rbd(&["create", "--size", "24M", &image]);
+    apply(
+        c,
+        &image,
+        24 * MIB,
+        &[
+            (0, Some(pattern(51, 10 * MIB as usize)), 0),
+            (16 * MIB, Some(pattern(52, 3 * MIB as usize)), 0),
+        ],
+    );
+    let backup = |repo: &Repo| {
+        let j = repo.json(&["backup", &format!("rbd:{image}")]);
+        let snap = j["to_snap"].as_str().expect("snap").to_string();
+        let hash = c.export_hash(&format!("{image}@{snap}"));
+        (snap, hash, j["backup_id"].as_str().expect("id").to_string())
+    };
+    let (snap1, hash1, id1) = backup(&repo);
+    let r1 = repo.json(&["replay", &vol, "--onto", &onto]);
+    assert_eq!(
+        (r1["kind"].as_str(), r1["backup_id"].as_str()),
+        (Some("full"), Some(id1.as_str())),
+        "{r1}"
+    );
+    assert_eq!(c.export_hash(&format!("{dr_image}@{snap1}")), hash1);
+    assert_eq!(c.snaps(&dr_image), std::slice::from_ref(&snap1));
+    // Again: nothing to do.
+    let same = repo.json(&["replay", &vol, "--onto", &onto]);
+    assert_eq!(same["kind"], "up-to-date", "{same}");
+
+    // Grown, with a small write and a large one in the new space.
+    apply(
+        c,
+        &image,
+        32 * MIB,
+        &[
+            (5 * MIB + 3, Some(pattern(53, 8192)), 0),
+            (28 * MIB, Some(pattern(54, 2 * MIB as usize)), 0),
+        ],
+    );
+    let (snap2, hash2, _) = backup(&repo);
+    let r2 = repo.json(&["replay", &vol, "--onto", &onto]);
+    assert_eq!(
+        (r2["kind"].as_str(), r2["from_backup"].as_str()),
+        (Some("incremental"), Some(id1.as_str())),
+        "{r2}"
+    );
+    assert_eq!(r2["blocks_written"], 2, "only the two changed 4 MiB blocks: {r2}");
+    assert_eq!(c.export_hash(&format!("{dr_image}@{snap2}")), hash2);
+    assert_eq!(c.snaps(&dr_image), std::slice::from_ref(&snap2), "the old base goes once the new one exists");
+    assert_eq!(r2["snapshots_removed"][0], snap1.as_str(), "{r2}");
+
+    // Shrunk, and the replay into it broken half-way: the next one repairs it without --force.
+    apply(
+        c,
+        &image,
+        20 * MIB,
+        &[(MIB, Some(pattern(55, 4096)), 0), (9 * MIB, Some(pattern(56, 3 * MIB as usize)), 0)],
+    );
+    let (snap3, hash3, _) = backup(&repo);
+    let wrapper = repo.dir.path().join("rbd-cut");
+    write_script(
+        &wrapper,
+        "#!/bin/bash\nfor a in \"$@\"; do [[ $a = import-diff ]] && { head -c 5000000 | rbd \"$@\"; exit 1; }; done\nexec rbd \"$@\"\n",
+    );
+    let out = repo
+        .cmd(&["replay", &vol, "--onto", &onto])
+        .env("FERRY_RBD_PROGRAM", &wrapper)
+        .output()
+        .expect("run");
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let meta = String::from_utf8_lossy(&c.rbd(&["image-meta", "list", "--format", "json", &dr_image])).to_string();
+    assert!(meta.contains("ferry.replay.pending"), "{meta}");
+    let written: serde_json::Value =
+        serde_json::from_slice(&c.rbd(&["diff", "--from-snap", &snap2, "--format", "json", &dr_image])).expect("json");
+    assert!(
+        !written.as_array().expect("array").is_empty(),
+        "the cut replay wrote part of its stream"
+    );
+    let r3 = repo.json(&["replay", &vol, "--onto", &onto]);
+    assert_eq!(r3["kind"], "incremental", "{r3}");
+    assert_eq!(c.export_hash(&format!("{dr_image}@{snap3}")), hash3);
+    let info: serde_json::Value = serde_json::from_slice(&c.rbd(&["info", "--format", "json", &dr_image])).expect("json");
+    assert_eq!(info["size"], 20 * MIB);
+    let meta = String::from_utf8_lossy(&c.rbd(&["image-meta", "list", "--format", "json", &dr_image])).to_string();
+    assert!(!meta.contains("ferry.replay.pending"), "{meta}");
+
+    // Written on the standby since its last replay: diverged, refused; --force repairs it.
+    apply(c, &dr_image, 20 * MIB, &[(2 * MIB, Some(pattern(57, 4096)), 0)]);
+    apply(c, &image, 20 * MIB, &[(15 * MIB, Some(pattern(58, 4096)), 0)]);
+    let (snap4, hash4, _) = backup(&repo);
+    let refused = repo.fails(&["replay", &vol, "--onto", &onto], 5);
+    assert!(refused.contains("diverged"), "{refused}");
+    let r4 = repo.json(&["replay", &vol, "--onto", &onto, "--force"]);
+    assert_eq!(
+        (r4["kind"].as_str(), r4["blocks_diverged"].as_u64()),
+        (Some("incremental"), Some(1)),
+        "{r4}"
+    );
+    assert_eq!(c.export_hash(&format!("{dr_image}@{snap4}")), hash4);
+    assert_eq!(c.export_hash(&dr_image), hash4, "the head too");
+    // Not a standby of this volume: refused.
+    let other = unique("standby-other");
+    c.rbd(&["create", "--size", "4M", &format!("rbd/{other}")]);
+    let refused = repo.fails(&["replay", &vol, "--onto", &format!("rbd:rbd/{other}")], 5);
+    assert!(refused.contains("not a standby"), "{refused}");
+    for i in [&image, &dr_image, &format!("rbd/{other}")] {
+        c.rbd(&["snap", "purge", "--no-progress", i]);
+        c.rbd(&["rm", "--no-progress", i]);
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // Oracles that are not ferry: the kernel's block device, the real rbd import-diff and export,
 // RADOS locks seen by the rados tool, the raw bytes of the bucket.

@@ -18,6 +18,7 @@ mod cmd_key;
 mod cmd_ls;
 mod cmd_protect;
 mod cmd_prune;
+mod cmd_replay;
 mod cmd_restore;
 mod cmd_status;
 mod cmd_sync;
@@ -110,6 +111,9 @@ enum Command {
     /// Copy backups a second repository lacks (another bucket, region or provider), as
     /// ciphertext: the copy opens with the same passphrases; resumable.
     Sync(cmd_sync::SyncArgs),
+    /// Keep a warm standby RBD image in this cluster current with a volume's newest backup:
+    /// writes only what changed, from the bucket alone.
+    Replay(cmd_replay::ReplayArgs),
 }
 
 async fn run(cmd: Command, config: Option<std::path::PathBuf>, repo: RepoArgs, ceph: CephArgs) -> anyhow::Result<u8> {
@@ -130,6 +134,7 @@ async fn run(cmd: Command, config: Option<std::path::PathBuf>, repo: RepoArgs, c
         Command::Key(a) => cmd_key::run(a, repo).await,
         Command::Index(a) => cmd_index::run(a, repo).await,
         Command::Sync(a) => cmd_sync::run(a, repo).await,
+        Command::Replay(a) => cmd_replay::run(a, repo, &ceph).await,
     }
 }
 

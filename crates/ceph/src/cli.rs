@@ -369,6 +369,45 @@ impl RbdCli {
         DiffExtent::list_from_json(&out.stdout).map_err(|source| json_error(cmd, &out.stdout, source))
     }
 
+    /// `rbd diff --from-snap FROM --format json POOL/IMAGE`: what was written to the image
+    /// (its head) since snapshot FROM; exact extents, no data read.
+    pub fn head_diff_extents(&self, pool: &str, image: &str, from_snap: &str) -> Result<Vec<DiffExtent>, Error> {
+        let spec = image_spec(pool, image)?;
+        check_name("snapshot", from_snap)?;
+        let mut target = Target::image(pool, image, Op::Other);
+        target.from_snap = Some(from_snap.to_owned());
+        let (cmd, out) = self.run_ok(&["diff", "--from-snap", from_snap, "--format", "json", &spec], &target)?;
+        DiffExtent::list_from_json(&out.stdout).map_err(|source| json_error(cmd, &out.stdout, source))
+    }
+
+    /// `rbd image-meta list --format json POOL/IMAGE`: the image's metadata keys and values.
+    pub fn meta_list(&self, pool: &str, image: &str) -> Result<std::collections::BTreeMap<String, String>, Error> {
+        let spec = image_spec(pool, image)?;
+        let target = Target::image(pool, image, Op::Other);
+        let (cmd, out) = self.run_ok(&["image-meta", "list", "--format", "json", &spec], &target)?;
+        // An image without metadata prints nothing at all on some releases.
+        if out.stdout.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Default::default());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|source| json_error(cmd, &out.stdout, source))
+    }
+
+    /// `rbd image-meta set POOL/IMAGE KEY VALUE`.
+    pub fn meta_set(&self, pool: &str, image: &str, key: &str, value: &str) -> Result<(), Error> {
+        let spec = image_spec(pool, image)?;
+        let target = Target::image(pool, image, Op::Other);
+        self.run_ok(&["image-meta", "set", &spec, key, value], &target)?;
+        Ok(())
+    }
+
+    /// `rbd image-meta remove POOL/IMAGE KEY`.
+    pub fn meta_remove(&self, pool: &str, image: &str, key: &str) -> Result<(), Error> {
+        let spec = image_spec(pool, image)?;
+        let target = Target::image(pool, image, Op::Other);
+        self.run_ok(&["image-meta", "remove", &spec, key], &target)?;
+        Ok(())
+    }
+
     /// Spawns `rbd export-diff [--whole-object] [--from-snap FROM] --no-progress POOL/IMAGE@SNAP -`.
     ///
     /// Read the diff stream (format v1) from the returned [`ExportDiff`] to its end, then call

@@ -28,6 +28,7 @@ pub mod error;
 mod lifecycle;
 pub mod observer;
 mod rbd;
+mod replay;
 mod restore;
 mod sync;
 mod target;
@@ -48,6 +49,7 @@ pub use observer::{Event, NoObserver, Observer, Operation, Recorder};
 pub use rbd::{
     BackupRunning, Ceph, RbdBackupNotes, RbdBackupOptions, RbdBackupOutcome, RbdImage, RbdTarget, SnapshotHooks, UpToDate, SNAP_PREFIX,
 };
+pub use replay::{standby_snapshot, ReplayOptions, ReplayReport, META_BACKUP, META_PENDING, META_VOLUME};
 pub use restore::{BlockFailure, Layout, RestoreIncomplete, RestoreOptions, RestoreReport, RestoreTarget, StreamFormat};
 pub use sync::{SyncOptions, SyncOutcome, SyncSkip};
 pub use target::{partial_path, FileTarget, StreamTarget};
@@ -271,6 +273,13 @@ impl Engine {
     /// [`Repository::copy_identity`] makes an empty location one, then open it.
     pub async fn sync_to(&self, dst: Arc<Repository>, opts: &SyncOptions) -> Result<SyncOutcome> {
         sync::sync(self.repo.clone(), dst, self.observer.clone(), self.session, opts).await
+    }
+
+    /// Brings the standby RBD image `image` to a backup of `volume` (the newest by default)
+    /// by `rbd import-diff` of what differs (see [`ReplayOptions`]; the first replay restores
+    /// in full). Refuses an image written since its last replay unless `opts.force`.
+    pub async fn replay(&self, ceph: &Ceph, volume: &str, image: &RbdImage, opts: &ReplayOptions) -> Result<ReplayReport> {
+        replay::replay(self, ceph, volume, image, opts).await
     }
 
     /// Compares backups with their source snapshots where those still exist on the cluster
