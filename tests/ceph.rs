@@ -630,7 +630,11 @@ fn a_standby_image_follows_the_backups_through_grow_shrink_and_a_broken_replay()
     );
     assert_eq!(r2["blocks_written"], 2, "only the two changed 4 MiB blocks: {r2}");
     assert_eq!(c.export_hash(&format!("{dr_image}@{snap2}")), hash2);
-    assert_eq!(c.snaps(&dr_image), std::slice::from_ref(&snap2), "the old base goes once the new one exists");
+    assert_eq!(
+        c.snaps(&dr_image),
+        std::slice::from_ref(&snap2),
+        "the old base goes once the new one exists"
+    );
     assert_eq!(r2["snapshots_removed"][0], snap1.as_str(), "{r2}");
 
     // Shrunk, and the replay into it broken half-way: the next one repairs it without --force.

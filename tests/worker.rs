@@ -966,3 +966,68 @@ schedule = "@hourly"
     assert_eq!(bs.len(), 1, "{bs:#?}");
     assert_eq!(bs[0]["labels"]["selection"], "first");
 }
+
+/// The DR site's worker (issue 12 item 1): a `[[standby]]` replayed by `--once` (the first
+/// replay restores in full), then on its schedule after a new backup; metrics and status say
+/// where the standby is.
+#[test]
+fn a_dr_worker_keeps_a_standby_image_current_on_its_schedule() {
+    let c = cluster();
+    let repo = c.file_repo();
+    let mut guard = ImageGuard::new(c);
+    let src = guard.add(&format!("rbd/{}", unique("wksrc")));
+    let dr = guard.add(&format!("rbd/{}", unique("wkdr")));
+    c.rbd(&["create", "--size", "8M", &src]);
+    apply(c, &src, 8 * MIB, &[(MIB, Some(random_bytes(2 * MIB as usize)), 0)]);
+    let snap_of = |repo: &Repo| {
+        let j = repo.json(&["backup", &format!("rbd:{src}")]);
+        j["to_snap"].as_str().expect("snap").to_string()
+    };
+    let snap1 = snap_of(&repo);
+    let hash1 = c.export_hash(&format!("{src}@{snap1}"));
+    let volume = src.replace('/', ".");
+    let port = free_port();
+    let config = repo.path("dr.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[worker]\nstate_dir = \"{}\"\nmetrics = \"127.0.0.1:{port}\"\n[[standby]]\nvolume = \"{volume}\"\nonto = \"rbd:{dr}\"\nschedule = \"*/2 * * * * *\"\n",
+            repo.path("dr-state").display()
+        ),
+    )
+    .expect("config");
+    let cfg = config.to_str().expect("utf8");
+    let out = repo.ok(&["--config", cfg, "worker", "--once"]);
+    assert!(out.contains(&format!("standby rbd:{dr}: success")), "{out}");
+    assert_eq!(c.export_hash(&format!("{dr}@{snap1}")), hash1);
+
+    apply(c, &src, 8 * MIB, &[(6 * MIB, Some(random_bytes(4096)), 0)]);
+    let snap2 = snap_of(&repo);
+    let hash2 = c.export_hash(&format!("{src}@{snap2}"));
+    let mut d = Daemon::start(&repo, &config, "dr");
+    wait_for(
+        "the scheduled replay",
+        Duration::from_secs(40),
+        || c.snaps(&dr).contains(&snap2),
+        || d.log(),
+    );
+    wait_for(
+        "the standby's metrics",
+        Duration::from_secs(20),
+        || {
+            scrape(port, "/metrics")
+                .map(|m| metric(&m, "ferry_standby_last_success").get(&volume).map(String::as_str) == Some("1"))
+                .unwrap_or(false)
+        },
+        || d.log(),
+    );
+    let m = scrape(port, "/metrics").expect("metrics");
+    let lag: f64 = metric(&m, "ferry_standby_lag_seconds")[&volume].parse().expect("number");
+    assert!(lag.is_finite() && lag < 300.0, "{m}");
+    let status = repo.ok(&["--config", cfg, "status"]);
+    assert!(status.contains(&format!("standby rbd:{dr} of {volume}")), "{status}");
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait(Duration::from_secs(30)), Some(0), "{}", d.log());
+    assert_eq!(c.export_hash(&format!("{dr}@{snap2}")), hash2);
+    assert_eq!(c.snaps(&dr), [snap2], "one standby snapshot: the base of the next replay");
+}

@@ -117,6 +117,22 @@ pub async fn run(a: StatusArgs, config: Option<PathBuf>) -> Result<u8> {
             println!("selection '{sel}': {p}");
         }
     }
+    for (k, st) in &state.standbys {
+        if st.last_run.is_some() && !st.ok {
+            failing += 1;
+        }
+        println!(
+            "standby {k} of {}: last replay {}{}, next {}",
+            st.volume,
+            ago(st.last_run, now),
+            match (&st.error, &st.backup_id) {
+                (Some(e), _) => format!(" FAILED: {e}"),
+                (None, Some(b)) => format!(" ({}, at backup {b})", st.kind.as_deref().unwrap_or("-")),
+                _ => String::new(),
+            },
+            ago(st.next_run, now)
+        );
+    }
     if state.gc.last_run.is_some() || state.gc.next_run.is_some() {
         println!(
             "garbage collection: last {}{}, next {}",

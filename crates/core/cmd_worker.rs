@@ -105,6 +105,18 @@ pub async fn run(a: WorkerArgs, config: Option<PathBuf>, mut r: RepoArgs, ceph: 
                     .unwrap_or("-".into());
                 println!("{:<40} {:<16} {:<32} {next}", v.volume, v.selection, v.image);
             }
+            for st in &cfg.standbys {
+                println!(
+                    "standby rbd:{}/{} (cluster {}) follows {}, next replay {}",
+                    st.pool,
+                    st.image,
+                    st.cluster,
+                    st.volume,
+                    ferry_worker::next_tick(&st.schedule, chrono::Local::now())
+                        .map(|t| t.format("%Y-%m-%d %H:%M:%S %Z").to_string())
+                        .unwrap_or("-".into())
+                );
+            }
             if let Some(t) = plan.gc_next_run {
                 println!("garbage collection next runs {}", t.format("%Y-%m-%d %H:%M:%S %Z"));
             }
@@ -124,6 +136,12 @@ pub async fn run(a: WorkerArgs, config: Option<PathBuf>, mut r: RepoArgs, ceph: 
                 match err {
                     Some(e) => println!("{volume}: {} — {e}", res.as_str()),
                     None => println!("{volume}: {}", res.as_str()),
+                }
+            }
+            for (standby, (res, err)) in &report.standbys {
+                match err {
+                    Some(e) => println!("standby {standby}: {} — {e}", res.as_str()),
+                    None => println!("standby {standby}: {}", res.as_str()),
                 }
             }
             for p in &report.problems {

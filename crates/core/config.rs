@@ -27,6 +27,8 @@ pub struct ConfigFile {
     _clusters: Option<serde::de::IgnoredAny>,
     #[serde(default, rename = "selection")]
     _selection: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "standby")]
+    _standby: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Default, Deserialize)]

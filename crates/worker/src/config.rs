@@ -31,6 +31,19 @@ struct RawFile {
     gc: Option<RawGc>,
     #[serde(default)]
     selection: Vec<RawSelection>,
+    #[serde(default)]
+    standby: Vec<RawStandby>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStandby {
+    volume: Option<String>,
+    onto: Option<String>,
+    cluster: Option<String>,
+    schedule: Option<OneOrMany>,
+    force: Option<bool>,
+    keep_snapshots: Option<usize>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -171,6 +184,27 @@ pub struct WorkerConfig {
     pub gc: Option<GcSettings>,
     /// What to back up, when, and how long to keep it.
     pub selections: Vec<Selection>,
+    /// `[[standby]]`: standby images kept current by replays (the DR site's worker).
+    pub standbys: Vec<Standby>,
+}
+
+/// One `[[standby]]`: a volume replayed onto an RBD image of a (DR) cluster on a schedule.
+#[derive(Debug, Clone)]
+pub struct Standby {
+    /// The volume.
+    pub volume: String,
+    /// The standby image's pool.
+    pub pool: String,
+    /// The standby image.
+    pub image: String,
+    /// The cluster the image is in (`[clusters.NAME]`, default `default`).
+    pub cluster: String,
+    /// When to replay.
+    pub schedule: Vec<Cron>,
+    /// Overwrite a diverged image.
+    pub force: bool,
+    /// Standby snapshots to keep.
+    pub keep_snapshots: usize,
 }
 
 /// The `[worker]` section.
@@ -818,8 +852,65 @@ impl WorkerConfig {
                 drill,
             });
         }
-        if c.issues.is_empty() && selections.is_empty() {
-            c.add("selection", "no [[selection]]: the worker would have nothing to do");
+        // [[standby]]
+        let mut standbys: Vec<Standby> = Vec::new();
+        for (i, rs) in raw.standby.into_iter().enumerate() {
+            let key = |k: &str| format!("standby[{i}].{k}");
+            let volume = match rs.volume {
+                Some(v) if ferry_repo::validate_volume_name(&v).is_ok() => v,
+                Some(v) => {
+                    c.add(key("volume"), format!("'{v}' is not a volume name"));
+                    continue;
+                }
+                None => {
+                    c.add(key("volume"), "missing: which volume does this standby follow?");
+                    continue;
+                }
+            };
+            let target = rs
+                .onto
+                .as_deref()
+                .and_then(|o| o.strip_prefix("rbd:"))
+                .and_then(|r| r.split_once('/'));
+            let Some((pool, image)) = target.filter(|(p, i)| !p.is_empty() && !i.is_empty() && !i.contains(['/', '@'])) else {
+                c.add(key("onto"), "missing or not rbd:POOL/IMAGE: the standby image");
+                continue;
+            };
+            let cluster = rs.cluster.clone().unwrap_or_else(|| "default".into());
+            if !clusters.contains_key(&cluster) {
+                c.add(key("cluster"), format!("no cluster '{cluster}' (define [clusters.{cluster}])"));
+            }
+            let schedule = c.schedule(&key("schedule"), &rs.schedule);
+            if rs.schedule.is_none() {
+                c.add(
+                    key("schedule"),
+                    "missing: when should this standby be replayed (a cron expression)?",
+                );
+            }
+            if rs.keep_snapshots == Some(0) {
+                c.add(
+                    key("keep_snapshots"),
+                    "must be at least 1: the newest snapshot is the next replay's base",
+                );
+            }
+            if standbys.iter().any(|s| s.pool == pool && s.image == image && s.cluster == cluster) {
+                c.add(key("onto"), format!("rbd:{pool}/{image} is the standby of an earlier [[standby]]"));
+            }
+            standbys.push(Standby {
+                volume,
+                pool: pool.to_string(),
+                image: image.to_string(),
+                cluster,
+                schedule,
+                force: rs.force.unwrap_or(false),
+                keep_snapshots: rs.keep_snapshots.unwrap_or(1).max(1),
+            });
+        }
+        if c.issues.is_empty() && selections.is_empty() && standbys.is_empty() {
+            c.add(
+                "selection",
+                "no [[selection]] and no [[standby]]: the worker would have nothing to do",
+            );
         }
         if !c.issues.is_empty() {
             return Err(ConfigError {
@@ -833,6 +924,7 @@ impl WorkerConfig {
             worker,
             gc,
             selections,
+            standbys,
         })
     }
 }
@@ -917,6 +1009,29 @@ schedule = "@daily"
         let night = NaiveTime::from_hms_opt(23, 0, 0).unwrap();
         assert_eq!(c.worker.bandwidth.limit_at(noon), Some(50 << 20));
         assert_eq!(c.worker.bandwidth.limit_at(night), None);
+    }
+
+    #[test]
+    fn standbys_parse_and_their_problems_are_named() {
+        let c = WorkerConfig::parse(
+            Path::new("w.toml"),
+            "[[standby]]\nvolume = \"rbd.a\"\nonto = \"rbd:dr/a\"\nschedule = \"*/5 * * * *\"\nkeep_snapshots = 2\n",
+        )
+        .unwrap();
+        assert_eq!(c.selections.len(), 0);
+        assert_eq!((c.standbys[0].pool.as_str(), c.standbys[0].image.as_str()), ("dr", "a"));
+        assert_eq!((c.standbys[0].keep_snapshots, c.standbys[0].force), (2, false));
+        let e = WorkerConfig::parse(
+            Path::new("w.toml"),
+            "[[standby]]\nvolume = \"rbd.a\"\nonto = \"dr/a\"\nschedule = \"*/5 * * * *\"\n[[standby]]\nvolume = \"rbd.b\"\nonto = \"rbd:dr/b\"\nkeep_snapshots = 0\ncluster = \"x\"\n",
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = e.issues.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["standby[0].onto", "standby[1].cluster", "standby[1].schedule", "standby[1].keep_snapshots"],
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -117,6 +117,31 @@ pub struct GcState {
     pub next_run: Option<DateTime<Utc>>,
 }
 
+/// The last replay of one standby image.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StandbyState {
+    /// The volume it follows.
+    pub volume: String,
+    /// `rbd:POOL/IMAGE`.
+    pub image: String,
+    /// When the last replay finished.
+    pub last_run: Option<DateTime<Utc>>,
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The backup the image is at (after the last successful replay).
+    pub backup_id: Option<String>,
+    /// That backup's time: how far behind the source the standby is.
+    pub backup_created: Option<DateTime<Utc>>,
+    /// `full`, `incremental`, `up-to-date`, `repaired`.
+    pub kind: Option<String>,
+    /// Seconds the last replay took.
+    pub seconds: f64,
+    /// When it runs next.
+    pub next_run: Option<DateTime<Utc>>,
+}
+
 /// Everything `ferry status` and `/metrics` show.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct WorkerState {
@@ -134,6 +159,9 @@ pub struct WorkerState {
     pub problems: BTreeMap<String, Vec<String>>,
     /// Garbage collection.
     pub gc: GcState,
+    /// Standby images, by `rbd:POOL/IMAGE` (with the cluster's name when not `default`).
+    #[serde(default)]
+    pub standbys: BTreeMap<String, StandbyState>,
     /// Configuration reloads (SIGHUP) applied.
     pub reloads: u64,
     /// Reloads refused (the old configuration stays).
@@ -401,6 +429,41 @@ pub fn render_metrics(state: &WorkerState, g: &Gauges, now: DateTime<Utc>) -> St
     f.sample("ferry_gc_last_success", "", if gc.ok { 1.0 } else { 0.0 });
     f.head("ferry_gc_last_duration_seconds", "gauge", "Duration of the last GC.");
     f.sample("ferry_gc_last_duration_seconds", "", gc.seconds);
+    if !state.standbys.is_empty() {
+        let labels = |k: &str, v: &StandbyState| format!("volume=\"{}\",standby=\"{}\"", esc(&v.volume), esc(k));
+        f.head(
+            "ferry_standby_last_success",
+            "gauge",
+            "1 if the last replay of the standby image succeeded.",
+        );
+        for (k, v) in &state.standbys {
+            f.sample("ferry_standby_last_success", &labels(k, v), if v.ok { 1.0 } else { 0.0 });
+        }
+        f.head(
+            "ferry_standby_last_run_timestamp_seconds",
+            "gauge",
+            "When the last replay finished (0: never).",
+        );
+        for (k, v) in &state.standbys {
+            f.sample("ferry_standby_last_run_timestamp_seconds", &labels(k, v), ts(v.last_run));
+        }
+        f.head(
+            "ferry_standby_lag_seconds",
+            "gauge",
+            "Age of the backup the standby image is at (+Inf: never replayed).",
+        );
+        for (k, v) in &state.standbys {
+            let lag = match v.backup_created {
+                Some(t) => ((now - t).num_milliseconds() as f64 / 1000.0).max(0.0),
+                None => f64::INFINITY,
+            };
+            f.sample("ferry_standby_lag_seconds", &labels(k, v), lag);
+        }
+        f.head("ferry_standby_last_duration_seconds", "gauge", "Duration of the last replay.");
+        for (k, v) in &state.standbys {
+            f.sample("ferry_standby_last_duration_seconds", &labels(k, v), v.seconds);
+        }
+    }
     f.head(
         "ferry_worker_config_reloads_total",
         "counter",

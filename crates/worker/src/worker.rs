@@ -37,13 +37,17 @@ pub struct OnceReport {
     pub volumes: BTreeMap<String, (RunResult, Option<String>)>,
     /// Problems of the selections (missing images).
     pub problems: Vec<String>,
+    /// Per standby image: the result and, on failure, why.
+    pub standbys: BTreeMap<String, (RunResult, Option<String>)>,
 }
 
 impl OnceReport {
     /// True when every volume succeeded (or was backed up by another worker) and no
     /// selection had problems.
     pub fn ok(&self) -> bool {
-        self.problems.is_empty() && self.volumes.values().all(|(r, _)| *r != RunResult::Failure)
+        self.problems.is_empty()
+            && self.volumes.values().all(|(r, _)| *r != RunResult::Failure)
+            && self.standbys.values().all(|(r, _)| *r != RunResult::Failure)
     }
 }
 
@@ -104,6 +108,16 @@ pub fn last_tick(crons: &[Cron], now: DateTime<Local>) -> Option<DateTime<Local>
             }
         })
         .max()
+}
+
+/// How a standby is named in the state and metrics: `rbd:POOL/IMAGE`, prefixed by its
+/// cluster's name unless that is `default`.
+fn standby_key(st: &crate::config::Standby) -> String {
+    if st.cluster == "default" {
+        format!("rbd:{}/{}", st.pool, st.image)
+    } else {
+        format!("{}:rbd:{}/{}", st.cluster, st.pool, st.image)
+    }
 }
 
 fn ceph_for(config: &WorkerConfig, sel: &Selection) -> Ceph {
@@ -343,8 +357,78 @@ impl Worker {
                 report.volumes.insert(volume, (res, err));
             }
         }
+        // Standby replays after the backups (a worker that has both replays what it made).
+        for st in &cfg.standbys {
+            let (res, err) = self.replay(st).await;
+            report.standbys.insert(standby_key(st), (res, err));
+        }
         self.save_state();
         report
+    }
+
+    /// One replay of a standby image (see `Engine::replay`), recorded in the state.
+    async fn replay(&self, st: &crate::config::Standby) -> (RunResult, Option<String>) {
+        let started = Instant::now();
+        let cfg = self.config();
+        let ceph = cfg.clusters.get(&st.cluster).cloned().unwrap_or_default();
+        let image = ferry_engine::RbdImage {
+            pool: st.pool.clone(),
+            image: st.image.clone(),
+        };
+        let opts = ferry_engine::ReplayOptions {
+            force: st.force,
+            keep_snapshots: st.keep_snapshots,
+            jobs: cfg.worker.jobs,
+            ..Default::default()
+        };
+        tracing::info!(volume = %st.volume, standby = %image, "replay started");
+        let r = self.engine.replay(&ceph, &st.volume, &image, &opts).await;
+        let created = match &r {
+            Ok(rep) => self
+                .engine
+                .chain(&st.volume)
+                .await
+                .ok()
+                .and_then(|c| c.backups.iter().find(|b| b.meta.backup_id == rep.backup_id).map(|b| b.meta.created)),
+            Err(_) => None,
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        let key = standby_key(st);
+        let out = self.with_state(|s| {
+            let e = s.standbys.entry(key.clone()).or_default();
+            e.volume = st.volume.clone();
+            e.image = format!("rbd:{image}");
+            e.last_run = Some(Utc::now());
+            e.seconds = seconds;
+            match &r {
+                Ok(rep) => {
+                    e.ok = true;
+                    e.error = None;
+                    e.backup_id = Some(rep.backup_id.clone());
+                    e.backup_created = created.or(e.backup_created);
+                    e.kind = Some(rep.kind.to_string());
+                    (RunResult::Success, None)
+                }
+                Err(err) => {
+                    e.ok = false;
+                    e.error = Some(full(err));
+                    (RunResult::Failure, Some(full(err)))
+                }
+            }
+        });
+        match &r {
+            Ok(rep) => tracing::info!(
+                volume = %st.volume,
+                standby = %image,
+                "replay done in {seconds:.1} s: {} to {} ({} blocks written)",
+                rep.kind,
+                rep.backup_id,
+                rep.blocks_written
+            ),
+            Err(e) => tracing::error!(volume = %st.volume, standby = %image, "replay failed: {}", full(e)),
+        }
+        self.save_state();
+        out
     }
 
     /// Runs until `control.shutdown`: selections on their schedules, missed runs once at
@@ -367,6 +451,9 @@ impl Worker {
             .collect();
         let mut next_gc = cfg.gc.as_ref().and_then(|g| next_tick(&g.schedule, now));
         self.with_state(|s| s.gc.next_run = next_gc.map(|t| t.with_timezone(&Utc)));
+        let mut next_standby: Vec<Option<DateTime<Local>>> = cfg.standbys.iter().map(|st| next_tick(&st.schedule, now)).collect();
+        let mut standby_running: BTreeSet<String> = BTreeSet::new();
+        let (standby_tx, mut standby_rx) = mpsc::unbounded_channel::<String>();
 
         // Missed runs: a volume whose newest backup is older than its selection's last tick
         // (or that has none) runs once now — with that tick as the bar, so a second worker
@@ -438,6 +525,27 @@ impl Worker {
                     });
                 }
             }
+            // Due standby replays.
+            for (i, st) in cfg.standbys.iter().enumerate() {
+                if next_standby[i].is_none_or(|t| t > now) {
+                    continue;
+                }
+                next_standby[i] = next_tick(&st.schedule, now);
+                let key = standby_key(st);
+                self.with_state(|s| s.standbys.entry(key.clone()).or_default().next_run = next_standby[i].map(|t| t.with_timezone(&Utc)));
+                if !standby_running.insert(key.clone()) {
+                    tracing::warn!(standby = %key, "its previous replay is still going; not starting another");
+                    continue;
+                }
+                let (w, st, tx) = (self.clone(), st.clone(), standby_tx.clone());
+                runs.spawn(async move {
+                    let _done = DoneGuard(tx, key);
+                    let Ok(_permit) = w.permits.clone().acquire_owned().await else {
+                        return;
+                    };
+                    w.replay(&st).await;
+                });
+            }
             // Due GC.
             if let (Some(g), Some(t)) = (&cfg.gc, next_gc) {
                 if t <= now {
@@ -465,7 +573,13 @@ impl Worker {
 
             // Sleep to the next due time, at most 5 s (bandwidth windows, heartbeat).
             let mut wake = Local::now() + chrono::Duration::seconds(5);
-            for t in next_sel.iter().chain(next_drill.iter()).chain(std::iter::once(&next_gc)).flatten() {
+            for t in next_sel
+                .iter()
+                .chain(next_drill.iter())
+                .chain(next_standby.iter())
+                .chain(std::iter::once(&next_gc))
+                .flatten()
+            {
                 wake = wake.min(*t);
             }
             let sleep = (wake - Local::now()).to_std().unwrap_or(Duration::ZERO);
@@ -476,6 +590,7 @@ impl Worker {
                 _ = tokio::time::sleep(sleep) => {}
                 Some(v) = done_rx.recv() => { running.remove(&v); }
                 Some(()) = gc_rx.recv() => { gc_running = false; }
+                Some(k) = standby_rx.recv() => { standby_running.remove(&k); }
                 Some(new) = control.reload.recv() => match new {
                     Ok(new) => {
                         tracing::info!("configuration reloaded from {}", new.file.display());
