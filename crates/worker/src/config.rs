@@ -1029,7 +1029,12 @@ schedule = "@daily"
         let keys: Vec<&str> = e.issues.iter().map(|i| i.key.as_str()).collect();
         assert_eq!(
             keys,
-            ["standby[0].onto", "standby[1].cluster", "standby[1].schedule", "standby[1].keep_snapshots"],
+            [
+                "standby[0].onto",
+                "standby[1].cluster",
+                "standby[1].schedule",
+                "standby[1].keep_snapshots"
+            ],
             "{e:?}"
         );
     }
