@@ -317,3 +317,66 @@ async fn a_manifest_deleted_during_the_audit_is_counted_not_reported() {
     assert_eq!(info, [("parent-forgotten", Some(s3.id.clone()))], "{report:#?}");
     assert_eq!(report.volumes["v"].backups, 2);
 }
+
+/// Verification that fits a budget (issue 12 item 5): each budgeted audit reads only objects
+/// no recent audit verified, never-verified first, and stops at its budget; together they
+/// cover the repository; a window of 0 reads everything again and finds damage.
+#[test]
+fn budgeted_audits_cover_the_repository_over_time() {
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let mut v = Volume::generated(14 * MIB, 1 << 20, 901);
+    repo.backup_bytes("vol", &v.diff("s1", Vec::new()).expect("diff"));
+    v.write(3 * MIB, &[9u8; 70_000]);
+    repo.backup_bytes("vol", &v.diff("s2", Vec::new()).expect("diff"));
+    let total = audit_json(&repo, &[], 0)["chunks_referenced"].as_u64().expect("n");
+    assert!(total >= 8, "{total}");
+    let mut covered = 0u64;
+    let mut runs = 0;
+    loop {
+        let j = audit_json(&repo, &["--outdated-after", "30d", "--max-requests", "3"], 0);
+        let (read, fresh) = (j["chunks_read"].as_u64().expect("n"), j["chunks_fresh"].as_u64().expect("n"));
+        assert_eq!(fresh, covered, "{j}");
+        assert_eq!(read, (total - covered).min(3), "{j}");
+        assert_eq!(j["budget_reached"], total - covered > 3, "{j}");
+        assert_eq!(j["chunks_outdated_left"].as_u64(), Some((total - covered).saturating_sub(3)), "{j}");
+        assert!(j["bytes_verified"].as_u64().expect("n") > 0 || read == 0, "{j}");
+        assert!(j["requests"]["bytes_down"].as_u64() >= j["bytes_verified"].as_u64(), "{j}");
+        covered += read;
+        runs += 1;
+        if read == 0 {
+            break;
+        }
+        assert!(runs < 20);
+    }
+    assert_eq!(covered, total);
+    assert_eq!(runs as u64, total.div_ceil(3) + 1);
+    // A byte budget, one download at a time: the first object spends it.
+    let j = audit_json(&repo, &["--outdated-after", "0", "--max-bytes", "1", "--jobs", "1"], 0);
+    assert_eq!(
+        (j["chunks_read"].as_u64(), j["budget_reached"].as_bool()),
+        (Some(1), Some(true)),
+        "{j}"
+    );
+    // Damage one chunk: an audit that reads everything again finds it.
+    let chunks = std::fs::read_dir(repo.repo_dir().join("chunks"))
+        .expect("dir")
+        .next()
+        .expect("a dir")
+        .expect("entry")
+        .path();
+    let victim = std::fs::read_dir(&chunks)
+        .expect("dir")
+        .next()
+        .expect("a chunk")
+        .expect("entry")
+        .path();
+    let mut bytes = std::fs::read(&victim).expect("read");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&victim, &bytes).expect("write");
+    let j = audit_json(&repo, &["--outdated-after", "30d"], 0);
+    assert_eq!(j["chunks_read"], 0, "verified recently: not read again within the window: {j}");
+    let j = audit_json(&repo, &["--outdated-after", "0", "--no-quarantine"], 3);
+    assert_eq!(j["chunks_read"].as_u64(), Some(total - 1), "{j}");
+    assert_eq!(j["findings"][0]["kind"], "corrupt-chunk", "{j}");
+}

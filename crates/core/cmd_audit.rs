@@ -26,6 +26,21 @@ pub struct AuditArgs {
     /// blocks uploads them again, and an RBD backup re-reads them from its snapshot).
     #[arg(long)]
     no_quarantine: bool,
+    /// Download only objects no audit verified within DURATION (e.g. 30d; implies
+    /// --read-data): each run records what it verified in the bucket (verified/), so a
+    /// budgeted daily audit covers the whole repository over time, oldest first.
+    #[arg(long, value_name = "DURATION", value_parser = parse_window)]
+    outdated_after: Option<std::time::Duration>,
+    /// Stop downloading for verification after about this many bytes (e.g. 20G); existence
+    /// checks go on. Egress costs money.
+    #[arg(long, value_name = "BYTES", value_parser = crate::output::parse_size)]
+    max_bytes: Option<u64>,
+    /// Stop downloading for verification after this many objects (one GET each).
+    #[arg(long, value_name = "N")]
+    max_requests: Option<u64>,
+    /// Do not record in the bucket what this audit verified (a read-only credential).
+    #[arg(long)]
+    no_record: bool,
     /// Also compare backups with their source: every backup whose snapshot still exists on
     /// the Ceph cluster (same cluster, same image) is read through librbd and each block
     /// compared with the backup's block map; a difference is a `source-mismatch` finding
@@ -52,9 +67,13 @@ pub async fn run(a: AuditArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
     let engine = r.engine(Progress::new(a.json)).await?;
     let opts = AuditOptions {
         volumes: a.volumes.clone(),
-        read_data_percent: a.read_data.unwrap_or(0.0),
+        read_data_percent: a.read_data.unwrap_or(if a.outdated_after.is_some() { 100.0 } else { 0.0 }),
         jobs: a.jobs,
         quarantine: !a.no_quarantine,
+        outdated_after: a.outdated_after,
+        max_bytes: a.max_bytes,
+        max_requests: a.max_requests,
+        remember: !a.no_record,
     };
     let mut report = engine.audit(&opts).await?;
     let source = if a.compare_source {
@@ -102,6 +121,19 @@ pub async fn run(a: AuditArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
             "{} manifests checked, {} chunks referenced, {} present, {} read and verified",
             report.manifests_checked, report.chunks_referenced, report.chunks_present, report.chunks_read
         );
+        if report.chunks_read > 0 || report.chunks_fresh > 0 || report.budget_reached {
+            println!(
+                "{} verified ({}); {} verified recently by an earlier audit, not read{}",
+                report.chunks_read,
+                crate::output::human_bytes(report.bytes_verified),
+                report.chunks_fresh,
+                if report.budget_reached {
+                    format!("; budget spent: {} object(s) left for the next audit", report.chunks_outdated_left)
+                } else {
+                    String::new()
+                }
+            );
+        }
         if let Some(c) = &source {
             println!(
                 "compared with the source: {} backup(s), {} block(s), {} read from the cluster",
@@ -145,4 +177,13 @@ pub async fn run(a: AuditArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
         return Err(EngineError::integrity(format!("audit found {} problem(s)", report.findings.len())).into());
     }
     Ok(exit::OK)
+}
+
+fn parse_window(s: &str) -> Result<std::time::Duration, String> {
+    if s.trim() == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    crate::cmd_prune::parse_duration(s)?
+        .to_std()
+        .map_err(|_| format!("'{s}' is not a positive duration"))
 }

@@ -9,7 +9,7 @@ use ferry_repo::{BackupRef, ChunkId, Manifest, Repository};
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::chunks::{block_objects, fetch_block, fetch_delta};
+use crate::chunks::block_objects;
 use crate::error::{Error, Result};
 use crate::observer::{Event, Observer, Operation};
 
@@ -25,6 +25,16 @@ pub struct AuditOptions {
     /// Quarantine chunks found missing or corrupt (FORMAT.md §13), so the next backup that
     /// has their blocks uploads them again.
     pub quarantine: bool,
+    /// Download only objects no audit verified within this long (the records under
+    /// `verified/`, FORMAT.md §16), the longest unverified first.
+    pub outdated_after: Option<std::time::Duration>,
+    /// Stop downloading for verification once this many bytes were read (objects already
+    /// in flight finish); existence checks go on.
+    pub max_bytes: Option<u64>,
+    /// Stop downloading for verification after this many objects (one GET each).
+    pub max_requests: Option<u64>,
+    /// Record the objects this audit verified (`verified/`), for later `outdated_after`.
+    pub remember: bool,
 }
 
 impl Default for AuditOptions {
@@ -34,6 +44,10 @@ impl Default for AuditOptions {
             read_data_percent: 0.0,
             jobs: 16,
             quarantine: true,
+            outdated_after: None,
+            max_bytes: None,
+            max_requests: None,
+            remember: true,
         }
     }
 }
@@ -93,6 +107,73 @@ pub struct AuditReport {
     pub ok: bool,
     /// Chunks found missing or corrupt and put in quarantine by this audit.
     pub quarantined: usize,
+    /// Bytes of objects downloaded and verified.
+    pub bytes_verified: u64,
+    /// Objects not read because a recent audit verified them (`outdated_after`).
+    pub chunks_fresh: usize,
+    /// Objects that were due to be read but were not, because the budget was spent.
+    pub chunks_outdated_left: usize,
+    /// `max_bytes` or `max_requests` stopped the reads.
+    pub budget_reached: bool,
+}
+
+/// Downloads and fully decodes one object (a chunk, or a delta object as the delta of its
+/// target on its base); returns its size in the store.
+async fn verify_object(repo: &Arc<Repository>, id: &ChunkId, delta: Option<(ChunkId, ChunkId)>) -> ferry_repo::Result<u64> {
+    let object = Vec::from(repo.get_chunk_object(id).await?);
+    let size = object.len() as u64;
+    let (repo, id) = (repo.clone(), *id);
+    crate::cpu::run(move || match delta {
+        None => repo.decode_chunk(&id, object).map(|_| ()),
+        Some((target, base)) => repo.decode_delta(&id, &target, &base, object).map(|_| ()),
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(ferry_repo::Error::Io {
+            context: "decode worker".into(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })?;
+    Ok(size)
+}
+
+/// What one object's check did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checked {
+    /// Found present (HEAD).
+    Present,
+    /// Downloaded and verified.
+    Read,
+}
+
+/// The audit's download budget.
+struct Budget {
+    max_bytes: Option<u64>,
+    max_requests: Option<u64>,
+    bytes: std::sync::atomic::AtomicU64,
+    requests: std::sync::atomic::AtomicU64,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl Budget {
+    /// Takes one download from the budget; false (counted as left over) when it is spent.
+    fn take_request(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.max_bytes.is_some_and(|m| self.bytes.load(Relaxed) >= m) {
+            self.refused.fetch_add(1, Relaxed);
+            return false;
+        }
+        let n = self.requests.fetch_add(1, Relaxed);
+        if self.max_requests.is_some_and(|m| n >= m) {
+            self.refused.fetch_add(1, Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn reached(&self) -> bool {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
 }
 
 /// What reading one listed manifest gave.
@@ -173,26 +254,57 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
     report.chunks_referenced = chunk_refs.len();
     let percent = opts.read_data_percent.clamp(0.0, 100.0);
     let read_key = blake3::hash(format!("{:?}", std::time::SystemTime::now()).as_bytes());
+    let started = chrono::Utc::now();
+    // What recent audits verified (FORMAT.md §16): not read again within the window.
+    let fresh: HashMap<ChunkId, chrono::DateTime<chrono::Utc>> = match opts.outdated_after {
+        Some(window) if percent > 0.0 => {
+            let since = started - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+            ferry_repo::verified::verified_since(&repo, since)
+                .await
+                .map_err(|e| Error::from(e).context("reading the verification records"))?
+        }
+        _ => HashMap::new(),
+    };
+    // Sample by a per-run keyed hash of the ID: uniform, and different each run. With a
+    // window, only outdated objects are candidates.
+    let mut items: Vec<(ChunkId, bool)> = chunk_refs
+        .into_iter()
+        .map(|id| {
+            let h = blake3::keyed_hash(read_key.as_bytes(), &id.0);
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&h.as_bytes()[..8]);
+            let sampled = percent >= 100.0 || (percent > 0.0 && (u64::from_le_bytes(first) % 10_000) < (percent * 100.0) as u64);
+            (id, sampled && !fresh.contains_key(&id))
+        })
+        .collect();
+    report.chunks_fresh = items.iter().filter(|(id, _)| fresh.contains_key(id)).count();
+    // Reads first (so a budget is spent on them, not cut short by existence checks), and
+    // among them the objects verified longest ago — never-verified ones first.
+    items.sort_by_key(|(id, read)| (!*read, fresh.get(id).copied(), *id));
+    let budget = Arc::new(Budget {
+        max_bytes: opts.max_bytes,
+        max_requests: opts.max_requests,
+        bytes: std::sync::atomic::AtomicU64::new(0),
+        requests: std::sync::atomic::AtomicU64::new(0),
+        refused: std::sync::atomic::AtomicU64::new(0),
+    });
     // Owned items: the future stays `Send` (a borrowing closure here defeats the compiler's
     // proof, so the audit could not be spawned).
-    let checks = chunk_refs.into_iter().map(|id| {
+    let checks = items.into_iter().map(|(id, read)| {
         let repo = repo.clone();
         let delta = delta_of.get(&id).copied();
-        // Sample by a per-run keyed hash of the ID: uniform, and different each run.
-        let h = blake3::keyed_hash(read_key.as_bytes(), &id.0);
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&h.as_bytes()[..8]);
-        let sample = percent >= 100.0 || (percent > 0.0 && (u64::from_le_bytes(first) % 10_000) < (percent * 100.0) as u64);
+        let budget = budget.clone();
         async move {
-            let res = if sample {
-                match delta {
-                    None => fetch_block(&repo, &id).await.map(|_| true),
-                    Some((target, base)) => fetch_delta(&repo, &id, &target, &base).await.map(|_| true),
-                }
+            let read = read && budget.take_request();
+            let res = if read {
+                verify_object(&repo, &id, delta).await.map(|size| {
+                    budget.bytes.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+                    Checked::Read
+                })
             } else {
                 repo.chunk_exists(&id).await.and_then(|e| {
                     if e {
-                        Ok(false)
+                        Ok(Checked::Present)
                     } else {
                         Err(ferry_repo::Error::NotFound { path: id.object_key() })
                     }
@@ -203,6 +315,7 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
     });
     let mut results = futures::stream::iter(checks).buffer_unordered(jobs);
     let mut done = 0u64;
+    let mut verified: Vec<ChunkId> = Vec::new();
     let mut bad: HashMap<ChunkId, (&'static str, String)> = HashMap::new();
     while let Some((id, res)) = results.next().await {
         done += 1;
@@ -211,10 +324,11 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
             done,
         });
         match res {
-            Ok(read) => {
+            Ok(checked) => {
                 report.chunks_present += 1;
-                if read {
+                if checked == Checked::Read {
                     report.chunks_read += 1;
+                    verified.push(id);
                 }
             }
             Err(ferry_repo::Error::NotFound { .. }) => {
@@ -227,6 +341,15 @@ async fn run(repo: Arc<Repository>, observer: &dyn Observer, opts: &AuditOptions
         }
     }
     drop(results);
+    report.bytes_verified = budget.bytes.load(std::sync::atomic::Ordering::Relaxed);
+    report.budget_reached = budget.reached();
+    report.chunks_outdated_left = budget.refused.load(std::sync::atomic::Ordering::Relaxed) as usize;
+    if opts.remember && !verified.is_empty() {
+        verified.sort();
+        ferry_repo::verified::record_verified(&repo, &verified, started)
+            .await
+            .map_err(|e| Error::from(e).context("recording what this audit verified"))?;
+    }
     // Every backup that references a bad chunk, not only the first one found.
     for (b, m) in &manifests {
         let mut hits: BTreeMap<ChunkId, Vec<u64>> = BTreeMap::new();

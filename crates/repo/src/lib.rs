@@ -22,6 +22,7 @@ pub mod retry;
 pub mod session;
 pub mod spec;
 pub mod store;
+pub mod verified;
 
 #[cfg(test)]
 mod fuzz_seeds;
