@@ -697,6 +697,67 @@ fn a_standby_image_follows_the_backups_through_grow_shrink_and_a_broken_replay()
     }
 }
 
+/// Instant restore (issue 12 item 2): right after `--instant` says the image is usable, the
+/// image is still a migration (its data behind a slowed-down store) and `rbd export` of it
+/// already equals the backup; once ferry exits the migration is committed, the image is an
+/// ordinary one and still equal. A second instant restore onto an existing image is refused.
+#[test]
+fn an_instant_restore_is_readable_at_once_and_whole_after_the_migration() {
+    let c = cluster();
+    let repo = c.file_repo();
+    let name = unique("instant-src");
+    let image = format!("rbd/{name}");
+    c.rbd(&["create", "--size", "48M", &image]);
+    apply(
+        c,
+        &image,
+        48 * MIB,
+        &[
+            (0, Some(pattern(61, 9 * MIB as usize)), 0),
+            (30 * MIB, Some(pattern(62, 10 * MIB as usize)), 0),
+        ],
+    );
+    let j = repo.json(&["backup", &format!("rbd:{image}")]);
+    let snap = j["to_snap"].as_str().expect("snap").to_string();
+    let want = c.export_hash(&format!("{image}@{snap}"));
+    let target = format!("rbd/{}", unique("instant-dr"));
+    // Every chunk GET takes a second: the migration runs for several.
+    let mut child = repo
+        .cmd(&["restore", &format!("rbd.{name}"), "--to", &format!("rbd:{target}"), "--instant"])
+        .env("FERRY_TEST_FAULTS", "get:chunks/*:slow=1s")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).expect("read");
+    assert!(line.contains("is usable after"), "{line}");
+    let status = String::from_utf8_lossy(&c.rbd(&["status", &target])).to_string();
+    assert!(status.contains("Migration"), "still migrating when it is usable: {status}");
+    assert_eq!(c.export_hash(&target), want, "readable at once, and equal");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).expect("read");
+    let code = child.wait().expect("wait");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err).expect("stderr");
+    assert!(code.success(), "{rest}\n{err}");
+    assert!(rest.contains("the migration is committed"), "{rest}");
+    let status = String::from_utf8_lossy(&c.rbd(&["status", &target])).to_string();
+    assert!(!status.contains("Migration"), "{status}");
+    assert_eq!(c.export_hash(&target), want);
+    c.rbd(&["snap", "create", "--no-progress", &format!("{target}@ordinary")]);
+    let again = repo.fails(
+        &["restore", &format!("rbd.{name}"), "--to", &format!("rbd:{target}"), "--instant"],
+        5,
+    );
+    assert!(again.contains("exists"), "{again}");
+    for i in [&image, &target] {
+        c.rbd(&["snap", "purge", "--no-progress", i]);
+        c.rbd(&["rm", "--no-progress", i]);
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // Oracles that are not ferry: the kernel's block device, the real rbd import-diff and export,
 // RADOS locks seen by the rados tool, the raw bytes of the bucket.

@@ -48,6 +48,19 @@ pub struct RestoreArgs {
     /// Chunks in flight.
     #[arg(long, default_value_t = ferry_engine::default_jobs())]
     jobs: usize,
+    /// With --to rbd:POOL/IMAGE: make the image usable at once, before its data is copied.
+    /// ferry serves the backup over HTTP and prepares an import-only live migration from it
+    /// (Ceph 16.2+); a line says when the image is usable, then ferry copies the rest
+    /// (`rbd migration execute`), commits, and exits. Keep it running until then: reads of
+    /// data not yet copied go through it.
+    #[arg(long)]
+    instant: bool,
+    /// With --instant: the address to serve on (every client of the image must reach it).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0", requires = "instant")]
+    listen: std::net::SocketAddr,
+    /// With --instant: the host name in the image's source URL (default: the --listen address).
+    #[arg(long, value_name = "HOST", requires = "instant")]
+    url_host: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -72,6 +85,52 @@ pub async fn run(a: RestoreArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
         OutFormat::Raw => StreamFormat::Raw,
         OutFormat::ImportDiff => StreamFormat::ImportDiff,
     };
+    if a.instant {
+        let Some(image) = RbdImage::parse(&to) else {
+            anyhow::bail!("--instant restores into an RBD image: --to rbd:POOL/IMAGE");
+        };
+        let prepared = engine
+            .instant_restore(
+                &ceph.ceph(),
+                manifest.clone(),
+                &image,
+                &ferry_engine::InstantOptions {
+                    listen: a.listen,
+                    url_host: a.url_host.clone(),
+                },
+            )
+            .await?;
+        let usable = prepared.usable_after().as_secs_f64();
+        if a.json {
+            eprintln!("ferry: rbd:{image} is usable after {usable:.2} s; copying the rest");
+        } else {
+            use std::io::Write;
+            println!(
+                "rbd:{image} is usable after {usable:.2} s ({}@{}); copying the rest in the background — keep ferry running",
+                br.volume, manifest.meta.backup_id
+            );
+            let _ = std::io::stdout().flush();
+        }
+        let report = prepared.complete().await?;
+        if a.json {
+            print_json(&serde_json::json!({
+                "volume": br.volume,
+                "backup_id": manifest.meta.backup_id,
+                "to": to,
+                "instant": report,
+                "requests": engine.repository().store().requests(),
+            }))?;
+        } else {
+            println!(
+                "rbd:{image} complete after {:.2} s: {} served in {} requests, {} blocks fetched; the migration is committed",
+                report.complete_after_s,
+                human_bytes(report.bytes_served),
+                report.requests,
+                report.blocks_fetched
+            );
+        }
+        return Ok(exit::OK);
+    }
     let target: Box<dyn RestoreTarget> = if let Some(image) = RbdImage::parse(&to) {
         Box::new(engine.rbd_target(&ceph.ceph(), &image, a.force, a.snap_name.clone()))
     } else if to == "-" {

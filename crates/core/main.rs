@@ -20,6 +20,7 @@ mod cmd_protect;
 mod cmd_prune;
 mod cmd_replay;
 mod cmd_restore;
+mod cmd_serve;
 mod cmd_status;
 mod cmd_sync;
 mod cmd_worker;
@@ -114,6 +115,9 @@ enum Command {
     /// Keep a warm standby RBD image in this cluster current with a volume's newest backup:
     /// writes only what changed, from the bucket alone.
     Replay(cmd_replay::ReplayArgs),
+    /// Serve a backup as a read-only raw image over HTTP with range requests (token in the
+    /// path), without restoring it.
+    Serve(cmd_serve::ServeArgs),
 }
 
 async fn run(cmd: Command, config: Option<std::path::PathBuf>, repo: RepoArgs, ceph: CephArgs) -> anyhow::Result<u8> {
@@ -135,6 +139,7 @@ async fn run(cmd: Command, config: Option<std::path::PathBuf>, repo: RepoArgs, c
         Command::Index(a) => cmd_index::run(a, repo).await,
         Command::Sync(a) => cmd_sync::run(a, repo).await,
         Command::Replay(a) => cmd_replay::run(a, repo, &ceph).await,
+        Command::Serve(a) => cmd_serve::run(a, repo).await,
     }
 }
 

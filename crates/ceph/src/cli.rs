@@ -380,6 +380,51 @@ impl RbdCli {
         DiffExtent::list_from_json(&out.stdout).map_err(|source| json_error(cmd, &out.stdout, source))
     }
 
+    /// `rbd migration prepare --import-only --source-spec-path SPEC POOL/IMAGE`: creates the
+    /// image as an import-only live migration from the source the spec names (Ceph 16.2+); the
+    /// image is usable at once, reads of data not yet copied go to the source.
+    pub fn migration_prepare_import(&self, pool: &str, image: &str, source_spec: &std::path::Path) -> Result<(), Error> {
+        let spec = image_spec(pool, image)?;
+        let target = Target::image(pool, image, Op::Create);
+        let path = source_spec.to_string_lossy();
+        self.run_ok(
+            &["migration", "prepare", "--import-only", "--source-spec-path", &path, &spec],
+            &target,
+        )?;
+        Ok(())
+    }
+
+    /// `rbd migration execute --no-progress POOL/IMAGE`: copies everything from the source
+    /// (as long as it takes: no command timeout).
+    pub fn migration_execute(&self, pool: &str, image: &str) -> Result<(), Error> {
+        let spec = image_spec(pool, image)?;
+        let target = Target::image(pool, image, Op::Other);
+        let long = RbdCli {
+            command_timeout: Duration::from_secs(30 * 24 * 3600),
+            ..self.clone()
+        };
+        long.run_ok(&["migration", "execute", "--no-progress", &spec], &target)?;
+        Ok(())
+    }
+
+    /// `rbd migration commit --no-progress POOL/IMAGE`: ends a finished migration (the image
+    /// no longer refers to its source).
+    pub fn migration_commit(&self, pool: &str, image: &str) -> Result<(), Error> {
+        let spec = image_spec(pool, image)?;
+        let target = Target::image(pool, image, Op::Other);
+        self.run_ok(&["migration", "commit", "--no-progress", &spec], &target)?;
+        Ok(())
+    }
+
+    /// `rbd migration abort --no-progress POOL/IMAGE`: abandons a migration (an import-only
+    /// one: the image is removed).
+    pub fn migration_abort(&self, pool: &str, image: &str) -> Result<(), Error> {
+        let spec = image_spec(pool, image)?;
+        let target = Target::image(pool, image, Op::Other);
+        self.run_ok(&["migration", "abort", "--no-progress", &spec], &target)?;
+        Ok(())
+    }
+
     /// `rbd image-meta list --format json POOL/IMAGE`: the image's metadata keys and values.
     pub fn meta_list(&self, pool: &str, image: &str) -> Result<std::collections::BTreeMap<String, String>, Error> {
         let spec = image_spec(pool, image)?;

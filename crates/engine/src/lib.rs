@@ -30,6 +30,7 @@ pub mod observer;
 mod rbd;
 mod replay;
 mod restore;
+mod serve;
 mod sync;
 mod target;
 
@@ -51,6 +52,7 @@ pub use rbd::{
 };
 pub use replay::{standby_snapshot, ReplayOptions, ReplayReport, META_BACKUP, META_PENDING, META_VOLUME};
 pub use restore::{BlockFailure, Layout, RestoreIncomplete, RestoreOptions, RestoreReport, RestoreTarget, StreamFormat};
+pub use serve::{new_token, serve_http, BackupImage, InstantOptions, InstantReport, InstantRestore, ServeStats};
 pub use sync::{SyncOptions, SyncOutcome, SyncSkip};
 pub use target::{partial_path, FileTarget, StreamTarget};
 pub use tokio_util::sync::CancellationToken;
@@ -280,6 +282,20 @@ impl Engine {
     /// in full). Refuses an image written since its last replay unless `opts.force`.
     pub async fn replay(&self, ceph: &Ceph, volume: &str, image: &RbdImage, opts: &ReplayOptions) -> Result<ReplayReport> {
         replay::replay(self, ceph, volume, image, opts).await
+    }
+
+    /// Instant restore: serves `manifest` as a raw image over HTTP and makes `image` an
+    /// import-only live migration from it (`rbd migration prepare`), so the image is usable
+    /// at once; [`InstantRestore::complete`] copies the rest and commits. The server lives in
+    /// this process: keep it running until `complete` returns.
+    pub async fn instant_restore(
+        &self,
+        ceph: &Ceph,
+        manifest: Arc<Manifest>,
+        image: &RbdImage,
+        opts: &InstantOptions,
+    ) -> Result<InstantRestore> {
+        serve::instant(self.repo.clone(), ceph, manifest, image, opts).await
     }
 
     /// Compares backups with their source snapshots where those still exist on the cluster

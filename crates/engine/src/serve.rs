@@ -1,0 +1,534 @@
+//! A backup served as a read-only raw image over HTTP/1.1 with range requests (`ferry serve`,
+//! and the source of an instant restore: `rbd migration prepare --import-only` with a
+//! raw/http source spec reads through it).
+//!
+//! One path only, `/<token>/image.raw` — the token is the authorisation (any other path is a
+//! 404); `HEAD` gives the size, `GET` with `Range: bytes=A-B` a 206 of those bytes, `GET`
+//! without a range the whole image. Connections are kept alive and pipelined requests are
+//! answered in order (librbd's client pipelines). Holes are zeros without a fetch; blocks are
+//! fetched through [`fetch_content`] (deltas applied, the content ID checked) and the last few
+//! kept decoded; blocks of one range are fetched in parallel.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ferry_repo::{Manifest, Repository};
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::chunks::fetch_content;
+use crate::error::{Error, ErrorKind, Result};
+
+/// Decoded blocks kept (4 MiB blocks: 32 MiB).
+const CACHE_BLOCKS: usize = 8;
+/// The largest range one request may ask for.
+const MAX_RANGE: u64 = 64 << 20;
+
+/// What a server has done so far.
+#[derive(Debug, Default)]
+pub struct ServeStats {
+    /// Requests answered.
+    pub requests: AtomicU64,
+    /// Body bytes sent.
+    pub bytes: AtomicU64,
+    /// Blocks fetched from the repository.
+    pub blocks_fetched: AtomicU64,
+}
+
+/// A backup as a random-access image.
+pub struct BackupImage {
+    repo: Arc<Repository>,
+    manifest: Arc<Manifest>,
+    cache: Mutex<VecDeque<(u64, Arc<Vec<u8>>)>>,
+    stats: Arc<ServeStats>,
+}
+
+impl BackupImage {
+    /// The image of `manifest`.
+    pub fn new(repo: Arc<Repository>, manifest: Arc<Manifest>) -> BackupImage {
+        BackupImage {
+            repo,
+            manifest,
+            cache: Mutex::new(VecDeque::new()),
+            stats: Arc::new(ServeStats::default()),
+        }
+    }
+
+    /// Its size in bytes.
+    pub fn size(&self) -> u64 {
+        self.manifest.meta.image_size
+    }
+
+    /// What the server did so far.
+    pub fn stats(&self) -> &Arc<ServeStats> {
+        &self.stats
+    }
+
+    /// Block `i` in full (zeros for a hole and past the chunk's end).
+    async fn block(&self, i: u64) -> Result<Arc<Vec<u8>>> {
+        let len = self.manifest.block_len(i) as usize;
+        let Some(id) = self.manifest.blocks.get(i as usize).copied().flatten() else {
+            return Ok(Arc::new(vec![0u8; len]));
+        };
+        if let Some(b) = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|c| c.iter().find(|(j, _)| *j == i).map(|(_, b)| b.clone()))
+        {
+            return Ok(b);
+        }
+        let mut data = fetch_content(&self.repo, &self.manifest.deltas, &id).await.map_err(|e| {
+            let kind = match &*e.error {
+                ferry_repo::Error::NotFound { .. } => ErrorKind::Integrity,
+                other => crate::error::repo_error_kind(other),
+            };
+            Error::new(kind, format!("block {i} (object {}): {}", e.object, e.error), None)
+        })?;
+        data.resize(len, 0);
+        self.stats.blocks_fetched.fetch_add(1, Ordering::Relaxed);
+        let data = Arc::new(data);
+        if let Ok(mut c) = self.cache.lock() {
+            if c.len() >= CACHE_BLOCKS {
+                c.pop_front();
+            }
+            c.push_back((i, data.clone()));
+        }
+        Ok(data)
+    }
+
+    /// `len` bytes at `offset` (within the image).
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let end = offset.saturating_add(len).min(self.size());
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let bs = self.manifest.meta.block_size.get();
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let blocks: Vec<(u64, Result<Arc<Vec<u8>>>)> = futures::stream::iter(first..=last)
+            .map(|i| async move { (i, self.block(i).await) })
+            .buffered(4)
+            .collect()
+            .await;
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for (i, b) in blocks {
+            let b = b?;
+            let start = offset.max(i * bs) - i * bs;
+            let stop = end.min(i * bs + b.len() as u64) - i * bs;
+            out.extend_from_slice(&b[start as usize..stop as usize]);
+        }
+        Ok(out)
+    }
+}
+
+/// Serves `image` on `listener` at `/<token>/image.raw` until `stop` is cancelled.
+pub async fn serve_http(image: Arc<BackupImage>, listener: TcpListener, token: String, stop: CancellationToken) {
+    let path: Arc<str> = Arc::from(format!("/{token}/image.raw"));
+    let slots = Arc::new(tokio::sync::Semaphore::new(64));
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((sock, _)) = accepted else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let (image, path, stop) = (image.clone(), path.clone(), stop.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                r = connection(sock, &image, &path) => {
+                    if let Err(e) = r {
+                        tracing::debug!("image server connection ended: {e}");
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// One request as far as this server cares.
+struct Request {
+    method: String,
+    path: String,
+    range: Option<String>,
+    close: bool,
+}
+
+fn parse_request(head: &str) -> Option<Request> {
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next()?.split_whitespace();
+    let (method, target, version) = (first.next()?, first.next()?, first.next().unwrap_or("HTTP/1.0"));
+    let mut range = None;
+    let mut close = version == "HTTP/1.0";
+    for l in lines {
+        let Some((k, v)) = l.split_once(':') else { continue };
+        let v = v.trim();
+        if k.eq_ignore_ascii_case("range") {
+            range = Some(v.to_string());
+        } else if k.eq_ignore_ascii_case("connection") {
+            close = v.eq_ignore_ascii_case("close");
+        }
+    }
+    Some(Request {
+        method: method.to_string(),
+        path: target.split('?').next().unwrap_or("").to_string(),
+        range,
+        close,
+    })
+}
+
+/// `bytes=A-B`, `bytes=A-` or `bytes=-N` → the inclusive range within `size`; `Err(())` when
+/// it cannot be satisfied (416), `Ok(None)` for a form this server does not take (several
+/// ranges: answered with the whole image, as HTTP allows).
+fn parse_range(v: &str, size: u64) -> std::result::Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = v.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (a, b) = (a.trim(), b.trim());
+    let (start, end) = if a.is_empty() {
+        let n: u64 = b.parse().map_err(|_| ())?;
+        if n == 0 {
+            return Err(());
+        }
+        (size.saturating_sub(n), size.saturating_sub(1))
+    } else {
+        let start: u64 = a.parse().map_err(|_| ())?;
+        let end = if b.is_empty() {
+            size.saturating_sub(1)
+        } else {
+            b.parse::<u64>().map_err(|_| ())?.min(size.saturating_sub(1))
+        };
+        (start, end)
+    };
+    if start >= size || end < start {
+        return Err(());
+    }
+    Ok(Some((start, end.min(start + MAX_RANGE - 1))))
+}
+
+async fn connection(mut sock: TcpStream, image: &BackupImage, path: &str) -> std::io::Result<()> {
+    let _ = sock.set_nodelay(true);
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 8192];
+    loop {
+        // One request's head (pipelined ones stay in `buf`).
+        let end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            if buf.len() > 16 << 10 {
+                return write_simple(&mut sock, "431 Request Header Fields Too Large", true).await;
+            }
+            let n = sock.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end);
+        let Some(req) = parse_request(&head) else {
+            return write_simple(&mut sock, "400 Bad Request", true).await;
+        };
+        image.stats.requests.fetch_add(1, Ordering::Relaxed);
+        if req.path != path {
+            write_simple(&mut sock, "404 Not Found", req.close).await?;
+        } else if req.method == "HEAD" {
+            let h = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\nContent-Type: application/octet-stream\r\n{}\r\n",
+                image.size(),
+                if req.close { "Connection: close\r\n" } else { "" }
+            );
+            sock.write_all(h.as_bytes()).await?;
+        } else if req.method != "GET" {
+            write_simple(&mut sock, "405 Method Not Allowed", req.close).await?;
+        } else {
+            let size = image.size();
+            match req.range.as_deref().map(|r| parse_range(r, size)) {
+                Some(Err(())) => {
+                    let h = format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{size}\r\nContent-Length: 0\r\n\r\n");
+                    sock.write_all(h.as_bytes()).await?;
+                }
+                Some(Ok(Some((a, b)))) => match image.read(a, b - a + 1).await {
+                    Ok(data) => {
+                        let h = format!(
+                            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/{size}\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n{}\r\n",
+                            data.len(),
+                            if req.close { "Connection: close\r\n" } else { "" }
+                        );
+                        sock.write_all(h.as_bytes()).await?;
+                        sock.write_all(&data).await?;
+                        image.stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::error!("serving bytes {a}-{b}: {e}");
+                        return write_simple(&mut sock, "500 Internal Server Error", true).await;
+                    }
+                },
+                _ => {
+                    // The whole image, block by block.
+                    let h = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nAccept-Ranges: bytes\r\nContent-Type: application/octet-stream\r\n{}\r\n",
+                        if req.close { "Connection: close\r\n" } else { "" }
+                    );
+                    sock.write_all(h.as_bytes()).await?;
+                    let bs = 4 << 20;
+                    let mut off = 0;
+                    while off < size {
+                        match image.read(off, bs).await {
+                            Ok(data) => {
+                                sock.write_all(&data).await?;
+                                image.stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                                off += data.len() as u64;
+                            }
+                            Err(e) => {
+                                // Headers are out: closing early is the only way to say it.
+                                tracing::error!("serving the image at {off}: {e}");
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if req.close {
+            return Ok(());
+        }
+    }
+}
+
+async fn write_simple(sock: &mut TcpStream, status: &str, close: bool) -> std::io::Result<()> {
+    let h = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: 0\r\n{}\r\n",
+        if close { "Connection: close\r\n" } else { "" }
+    );
+    sock.write_all(h.as_bytes()).await
+}
+
+/// A random token (32 hex digits) for the served path.
+pub fn new_token() -> String {
+    let mut b = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Binds `addr` for a server (fails at once when it cannot).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::new(ErrorKind::Failed, format!("binding {addr}"), Some(Box::new(e))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Ok(Some((0, 9))));
+        assert_eq!(parse_range("bytes=90-", 100), Ok(Some((90, 99))));
+        assert_eq!(parse_range("bytes=-10", 100), Ok(Some((90, 99))));
+        assert_eq!(parse_range("bytes=95-200", 100), Ok(Some((95, 99))));
+        assert_eq!(parse_range("bytes=100-101", 100), Err(()));
+        assert_eq!(parse_range("bytes=5-4", 100), Err(()));
+        assert_eq!(parse_range("bytes=0-1,4-5", 100), Ok(None));
+        assert_eq!(parse_range("items=0-1", 100), Ok(None));
+        assert_eq!(parse_range("bytes=x-1", 100), Err(()));
+    }
+}
+
+/// Where an instant restore's server listens, and the host its URL names.
+#[derive(Debug, Clone)]
+pub struct InstantOptions {
+    /// Address to bind (port 0: any free port).
+    pub listen: SocketAddr,
+    /// The host name or address every client of the image reaches the server at (the URL in
+    /// the image's migration source spec); default: the bound address.
+    pub url_host: Option<String>,
+}
+
+/// An instant restore whose image is usable: the server runs and `rbd migration execute`
+/// has not finished yet ([`InstantRestore::complete`]).
+pub struct InstantRestore {
+    rbd: ferry_ceph::RbdCli,
+    target: crate::rbd::RbdImage,
+    image: Arc<BackupImage>,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+    started: std::time::Instant,
+    usable_after: std::time::Duration,
+    url: String,
+}
+
+/// What an instant restore did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InstantReport {
+    /// Seconds until the image could be opened and read.
+    pub usable_after_s: f64,
+    /// Seconds until every block was copied and the migration committed.
+    pub complete_after_s: f64,
+    /// Requests the server answered.
+    pub requests: u64,
+    /// Bytes it sent.
+    pub bytes_served: u64,
+    /// Blocks it fetched from the repository.
+    pub blocks_fetched: u64,
+}
+
+impl InstantRestore {
+    /// How long until the image was usable.
+    pub fn usable_after(&self) -> std::time::Duration {
+        self.usable_after
+    }
+
+    /// The source URL the image reads through (it carries the token: keep it private).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Copies everything (`rbd migration execute`) and commits the migration: afterwards the
+    /// image is an ordinary image. On failure the migration is aborted (the image removed).
+    pub async fn complete(self) -> Result<InstantReport> {
+        let (rbd, t) = (self.rbd.clone(), self.target.clone());
+        let executed = crate::cpu::blocking(move || {
+            rbd.migration_execute(&t.pool, &t.image)
+                .map_err(|e| Error::new(ErrorKind::Source, format!("rbd migration execute of {t} failed"), Some(Box::new(e))))?;
+            rbd.migration_commit(&t.pool, &t.image)
+                .map_err(|e| Error::new(ErrorKind::Source, format!("rbd migration commit of {t} failed"), Some(Box::new(e))))
+        })
+        .await;
+        let complete_after = self.started.elapsed();
+        if let Err(e) = executed {
+            let (rbd, t) = (self.rbd.clone(), self.target.clone());
+            let aborted = crate::cpu::blocking(move || {
+                rbd.migration_abort(&t.pool, &t.image)
+                    .map_err(|e| Error::new(ErrorKind::Source, e.to_string(), None))
+            })
+            .await;
+            self.stop.cancel();
+            let _ = self.server.await;
+            return Err(e.context(match aborted {
+                Ok(()) => format!(
+                    "instant restore into {} failed; the migration was aborted and the image removed",
+                    self.target
+                ),
+                Err(a) => format!(
+                    "instant restore into {} failed, and aborting the migration failed too ({a}): run `rbd migration abort {}`",
+                    self.target, self.target
+                ),
+            }));
+        }
+        self.stop.cancel();
+        let _ = self.server.await;
+        let s = self.image.stats();
+        Ok(InstantReport {
+            usable_after_s: self.usable_after.as_secs_f64(),
+            complete_after_s: complete_after.as_secs_f64(),
+            requests: s.requests.load(Ordering::Relaxed),
+            bytes_served: s.bytes.load(Ordering::Relaxed),
+            blocks_fetched: s.blocks_fetched.load(Ordering::Relaxed),
+        })
+    }
+}
+
+fn stop_now(stop: &CancellationToken) {
+    stop.cancel();
+}
+
+/// Starts an instant restore of `manifest` into the new image `target` (see
+/// [`crate::Engine::instant_restore`]).
+pub(crate) async fn instant(
+    repo: Arc<Repository>,
+    ceph: &crate::rbd::Ceph,
+    manifest: Arc<Manifest>,
+    target: &crate::rbd::RbdImage,
+    opts: &InstantOptions,
+) -> Result<InstantRestore> {
+    let started = std::time::Instant::now();
+    let rbd = ceph.rbd();
+    {
+        let (rbd, t) = (rbd.clone(), target.clone());
+        let exists = crate::cpu::blocking(move || {
+            rbd.exists(&t.pool, &t.image)
+                .map_err(|e| Error::new(ErrorKind::Source, format!("looking up {t}"), Some(Box::new(e))))
+        })
+        .await?;
+        if exists {
+            return Err(Error::refused(format!("RBD image {target} exists; an instant restore creates it")));
+        }
+    }
+    let listener = bind(opts.listen).await?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Error::new(ErrorKind::Failed, "reading the bound address", Some(Box::new(e))))?;
+    let token = new_token();
+    let host = opts.url_host.clone().unwrap_or_else(|| match bound.ip() {
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    });
+    let url = format!("http://{host}:{}/{token}/image.raw", bound.port());
+    let image = Arc::new(BackupImage::new(repo, manifest));
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(serve_http(image.clone(), listener, token, stop.clone()));
+    // The source spec names the URL (and so the token): a private file, gone after prepare.
+    if host.chars().any(|c| c.is_control() || c.is_whitespace() || "\"\\/?#@".contains(c)) {
+        stop_now(&stop);
+        return Err(Error::refused(format!("'{host}' cannot be the host of the image's URL")));
+    }
+    let spec = format!("{{\"type\": \"raw\", \"stream\": {{\"type\": \"http\", \"url\": \"{url}\"}}}}");
+    let prepared = {
+        let (rbd, t) = (rbd.clone(), target.clone());
+        crate::cpu::blocking(move || {
+            let path = std::env::temp_dir().join(format!("ferry-source-spec-{}.json", new_token()));
+            struct Gone(std::path::PathBuf);
+            impl Drop for Gone {
+                fn drop(&mut self) {
+                    let _ = std::fs::remove_file(&self.0);
+                }
+            }
+            let _gone = Gone(path.clone());
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|e| Error::new(ErrorKind::Failed, "writing the migration source spec", Some(Box::new(e))))?;
+                f.write_all(spec.as_bytes())
+                    .map_err(|e| Error::new(ErrorKind::Failed, "writing the migration source spec", Some(Box::new(e))))?;
+            }
+            rbd.migration_prepare_import(&t.pool, &t.image, &path)
+                .map_err(|e| Error::new(ErrorKind::Source, format!("rbd migration prepare of {t} failed"), Some(Box::new(e))))
+        })
+        .await
+    };
+    if let Err(e) = prepared {
+        stop.cancel();
+        let _ = server.await;
+        return Err(e);
+    }
+    Ok(InstantRestore {
+        rbd,
+        target: target.clone(),
+        image,
+        stop,
+        server,
+        started,
+        usable_after: started.elapsed(),
+        url,
+    })
+}
