@@ -26,8 +26,8 @@ pub struct AuditArgs {
     /// blocks uploads them again, and an RBD backup re-reads them from its snapshot).
     #[arg(long)]
     no_quarantine: bool,
-    /// Download only objects no audit verified within DURATION (e.g. 30d; implies
-    /// --read-data): each run records what it verified in the bucket (verified/), so a
+    /// Download only objects no such audit verified within DURATION (e.g. 30d; implies
+    /// --read-data), and record what this one verified in the bucket (verified/), so a
     /// budgeted daily audit covers the whole repository over time, oldest first.
     #[arg(long, value_name = "DURATION", value_parser = parse_window)]
     outdated_after: Option<std::time::Duration>,
@@ -38,7 +38,8 @@ pub struct AuditArgs {
     /// Stop downloading for verification after this many objects (one GET each).
     #[arg(long, value_name = "N")]
     max_requests: Option<u64>,
-    /// Do not record in the bucket what this audit verified (a read-only credential).
+    /// With --outdated-after: do not record what this audit verified (a read-only
+    /// credential; the next audit reads the same objects again).
     #[arg(long)]
     no_record: bool,
     /// Also compare backups with their source: every backup whose snapshot still exists on
@@ -73,7 +74,7 @@ pub async fn run(a: AuditArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
         outdated_after: a.outdated_after,
         max_bytes: a.max_bytes,
         max_requests: a.max_requests,
-        remember: !a.no_record,
+        remember: a.outdated_after.is_some() && !a.no_record,
     };
     let mut report = engine.audit(&opts).await?;
     let source = if a.compare_source {

@@ -33,7 +33,8 @@ pub struct AuditOptions {
     pub max_bytes: Option<u64>,
     /// Stop downloading for verification after this many objects (one GET each).
     pub max_requests: Option<u64>,
-    /// Record the objects this audit verified (`verified/`), for later `outdated_after`.
+    /// Record the objects this audit verified (`verified/`), for later `outdated_after`. Off
+    /// by default: an audit otherwise writes nothing but quarantine records.
     pub remember: bool,
 }
 
@@ -47,7 +48,7 @@ impl Default for AuditOptions {
             outdated_after: None,
             max_bytes: None,
             max_requests: None,
-            remember: true,
+            remember: false,
         }
     }
 }
