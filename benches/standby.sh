@@ -30,6 +30,7 @@ POOL=${POOL:-rbd}
 SRC=$POOL/ferry-bench-standby-src
 DR=$POOL/ferry-bench-standby-dr
 PLAIN=$POOL/ferry-bench-standby-import
+INSTANT=$POOL/ferry-bench-standby-instant
 
 rm -rf "$WORK"
 mkdir -p "$WORK"
@@ -40,7 +41,7 @@ if [[ $avail -lt $need ]]; then
     exit 1
 fi
 cleanup() {
-    for i in "$SRC" "$DR" "$PLAIN"; do
+    for i in "$SRC" "$DR" "$PLAIN" "$INSTANT"; do
         rbd snap purge "$i" >/dev/null 2>&1 || true
         rbd rm --no-progress "$i" >/dev/null 2>&1 || true
     done
@@ -72,6 +73,12 @@ t0=$EPOCHREALTIME
 "${ferry[@]}" replay vol --onto "rbd:$DR" --json >"$WORK/replay-full.json"
 t_full=$(secs "$t0" "$EPOCHREALTIME")
 [[ $(hash_of "$DR@$snap") = $(hash_of "$SRC@$snap") ]] || { log "full replay differs from the source"; exit 1; }
+log "instant restore"
+wait_quiet
+"${ferry[@]}" restore vol --to "rbd:$INSTANT" --instant --json >"$WORK/instant.json"
+read -r t_usable t_complete < <(python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["instant"]; print("%.2f %.2f" % (j["usable_after_s"], j["complete_after_s"]))' "$WORK/instant.json")
+[[ $(hash_of "$INSTANT") = $(hash_of "$SRC@$snap") ]] || { log "instant restore differs from the source"; exit 1; }
+rbd rm --no-progress "$INSTANT" >/dev/null
 wait_quiet
 t0=$EPOCHREALTIME
 "${ferry[@]}" sync --to "file://$WORK/copy" --json >"$WORK/sync-full.json"
@@ -109,12 +116,13 @@ PYEOF
 done
 copied=$(python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(j["objects_copied"], j["bytes_copied"])' "$WORK/sync-$ROUNDS.json")
 
-printf 'size_mib\trbd_import_s\treplay_full_s\treplay_10_blocks_s\tsync_full_s\tsync_incremental_s\n' >"$WORK/standby.tsv"
-printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$SIZE_MIB" "$t_import" "$t_full" "$best" "$t_sync_full" "$best_sync" >>"$WORK/standby.tsv"
+printf 'size_mib\trbd_import_s\treplay_full_s\tinstant_usable_s\tinstant_complete_s\treplay_10_blocks_s\tsync_full_s\tsync_incremental_s\n' >"$WORK/standby.tsv"
+printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$SIZE_MIB" "$t_import" "$t_full" "$t_usable" "$t_complete" "$best" "$t_sync_full" "$best_sync" >>"$WORK/standby.tsv"
 cat <<REPORT
 standby replay and sync, $SIZE_MIB MiB of random data (dev cluster, file:// repositories)
   rbd import of the raw image            $t_import s
   first replay (full restore into RBD)   $t_full s   ($(python3 -c "print(f'{float($t_full)/float($t_import):.2f}')") × rbd import)
+  instant restore: usable after          $t_usable s   (complete after $t_complete s)
   replay of a 10-block change            $best s   (best of $ROUNDS; 10 blocks written each)
   sync to a second repository (full)     $t_sync_full s
   sync of one incremental                $best_sync s   (objects and bytes copied in the last: $copied)
