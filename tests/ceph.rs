@@ -686,6 +686,27 @@ fn a_standby_image_follows_the_backups_through_grow_shrink_and_a_broken_replay()
     );
     assert_eq!(c.export_hash(&format!("{dr_image}@{snap4}")), hash4);
     assert_eq!(c.export_hash(&dr_image), hash4, "the head too");
+    // A standby shrunk since its snapshot lost data no `rbd diff` shows: diverged too.
+    c.rbd(&["resize", "--no-progress", "--allow-shrink", "--size", "12M", &dr_image]);
+    apply(c, &image, 20 * MIB, &[(17 * MIB, Some(pattern(59, 4096)), 0)]);
+    let (snap5, hash5, _) = backup(&repo);
+    let refused = repo.fails(&["replay", &vol, "--onto", &onto], 5);
+    assert!(refused.contains("resized"), "{refused}");
+    // The repository failing mid-replay: nothing of the new backup's snapshot appears (the
+    // stream never ends), and the next replay (forced: the shrink is still there) is whole.
+    let out = repo
+        .cmd(&["replay", &vol, "--onto", &onto, "--force"])
+        .env("FERRY_TEST_FAULTS", "get:chunks/*:status=500")
+        .output()
+        .expect("run");
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !c.snaps(&dr_image).contains(&snap5),
+        "a failed replay must not create the new snapshot"
+    );
+    repo.ok(&["replay", &vol, "--onto", &onto, "--force"]);
+    assert_eq!(c.export_hash(&format!("{dr_image}@{snap5}")), hash5);
+    assert_eq!(c.export_hash(&dr_image), hash5);
     // Not a standby of this volume: refused.
     let other = unique("standby-other");
     c.rbd(&["create", "--size", "4M", &format!("rbd/{other}")]);

@@ -136,10 +136,29 @@ pub(crate) async fn replay(engine: &Engine, ceph: &Ceph, volume: &str, image: &R
     let newest_snap = state.snaps.last().map(|s| s.name.clone());
     let base = match (&state.meta_backup, &newest_snap) {
         (_, None) => None,
-        (Some(id), Some(n)) if state.meta_volume.as_deref() == Some(volume) => chain
-            .backups
-            .iter()
-            .find(|b| &b.meta.backup_id == id && b.meta.to_snap.clone().unwrap_or_else(|| format!("ferry-{id}")) == *n),
+        (Some(id), Some(n))
+            if state.meta_volume.as_deref() == Some(volume)
+                && chain
+                    .backups
+                    .iter()
+                    .any(|b| &b.meta.backup_id == id && b.meta.to_snap.clone().unwrap_or_else(|| format!("ferry-{id}")) == *n) =>
+        {
+            chain.backups.iter().find(|b| &b.meta.backup_id == id)
+        }
+        // A replay to the pending backup whose import finished (its snapshot is the newest)
+        // but that stopped before recording it.
+        (Some(_), Some(n))
+            if state.meta_volume.as_deref() == Some(volume)
+                && state.pending.as_deref().and_then(|p| p.split(' ').nth(1)).is_some_and(|t| {
+                    chain
+                        .backups
+                        .iter()
+                        .any(|b| b.meta.backup_id == t && b.meta.to_snap.clone().unwrap_or_else(|| format!("ferry-{t}")) == *n)
+                }) =>
+        {
+            let t = state.pending.as_deref().and_then(|p| p.split(' ').nth(1)).unwrap_or_default();
+            chain.backups.iter().find(|b| b.meta.backup_id == t)
+        }
         // Restored by `ferry restore --to rbd:` (no metadata): the newest snapshot names it.
         (None, Some(n)) => chain
             .backups
@@ -174,17 +193,11 @@ pub(crate) async fn replay(engine: &Engine, ceph: &Ceph, volume: &str, image: &R
         })
         .await?
     };
-    let ours = state.pending.is_some();
-    if !written.is_empty() && !opts.force && !ours {
-        let bytes: u64 = written.iter().map(|e| e.length).sum();
-        return Err(Error::refused(format!(
-            "RBD image {image} has diverged: {bytes} bytes in {} extents were written to it since its snapshot @{base_snap} (backup {}); use --force to overwrite them from the backup",
-            written.len(),
-            base.meta.backup_id
-        )));
-    }
     let base_manifest = engine.repository().read_manifest(&base.backup).await?;
     let bs = target.meta.block_size.get();
+    // What differs on the image since its snapshot: written extents, and a size change (a
+    // shrunk head lost what was beyond its end; `rbd diff` of the head cannot show that).
+    let snap_size = state.snaps.last().map(|s| s.size).unwrap_or(base_manifest.meta.image_size);
     let mut diverged: BTreeSet<u64> = BTreeSet::new();
     for e in &written {
         if e.length == 0 {
@@ -193,35 +206,56 @@ pub(crate) async fn replay(engine: &Engine, ceph: &Ceph, volume: &str, image: &R
         let (first, last) = (e.offset / bs, (e.offset + e.length - 1) / bs);
         diverged.extend(first..=last);
     }
-    let same_layout = base_manifest.meta.block_size == target.meta.block_size;
+    if state.head_size != snap_size {
+        let (lo, hi) = (state.head_size.min(snap_size), state.head_size.max(snap_size));
+        diverged.extend(lo / bs..hi.div_ceil(bs));
+    }
+    if !diverged.is_empty() && !opts.force {
+        // Our own interrupted replay (the pending mark names this base and its target): only
+        // the blocks that replay was writing may differ.
+        let ours = match state.pending.as_deref().and_then(|p| p.split_once(' ')) {
+            Some((from, to)) if from == base.meta.backup_id => match chain.backups.iter().find(|b| b.meta.backup_id == to) {
+                Some(t) => {
+                    let pending = engine.repository().read_manifest(&t.backup).await?;
+                    let theirs: BTreeSet<u64> = changed_blocks(&base_manifest, &pending).into_iter().collect();
+                    let beyond = base_manifest.meta.image_size.min(pending.meta.image_size) / bs;
+                    diverged.iter().all(|i| theirs.contains(i) || *i >= beyond)
+                }
+                None => false,
+            },
+            _ => false,
+        };
+        if !ours {
+            let bytes: u64 = written.iter().map(|e| e.length).sum();
+            return Err(Error::refused(format!(
+                "RBD image {image} has diverged since its snapshot @{base_snap} (backup {}): {bytes} bytes in {} extents written{}; use --force to overwrite them from the backup",
+                base.meta.backup_id,
+                written.len(),
+                if state.head_size != snap_size {
+                    format!(", and resized from {snap_size} to {} bytes", state.head_size)
+                } else {
+                    String::new()
+                }
+            )));
+        }
+    }
+    let changed: BTreeSet<u64> = changed_blocks(&base_manifest, &target).into_iter().collect();
     let mut blocks: Vec<u64> = Vec::new();
     for i in 0..target.blocks.len() as u64 {
-        let now = target.blocks[i as usize];
-        let changed = if !same_layout {
-            true
-        } else if (i as usize) < base_manifest.blocks.len() {
-            base_manifest.blocks[i as usize] != now || base_manifest.block_len(i) != target.block_len(i)
-        } else {
-            // Beyond the old end: zeros after the resize.
-            now.is_some()
-        };
-        let d = diverged.contains(&i);
-        if changed || d {
+        let (c, d) = (changed.contains(&i), diverged.contains(&i));
+        if c || d {
             blocks.push(i);
-            if d && !changed {
+            if d && !c {
                 report.blocks_diverged += 1;
             }
         }
     }
-    if blocks.is_empty() && base.meta.backup_id == target.meta.backup_id {
+    if blocks.is_empty() && base.meta.backup_id == target.meta.backup_id && state.head_size == target.meta.image_size {
         report.kind = "up-to-date";
-        let (rbd, image) = (rbd.clone(), image.clone());
-        if ours {
-            blocking(move || {
-                rbd.meta_remove(&image.pool, &image.image, META_PENDING)
-                    .with_context(|| format!("clearing {META_PENDING} on {image}"))
-            })
-            .await?;
+        // Records where the image is (a replay that stopped after its import had not), clears
+        // a pending mark.
+        if state.meta_backup.as_deref() != Some(target.meta.backup_id.as_str()) || state.pending.is_some() {
+            finish(&rbd, image, volume, &target, known, opts, &mut report).await?;
         }
         report.duration_ms = started.elapsed().as_millis() as u64;
         return Ok(report);
@@ -234,9 +268,10 @@ pub(crate) async fn replay(engine: &Engine, ceph: &Ceph, volume: &str, image: &R
         report.kind = "incremental";
     }
     {
-        let (rbd, image, id) = (rbd.clone(), image.clone(), target.meta.backup_id.clone());
+        let (rbd, image) = (rbd.clone(), image.clone());
+        let mark = format!("{} {}", base.meta.backup_id, target.meta.backup_id);
         blocking(move || {
-            rbd.meta_set(&image.pool, &image.image, META_PENDING, &id)
+            rbd.meta_set(&image.pool, &image.image, META_PENDING, &mark)
                 .with_context(|| format!("marking the replay on {image}"))
         })
         .await?;
@@ -259,8 +294,28 @@ pub(crate) async fn replay(engine: &Engine, ceph: &Ceph, volume: &str, image: &R
     Ok(report)
 }
 
+/// Blocks of `to` whose content differs from `from`'s (all of them when the block sizes
+/// differ; beyond `from`'s end only data blocks: a grown image reads zeros there).
+fn changed_blocks(from: &Manifest, to: &Manifest) -> Vec<u64> {
+    let same_layout = from.meta.block_size == to.meta.block_size;
+    (0..to.blocks.len() as u64)
+        .filter(|&i| {
+            let now = to.blocks[i as usize];
+            if !same_layout {
+                true
+            } else if (i as usize) < from.blocks.len() {
+                from.blocks[i as usize] != now || from.block_len(i) != to.block_len(i)
+            } else {
+                now.is_some()
+            }
+        })
+        .collect()
+}
+
 /// What the image says about itself.
 struct StandbyState {
+    /// The image's (head's) size now.
+    head_size: u64,
     /// User snapshots, oldest first (by id).
     snaps: Vec<ferry_ceph::SnapInfo>,
     meta_backup: Option<String>,
@@ -269,12 +324,11 @@ struct StandbyState {
 }
 
 fn standby_state(rbd: &RbdCli, image: &RbdImage) -> Result<Option<StandbyState>> {
-    if !rbd
-        .exists(&image.pool, &image.image)
-        .with_context(|| format!("looking up {image}"))?
-    {
-        return Ok(None);
-    }
+    let head_size = match rbd.info(&image.pool, &image.image) {
+        Ok(i) => i.size,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(crate::Error::from(e).context(format!("looking up {image}"))),
+    };
     let mut snaps = rbd
         .snap_list(&image.pool, &image.image)
         .with_context(|| format!("listing snapshots of {image}"))?;
@@ -283,6 +337,7 @@ fn standby_state(rbd: &RbdCli, image: &RbdImage) -> Result<Option<StandbyState>>
         .meta_list(&image.pool, &image.image)
         .with_context(|| format!("reading the metadata of {image}"))?;
     Ok(Some(StandbyState {
+        head_size,
         snaps,
         meta_backup: meta.remove(META_BACKUP),
         meta_volume: meta.remove(META_VOLUME),
@@ -413,6 +468,7 @@ async fn stream_blocks(
         image_size: size,
         protected: None,
     };
+    let expected = blocks.len();
     let writer = tokio::task::spawn_blocking(move || -> Result<(u64, ferry_ceph::ImportDiff)> {
         let dw = |e: rbd_diff::Error| Error::new(ErrorKind::Failed, "writing the replay stream", Some(Box::new(e)));
         let mut import = import;
@@ -420,7 +476,9 @@ async fn stream_blocks(
         let res = (|| {
             let out = std::io::BufWriter::with_capacity(1 << 20, &mut import);
             let mut w = DiffWriter::new(out, &header).map_err(dw)?;
+            let mut received = 0usize;
             while let Some((i, data)) = rx.blocking_recv() {
+                received += 1;
                 let off = i * bs;
                 let len = (size - off).min(bs);
                 let d = data.as_deref().unwrap_or(&[]);
@@ -433,6 +491,12 @@ async fn stream_blocks(
                     w.write_zero(off + n, len - n).map_err(dw)?;
                 }
             }
+            // Never end a short stream: `e` makes rbd import-diff create the to-snapshot.
+            if received != expected {
+                return Err(Error::failed(format!(
+                    "replay stream cut short after {received} of {expected} blocks; no end record written"
+                )));
+            }
             let mut out = w.finish().map_err(dw)?;
             std::io::Write::flush(&mut out).map_err(|e| Error::new(ErrorKind::Failed, "writing the replay stream", Some(Box::new(e))))?;
             Ok(())
@@ -440,7 +504,10 @@ async fn stream_blocks(
         match res {
             Ok(()) => Ok((written, import)),
             Err(e) => {
-                import.kill();
+                // Close the stream without its end record and let rbd import-diff fail on its
+                // own (a killed one leaves its watch on the image for the OSD's watch timeout,
+                // which stalls the next metadata update); it creates no snapshot either way.
+                let _ = import.finish();
                 Err(e)
             }
         }

@@ -401,34 +401,40 @@ impl InstantRestore {
     /// Copies everything (`rbd migration execute`) and commits the migration: afterwards the
     /// image is an ordinary image. On failure the migration is aborted (the image removed).
     pub async fn complete(self) -> Result<InstantReport> {
-        let (rbd, t) = (self.rbd.clone(), self.target.clone());
-        let executed = crate::cpu::blocking(move || {
-            rbd.migration_execute(&t.pool, &t.image)
-                .map_err(|e| Error::new(ErrorKind::Source, format!("rbd migration execute of {t} failed"), Some(Box::new(e))))?;
-            rbd.migration_commit(&t.pool, &t.image)
-                .map_err(|e| Error::new(ErrorKind::Source, format!("rbd migration commit of {t} failed"), Some(Box::new(e))))
-        })
-        .await;
-        let complete_after = self.started.elapsed();
-        if let Err(e) = executed {
+        // The image is in use already: never abort it (that removes the image and what was
+        // written to it). `migration execute` can be run again; so can `commit`.
+        let mut last = None;
+        for attempt in 0..3u32 {
+            if attempt > 0 {
+                tokio::time::sleep(std::time::Duration::from_secs(5 * u64::from(attempt))).await;
+            }
             let (rbd, t) = (self.rbd.clone(), self.target.clone());
-            let aborted = crate::cpu::blocking(move || {
-                rbd.migration_abort(&t.pool, &t.image)
-                    .map_err(|e| Error::new(ErrorKind::Source, e.to_string(), None))
+            let r = crate::cpu::blocking(move || {
+                rbd.migration_execute(&t.pool, &t.image)
+                    .map_err(|e| Error::new(ErrorKind::Source, format!("rbd migration execute of {t} failed"), Some(Box::new(e))))?;
+                rbd.migration_commit(&t.pool, &t.image)
+                    .map_err(|e| Error::new(ErrorKind::Source, format!("rbd migration commit of {t} failed"), Some(Box::new(e))))
             })
             .await;
+            match r {
+                Ok(()) => {
+                    last = None;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("instant restore into {}: {e} (attempt {} of 3)", self.target, attempt + 1);
+                    last = Some(e);
+                }
+            }
+        }
+        let complete_after = self.started.elapsed();
+        if let Some(e) = last {
             self.stop.cancel();
             let _ = self.server.await;
-            return Err(e.context(match aborted {
-                Ok(()) => format!(
-                    "instant restore into {} failed; the migration was aborted and the image removed",
-                    self.target
-                ),
-                Err(a) => format!(
-                    "instant restore into {} failed, and aborting the migration failed too ({a}): run `rbd migration abort {}`",
-                    self.target, self.target
-                ),
-            }));
+            return Err(e.context(format!(
+                "instant restore into {t} did not finish: the image is still a live migration whose source was this ferry (its uncopied data cannot be read now). Discard it with `rbd migration abort {t}` (writes made to it are lost), or restore again",
+                t = self.target
+            )));
         }
         self.stop.cancel();
         let _ = self.server.await;
