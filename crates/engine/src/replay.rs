@@ -96,7 +96,11 @@ pub struct ReplayReport {
 /// The snapshot a backup's replay leaves on the standby image: the source snapshot's name
 /// (a diff stream without one: `ferry-<backup id>`).
 pub fn standby_snapshot(m: &Manifest) -> String {
-    m.meta.to_snap.clone().unwrap_or_else(|| format!("ferry-{}", m.meta.backup_id))
+    snapshot_of(&m.meta)
+}
+
+fn snapshot_of(meta: &ferry_repo::ManifestMeta) -> String {
+    meta.to_snap.clone().unwrap_or_else(|| format!("ferry-{}", meta.backup_id))
 }
 
 pub(crate) async fn replay(engine: &Engine, ceph: &Ceph, volume: &str, image: &RbdImage, opts: &ReplayOptions) -> Result<ReplayReport> {
@@ -121,11 +125,7 @@ pub(crate) async fn replay(engine: &Engine, ceph: &Ceph, volume: &str, image: &R
         blocking(move || standby_state(&rbd, &image)).await?
     };
     let chain = engine.chain(volume).await?;
-    let known: HashSet<String> = chain
-        .backups
-        .iter()
-        .map(|b| b.meta.to_snap.clone().unwrap_or_else(|| format!("ferry-{}", b.meta.backup_id)))
-        .collect();
+    let known: HashSet<String> = chain.backups.iter().map(|b| snapshot_of(&b.meta)).collect();
     let Some(state) = state else {
         // First replay: a full restore that names the snapshot.
         full(engine, ceph, image, &target, &snap, false, known, opts, &mut report).await?;
@@ -138,10 +138,7 @@ pub(crate) async fn replay(engine: &Engine, ceph: &Ceph, volume: &str, image: &R
         (_, None) => None,
         (Some(id), Some(n))
             if state.meta_volume.as_deref() == Some(volume)
-                && chain
-                    .backups
-                    .iter()
-                    .any(|b| &b.meta.backup_id == id && b.meta.to_snap.clone().unwrap_or_else(|| format!("ferry-{id}")) == *n) =>
+                && chain.backups.iter().any(|b| &b.meta.backup_id == id && snapshot_of(&b.meta) == *n) =>
         {
             chain.backups.iter().find(|b| &b.meta.backup_id == id)
         }
@@ -149,22 +146,17 @@ pub(crate) async fn replay(engine: &Engine, ceph: &Ceph, volume: &str, image: &R
         // but that stopped before recording it.
         (Some(_), Some(n))
             if state.meta_volume.as_deref() == Some(volume)
-                && state.pending.as_deref().and_then(|p| p.split(' ').nth(1)).is_some_and(|t| {
-                    chain
-                        .backups
-                        .iter()
-                        .any(|b| b.meta.backup_id == t && b.meta.to_snap.clone().unwrap_or_else(|| format!("ferry-{t}")) == *n)
-                }) =>
+                && state
+                    .pending
+                    .as_deref()
+                    .and_then(|p| p.split(' ').nth(1))
+                    .is_some_and(|t| chain.backups.iter().any(|b| b.meta.backup_id == t && snapshot_of(&b.meta) == *n)) =>
         {
             let t = state.pending.as_deref().and_then(|p| p.split(' ').nth(1)).unwrap_or_default();
             chain.backups.iter().find(|b| b.meta.backup_id == t)
         }
         // Restored by `ferry restore --to rbd:` (no metadata): the newest snapshot names it.
-        (None, Some(n)) => chain
-            .backups
-            .iter()
-            .rev()
-            .find(|b| b.meta.to_snap.clone().unwrap_or_else(|| format!("ferry-{}", b.meta.backup_id)) == *n),
+        (None, Some(n)) => chain.backups.iter().rev().find(|b| snapshot_of(&b.meta) == *n),
         _ => None,
     };
     let Some(base) = base else {

@@ -449,10 +449,6 @@ impl InstantRestore {
     }
 }
 
-fn stop_now(stop: &CancellationToken) {
-    stop.cancel();
-}
-
 /// Starts an instant restore of `manifest` into the new image `target` (see
 /// [`crate::Engine::instant_restore`]).
 pub(crate) async fn instant(
@@ -490,7 +486,7 @@ pub(crate) async fn instant(
     let server = tokio::spawn(serve_http(image.clone(), listener, token, stop.clone()));
     // The source spec names the URL (and so the token): a private file, gone after prepare.
     if host.chars().any(|c| c.is_control() || c.is_whitespace() || "\"\\/?#@".contains(c)) {
-        stop_now(&stop);
+        stop.cancel();
         return Err(Error::refused(format!("'{host}' cannot be the host of the image's URL")));
     }
     let spec = format!("{{\"type\": \"raw\", \"stream\": {{\"type\": \"http\", \"url\": \"{url}\"}}}}");

@@ -929,21 +929,21 @@ impl Repository {
     /// True when the backup's protection marker exists and is authentic (a marker that does
     /// not open under this repository's key is an integrity error, never silently ignored).
     pub async fn is_protected(&self, r: &BackupRef) -> Result<bool> {
+        Ok(self.get_protection_object(r).await?.is_some())
+    }
+
+    /// Checks that a protection marker object opens under this repository's key at `r`'s key.
+    fn open_protection(&self, r: &BackupRef, bytes: &Bytes) -> Result<()> {
         let key = r.protection_key();
-        let bytes = match get_bytes(self.store.inner.as_ref(), &key).await {
-            Ok(b) => b,
-            Err(Error::NotFound { .. }) => return Ok(false),
-            Err(e) => return Err(e),
-        };
         decode_sealed(
             self.key.seal_key(),
             ObjectKind::Protection,
             key.as_bytes(),
-            Vec::from(bytes),
+            Vec::from(bytes.clone()),
             1 << 20,
             &key,
-        )?;
-        Ok(true)
+        )
+        .map(|_| ())
     }
 
     /// The backup's protection marker object as stored, after checking it opens under this
@@ -955,14 +955,7 @@ impl Repository {
             Err(Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e),
         };
-        decode_sealed(
-            self.key.seal_key(),
-            ObjectKind::Protection,
-            key.as_bytes(),
-            Vec::from(bytes.clone()),
-            1 << 20,
-            &key,
-        )?;
+        self.open_protection(r, &bytes)?;
         Ok(Some(bytes))
     }
 
@@ -971,14 +964,7 @@ impl Repository {
     /// protected.
     pub async fn put_protection_object(&self, r: &BackupRef, bytes: Bytes) -> Result<bool> {
         let key = r.protection_key();
-        decode_sealed(
-            self.key.seal_key(),
-            ObjectKind::Protection,
-            key.as_bytes(),
-            Vec::from(bytes.clone()),
-            1 << 20,
-            &key,
-        )?;
+        self.open_protection(r, &bytes)?;
         self.retry
             .run(
                 || format!("writing {key}"),

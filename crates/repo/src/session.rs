@@ -125,15 +125,7 @@ impl Session {
             volume: volume.to_string(),
             name: format!("{}-{}", created.format("%Y%m%dT%H%M%S%.6fZ"), hex::encode(id)),
         };
-        let record = serde_json::to_vec(&SessionRecord {
-            volume: volume.to_string(),
-            name: backup.name.clone(),
-            holder: Holder::me(),
-        })
-        .map_err(|source| Error::Json {
-            context: "encoding a session record".into(),
-            source,
-        })?;
+        let record = session_record(&backup)?;
         put_record(repo, &session_key(&backup, "session"), &record).await?;
         Self::start(repo, backup, created, opts).await
     }
@@ -151,15 +143,7 @@ impl Session {
         opts: SessionOptions,
     ) -> Result<Option<Session>> {
         crate::repo::validate_volume_name(&backup.volume)?;
-        let record = serde_json::to_vec(&SessionRecord {
-            volume: backup.volume.clone(),
-            name: backup.name.clone(),
-            holder: Holder::me(),
-        })
-        .map_err(|source| Error::Json {
-            context: "encoding a session record".into(),
-            source,
-        })?;
+        let record = session_record(&backup)?;
         if !put_record(repo, &session_key(&backup, "session"), &record).await? {
             return Ok(None);
         }
@@ -423,6 +407,19 @@ pub async fn copy_attempts(repo: &Repository, volume: &str) -> Result<BTreeMap<S
         });
     }
     Ok(out)
+}
+
+/// The session record of this process for `backup`.
+fn session_record(backup: &BackupRef) -> Result<Vec<u8>> {
+    serde_json::to_vec(&SessionRecord {
+        volume: backup.volume.clone(),
+        name: backup.name.clone(),
+        holder: Holder::me(),
+    })
+    .map_err(|source| Error::Json {
+        context: "encoding a session record".into(),
+        source,
+    })
 }
 
 fn session_key(r: &BackupRef, what: &str) -> String {
