@@ -779,6 +779,151 @@ fn an_instant_restore_is_readable_at_once_and_whole_after_the_migration() {
     }
 }
 
+/// Tools the NBD test drives; `scripts/test` installs them (qemu-utils, libnbd-bin,
+/// e2fsprogs). Missing, the test fails and says which.
+fn require_tools(tools: &[&str]) {
+    for t in tools {
+        let found = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "{t} is not installed (scripts/test installs it: qemu-utils, libnbd-bin, e2fsprogs)"
+        );
+    }
+}
+
+fn run_tool(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Open a backup without restoring it (issue 12 item 3): an RBD image holding an ext4
+/// filesystem is backed up; `ferry serve` exports the backup over NBD (TCP and a Unix
+/// socket); `qemu-img convert` and `nbdcopy` of the export equal `ferry restore`; `nbdinfo
+/// --map` sees its holes; and a file is read out of the filesystem by `debugfs` through
+/// qemu-storage-daemon's NBD client (the export as a FUSE file) — no restore anywhere.
+#[test]
+fn a_backup_opens_over_nbd_for_qemu_nbdcopy_and_a_file_inside_its_ext4() {
+    require_tools(&["qemu-img", "qemu-storage-daemon", "nbdcopy", "nbdinfo", "mke2fs", "debugfs"]);
+    let c = cluster();
+    let repo = c.file_repo();
+    let dir = repo.path("fs");
+    std::fs::create_dir_all(dir.join("docs")).expect("mkdir");
+    let big = pattern(91, 3 * MIB as usize + 12_345);
+    std::fs::write(dir.join("docs/big.bin"), &big).expect("write");
+    std::fs::write(dir.join("hello.txt"), b"hello from inside the backup\n").expect("write");
+    let fs_image = repo.path("fs.img");
+    run_tool(
+        std::process::Command::new("mke2fs")
+            .args(["-q", "-F", "-t", "ext4", "-d"])
+            .arg(&dir)
+            .arg(&fs_image)
+            .arg("64M"),
+    );
+    let name = unique("nbd-src");
+    let image = format!("rbd/{name}");
+    c.rbd(&["import", "--no-progress", fs_image.to_str().expect("utf8"), &image]);
+    let j = repo.json(&["backup", &format!("rbd:{image}")]);
+    let volume = format!("rbd.{name}");
+    let restored = repo.path("restored.raw");
+    repo.ok(&["restore", &volume, "--to", restored.to_str().expect("utf8")]);
+    assert_eq!(hash_file(&restored), hash_file(&fs_image), "{j}");
+
+    let socket = repo.path("nbd.sock");
+    let server = crate::serve::Server::start(
+        &repo,
+        &[&volume, "--nbd", "127.0.0.1:0", "--nbd-socket", socket.to_str().expect("utf8")],
+    );
+    let tcp = server.urls["nbd"].as_str().expect("nbd url").to_string();
+    let unix = server.urls["nbd_unix"].as_str().expect("nbd_unix url").to_string();
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).expect("socket").permissions());
+    assert_eq!(mode & 0o777, 0o600, "the socket is its owner's alone");
+
+    let by_qemu = repo.path("qemu.raw");
+    run_tool(
+        std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", &tcp])
+            .arg(&by_qemu),
+    );
+    assert_eq!(
+        hash_file(&by_qemu),
+        hash_file(&restored),
+        "qemu-img convert of the export equals the restore"
+    );
+    let by_nbdcopy = repo.path("nbdcopy.raw");
+    run_tool(std::process::Command::new("nbdcopy").arg(&unix).arg(&by_nbdcopy));
+    assert_eq!(
+        hash_file(&by_nbdcopy),
+        hash_file(&restored),
+        "nbdcopy of the export equals the restore"
+    );
+    let map = run_tool(std::process::Command::new("nbdinfo").args(["--map", &tcp]));
+    assert!(
+        map.contains("hole,zero") && map.contains("data"),
+        "block status shows holes and data: {map}"
+    );
+    let info = run_tool(std::process::Command::new("nbdinfo").arg(&tcp));
+    assert!(info.contains("is_read_only: true"), "{info}");
+
+    // The filesystem, read in place: qemu-storage-daemon's NBD client, exported as a file.
+    let token = tcp.rsplit('/').next().expect("token").to_string();
+    let mount = repo.path("export.raw");
+    std::fs::write(&mount, b"").expect("mountpoint");
+    let mut qsd = std::process::Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=nbd,node-name=n,server.type=unix,server.path={},export={token},read-only=on",
+            socket.display()
+        ))
+        .arg("--export")
+        .arg(format!("type=fuse,id=e,node-name=n,mountpoint={},writable=off", mount.display()))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-storage-daemon");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::metadata(&mount).map(|m| m.len()).unwrap_or(0) != 64 * MIB {
+        if let Ok(Some(status)) = qsd.try_wait() {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(&mut qsd.stderr.take().expect("stderr"), &mut err);
+            panic!("qemu-storage-daemon ended ({status}): {err}");
+        }
+        assert!(std::time::Instant::now() < deadline, "the FUSE export did not appear");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = repo.path("big.out");
+    let dump = std::process::Command::new("debugfs")
+        .args(["-R", &format!("dump /docs/big.bin {}", out.display())])
+        .arg(&mount)
+        .output();
+    let cat = std::process::Command::new("debugfs")
+        .args(["-R", "cat /hello.txt"])
+        .arg(&mount)
+        .output();
+    let _ = std::process::Command::new("kill").args(["-TERM", &qsd.id().to_string()]).status();
+    let _ = qsd.wait();
+    let _ = std::process::Command::new("fusermount").arg("-u").arg(&mount).output();
+    let (dump, cat) = (dump.expect("debugfs"), cat.expect("debugfs"));
+    assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
+    assert!(
+        std::fs::read(&out).expect("the dumped file") == big,
+        "the file read out of ext4 in the backup"
+    );
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "hello from inside the backup\n");
+
+    let stats = server.stop();
+    assert!(stats["blocks_fetched"].as_u64().expect("fetched") > 0, "{stats}");
+    c.rbd(&["snap", "purge", "--no-progress", &image]);
+    c.rbd(&["rm", "--no-progress", &image]);
+}
+
 // ------------------------------------------------------------------------------------------
 // Oracles that are not ferry: the kernel's block device, the real rbd import-diff and export,
 // RADOS locks seen by the rados tool, the raw bytes of the bucket.

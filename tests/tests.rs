@@ -15,5 +15,6 @@ mod gc;
 mod golden;
 mod hostile;
 mod lifecycle;
+mod serve;
 mod sync;
 mod worker;

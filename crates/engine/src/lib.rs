@@ -52,7 +52,7 @@ pub use rbd::{
 };
 pub use replay::{standby_snapshot, ReplayOptions, ReplayReport, META_BACKUP, META_PENDING, META_VOLUME};
 pub use restore::{BlockFailure, Layout, RestoreIncomplete, RestoreOptions, RestoreReport, RestoreTarget, StreamFormat};
-pub use serve::{new_token, serve_http, BackupImage, InstantOptions, InstantReport, InstantRestore, ServeStats};
+pub use serve::{new_token, serve_http, serve_nbd, serve_nbd_unix, BackupImage, InstantOptions, InstantReport, InstantRestore, ServeStats};
 pub use sync::{SyncOptions, SyncOutcome, SyncSkip};
 pub use target::{partial_path, FileTarget, StreamTarget};
 pub use tokio_util::sync::CancellationToken;

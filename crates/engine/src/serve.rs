@@ -23,8 +23,13 @@ use tokio_util::sync::CancellationToken;
 use crate::chunks::fetch_content;
 use crate::error::{Error, ErrorKind, Result};
 
-/// Decoded blocks kept (4 MiB blocks: 32 MiB).
-const CACHE_BLOCKS: usize = 8;
+/// Bytes of decoded blocks kept (16 blocks of 4 MiB): enough for the blocks in use and the
+/// read-ahead of two sequential readers.
+const CACHE_BYTES: u64 = 64 << 20;
+/// Blocks fetched at once from the repository, over every reader of an image.
+const FETCHES: usize = 8;
+/// Blocks a sequential reader is read ahead of.
+const READ_AHEAD: u64 = 4;
 /// The largest range one request may ask for.
 const MAX_RANGE: u64 = 64 << 20;
 
@@ -37,23 +42,36 @@ pub struct ServeStats {
     pub bytes: AtomicU64,
     /// Blocks fetched from the repository.
     pub blocks_fetched: AtomicU64,
+    /// Blocks fetched ahead of a sequential reader.
+    pub blocks_read_ahead: AtomicU64,
 }
 
-/// A backup as a random-access image.
+/// One cached block: filled once, by whoever asks first; the others wait for it.
+type Slot = Arc<tokio::sync::OnceCell<Arc<Vec<u8>>>>;
+
+/// A backup as a random-access image: holes are zeros without a fetch, a block asked for by
+/// several readers at once is fetched once, the most recently used blocks are kept decoded,
+/// and sequential readers are read ahead of.
 pub struct BackupImage {
     repo: Arc<Repository>,
     manifest: Arc<Manifest>,
-    cache: Mutex<VecDeque<(u64, Arc<Vec<u8>>)>>,
+    /// Most recently used last.
+    cache: Mutex<VecDeque<(u64, Slot)>>,
+    capacity: usize,
+    fetches: tokio::sync::Semaphore,
     stats: Arc<ServeStats>,
 }
 
 impl BackupImage {
     /// The image of `manifest`.
     pub fn new(repo: Arc<Repository>, manifest: Arc<Manifest>) -> BackupImage {
+        let bs = manifest.meta.block_size.get().max(1);
         BackupImage {
             repo,
+            capacity: (CACHE_BYTES / bs).max(2 * (READ_AHEAD + 1)) as usize,
             manifest,
             cache: Mutex::new(VecDeque::new()),
+            fetches: tokio::sync::Semaphore::new(FETCHES),
             stats: Arc::new(ServeStats::default()),
         }
     }
@@ -63,25 +81,88 @@ impl BackupImage {
         self.manifest.meta.image_size
     }
 
+    /// Its block size in bytes.
+    pub fn block_size(&self) -> u64 {
+        self.manifest.meta.block_size.get()
+    }
+
+    /// The backup it is.
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
     /// What the server did so far.
     pub fn stats(&self) -> &Arc<ServeStats> {
         &self.stats
     }
 
+    /// Whether block `i` is a hole (no data: zeros, nothing to fetch).
+    pub fn is_hole(&self, i: u64) -> bool {
+        self.manifest.blocks.get(i as usize).copied().flatten().is_none()
+    }
+
+    /// The runs of holes and data from `offset` for at most `len` bytes (within the image):
+    /// `(length, hole)`, alternating, at most `max_runs` of them.
+    pub fn extents(&self, offset: u64, len: u64, max_runs: usize) -> Vec<(u64, bool)> {
+        let end = offset.saturating_add(len).min(self.size());
+        let bs = self.block_size();
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let i = at / bs;
+            let stop = ((i + 1) * bs).min(end);
+            let hole = self.is_hole(i);
+            let full = runs.len() >= max_runs;
+            match runs.last_mut() {
+                Some((n, h)) if *h == hole => *n += stop - at,
+                _ if full => break,
+                _ => runs.push((stop - at, hole)),
+            }
+            at = stop;
+        }
+        runs
+    }
+
+    /// The cache slot of block `i` (made, and the least recently used one dropped, when
+    /// there is none); `None` when it is cached already and `only_new` asks for new ones.
+    fn slot(&self, i: u64, only_new: bool) -> Option<Slot> {
+        let Ok(mut c) = self.cache.lock() else {
+            return Some(Slot::default());
+        };
+        if let Some(p) = c.iter().position(|(j, _)| *j == i) {
+            if only_new {
+                return None;
+            }
+            let e = c.remove(p)?;
+            let slot = e.1.clone();
+            c.push_back(e);
+            return Some(slot);
+        }
+        let slot = Slot::default();
+        c.push_back((i, slot.clone()));
+        while c.len() > self.capacity {
+            c.pop_front();
+        }
+        Some(slot)
+    }
+
     /// Block `i` in full (zeros for a hole and past the chunk's end).
     async fn block(&self, i: u64) -> Result<Arc<Vec<u8>>> {
+        if self.is_hole(i) {
+            return Ok(Arc::new(vec![0u8; self.manifest.block_len(i) as usize]));
+        }
+        let Some(slot) = self.slot(i, false) else {
+            return Err(Error::new(ErrorKind::Failed, format!("block {i}: no cache slot"), None));
+        };
+        slot.get_or_try_init(|| self.fetch(i)).await.cloned()
+    }
+
+    async fn fetch(&self, i: u64) -> Result<Arc<Vec<u8>>> {
         let len = self.manifest.block_len(i) as usize;
         let Some(id) = self.manifest.blocks.get(i as usize).copied().flatten() else {
             return Ok(Arc::new(vec![0u8; len]));
         };
-        if let Some(b) = self
-            .cache
-            .lock()
-            .ok()
-            .and_then(|c| c.iter().find(|(j, _)| *j == i).map(|(_, b)| b.clone()))
-        {
-            return Ok(b);
-        }
+        let _permit = self.fetches.acquire().await;
         let mut data = fetch_content(&self.repo, &self.manifest.deltas, &id).await.map_err(|e| {
             let kind = match &*e.error {
                 ferry_repo::Error::NotFound { .. } => ErrorKind::Integrity,
@@ -91,14 +172,24 @@ impl BackupImage {
         })?;
         data.resize(len, 0);
         self.stats.blocks_fetched.fetch_add(1, Ordering::Relaxed);
-        let data = Arc::new(data);
-        if let Ok(mut c) = self.cache.lock() {
-            if c.len() >= CACHE_BLOCKS {
-                c.pop_front();
+        Ok(Arc::new(data))
+    }
+
+    /// Starts fetching the data blocks `from..to` that are not cached, in the background.
+    pub fn read_ahead(self: &Arc<Self>, from: u64, to: u64) {
+        let blocks = self.manifest.blocks.len() as u64;
+        for i in from..to.min(blocks) {
+            if self.is_hole(i) {
+                continue;
             }
-            c.push_back((i, data.clone()));
+            let Some(slot) = self.slot(i, true) else { continue };
+            let me = self.clone();
+            tokio::spawn(async move {
+                if slot.get_or_try_init(|| me.fetch(i)).await.is_ok() {
+                    me.stats.blocks_read_ahead.fetch_add(1, Ordering::Relaxed);
+                }
+            });
         }
-        Ok(data)
     }
 
     /// `len` bytes at `offset` (within the image).
@@ -107,11 +198,11 @@ impl BackupImage {
         if offset >= end {
             return Ok(Vec::new());
         }
-        let bs = self.manifest.meta.block_size.get();
+        let bs = self.block_size();
         let (first, last) = (offset / bs, (end - 1) / bs);
         let blocks: Vec<(u64, Result<Arc<Vec<u8>>>)> = futures::stream::iter(first..=last)
             .map(|i| async move { (i, self.block(i).await) })
-            .buffered(4)
+            .buffered(FETCHES)
             .collect()
             .await;
         let mut out = Vec::with_capacity((end - offset) as usize);
@@ -123,6 +214,77 @@ impl BackupImage {
         }
         Ok(out)
     }
+}
+
+/// Tells a reader that goes on where its last read ended from one that jumps about, and
+/// keeps a sequential one [`READ_AHEAD`] blocks ahead (one per connection).
+#[derive(Debug, Default)]
+pub(crate) struct Sequential {
+    next: Option<u64>,
+    ahead_to: u64,
+}
+
+impl Sequential {
+    /// Reads `len` bytes at `offset` from `image`, reading ahead when it continues the last read.
+    pub async fn read_through(&mut self, image: &Arc<BackupImage>, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.read(image, offset, len);
+        image.read(offset, len).await
+    }
+
+    /// A read of `len` bytes at `offset`: reads ahead when it continues the last one.
+    pub fn read(&mut self, image: &Arc<BackupImage>, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        let sequential = self.next == Some(offset);
+        self.next = Some(end);
+        if !sequential || len == 0 {
+            return;
+        }
+        let bs = image.block_size();
+        let next_block = end.div_ceil(bs);
+        let to = next_block + READ_AHEAD;
+        let from = self.ahead_to.max(next_block);
+        if from < to {
+            image.read_ahead(from, to);
+            self.ahead_to = to;
+        }
+    }
+}
+
+/// A backup image as an NBD export (`ferry_nbd` knows nothing of repositories).
+struct NbdImage(Arc<BackupImage>);
+
+impl ferry_nbd::Export for NbdImage {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn preferred_block(&self) -> u64 {
+        self.0.block_size()
+    }
+    fn extents(&self, offset: u64, len: u64, max_runs: usize) -> Vec<(u64, bool)> {
+        self.0.extents(offset, len, max_runs)
+    }
+    async fn read(&self, offset: u64, len: u64) -> std::result::Result<Vec<u8>, String> {
+        self.0.read(offset, len).await.map_err(|e| e.to_string())
+    }
+    fn sequential(&self, end: u64) {
+        let from = end.div_ceil(self.0.block_size());
+        self.0.read_ahead(from, from + READ_AHEAD);
+    }
+    fn served(&self, bytes: u64) {
+        self.0.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.0.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Serves `image` over NBD on `listener` (export name `token`) until `stop` is cancelled.
+pub async fn serve_nbd(image: Arc<BackupImage>, listener: TcpListener, token: String, stop: CancellationToken) {
+    ferry_nbd::serve_tcp(Arc::new(NbdImage(image)), listener, token, stop).await
+}
+
+/// Serves `image` over NBD on a Unix socket `listener` (export name `token`) until `stop` is
+/// cancelled.
+pub async fn serve_nbd_unix(image: Arc<BackupImage>, listener: tokio::net::UnixListener, token: String, stop: CancellationToken) {
+    ferry_nbd::serve_unix(Arc::new(NbdImage(image)), listener, token, stop).await
 }
 
 /// Serves `image` on `listener` at `/<token>/image.raw` until `stop` is cancelled.
@@ -218,8 +380,9 @@ fn parse_range(v: &str, size: u64) -> std::result::Result<Option<(u64, u64)>, ()
     Ok(Some((start, end.min(start + MAX_RANGE - 1))))
 }
 
-async fn connection(mut sock: TcpStream, image: &BackupImage, path: &str) -> std::io::Result<()> {
+async fn connection(mut sock: TcpStream, image: &Arc<BackupImage>, path: &str) -> std::io::Result<()> {
     let _ = sock.set_nodelay(true);
+    let mut sequential = Sequential::default();
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 8192];
     loop {
@@ -261,7 +424,7 @@ async fn connection(mut sock: TcpStream, image: &BackupImage, path: &str) -> std
                     let h = format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{size}\r\nContent-Length: 0\r\n\r\n");
                     sock.write_all(h.as_bytes()).await?;
                 }
-                Some(Ok(Some((a, b)))) => match image.read(a, b - a + 1).await {
+                Some(Ok(Some((a, b)))) => match sequential.read_through(image, a, b - a + 1).await {
                     Ok(data) => {
                         let h = format!(
                             "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/{size}\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n{}\r\n",
@@ -287,7 +450,7 @@ async fn connection(mut sock: TcpStream, image: &BackupImage, path: &str) -> std
                     let bs = 4 << 20;
                     let mut off = 0;
                     while off < size {
-                        match image.read(off, bs).await {
+                        match sequential.read_through(image, off, bs).await {
                             Ok(data) => {
                                 sock.write_all(&data).await?;
                                 image.stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
