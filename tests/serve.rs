@@ -25,10 +25,17 @@ pub struct Server {
 
 impl Server {
     pub fn start(repo: &Repo, args: &[&str]) -> Server {
+        Server::start_with(repo, args, &[])
+    }
+
+    pub fn start_with(repo: &Repo, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd_args = vec!["serve", "--json"];
         cmd_args.extend_from_slice(args);
-        let mut child = repo
-            .cmd(&cmd_args)
+        let mut cmd = repo.cmd(&cmd_args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -420,5 +427,125 @@ fn the_nbd_export_speaks_the_protocol_and_serves_the_backup() {
     let got = c.replies(2);
     assert_eq!(assemble(&got[&30], 0, 4096), Err(5), "EIO for a damaged block");
     assert_eq!(assemble(&got[&31], 2 * MIB, 4096).expect("a hole needs no chunk"), vec![0u8; 4096]);
+    server.stop();
+}
+
+/// Connects, negotiates structured replies and `base:allocation`, goes to transmission.
+fn structured(addr: &str, token: &str) -> Client {
+    let mut c = Client::connect(addr);
+    c.option(8, &[]);
+    assert_eq!(c.opt_reply(8).kind, 1);
+    let mut meta = (token.len() as u32).to_be_bytes().to_vec();
+    meta.extend_from_slice(token.as_bytes());
+    meta.extend_from_slice(&1u32.to_be_bytes());
+    meta.extend_from_slice(&15u32.to_be_bytes());
+    meta.extend_from_slice(b"base:allocation");
+    c.option(10, &meta);
+    assert_eq!(c.opt_replies(10).len(), 2);
+    assert_eq!(c.go(token).last().map(|r| r.kind), Some(1));
+    c
+}
+
+/// Bytes of data (not holes) the export says it has, from block status.
+fn data_bytes(c: &mut Client, size: u64) -> u64 {
+    c.request(7, 0, u64::MAX, 0, size as u32, &[]);
+    let st = c.chunk();
+    assert_eq!(st.kind, 5);
+    st.payload[4..]
+        .chunks(8)
+        .filter(|d| d[4..] == [0, 0, 0, 0])
+        .map(|d| u64::from(u32::from_be_bytes(d[..4].try_into().expect("4"))))
+        .sum()
+}
+
+/// A sequential reader (256 KiB reads, 4 in flight) of an image larger than the cache: every
+/// data block is fetched exactly once — those read ahead are not dropped before they are
+/// read — and reading ahead happened.
+#[test]
+fn a_sequential_reader_is_read_ahead_of_and_each_block_is_fetched_once() {
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let mut v = Volume::generated(12 * MIB, 1 << 20, 78);
+    v.discard(5 * MIB, MIB);
+    repo.backup_bytes("vm", &v.diff("s1", Vec::new()).expect("diff"));
+    let image = v.data.clone();
+    let server = Server::start(&repo, &["vm", "--nbd", "127.0.0.1:0", "--cache-mib", "3"]);
+    let (addr, token) = server.nbd();
+    let mut c = structured(&addr, &token);
+    let data_blocks = data_bytes(&mut c, image.len() as u64) / MIB;
+    assert!(data_blocks >= 8, "{data_blocks} data blocks");
+    let step = 256 << 10;
+    let n = image.len() as u64 / step;
+    let mut got = vec![0xEEu8; image.len()];
+    let mut sent = 0u64;
+    let mut done = 0u64;
+    while done < n {
+        while sent < n && sent < done + 4 {
+            c.request(0, 0, sent, sent * step, step as u32, &[]);
+            sent += 1;
+        }
+        let r = c.replies(1);
+        for (cookie, chunks) in r {
+            let off = cookie * step;
+            let data = assemble(&chunks, off, step as usize).expect("read");
+            got[off as usize..(off + step) as usize].copy_from_slice(&data);
+        }
+        done += 1;
+    }
+    assert!(got == image, "the image read sequentially");
+    let stats = server.stop();
+    assert_eq!(stats["blocks_fetched"].as_u64(), Some(data_blocks), "{stats}");
+    assert!(stats["blocks_read_ahead"].as_u64().expect("n") >= data_blocks / 2, "{stats}");
+}
+
+/// A client that sends reads and never reads the replies holds its own share of the server
+/// (64 MiB) and no more: another client is still answered at once.
+#[test]
+fn a_client_that_stops_reading_does_not_stop_the_others() {
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let mut v = Volume::generated(16 * MIB, 1 << 20, 79);
+    repo.backup_bytes("vm", &v.diff("s1", Vec::new()).expect("diff"));
+    let server = Server::start(&repo, &["vm", "--nbd", "127.0.0.1:0"]);
+    let (addr, token) = server.nbd();
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut a = structured(&addr, &token);
+        for k in 0..40 {
+            a.request(0, 0, k, 0, 16 * MIB as u32, &[]);
+        }
+        stalled.push(a);
+    }
+    let mut b = structured(&addr, &token);
+    b.s.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("timeout");
+    let started = std::time::Instant::now();
+    b.request(0, 0, 1, 4096, 4096, &[]);
+    let r = b.replies(1);
+    assert_eq!(assemble(&r[&1], 4096, 4096).expect("read"), v.data[4096..8192]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    drop(stalled);
+    server.stop();
+}
+
+/// Replies come as they are ready, not in the order asked: with every chunk fetch slowed to a
+/// second, a read of a hole sent after a read of data is answered first.
+#[test]
+fn a_hole_is_answered_before_a_slow_block_asked_for_earlier() {
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let mut v = Volume::generated(4 * MIB, 1 << 20, 80);
+    v.discard(2 * MIB, 2 * MIB);
+    repo.backup_bytes("vm", &v.diff("s1", Vec::new()).expect("diff"));
+    let server = Server::start_with(
+        &repo,
+        &["vm", "--nbd", "127.0.0.1:0"],
+        &[("FERRY_TEST_FAULTS", "get:chunks/*:slow=1s")],
+    );
+    let (addr, token) = server.nbd();
+    let mut c = structured(&addr, &token);
+    c.request(0, 0, 1, 0, 4096, &[]);
+    c.request(0, 0, 2, 3 * MIB, 4096, &[]);
+    let first = c.chunk();
+    assert_eq!((first.cookie, first.kind), (2, 2), "the hole first, as a hole chunk");
+    let second = c.chunk();
+    assert_eq!(second.cookie, 1);
+    assert!(second.payload[8..] == v.data[..4096]);
     server.stop();
 }

@@ -25,7 +25,8 @@ use crate::output::{human_bytes, Progress};
 /// reads of holes cost no fetch.
 ///
 /// The token authorises: another path or export name is refused. Every block is verified
-/// when fetched; a sequential reader is read ahead of; the last blocks read are kept decoded.
+/// when fetched; a sequential reader is read ahead of; the last blocks read are kept decoded
+/// (--cache-mib).
 /// A Unix socket (created 0600) keeps the export on this machine.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -42,6 +43,9 @@ pub struct ServeArgs {
     /// existing file is not replaced).
     #[arg(long, value_name = "PATH")]
     nbd_socket: Option<PathBuf>,
+    /// Decoded blocks kept in memory, in MiB (at least two blocks).
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    cache_mib: u64,
     /// Read the token from this file (default: a new random one, printed with the URLs).
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
@@ -90,7 +94,11 @@ pub async fn run(a: ServeArgs, r: RepoArgs) -> Result<u8> {
     };
     let engine = r.engine(Progress::new(true)).await?;
     let (_, manifest) = engine.resolve(volume, &spec).await?;
-    let image = Arc::new(BackupImage::new(engine.repository().clone(), manifest.clone()));
+    let image = Arc::new(BackupImage::with_cache(
+        engine.repository().clone(),
+        manifest.clone(),
+        a.cache_mib.saturating_mul(1 << 20),
+    ));
     let stop = CancellationToken::new();
     let mut servers = Vec::new();
     let mut urls = serde_json::Map::new();

@@ -23,12 +23,11 @@ use tokio_util::sync::CancellationToken;
 use crate::chunks::fetch_content;
 use crate::error::{Error, ErrorKind, Result};
 
-/// Bytes of decoded blocks kept (16 blocks of 4 MiB): enough for the blocks in use and the
-/// read-ahead of two sequential readers.
-const CACHE_BYTES: u64 = 64 << 20;
+/// Bytes of decoded blocks kept by default (16 blocks of 4 MiB).
+pub const CACHE_BYTES: u64 = 64 << 20;
 /// Blocks fetched at once from the repository, over every reader of an image.
 const FETCHES: usize = 8;
-/// Blocks a sequential reader is read ahead of.
+/// Blocks a sequential reader is read ahead of (at most half the cache).
 const READ_AHEAD: u64 = 4;
 /// The largest range one request may ask for.
 const MAX_RANGE: u64 = 64 << 20;
@@ -49,26 +48,48 @@ pub struct ServeStats {
 /// One cached block: filled once, by whoever asks first; the others wait for it.
 type Slot = Arc<tokio::sync::OnceCell<Arc<Vec<u8>>>>;
 
+/// A block in the cache.
+struct Entry {
+    block: u64,
+    slot: Slot,
+    /// Read by a reader (not only fetched ahead of one).
+    consumed: bool,
+}
+
+impl Entry {
+    /// Nobody but the cache holds it: not being fetched, not being read.
+    fn idle(&self) -> bool {
+        Arc::strong_count(&self.slot) == 1
+    }
+}
+
 /// A backup as a random-access image: holes are zeros without a fetch, a block asked for by
-/// several readers at once is fetched once, the most recently used blocks are kept decoded,
-/// and sequential readers are read ahead of.
+/// several readers at once is fetched once, the most recently used blocks are kept decoded
+/// (a block being fetched or read is never dropped), and sequential readers are read ahead of
+/// as far as the cache has room for (a block fetched ahead is dropped only for a reader's
+/// block, never for another one fetched ahead).
 pub struct BackupImage {
     repo: Arc<Repository>,
     manifest: Arc<Manifest>,
     /// Most recently used last.
-    cache: Mutex<VecDeque<(u64, Slot)>>,
+    cache: Mutex<VecDeque<Entry>>,
     capacity: usize,
     fetches: tokio::sync::Semaphore,
     stats: Arc<ServeStats>,
 }
 
 impl BackupImage {
-    /// The image of `manifest`.
+    /// The image of `manifest`, keeping 64 MiB of decoded blocks.
     pub fn new(repo: Arc<Repository>, manifest: Arc<Manifest>) -> BackupImage {
+        Self::with_cache(repo, manifest, CACHE_BYTES)
+    }
+
+    /// The image of `manifest`, keeping `cache_bytes` of decoded blocks (at least two blocks).
+    pub fn with_cache(repo: Arc<Repository>, manifest: Arc<Manifest>, cache_bytes: u64) -> BackupImage {
         let bs = manifest.meta.block_size.get().max(1);
         BackupImage {
             repo,
-            capacity: (CACHE_BYTES / bs).max(2 * (READ_AHEAD + 1)) as usize,
+            capacity: (cache_bytes / bs).max(2) as usize,
             manifest,
             cache: Mutex::new(VecDeque::new()),
             fetches: tokio::sync::Semaphore::new(FETCHES),
@@ -123,26 +144,44 @@ impl BackupImage {
         runs
     }
 
-    /// The cache slot of block `i` (made, and the least recently used one dropped, when
-    /// there is none); `None` when it is cached already and `only_new` asks for new ones.
-    fn slot(&self, i: u64, only_new: bool) -> Option<Slot> {
+    /// The cache slot of block `i` for a reader (`demand`) or for reading ahead. A new slot
+    /// takes the place of the least recently used idle block when the cache is full —
+    /// preferring blocks already read; reading ahead takes only those, and gives up (`None`)
+    /// when there is none; a reader's slot is made even then (the blocks in use are the
+    /// bound). Reading ahead also gets `None` for a block already cached.
+    fn slot(&self, i: u64, demand: bool) -> Option<Slot> {
         let Ok(mut c) = self.cache.lock() else {
-            return Some(Slot::default());
+            return demand.then(Slot::default);
         };
-        if let Some(p) = c.iter().position(|(j, _)| *j == i) {
-            if only_new {
+        if let Some(p) = c.iter().position(|e| e.block == i) {
+            if !demand {
                 return None;
             }
-            let e = c.remove(p)?;
-            let slot = e.1.clone();
+            let mut e = c.remove(p)?;
+            e.consumed = true;
+            let slot = e.slot.clone();
             c.push_back(e);
             return Some(slot);
         }
-        let slot = Slot::default();
-        c.push_back((i, slot.clone()));
-        while c.len() > self.capacity {
-            c.pop_front();
+        if c.len() >= self.capacity {
+            let victim = c
+                .iter()
+                .position(|e| e.idle() && e.consumed)
+                .or_else(|| if demand { c.iter().position(Entry::idle) } else { None });
+            match victim {
+                Some(p) => {
+                    c.remove(p);
+                }
+                None if !demand => return None,
+                None => {}
+            }
         }
+        let slot = Slot::default();
+        c.push_back(Entry {
+            block: i,
+            slot: slot.clone(),
+            consumed: demand,
+        });
         Some(slot)
     }
 
@@ -151,7 +190,7 @@ impl BackupImage {
         if self.is_hole(i) {
             return Ok(Arc::new(vec![0u8; self.manifest.block_len(i) as usize]));
         }
-        let Some(slot) = self.slot(i, false) else {
+        let Some(slot) = self.slot(i, true) else {
             return Err(Error::new(ErrorKind::Failed, format!("block {i}: no cache slot"), None));
         };
         slot.get_or_try_init(|| self.fetch(i)).await.cloned()
@@ -175,6 +214,12 @@ impl BackupImage {
         Ok(Arc::new(data))
     }
 
+    /// How many blocks a sequential reader is read ahead of: [`READ_AHEAD`], at most half the
+    /// cache (the rest holds the blocks being read).
+    fn ahead(&self) -> u64 {
+        READ_AHEAD.min(self.capacity as u64 / 2).max(1)
+    }
+
     /// Starts fetching the data blocks `from..to` that are not cached, in the background.
     pub fn read_ahead(self: &Arc<Self>, from: u64, to: u64) {
         let blocks = self.manifest.blocks.len() as u64;
@@ -182,10 +227,18 @@ impl BackupImage {
             if self.is_hole(i) {
                 continue;
             }
-            let Some(slot) = self.slot(i, true) else { continue };
+            let Some(slot) = self.slot(i, false) else { continue };
             let me = self.clone();
             tokio::spawn(async move {
-                if slot.get_or_try_init(|| me.fetch(i)).await.is_ok() {
+                let mut here = false;
+                let filled = slot
+                    .get_or_try_init(|| {
+                        here = true;
+                        me.fetch(i)
+                    })
+                    .await
+                    .is_ok();
+                if filled && here {
                     me.stats.blocks_read_ahead.fetch_add(1, Ordering::Relaxed);
                 }
             });
@@ -200,17 +253,29 @@ impl BackupImage {
         }
         let bs = self.block_size();
         let (first, last) = (offset / bs, (end - 1) / bs);
-        let blocks: Vec<(u64, Result<Arc<Vec<u8>>>)> = futures::stream::iter(first..=last)
-            .map(|i| async move { (i, self.block(i).await) })
+        // Holes cost neither a fetch nor a block's worth of zeros.
+        type Fetched = (u64, Option<Result<Arc<Vec<u8>>>>);
+        let blocks: Vec<Fetched> = futures::stream::iter(first..=last)
+            .map(|i| async move {
+                if self.is_hole(i) {
+                    (i, None)
+                } else {
+                    (i, Some(self.block(i).await))
+                }
+            })
             .buffered(FETCHES)
             .collect()
             .await;
-        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut out = vec![0u8; (end - offset) as usize];
         for (i, b) in blocks {
+            let Some(b) = b else { continue };
             let b = b?;
-            let start = offset.max(i * bs) - i * bs;
-            let stop = end.min(i * bs + b.len() as u64) - i * bs;
-            out.extend_from_slice(&b[start as usize..stop as usize]);
+            let start = offset.max(i * bs);
+            let stop = end.min(i * bs + b.len() as u64);
+            if start < stop {
+                out[(start - offset) as usize..(stop - offset) as usize]
+                    .copy_from_slice(&b[(start - i * bs) as usize..(stop - i * bs) as usize]);
+            }
         }
         Ok(out)
     }
@@ -237,11 +302,13 @@ impl Sequential {
         let sequential = self.next == Some(offset);
         self.next = Some(end);
         if !sequential || len == 0 {
+            // A seek: reading ahead starts over from wherever the reader goes on.
+            self.ahead_to = 0;
             return;
         }
         let bs = image.block_size();
         let next_block = end.div_ceil(bs);
-        let to = next_block + READ_AHEAD;
+        let to = next_block + image.ahead();
         let from = self.ahead_to.max(next_block);
         if from < to {
             image.read_ahead(from, to);
@@ -268,7 +335,7 @@ impl ferry_nbd::Export for NbdImage {
     }
     fn sequential(&self, end: u64) {
         let from = end.div_ceil(self.0.block_size());
-        self.0.read_ahead(from, from + READ_AHEAD);
+        self.0.read_ahead(from, from + self.0.ahead());
     }
     fn served(&self, bytes: u64) {
         self.0.stats.requests.fetch_add(1, Ordering::Relaxed);

@@ -24,7 +24,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// A read-only random-access image the server exports.
@@ -113,11 +113,18 @@ const BASE_ALLOCATION_ID: u32 = 1;
 
 /// The largest request payload (read length) accepted, as clients are told.
 pub const MAX_REQUEST: u32 = 32 << 20;
-/// Bytes of read replies being prepared or sent, over all connections of a server (in KiB
-/// permits): what clients can make the server hold does not grow with their number.
-const IN_FLIGHT_KIB: usize = 128 << 10;
-/// Connections served at once.
+/// Bytes of read replies being prepared, queued or written, over all connections of a server
+/// (in KiB permits): what clients can make the server hold does not grow with their number.
+const IN_FLIGHT_KIB: usize = 256 << 10;
+/// The same for one connection: a client that stops reading its replies holds this much at
+/// most, and the others go on.
+const CONNECTION_KIB: usize = 64 << 10;
+/// Connections served at once (counted from a successful negotiation).
 const CONNECTIONS: usize = 64;
+/// Connections negotiating at once (before the client named the export).
+const NEGOTIATING: usize = 128;
+/// How long writing one reply may take before the client counts as gone.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Option data larger than this ends the negotiation (names and queries are short).
 const MAX_OPTION: u32 = 64 << 10;
 /// Options one negotiation may send before the server gives up on it.
@@ -125,7 +132,7 @@ const MAX_OPTIONS: usize = 64;
 /// Descriptors in one block status reply.
 const MAX_EXTENTS: usize = 1024;
 /// How long a client may take to negotiate.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves `image` over NBD on a TCP listener until `stop` is cancelled; the export's name is
 /// `token`.
@@ -167,6 +174,7 @@ pub async fn serve_unix<E: Export>(image: Arc<E>, listener: tokio::net::UnixList
 /// What the connections of one server share: connection slots and the bytes in flight.
 #[derive(Clone)]
 struct Shared {
+    negotiating: Arc<Semaphore>,
     slots: Arc<Semaphore>,
     budget: Arc<Semaphore>,
 }
@@ -174,6 +182,7 @@ struct Shared {
 impl Shared {
     fn new() -> Shared {
         Shared {
+            negotiating: Arc::new(Semaphore::new(NEGOTIATING)),
             slots: Arc::new(Semaphore::new(CONNECTIONS)),
             budget: Arc::new(Semaphore::new(IN_FLIGHT_KIB)),
         }
@@ -184,15 +193,16 @@ async fn spawn_connection<S, E: Export>(sock: S, image: &Arc<E>, token: &Arc<str
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Ok(slot) = shared.slots.clone().acquire_owned().await else {
+    // Never waits: a client that has not negotiated yet must not hold up the accept loop.
+    let Ok(negotiating) = shared.negotiating.clone().try_acquire_owned() else {
+        tracing::warn!("NBD: {NEGOTIATING} connections are negotiating already; one more refused");
         return;
     };
-    let (image, token, stop, budget) = (image.clone(), token.clone(), stop.clone(), shared.budget.clone());
+    let (image, token, stop, shared) = (image.clone(), token.clone(), stop.clone(), shared.clone());
     tokio::spawn(async move {
-        let _slot = slot;
         tokio::select! {
             _ = stop.cancelled() => {}
-            r = serve_connection(sock, image, &token, budget) => {
+            r = serve_connection(sock, image, &token, shared, negotiating) => {
                 if let Err(e) = r {
                     tracing::debug!("NBD connection ended: {e}");
                 }
@@ -214,10 +224,18 @@ pub async fn connection<S, E: Export>(sock: S, image: Arc<E>, token: &str) -> st
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    serve_connection(sock, image, token, Shared::new().budget).await
+    let shared = Shared::new();
+    let negotiating = shared.negotiating.clone().try_acquire_owned().map_err(std::io::Error::other)?;
+    serve_connection(sock, image, token, shared, negotiating).await
 }
 
-async fn serve_connection<S, E: Export>(sock: S, image: Arc<E>, token: &str, budget: Arc<Semaphore>) -> std::io::Result<()>
+async fn serve_connection<S, E: Export>(
+    sock: S,
+    image: Arc<E>,
+    token: &str,
+    shared: Shared,
+    negotiating: tokio::sync::OwnedSemaphorePermit,
+) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -228,7 +246,12 @@ where
         Ok(Err(e)) => return Err(e),
         Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "negotiation took too long")),
     };
-    transmission(rd, wr, image, negotiated, budget).await
+    drop(negotiating);
+    let Ok(_slot) = shared.slots.clone().try_acquire_owned() else {
+        tracing::warn!("NBD: {CONNECTIONS} connections are served already; one more closed");
+        return Ok(());
+    };
+    transmission(rd, wr, image, negotiated, shared.budget).await
 }
 
 fn invalid(what: &str) -> std::io::Error {
@@ -290,8 +313,9 @@ fn parse_meta(data: &[u8]) -> Option<(String, Vec<String>)> {
     f.0.is_empty().then_some((name, queries))
 }
 
-fn transmission_flags() -> u16 {
-    TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_SEND_DF | TFLAG_CAN_MULTI_CONN
+/// `SEND_DF` only with structured replies (the protocol says to leave it clear without).
+fn transmission_flags(structured: bool) -> u16 {
+    TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_CAN_MULTI_CONN | if structured { TFLAG_SEND_DF } else { 0 }
 }
 
 /// The fixed newstyle negotiation: `Some` when the client went on to transmission.
@@ -329,7 +353,7 @@ where
                 }
                 let mut b = Vec::with_capacity(134);
                 b.extend_from_slice(&image.size().to_be_bytes());
-                b.extend_from_slice(&transmission_flags().to_be_bytes());
+                b.extend_from_slice(&transmission_flags(n.structured).to_be_bytes());
                 if !no_zeroes {
                     b.extend_from_slice(&[0u8; 124]);
                 }
@@ -357,7 +381,7 @@ where
                 let mut export = Vec::with_capacity(12);
                 export.extend_from_slice(&INFO_EXPORT.to_be_bytes());
                 export.extend_from_slice(&image.size().to_be_bytes());
-                export.extend_from_slice(&transmission_flags().to_be_bytes());
+                export.extend_from_slice(&transmission_flags(n.structured).to_be_bytes());
                 option_reply(wr, opt, REP_INFO, &export).await?;
                 // Any alignment is served; a block's worth is what costs one fetch.
                 let preferred = (image.preferred_block().clamp(1, u64::from(MAX_REQUEST)) as u32)
@@ -383,6 +407,10 @@ where
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                if opt == OPT_SET_META_CONTEXT {
+                    // It replaces the selection, even when it fails.
+                    n.allocation = false;
+                }
                 if !n.structured {
                     option_reply(wr, opt, REP_ERR_INVALID, b"structured replies first").await?;
                     continue;
@@ -501,6 +529,11 @@ async fn read_reply<E: Export>(image: &E, n: Negotiated, r: Request) -> (Vec<u8>
             }
         };
     }
+    if len == 0 {
+        let mut out = Vec::new();
+        chunk(&mut out, r.cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, &[]);
+        return (out, true);
+    }
     let runs = if r.flags & CMD_FLAG_DF != 0 {
         // One chunk: a hole only when all of it is one.
         let runs = image.extents(offset, len, 2);
@@ -559,30 +592,59 @@ fn block_status_reply<E: Export>(image: &E, r: Request) -> Vec<u8> {
     out
 }
 
+/// A reply on its way out, with the budget its bytes hold until they are written.
+type Outgoing = (Vec<u8>, Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>);
+
+async fn write_timed<W: AsyncWrite + Unpin>(wr: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client stopped reading its replies",
+        )),
+    }
+}
+
 async fn transmission<R, W, E: Export>(mut rd: R, mut wr: W, image: Arc<E>, n: Negotiated, budget: Arc<Semaphore>) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    // Replies go out through one writer, whole, in the order they are ready.
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
-    let writer = tokio::spawn(async move {
-        while let Some(reply) = rx.recv().await {
-            wr.write_all(&reply).await?;
-            if rx.is_empty() {
+    // Replies go out through one writer, whole, in the order they are ready; a read's budget
+    // is given back when its reply is written. A client that stops reading for WRITE_TIMEOUT
+    // is gone: the connection ends.
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(64);
+    let dead = CancellationToken::new();
+    let writer = {
+        let dead = dead.clone();
+        tokio::spawn(async move {
+            let r = async {
+                while let Some((reply, permits)) = rx.recv().await {
+                    write_timed(&mut wr, &reply).await?;
+                    drop(permits);
+                    if rx.is_empty() {
+                        wr.flush().await?;
+                    }
+                }
                 wr.flush().await?;
+                wr.shutdown().await
             }
-        }
-        wr.flush().await?;
-        wr.shutdown().await
-    });
+            .await;
+            dead.cancel();
+            r
+        })
+    };
+    let mine = Arc::new(Semaphore::new(CONNECTION_KIB));
     let mut next: Option<u64> = None;
     let size = image.size();
     let result = loop {
-        let r = match read_request(&mut rd).await {
-            Ok(Some(r)) => r,
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
+        let r = tokio::select! {
+            r = read_request(&mut rd) => match r {
+                Ok(Some(r)) => r,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            },
+            _ = dead.cancelled() => break Ok(()),
         };
         let in_image = r.offset.checked_add(u64::from(r.len)).is_some_and(|end| end <= size);
         let reply = match r.kind {
@@ -598,17 +660,25 @@ where
                         image.sequential(end);
                     }
                     next = Some(end);
+                    // This connection's share first: one client cannot take the server's.
                     let units = (r.len >> 10).max(1);
-                    let Ok(permit) = budget.clone().acquire_many_owned(units).await else {
+                    let permits = tokio::select! {
+                        p = async {
+                            let a = mine.clone().acquire_many_owned(units).await.ok()?;
+                            let b = budget.clone().acquire_many_owned(units).await.ok()?;
+                            Some((a, b))
+                        } => p,
+                        _ = dead.cancelled() => None,
+                    };
+                    let Some(permits) = permits else {
                         break Ok(());
                     };
                     let (image, tx) = (image.clone(), tx.clone());
                     tokio::spawn(async move {
                         let (reply, ok) = read_reply(&*image, n, r).await;
-                        if tx.send(reply).await.is_ok() {
+                        if tx.send((reply, Some(permits))).await.is_ok() {
                             image.served(if ok { u64::from(r.len) } else { 0 });
                         }
-                        drop(permit);
                     });
                     continue;
                 }
@@ -648,7 +718,7 @@ where
             }
             _ => error_reply(n, r.cookie, EINVAL, "unknown command"),
         };
-        if tx.send(reply).await.is_err() {
+        if tx.send((reply, None)).await.is_err() {
             break Ok(());
         }
         image.served(0);
@@ -764,7 +834,8 @@ mod tests {
         want.extend_from_slice(&0x4948_4156_454f_5054u64.to_be_bytes());
         want.extend_from_slice(&3u16.to_be_bytes());
         want.extend_from_slice(&65536u64.to_be_bytes());
-        want.extend_from_slice(&(1u16 | 2 | 128 | 256).to_be_bytes());
+        // HAS_FLAGS | READ_ONLY | CAN_MULTI_CONN; no SEND_DF without structured replies.
+        want.extend_from_slice(&(1u16 | 2 | 256).to_be_bytes());
         assert!(out.starts_with(&want), "greeting and export");
         // Replies come as they are ready: by cookie. READ 4096 at 0; WRITE: EPERM;
         // BLOCK_STATUS without a context: EINVAL; then DISC closes.
@@ -817,5 +888,101 @@ mod tests {
         let mut huge = 0u32.to_be_bytes().to_vec();
         huge.extend_from_slice(&u32::MAX.to_be_bytes());
         assert_eq!(parse_meta(&huge), None);
+    }
+
+    fn opt(o: u32, d: &[u8]) -> Vec<u8> {
+        let mut b = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+        b.extend_from_slice(&o.to_be_bytes());
+        b.extend_from_slice(&(d.len() as u32).to_be_bytes());
+        b.extend_from_slice(d);
+        b
+    }
+
+    fn meta(name: &str) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&1u32.to_be_bytes());
+        d.extend_from_slice(&15u32.to_be_bytes());
+        d.extend_from_slice(b"base:allocation");
+        d
+    }
+
+    fn go(name: &str) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        d
+    }
+
+    fn req(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b
+    }
+
+    /// The structured reply chunks after the option replies up to GO's ACK: (flags, type,
+    /// cookie, payload).
+    fn chunks_after_go(out: &[u8]) -> Vec<(u16, u16, u64, Vec<u8>)> {
+        let mut at = 18;
+        // Option replies until GO's ACK (GO is option 7, ACK is 1).
+        loop {
+            let opt = u32::from_be_bytes(out[at + 8..at + 12].try_into().expect("4"));
+            let kind = u32::from_be_bytes(out[at + 12..at + 16].try_into().expect("4"));
+            let len = u32::from_be_bytes(out[at + 16..at + 20].try_into().expect("4")) as usize;
+            at += 20 + len;
+            if opt == 7 && kind == 1 {
+                break;
+            }
+        }
+        let mut v = Vec::new();
+        while at < out.len() {
+            assert_eq!(out[at..at + 4], 0x668e_33efu32.to_be_bytes());
+            let flags = u16::from_be_bytes([out[at + 4], out[at + 5]]);
+            let kind = u16::from_be_bytes([out[at + 6], out[at + 7]]);
+            let cookie = u64::from_be_bytes(out[at + 8..at + 16].try_into().expect("8"));
+            let len = u32::from_be_bytes(out[at + 16..at + 20].try_into().expect("4")) as usize;
+            v.push((flags, kind, cookie, out[at + 20..at + 20 + len].to_vec()));
+            at += 20 + len;
+        }
+        v
+    }
+
+    #[tokio::test]
+    async fn a_failed_set_meta_context_clears_the_selection_and_an_empty_read_is_one_none_chunk() {
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend(opt(8, &[]));
+        input.extend(opt(10, &meta("token")));
+        input.extend(opt(10, &meta("other")));
+        input.extend(opt(7, &go("token")));
+        input.extend(req(7, 0, 1, 0, 4096));
+        input.extend(req(0, 4, 2, 100, 0));
+        input.extend(req(0, 0, 3, 100, 0));
+        input.extend(req(2, 0, 4, 0, 0));
+        let out = session(export(), "token", &input).await;
+        let mut chunks = chunks_after_go(&out);
+        chunks.sort_by_key(|c| c.2);
+        assert_eq!(chunks.len(), 3, "{chunks:?}");
+        // BLOCK_STATUS: no context is selected any more → an error chunk, EINVAL.
+        assert_eq!((chunks[0].0, chunks[0].1, chunks[0].2), (1, 0x8001, 1));
+        assert_eq!(chunks[0].3[..4], 22u32.to_be_bytes());
+        // Zero-length reads, with and without DF: one NONE chunk, done, no payload.
+        for c in &chunks[1..] {
+            assert_eq!((c.0, c.1, c.3.len()), (1, 0, 0), "{c:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn structured_sessions_are_told_they_may_send_df() {
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend(opt(8, &[]));
+        input.extend(opt(1, b"token"));
+        let out = session(export(), "token", &input).await;
+        // Greeting (18), the ACK of STRUCTURED_REPLY (20), then size and flags.
+        assert_eq!(out[38..46], 65536u64.to_be_bytes());
+        assert_eq!(u16::from_be_bytes([out[46], out[47]]), 1 | 2 | 128 | 256);
     }
 }
