@@ -516,3 +516,106 @@ fn restore_by_time_picks_the_newest_backup_at_or_before_it() {
     );
     assert!(err.contains("--at"), "{err}");
 }
+
+/// Issue 9: the chain's order comes from its links, not from the writers' clocks. A backup
+/// made with the clock stepped back a day (libfaketime) has a name older than its parent's;
+/// it is still the newest: `latest` restores it, `ls` lists it last, the next incremental is
+/// made on it. A full backup made two days "earlier" follows the head it replaced.
+#[test]
+fn a_clock_stepped_back_does_not_make_an_older_backup_the_newest() {
+    let faketime = std::process::Command::new("sh").args(["-c", "command -v faketime"]).output();
+    assert!(
+        faketime.is_ok_and(|o| o.status.success()),
+        "faketime is not installed (scripts/test installs it)"
+    );
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let mut v = Volume::generated(3 * MIB, 1 << 20, 91);
+    let backup_at = |v: &mut Volume, snap: &str, skew: Option<&str>| -> serde_json::Value {
+        let stream = v.diff(snap, Vec::new()).expect("diff");
+        let f = repo.path(&format!("{snap}.diff"));
+        std::fs::write(&f, &stream).expect("write");
+        let args = ["backup", "--json", "--volume", "vm", "--diff", f.to_str().expect("utf8")];
+        let out = match skew {
+            None => repo.cmd(&args).output(),
+            Some(s) => {
+                let mut c = std::process::Command::new("faketime");
+                c.args(["-f", s, env!("CARGO_BIN_EXE_ferry")]).args(args);
+                let base = repo.cmd(&[]);
+                for (k, val) in base.get_envs() {
+                    match val {
+                        Some(val) => c.env(k, val),
+                        None => c.env_remove(k),
+                    };
+                }
+                c.env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                    .stdin(std::process::Stdio::null())
+                    .output()
+            }
+        }
+        .expect("run ferry");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    let a = backup_at(&mut v, "s1", None);
+    v.write(MIB + 5, b"second");
+    let b = backup_at(&mut v, "s2", None);
+    v.write(2 * MIB + 7, b"third, written a day in the past");
+    let c = backup_at(&mut v, "s3", Some("-1d"));
+    assert_eq!(c["kind"], "incremental");
+    assert_eq!(c["parent"], b["backup_id"], "made on b");
+    let s3 = v.data.clone();
+    let list = repo.backups("vm");
+    let names: Vec<&str> = list.iter().map(|x| x["backup_id"].as_str().expect("id")).collect();
+    assert_eq!(
+        names,
+        [&a["backup_id"], &b["backup_id"], &c["backup_id"]].map(|x| x.as_str().expect("id")),
+        "chain order"
+    );
+    let out = repo.path("latest.raw");
+    repo.ok(&["restore", "vm", "--to", out.to_str().expect("utf8")]);
+    assert!(std::fs::read(&out).expect("read") == s3, "latest is the backup made last");
+    // The next incremental (s3 → s4) is made on c, the head.
+    v.write(7, b"fourth");
+    let d = backup_at(&mut v, "s4", None);
+    assert_eq!(d["parent"], c["backup_id"]);
+    // A full backup with the clock two days behind follows d.
+    let mut full = Volume::generated(3 * MIB, 1 << 20, 92);
+    let stream = full.diff("f1", Vec::new()).expect("diff");
+    let f = repo.path("f1.diff");
+    std::fs::write(&f, &stream).expect("write");
+    let mut cmd = std::process::Command::new("faketime");
+    cmd.args([
+        "-f",
+        "-2d",
+        env!("CARGO_BIN_EXE_ferry"),
+        "backup",
+        "--json",
+        "--volume",
+        "vm",
+        "--diff",
+        f.to_str().expect("utf8"),
+    ]);
+    for (k, val) in repo.cmd(&[]).get_envs() {
+        match val {
+            Some(val) => cmd.env(k, val),
+            None => cmd.env_remove(k),
+        };
+    }
+    let o = cmd
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(e["kind"], "full");
+    let list = repo.backups("vm");
+    assert_eq!(
+        list.last().map(|x| x["backup_id"].clone()),
+        Some(e["backup_id"].clone()),
+        "the full backup is the newest"
+    );
+    let out = repo.path("latest-full.raw");
+    repo.ok(&["restore", "vm", "--to", out.to_str().expect("utf8")]);
+    assert!(std::fs::read(&out).expect("read") == full.data, "latest is the full backup");
+}

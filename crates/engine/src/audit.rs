@@ -567,6 +567,7 @@ mod tests {
             from_snap: from.map(str::to_string),
             to_snap: Some(to.to_string()),
             parent: parent.map(str::to_string),
+            follows: None,
             image_size: 4 * bs,
             block_size: BlockSize::new(bs).expect("block size"),
             labels: Default::default(),

@@ -28,6 +28,8 @@ pub(crate) struct IngestParams {
     pub block_size: BlockSize,
     /// The chain head (or a chosen parent), with its manifest.
     pub parent: Option<(BackupRef, Arc<Manifest>)>,
+    /// The volume's newest backup, recorded by a full backup as the one it follows.
+    pub follows: Option<String>,
     /// Where the data comes from (recorded in the manifest).
     pub source: Source,
     pub jobs: usize,
@@ -728,6 +730,7 @@ where
         from_snap: header.from_snap.clone(),
         to_snap: header.to_snap.clone(),
         parent: parent_id,
+        follows: params.follows.clone(),
         image_size: header.image_size,
         block_size,
         labels: params.labels,

@@ -228,6 +228,7 @@ impl Engine {
             let params = backup::IngestParams {
                 volume: volume.clone(),
                 block_size: opts.block_size.unwrap_or(self.repo.config().block_size),
+                follows: parent.as_ref().map(|p| p.0.backup_id().to_string()),
                 parent,
                 source: Source {
                     kind: "diff-stream".into(),

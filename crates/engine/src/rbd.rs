@@ -688,6 +688,7 @@ impl RbdRun<'_> {
             volume: self.volume.to_string(),
             block_size,
             parent: parent.clone(),
+            follows: chain.head().map(|h| h.meta.backup_id.clone()),
             source: Source {
                 kind: "rbd".into(),
                 cluster_fsid: Some(fsid.clone()),

@@ -45,10 +45,54 @@ pub struct SyncReport {
     pub protected: std::collections::BTreeSet<BackupRef>,
 }
 
+/// One volume's backups (given in the order of their names, i.e. of the writers' clocks) in
+/// chain order: a backup comes after the one it was made on — an incremental's `parent`, a
+/// full backup's `follows` — and otherwise in the given order. A clock stepped back (a name
+/// older than its predecessor's) then cannot make an older backup the newest. Links to a
+/// backup not in the list are ignored; should links form a cycle (they cannot, as written by
+/// ferry), its backups keep the given order.
+pub fn chain_order(backups: Vec<BackupSummary>) -> Vec<BackupSummary> {
+    use std::collections::{BinaryHeap, HashMap};
+    let n = backups.len();
+    let position: HashMap<&str, usize> = backups.iter().enumerate().map(|(i, b)| (b.meta.backup_id.as_str(), i)).collect();
+    let before: Vec<Option<usize>> = backups
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            b.meta
+                .parent
+                .as_deref()
+                .or(b.meta.follows.as_deref())
+                .and_then(|p| position.get(p).copied())
+                .filter(|&p| p != i)
+        })
+        .collect();
+    let mut after: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, p) in before.iter().enumerate() {
+        if let Some(p) = p {
+            after[*p].push(i);
+        }
+    }
+    // Kahn's algorithm, smallest position first among the ready ones.
+    let mut ready: BinaryHeap<std::cmp::Reverse<usize>> = (0..n).filter(|&i| before[i].is_none()).map(std::cmp::Reverse).collect();
+    let mut order = Vec::with_capacity(n);
+    let mut placed = vec![false; n];
+    while let Some(std::cmp::Reverse(i)) = ready.pop() {
+        placed[i] = true;
+        order.push(i);
+        for &j in &after[i] {
+            ready.push(std::cmp::Reverse(j));
+        }
+    }
+    order.extend((0..n).filter(|&i| !placed[i]));
+    let mut slots: Vec<Option<BackupSummary>> = backups.into_iter().map(Some).collect();
+    order.into_iter().filter_map(|i| slots[i].take()).collect()
+}
+
 /// One volume's backups as the bucket has them now.
 #[derive(Debug, Clone, Default)]
 pub struct Chain {
-    /// Readable backups, oldest first.
+    /// Readable backups, oldest first in chain order ([`chain_order`]).
     pub backups: Vec<BackupSummary>,
     /// This volume's manifests that failed authentication or decoding (left out above).
     pub unreadable: Vec<(BackupRef, String)>,
@@ -247,7 +291,7 @@ impl Index {
     }
 
     /// Summaries of one volume, oldest first, or of all volumes, by volume name and then
-    /// oldest first (the index's key order).
+    /// oldest first — in chain order ([`chain_order`]), not by the writers' clocks.
     pub fn backups(&self, volume: Option<&str>) -> Result<Vec<BackupSummary>> {
         let iter = match volume {
             Some(v) => self.backups.scan_prefix(format!("{v}\0").into_bytes()),
@@ -265,7 +309,17 @@ impl Index {
                 }
             }
         }
-        Ok(out)
+        // Key order groups the volumes; each volume's backups go in chain order.
+        let mut ordered = Vec::with_capacity(out.len());
+        let mut rest = out.into_iter().peekable();
+        while let Some(first) = rest.next() {
+            let mut group = vec![first];
+            while rest.peek().is_some_and(|b| b.backup.volume == group[0].backup.volume) {
+                group.extend(rest.next());
+            }
+            ordered.extend(chain_order(group));
+        }
+        Ok(ordered)
     }
 
     /// Syncs with the bucket and returns one volume's chain.
@@ -322,5 +376,108 @@ impl Index {
         report.backups = self.backups.len();
         self.flush()?;
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::tests::meta;
+    use proptest::prelude::*;
+
+    /// Backups named in the given order: (id, parent, follows).
+    fn named(items: &[(&str, Option<&str>, Option<&str>)]) -> Vec<BackupSummary> {
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, (id, parent, follows))| {
+                let mut m = meta(4096, 4096);
+                m.backup_id = id.to_string();
+                m.parent = parent.map(str::to_string);
+                m.follows = follows.map(str::to_string);
+                BackupSummary {
+                    backup: BackupRef {
+                        volume: "v".into(),
+                        name: format!("{i:04}-{id}"),
+                    },
+                    meta: m,
+                    chunk_blocks: 0,
+                }
+            })
+            .collect()
+    }
+
+    fn ids(v: &[BackupSummary]) -> Vec<&str> {
+        v.iter().map(|b| b.meta.backup_id.as_str()).collect()
+    }
+
+    #[test]
+    fn a_clock_stepped_back_does_not_make_an_older_backup_the_newest() {
+        // c was made on b, but its writer's clock was behind: its name sorts first.
+        let v = named(&[("c", Some("b"), None), ("a", None, None), ("b", Some("a"), None)]);
+        assert_eq!(ids(&chain_order(v)), ["a", "b", "c"]);
+        // The same for a full backup that follows b.
+        let v = named(&[("f", None, Some("b")), ("a", None, None), ("b", Some("a"), None)]);
+        assert_eq!(ids(&chain_order(v)), ["a", "b", "f"]);
+        // And for an incremental on that full backup.
+        let v = named(&[
+            ("g", Some("f"), None),
+            ("f", None, Some("b")),
+            ("a", None, None),
+            ("b", Some("a"), None),
+        ]);
+        assert_eq!(ids(&chain_order(v)), ["a", "b", "f", "g"]);
+    }
+
+    #[test]
+    fn without_links_or_with_broken_ones_the_names_decide() {
+        let v = named(&[("a", None, None), ("b", None, None), ("c", Some("gone"), None)]);
+        assert_eq!(ids(&chain_order(v)), ["a", "b", "c"]);
+        // Branches: both after their parent, in name order.
+        let v = named(&[
+            ("a", None, None),
+            ("b", Some("a"), None),
+            ("c", Some("a"), None),
+            ("d", Some("b"), None),
+        ]);
+        assert_eq!(ids(&chain_order(v)), ["a", "b", "c", "d"]);
+        // A cycle (never written by ferry) keeps the name order for its members.
+        let v = named(&[("a", Some("b"), None), ("b", Some("a"), None), ("c", None, None)]);
+        assert_eq!(ids(&chain_order(v)), ["c", "a", "b"]);
+    }
+
+    proptest! {
+        /// Whatever the names say, every backup comes after the one it was made on, and
+        /// nothing is lost or duplicated.
+        #[test]
+        fn every_backup_comes_after_its_predecessor(links in proptest::collection::vec((0usize..40, 0u8..3), 1..40), order_seed in any::<u64>()) {
+            // A random forest: backup i links to some j < i (as written), then shuffled names.
+            let n = links.len();
+            let ids: Vec<String> = (0..n).map(|i| format!("b{i}")).collect();
+            let mut items: Vec<(String, Option<String>, Option<String>)> = (0..n).map(|i| {
+                let (j, kind) = links[i];
+                let target = (i > 0).then(|| ids[j % i].clone());
+                match kind {
+                    0 => (ids[i].clone(), target, None),
+                    1 => (ids[i].clone(), None, target),
+                    _ => (ids[i].clone(), None, None),
+                }
+            }).collect();
+            let mut rng = order_seed;
+            for k in (1..items.len()).rev() {
+                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                items.swap(k, (rng >> 33) as usize % (k + 1));
+            }
+            let refs: Vec<(&str, Option<&str>, Option<&str>)> = items.iter().map(|(a, b, c)| (a.as_str(), b.as_deref(), c.as_deref())).collect();
+            let out = chain_order(named(&refs));
+            prop_assert_eq!(out.len(), n);
+            let pos: std::collections::HashMap<&str, usize> = out.iter().enumerate().map(|(i, b)| (b.meta.backup_id.as_str(), i)).collect();
+            prop_assert_eq!(pos.len(), n);
+            for b in &out {
+                if let Some(p) = b.meta.parent.as_deref().or(b.meta.follows.as_deref()) {
+                    prop_assert!(pos[p] < pos[b.meta.backup_id.as_str()]);
+                }
+            }
+        }
     }
 }

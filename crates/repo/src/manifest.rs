@@ -119,6 +119,11 @@ pub struct ManifestMeta {
     /// Backup ID (same volume) of the backup this incremental was applied to; `None` for a
     /// full backup.
     pub parent: Option<String>,
+    /// For a full backup: the backup ID of the volume's newest backup when it was made (its
+    /// place in the chain, which the name's time — the writer's clock — cannot be trusted
+    /// for). Absent in backups before it was recorded and for a volume's first backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follows: Option<String>,
     /// Volume size in bytes (the stream's `s` record).
     pub image_size: u64,
     /// Bytes per block of the map; an incremental keeps its parent's.
@@ -455,6 +460,7 @@ pub(crate) mod tests {
             from_snap: None,
             to_snap: Some("s1".into()),
             parent: None,
+            follows: None,
             image_size,
             block_size: BlockSize::new(block_size).unwrap(),
             labels: BTreeMap::new(),

@@ -119,6 +119,8 @@ pub struct BackupDraft {
     pub to_snap: Option<String>,
     /// The backup ID of the parent (an incremental's base).
     pub parent: Option<String>,
+    /// For a full backup: the volume's newest backup when it was made (FORMAT.md §6.1).
+    pub follows: Option<String>,
     /// Size of the volume in bytes.
     pub image_size: u64,
     /// The block size of the map.
@@ -603,6 +605,7 @@ impl Repository {
                 source: draft.source,
                 from_snap: draft.from_snap,
                 to_snap: draft.to_snap,
+                follows: if draft.parent.is_none() { draft.follows } else { None },
                 parent: draft.parent,
                 image_size: draft.image_size,
                 block_size: draft.block_size,
