@@ -619,3 +619,49 @@ fn a_clock_stepped_back_does_not_make_an_older_backup_the_newest() {
     repo.ok(&["restore", "vm", "--to", out.to_str().expect("utf8")]);
     assert!(std::fs::read(&out).expect("read") == full.data, "latest is the full backup");
 }
+
+/// Issue 9: a key slot authenticates its own label and parameters and the repository's
+/// `config`: a config or a label changed in the bucket is found when the repository opens
+/// (exit 3, naming the slot), not used silently; the genuine repository opens.
+#[test]
+fn a_changed_config_or_key_slot_label_is_found_when_opening() {
+    let repo = Repo::file(&[]);
+    let mut v = Volume::generated(2 * MIB, 1 << 20, 93);
+    repo.backup_bytes("vm", &v.diff("s1", Vec::new()).expect("diff"));
+    repo.ok(&["ls"]);
+    let config = repo.repo_dir().join("config");
+    let genuine = std::fs::read(&config).expect("config");
+    let text = String::from_utf8_lossy(&genuine[8..]).to_string();
+    assert!(text.contains("\"zstd_level\": 3"), "{text}");
+    let mut changed = genuine[..8].to_vec();
+    changed.extend_from_slice(text.replace("\"zstd_level\": 3", "\"zstd_level\": 19").as_bytes());
+    std::fs::write(&config, &changed).expect("write");
+    let err = repo.fails(&["ls"], 3);
+    assert!(err.contains("keys/") && err.contains("config"), "{err}");
+    std::fs::write(&config, &genuine).expect("restore");
+    repo.ok(&["ls"]);
+
+    let slot = std::fs::read_dir(repo.repo_dir().join("keys"))
+        .expect("keys")
+        .next()
+        .expect("a slot")
+        .expect("entry")
+        .path();
+    let genuine = std::fs::read(&slot).expect("slot");
+    let text = String::from_utf8_lossy(&genuine[8..]).to_string();
+    let label = serde_json::from_str::<serde_json::Value>(&text).expect("json")["label"]
+        .as_str()
+        .expect("label")
+        .to_string();
+    let mut changed = genuine[..8].to_vec();
+    changed.extend_from_slice(
+        text.replace(&format!("\"label\": \"{label}\""), "\"label\": \"break-glass\"")
+            .as_bytes(),
+    );
+    assert_ne!(changed, genuine);
+    std::fs::write(&slot, &changed).expect("write");
+    let err = repo.fails(&["ls"], 3);
+    assert!(err.contains("keys/"), "{err}");
+    std::fs::write(&slot, &genuine).expect("restore");
+    repo.ok(&["ls"]);
+}

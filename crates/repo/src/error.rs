@@ -94,6 +94,14 @@ pub enum Error {
     /// refusal ([`Error::is_refusal`]); nothing was deleted.
     #[error("refusing to remove the last key slot: the repository would become unreadable")]
     LastKeySlot,
+    /// A key slot opened (the passphrase is right), but its MAC over its own fields and the
+    /// `config` object does not verify: the label, KDF parameters, creation time or the
+    /// repository config were changed in the bucket. An integrity error.
+    #[error("integrity error in '{path}': the key slot opened, but its label or parameters, or the repository's config object, are not what it was made with (changed in the bucket: not authentic)")]
+    SlotNotAuthentic {
+        /// `keys/<slot id>`.
+        path: String,
+    },
     /// The AES-GCM tag of a chunk or manifest does not verify: the object was modified,
     /// corrupted, moved to another object key, or sealed with another repository's key. An
     /// integrity error ([`Error::is_integrity`]): never retry it as a network error.
@@ -327,6 +335,7 @@ impl Error {
         matches!(
             self,
             Error::Integrity { .. }
+                | Error::SlotNotAuthentic { .. }
                 | Error::ChunkIdMismatch { .. }
                 | Error::DeltaDecode { .. }
                 | Error::Decompress { .. }

@@ -76,7 +76,7 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let block = vec![0x5au8; 4096];
     let id = ChunkId::of(&master, &block);
     tagged(id.0[0], "chunk", encode_chunk_with_id(&master, id, &block, 3).expect("chunk"));
-    let slot = KeySlot::create(&master, b"passphrase", "repository", "seed", KdfParams::argon2id_fast()).expect("slot");
+    let slot = KeySlot::create(&master, b"passphrase", "repository", "seed", KdfParams::argon2id_fast(), b"config").expect("slot");
     out.push(("key_slot", "fast".to_string(), slot.encode().expect("slot encode")));
     let config = br#"{"format":1,"repository_id":"0123456789abcdef0123456789abcdef","created":"2026-11-29T00:00:00Z","block_size":4194304,"zstd_level":3,"chunk_id":"blake3-keyed","cipher":"aes-256-gcm"}"#;
     let mut c = crate::object::Header {

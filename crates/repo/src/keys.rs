@@ -162,18 +162,91 @@ pub struct KeySlot {
     pub salt: String,
     /// 60 bytes, standard base64 with padding: `nonce[12] ‖ ciphertext[32] ‖ tag[16]`, the
     /// master key sealed with AES-256-GCM under the key-encryption key. The associated data
-    /// is `"ferry key slot" ‖ 00 ‖ repository id ‖ 00 ‖ slot id`, so the slot opens only in
-    /// its own repository.
+    /// is `"ferry key slot" ‖ 00 ‖ repository id ‖ 00 ‖ slot id` (`"ferry key slot v2"` for
+    /// a slot with a `mac`), so the slot opens only in its own repository.
     pub nonce_and_wrapped: String,
+    /// 64 hex digits: keyed BLAKE3, under a key derived from the master key, of every other
+    /// field and the repository's `config` object as stored (FORMAT.md §3) — a label,
+    /// parameter or config changed since is found once the slot opens. Absent in slots made
+    /// before it existed (their label and the config are not authenticated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// What [`KeySlot::verify`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotAuthenticity {
+    /// The slot's fields and the config are as they were sealed.
+    Authentic,
+    /// A slot without a MAC (made before ferry wrote them): nothing to check.
+    Legacy,
 }
 
 impl KeySlot {
-    fn aad(repository_id: &str, slot_id: &str) -> Vec<u8> {
-        format!("ferry key slot\0{repository_id}\0{slot_id}").into_bytes()
+    fn aad(repository_id: &str, slot_id: &str, with_mac: bool) -> Vec<u8> {
+        let v = if with_mac { " v2" } else { "" };
+        format!("ferry key slot{v}\0{repository_id}\0{slot_id}").into_bytes()
     }
 
-    /// Wraps `master` under `passphrase` in a new slot.
-    pub fn create(master: &MasterKey, passphrase: &[u8], repository_id: &str, label: &str, kdf: KdfParams) -> Result<KeySlot> {
+    /// The MAC of this slot's fields (all but `mac`) and `config` (the `config` object's
+    /// bytes as stored).
+    fn compute_mac(&self, master: &MasterKey, config: &[u8]) -> [u8; 32] {
+        let key = blake3::derive_key("ferry 2026-11 key slot mac v2", &master.raw);
+        let mut h = blake3::Hasher::new_keyed(&key);
+        let created = self.created.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+        let kdf = format!(
+            "{} {} {} {} {}",
+            self.kdf.algorithm, self.kdf.version, self.kdf.m_cost_kib, self.kdf.t_cost, self.kdf.p_cost
+        );
+        let parts: [&[u8]; 8] = [
+            b"ferry key slot v2",
+            self.id.as_bytes(),
+            created.as_bytes(),
+            self.label.as_bytes(),
+            kdf.as_bytes(),
+            self.salt.as_bytes(),
+            self.nonce_and_wrapped.as_bytes(),
+            config,
+        ];
+        for part in parts {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        *h.finalize().as_bytes()
+    }
+
+    /// Checks, with the master key it opened to, that the slot's fields and `config` (the
+    /// `config` object as stored) are those it was sealed with. [`Error::SlotNotAuthentic`]
+    /// when they are not; [`SlotAuthenticity::Legacy`] for a slot without a MAC.
+    pub fn verify(&self, master: &MasterKey, config: &[u8]) -> Result<SlotAuthenticity> {
+        let Some(mac) = &self.mac else {
+            return Ok(SlotAuthenticity::Legacy);
+        };
+        let expected = self.compute_mac(master, config);
+        let given = hex::decode(mac).ok().filter(|m| m.len() == 32);
+        // Constant time: the MAC is a secret-keyed value.
+        let same = given.is_some_and(|g| {
+            blake3::Hash::from_bytes(expected) == blake3::Hash::from_slice(&g).unwrap_or(blake3::Hash::from_bytes([0u8; 32]))
+        });
+        if same {
+            Ok(SlotAuthenticity::Authentic)
+        } else {
+            Err(Error::SlotNotAuthentic {
+                path: format!("keys/{}", self.id),
+            })
+        }
+    }
+
+    /// Wraps `master` under `passphrase` in a new slot, authenticated together with
+    /// `config` (the repository's `config` object as stored).
+    pub fn create(
+        master: &MasterKey,
+        passphrase: &[u8],
+        repository_id: &str,
+        label: &str,
+        kdf: KdfParams,
+        config: &[u8],
+    ) -> Result<KeySlot> {
         let mut id = [0u8; 8];
         rand::rng().fill_bytes(&mut id);
         let id = hex::encode(id);
@@ -181,15 +254,18 @@ impl KeySlot {
         rand::rng().fill_bytes(&mut salt);
         let kek = SealKey::new(&zeroize::Zeroizing::new(kdf.derive(passphrase, &salt)?));
         let mut sealed = Vec::new();
-        kek.seal_into(&mut sealed, &Self::aad(repository_id, &id), &master.raw)?;
-        Ok(KeySlot {
+        kek.seal_into(&mut sealed, &Self::aad(repository_id, &id, true), &master.raw)?;
+        let mut slot = KeySlot {
             id,
             created: chrono::Utc::now(),
             label: label.to_string(),
             kdf,
             salt: B64.encode(salt),
             nonce_and_wrapped: B64.encode(sealed),
-        })
+            mac: None,
+        };
+        slot.mac = Some(hex::encode(slot.compute_mac(master, config)));
+        Ok(slot)
     }
 
     /// Unwraps the master key; `Ok(None)` when the wrap's tag does not verify: another
@@ -204,7 +280,7 @@ impl KeySlot {
         let salt = B64.decode(&self.salt).map_err(|_| bad("salt is not base64"))?;
         let sealed = B64.decode(&self.nonce_and_wrapped).map_err(|_| bad("wrapped key is not base64"))?;
         let kek = SealKey::new(&zeroize::Zeroizing::new(self.kdf.derive(passphrase, &salt)?));
-        match kek.open(&[], &Self::aad(repository_id, &self.id), sealed, "") {
+        match kek.open(&[], &Self::aad(repository_id, &self.id, self.mac.is_some()), sealed, "") {
             Ok(raw) => {
                 let raw = zeroize::Zeroizing::new(raw);
                 let bytes: [u8; 32] = raw.as_slice().try_into().map_err(|_| bad("wrapped key is not 32 bytes"))?;
@@ -250,12 +326,39 @@ mod tests {
     #[test]
     fn slot_round_trip() {
         let master = MasterKey::generate();
-        let slot = KeySlot::create(&master, b"secret", "repo1", "test", KdfParams::argon2id_fast()).unwrap();
+        let slot = KeySlot::create(&master, b"secret", "repo1", "test", KdfParams::argon2id_fast(), b"config").unwrap();
         let decoded = KeySlot::decode(&slot.encode().unwrap(), "k").unwrap();
         let opened = decoded.open(b"secret", "repo1").unwrap().unwrap();
         assert_eq!(opened.id_key(), master.id_key());
+        assert_eq!(decoded.verify(&opened, b"config").unwrap(), SlotAuthenticity::Authentic);
         assert!(decoded.open(b"wrong", "repo1").unwrap().is_none());
         // A slot copied into another repository does not open there.
         assert!(decoded.open(b"secret", "repo2").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_changed_label_parameter_or_config_is_found_and_a_stripped_mac_does_not_open() {
+        let master = MasterKey::generate();
+        let slot = KeySlot::create(&master, b"secret", "repo1", "ops", KdfParams::argon2id_fast(), b"config").unwrap();
+        let tampered = |f: &dyn Fn(&mut KeySlot)| {
+            let mut s = slot.clone();
+            f(&mut s);
+            s
+        };
+        let relabelled = tampered(&|s| s.label = "backup-admin".into());
+        let key = relabelled
+            .open(b"secret", "repo1")
+            .unwrap()
+            .expect("the wrap does not cover the label");
+        assert!(matches!(relabelled.verify(&key, b"config"), Err(Error::SlotNotAuthentic { .. })));
+        let redated = tampered(&|s| s.created += chrono::Duration::seconds(1));
+        assert!(redated.verify(&key, b"config").is_err());
+        assert!(slot.verify(&key, b"config2").is_err(), "another config");
+        let garbage = tampered(&|s| s.mac = Some("zz".into()));
+        assert!(garbage.verify(&key, b"config").is_err());
+        // Without its MAC the slot is read as a legacy one: the wrap's associated data
+        // differs, so it does not open at all (no downgrade to an unchecked slot).
+        let stripped = tampered(&|s| s.mac = None);
+        assert!(stripped.open(b"secret", "repo1").unwrap().is_none());
     }
 }

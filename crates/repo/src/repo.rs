@@ -213,6 +213,8 @@ pub struct IdentityCopy {
 pub struct Repository {
     store: Store,
     config: RepoConfig,
+    /// The `config` object as stored (key slots authenticate it).
+    config_bytes: Vec<u8>,
     key: MasterKey,
     /// The key slot the passphrase opened.
     slot: String,
@@ -272,12 +274,18 @@ pub(crate) async fn put_create(store: &dyn ObjectStore, key: &str, bytes: impl I
 impl Repository {
     /// Reads the plain `config` object.
     pub async fn read_config(store: &Store) -> Result<RepoConfig> {
+        Ok(Self::read_config_bytes(store).await?.0)
+    }
+
+    /// [`Repository::read_config`], with the object's bytes.
+    async fn read_config_bytes(store: &Store) -> Result<(RepoConfig, Vec<u8>)> {
         let bytes = match get_bytes(store.inner.as_ref(), "config").await {
             Ok(b) => b,
             Err(Error::NotFound { .. }) => return Err(Error::NotARepository { url: store.url.clone() }),
             Err(e) => return Err(e),
         };
-        RepoConfig::decode(&bytes)
+        let config = RepoConfig::decode(&bytes)?;
+        Ok((config, bytes.to_vec()))
     }
 
     /// Creates a new repository: a master key, one key slot for `passphrase`, then `config`
@@ -303,8 +311,6 @@ impl Repository {
             cipher: "aes-256-gcm".into(),
         };
         let key = MasterKey::generate();
-        let slot = KeySlot::create(&key, passphrase, &config.repository_id, &opts.label, opts.kdf)?;
-        put_create(store.inner.as_ref(), &format!("keys/{}", slot.id), slot.encode()?).await?;
         let mut body = Header {
             kind: ObjectKind::Config,
             flags: 0,
@@ -315,13 +321,16 @@ impl Repository {
             context: "encoding config".into(),
             source,
         })?;
-        if !put_create(store.inner.as_ref(), "config", body).await? {
+        let slot = KeySlot::create(&key, passphrase, &config.repository_id, &opts.label, opts.kdf, &body)?;
+        put_create(store.inner.as_ref(), &format!("keys/{}", slot.id), slot.encode()?).await?;
+        if !put_create(store.inner.as_ref(), "config", body.clone()).await? {
             return Err(Error::RepositoryExists { url: store.url.clone() });
         }
         store.barrier().await?;
         Ok(Repository {
             store,
             config,
+            config_bytes: body,
             key,
             slot: slot.id,
             retry: RetryPolicy::default(),
@@ -330,7 +339,7 @@ impl Repository {
 
     /// Opens a repository with a passphrase (tries every key slot).
     pub async fn open(store: Store, passphrase: &[u8]) -> Result<Repository> {
-        let config = Self::read_config(&store).await?;
+        let (config, config_bytes) = Self::read_config_bytes(&store).await?;
         let (mut slots, unreadable) = Self::read_key_slots_lenient(&store).await?;
         if slots.is_empty() {
             return Err(unreadable.into_iter().next().map(|(_, e)| e).unwrap_or(Error::NoKeySlots));
@@ -345,13 +354,22 @@ impl Repository {
         for slot in &slots {
             match slot.open(passphrase, &config.repository_id) {
                 Ok(Some(key)) => {
+                    // The slot's label and parameters, and the config, as they were sealed
+                    // (slots made before ferry authenticated them have nothing to check).
+                    if slot.verify(&key, &config_bytes)? == crate::keys::SlotAuthenticity::Legacy {
+                        tracing::info!(
+                            "key slot {} predates authenticated slots: its label and the repository config are not checked (`ferry key passwd` renews it)",
+                            slot.id
+                        );
+                    }
                     return Ok(Repository {
                         store,
                         config,
+                        config_bytes,
                         key,
                         slot: slot.id.clone(),
                         retry: RetryPolicy::default(),
-                    })
+                    });
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -429,7 +447,7 @@ impl Repository {
 
     /// Adds a key slot for another passphrase; returns its ID.
     pub async fn add_key_slot(&self, passphrase: &[u8], label: &str, kdf: KdfParams) -> Result<String> {
-        let slot = KeySlot::create(&self.key, passphrase, &self.config.repository_id, label, kdf)?;
+        let slot = KeySlot::create(&self.key, passphrase, &self.config.repository_id, label, kdf, &self.config_bytes)?;
         put_create(self.store.inner.as_ref(), &format!("keys/{}", slot.id), slot.encode()?).await?;
         Ok(slot.id)
     }
