@@ -665,3 +665,52 @@ fn a_changed_config_or_key_slot_label_is_found_when_opening() {
     std::fs::write(&slot, &genuine).expect("restore");
     repo.ok(&["ls"]);
 }
+
+/// Issue 9: the local index holds manifest metadata sealed, as the bucket does: a label's
+/// value and a snapshot name written by a backup appear nowhere in the index's files (the
+/// volume name is its key, as it is in the bucket's object names). An index of plain entries
+/// (an older ferry's) is dropped and read again.
+#[test]
+fn the_local_index_keeps_no_manifest_metadata_in_plain_text() {
+    let repo = Repo::file(&[]);
+    let mut v = Volume::generated(2 * MIB, 1 << 20, 94);
+    let stream = v.diff("snapshot-KNOWN-3f9a1c", Vec::new()).expect("diff");
+    let f = repo.path("s.diff");
+    std::fs::write(&f, &stream).expect("write");
+    repo.ok(&[
+        "backup",
+        "--volume",
+        "vm",
+        "--diff",
+        f.to_str().expect("utf8"),
+        "--label",
+        "owner=LABEL-KNOWN-77c2e0",
+    ]);
+    let ls = repo.json(&["ls", "vm"]);
+    assert_eq!(ls[0]["labels"]["owner"], "LABEL-KNOWN-77c2e0", "{ls}");
+    assert_eq!(ls[0]["to_snap"], "snapshot-KNOWN-3f9a1c");
+    let mut files = Vec::new();
+    let mut dirs = vec![repo.path("index")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).expect("index dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    assert!(!files.is_empty());
+    for p in &files {
+        let bytes = std::fs::read(p).expect("read");
+        for needle in [&b"LABEL-KNOWN-77c2e0"[..], b"snapshot-KNOWN-3f9a1c"] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "{} holds {} in plain text",
+                p.display(),
+                String::from_utf8_lossy(needle)
+            );
+        }
+    }
+}

@@ -108,6 +108,10 @@ impl StreamBackupOptions {
 impl Engine {
     /// An engine over an opened repository and its index, observed by nobody.
     pub fn new(repo: Repository, index: Index) -> Engine {
+        // The index's entries hold manifest metadata: sealed like the bucket's copy.
+        if let Err(e) = index.set_key(repo.index_key()) {
+            tracing::warn!("the local index {} cannot be sealed: {e}", index.path());
+        }
         Engine {
             repo: Arc::new(repo),
             index: Arc::new(index),

@@ -123,7 +123,22 @@ pub struct Index {
     backups: sled::Tree,
     chunks: sled::Tree,
     path: String,
+    /// Seals the `backups` entries (manifest metadata: labels, pool, image, snapshot names).
+    key: std::sync::OnceLock<crate::object::SealKey>,
 }
+
+/// The key of a repository's local index entries ([`crate::Repository::index_key`]).
+#[derive(Clone)]
+pub struct IndexKey(pub(crate) crate::object::SealKey);
+
+impl std::fmt::Debug for IndexKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IndexKey(..)")
+    }
+}
+
+/// The key in the default tree that says the `backups` entries are sealed.
+const SEALED_KEY: &[u8] = b"backups_sealed_v1";
 
 /// The key in the default tree under which the index keeps its GC generation.
 const GC_GEN_KEY: &[u8] = b"gc_gen";
@@ -189,7 +204,51 @@ impl Index {
         let db = db.map_err(err)?;
         let backups = db.open_tree("backups").map_err(err)?;
         let chunks = db.open_tree("chunks").map_err(err)?;
-        Ok(Index { db, backups, chunks, path })
+        Ok(Index {
+            db,
+            backups,
+            chunks,
+            path,
+            key: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Seals the index's backup entries from now on with `key` (the engine does it for every
+    /// index it is given). Entries of an index that held them in plain text are dropped
+    /// first — it is a cache: the next sync reads those manifests again.
+    pub fn set_key(&self, key: IndexKey) -> Result<()> {
+        if self.db.get(SEALED_KEY).map_err(self.err())?.is_none() {
+            self.backups.clear().map_err(self.err())?;
+            self.db.insert(SEALED_KEY, &[1u8][..]).map_err(self.err())?;
+        }
+        let _ = self.key.set(key.0);
+        Ok(())
+    }
+
+    fn seal_entry(&self, k: &[u8], plain: Vec<u8>) -> Result<Vec<u8>> {
+        match self.key.get() {
+            Some(key) => {
+                let mut out = Vec::with_capacity(plain.len() + 28);
+                key.seal_into(&mut out, k, &plain)?;
+                Ok(out)
+            }
+            None => Ok(plain),
+        }
+    }
+
+    fn open_entry(&self, k: &[u8], stored: &[u8]) -> Result<BackupSummary> {
+        let mut body = stored.to_vec();
+        let plain = match self.key.get() {
+            Some(key) => {
+                let range = key.open_in_place(&[], k, &mut body, &self.path)?;
+                &body[range]
+            }
+            None => &body[..],
+        };
+        serde_json::from_slice::<BackupSummary>(plain).map_err(|source| Error::Json {
+            context: format!("decoding an entry of the local index {}", self.path),
+            source,
+        })
     }
 
     fn err(&self) -> impl Fn(sled::Error) -> Error + '_ {
@@ -262,7 +321,9 @@ impl Index {
             batch.insert(&id.0[..], &stamp[..]);
         }
         self.chunks.apply_batch(batch).map_err(self.err())?;
-        self.backups.insert(key_of(r), json).map_err(self.err())?;
+        let k = key_of(r);
+        let value = self.seal_entry(&k, json)?;
+        self.backups.insert(k, value).map_err(self.err())?;
         Ok(())
     }
 
@@ -300,7 +361,7 @@ impl Index {
         let mut out = Vec::new();
         for item in iter {
             let (k, v) = item.map_err(self.err())?;
-            match serde_json::from_slice::<BackupSummary>(&v) {
+            match self.open_entry(&k, &v) {
                 Ok(s) => out.push(s),
                 // A damaged entry of the cache: drop it; the next sync reads its manifest again.
                 Err(e) => {
@@ -383,6 +444,7 @@ impl Index {
 mod tests {
     use super::*;
     use crate::manifest::tests::meta;
+    use crate::manifest::Manifest;
     use proptest::prelude::*;
 
     /// Backups named in the given order: (id, parent, follows).
@@ -427,6 +489,39 @@ mod tests {
             ("b", Some("a"), None),
         ]);
         assert_eq!(ids(&chain_order(v)), ["a", "b", "f", "g"]);
+    }
+
+    #[test]
+    fn plain_entries_are_dropped_when_the_index_is_sealed_and_sealed_ones_read_back() {
+        let index = Index::temporary().unwrap();
+        let r = BackupRef {
+            volume: "v".into(),
+            name: "0001-a".into(),
+        };
+        let mut m = meta(4096, 4096);
+        m.labels.insert("owner".into(), "known".into());
+        let manifest = Manifest {
+            meta: m,
+            blocks: vec![None],
+            deltas: Default::default(),
+        };
+        index.insert_backup(&r, &manifest).unwrap();
+        assert_eq!(index.backups(Some("v")).unwrap().len(), 1);
+        let key = crate::keys::MasterKey::generate();
+        index.set_key(IndexKey(key.index_key().clone())).unwrap();
+        assert!(index.backups(Some("v")).unwrap().is_empty(), "plain entries are dropped");
+        index.insert_backup(&r, &manifest).unwrap();
+        let raw = index.backups.get(key_of(&r)).unwrap().unwrap();
+        assert!(!raw.windows(5).any(|w| w == b"known"), "sealed");
+        let back = index.backups(Some("v")).unwrap();
+        assert_eq!(back[0].meta.labels["owner"], "known");
+        // An entry moved to another key does not open (it is dropped as damaged).
+        let other = BackupRef {
+            volume: "v".into(),
+            name: "0002-b".into(),
+        };
+        index.backups.insert(key_of(&other), raw).unwrap();
+        assert_eq!(index.backups(Some("v")).unwrap().len(), 1);
     }
 
     #[test]

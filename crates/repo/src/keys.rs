@@ -16,6 +16,7 @@ use crate::object::{Header, ObjectKind, SealKey, HEADER_LEN};
 const CHUNK_ID_CONTEXT: &str = "ferry 2026-11 chunk id v1";
 const OBJECT_KEY_CONTEXT: &str = "ferry 2026-11 object encryption v1";
 const DELTA_ID_CONTEXT: &str = "ferry 2026-11 delta id v1";
+const INDEX_KEY_CONTEXT: &str = "ferry 2026-11 local index v1";
 
 /// The repository master key and the keys derived from it.
 #[derive(Clone)]
@@ -24,6 +25,7 @@ pub struct MasterKey {
     id_key: [u8; 32],
     delta_key: [u8; 32],
     seal: SealKey,
+    index: SealKey,
 }
 
 /// Key material is wiped when the key is dropped (the AES key schedule inside the seal key is
@@ -59,11 +61,13 @@ impl MasterKey {
         let mut obj_key = zeroize::Zeroizing::new(blake3::derive_key(OBJECT_KEY_CONTEXT, &raw));
         let seal = SealKey::new(&obj_key);
         zeroize::Zeroize::zeroize(&mut *obj_key);
+        let index_key = zeroize::Zeroizing::new(blake3::derive_key(INDEX_KEY_CONTEXT, &raw));
         MasterKey {
             raw,
             id_key,
             delta_key,
             seal,
+            index: SealKey::new(&index_key),
         }
     }
 
@@ -80,6 +84,12 @@ impl MasterKey {
     /// `K_obj`, the AES-256-GCM key sealing chunks and manifests.
     pub fn seal_key(&self) -> &SealKey {
         &self.seal
+    }
+
+    /// The AES-256-GCM key of the local index's entries (never used for an object in the
+    /// bucket).
+    pub fn index_key(&self) -> &SealKey {
+        &self.index
     }
 }
 

@@ -34,7 +34,7 @@ pub use chunk::{decode_chunk, encode_chunk, encode_chunk_with_id, is_zero, Chunk
 pub use delta::{delta_object_id, Delta, DeltaRef};
 pub use error::{Error, Result};
 pub use gc::{collect_garbage, GcEvent, GcOptions, GcReport};
-pub use index::{chain_order, BackupSummary, Chain, Index, SyncReport};
+pub use index::{chain_order, BackupSummary, Chain, Index, IndexKey, SyncReport};
 pub use keys::{KdfParams, KeySlot, MasterKey};
 pub use manifest::{
     delta_chain, objects_of, reachable_deltas, BackupStats, Manifest, ManifestMeta, Source, MANIFEST_FORMAT, MANIFEST_FORMAT_PLAIN,

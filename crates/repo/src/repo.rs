@@ -428,6 +428,11 @@ impl Repository {
         Ok((slots, unreadable))
     }
 
+    /// The key that seals the local index's entries ([`crate::Index::set_key`]).
+    pub fn index_key(&self) -> crate::IndexKey {
+        crate::IndexKey(self.key.index_key().clone())
+    }
+
     /// The `config` object as read (or written by `init`).
     pub fn config(&self) -> &RepoConfig {
         &self.config
