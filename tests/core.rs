@@ -664,6 +664,46 @@ fn a_changed_config_or_key_slot_label_is_found_when_opening() {
     assert!(err.contains("keys/"), "{err}");
     std::fs::write(&slot, &genuine).expect("restore");
     repo.ok(&["ls"]);
+
+    // `key list` checks every slot, not only the one that opened: a second slot relabelled
+    // in the bucket is named NOT AUTHENTIC while the first still opens the repository.
+    let added = repo
+        .cmd(&["key", "add", "--label", "oncall"])
+        .env("FERRY_NEW_PASSWORD", "second passphrase")
+        .output()
+        .expect("run");
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    let list = repo.json(&["key", "list"]);
+    let second = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|s| s["label"] == "oncall")
+        .expect("the new slot")
+        .clone();
+    assert!(
+        list.as_array().expect("array").iter().all(|s| s["label_and_config"] == "authentic"),
+        "{list}"
+    );
+    let path = repo.repo_dir().join("keys").join(second["id"].as_str().expect("id"));
+    let text = std::fs::read(&path).expect("slot");
+    let mut changed = text[..8].to_vec();
+    changed.extend_from_slice(String::from_utf8_lossy(&text[8..]).replace("\"oncall\"", "\"admin\"").as_bytes());
+    std::fs::write(&path, changed).expect("write");
+    let list = repo.json(&["key", "list"]);
+    let states: Vec<(String, String)> = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|s| {
+            (
+                s["label"].as_str().unwrap_or("").to_string(),
+                s["label_and_config"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert!(states.contains(&("admin".into(), "NOT AUTHENTIC".into())), "{states:?}");
+    assert_eq!(states.iter().filter(|s| s.1 == "authentic").count(), 1, "{states:?}");
 }
 
 /// Issue 9: the local index holds manifest metadata sealed, as the bucket does: a label's

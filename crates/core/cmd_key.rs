@@ -68,6 +68,9 @@ pub async fn run(cmd: KeyCommand, r: RepoArgs) -> Result<u8> {
                     label: &'a str,
                     kdf: &'a KdfParams,
                     current: bool,
+                    /// "authentic", "legacy" (no MAC: label and config unchecked) or
+                    /// "NOT AUTHENTIC" (changed in the bucket).
+                    label_and_config: &'static str,
                 }
                 let out: Vec<_> = slots
                     .iter()
@@ -77,18 +80,20 @@ pub async fn run(cmd: KeyCommand, r: RepoArgs) -> Result<u8> {
                         label: &s.label,
                         kdf: &s.kdf,
                         current: s.id == current,
+                        label_and_config: authenticity(&repo, s),
                     })
                     .collect();
                 print_json(&out)?;
             } else {
-                println!("{:<2}{:<18} {:<26} {:<24} KDF", "", "ID", "CREATED", "LABEL");
+                println!("{:<2}{:<18} {:<26} {:<24} {:<14} KDF", "", "ID", "CREATED", "LABEL", "AUTHENTICITY");
                 for s in &slots {
                     println!(
-                        "{:<2}{:<18} {:<26} {:<24} argon2id m={}KiB t={} p={}",
+                        "{:<2}{:<18} {:<26} {:<24} {:<14} argon2id m={}KiB t={} p={}",
                         if s.id == current { "*" } else { "" },
                         s.id,
                         s.created.format("%Y-%m-%d %H:%M:%S UTC"),
                         s.label,
+                        authenticity(&repo, s),
                         s.kdf.m_cost_kib,
                         s.kdf.t_cost,
                         s.kdf.p_cost
@@ -113,4 +118,13 @@ pub async fn run(cmd: KeyCommand, r: RepoArgs) -> Result<u8> {
         }
     }
     Ok(exit::OK)
+}
+
+/// What `key list` says of a slot's label and the config it was made with.
+fn authenticity(repo: &Repository, slot: &ferry_repo::KeySlot) -> &'static str {
+    match repo.verify_slot(slot) {
+        Ok(ferry_repo::SlotAuthenticity::Authentic) => "authentic",
+        Ok(ferry_repo::SlotAuthenticity::Legacy) => "legacy",
+        Err(_) => "NOT AUTHENTIC",
+    }
 }

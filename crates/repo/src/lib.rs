@@ -35,7 +35,7 @@ pub use delta::{delta_object_id, Delta, DeltaRef};
 pub use error::{Error, Result};
 pub use gc::{collect_garbage, GcEvent, GcOptions, GcReport};
 pub use index::{chain_order, BackupSummary, Chain, Index, IndexKey, SyncReport};
-pub use keys::{KdfParams, KeySlot, MasterKey};
+pub use keys::{KdfParams, KeySlot, MasterKey, SlotAuthenticity};
 pub use manifest::{
     delta_chain, objects_of, reachable_deltas, BackupStats, Manifest, ManifestMeta, Source, MANIFEST_FORMAT, MANIFEST_FORMAT_PLAIN,
 };

@@ -428,6 +428,13 @@ impl Repository {
         Ok((slots, unreadable))
     }
 
+    /// Checks any key slot of this repository against the master key it opened with and the
+    /// config (see [`KeySlot::verify`]): its label and parameters are authentic, it has no
+    /// MAC (older slots), or [`Error::SlotNotAuthentic`].
+    pub fn verify_slot(&self, slot: &KeySlot) -> Result<crate::keys::SlotAuthenticity> {
+        slot.verify(&self.key, &self.config_bytes)
+    }
+
     /// The key that seals the local index's entries ([`crate::Index::set_key`]).
     pub fn index_key(&self) -> crate::IndexKey {
         crate::IndexKey(self.key.index_key().clone())
