@@ -181,6 +181,7 @@ fn meta(image_size: u64, block_size: u64) -> ManifestMeta {
         to_snap: Some("s1".into()),
         parent: None,
         follows: None,
+        seq: None,
         image_size,
         block_size: ferry_repo::BlockSize::new(block_size).expect("a valid block size"),
         labels: BTreeMap::new(),

@@ -160,6 +160,7 @@ fn a_continuity_break_with_the_parent_present_is_still_a_finding() {
             to_snap: Some("s3".into()),
             parent: Some(s2.id.clone()),
             follows: None,
+            seq: None,
             image_size: m.meta.image_size,
             block_size: m.meta.block_size,
             labels: Default::default(),

@@ -1964,6 +1964,7 @@ fn a_legacy_ferry_snapshot_base_continues_incrementally_and_only_it_is_removed()
             to_snap: Some(legacy.to_string()),
             parent: None,
             follows: None,
+            seq: None,
             image_size: m.meta.image_size,
             block_size: m.meta.block_size,
             labels: m.meta.labels.clone(),

@@ -618,6 +618,18 @@ fn a_clock_stepped_back_does_not_make_an_older_backup_the_newest() {
     let out = repo.path("latest-full.raw");
     repo.ok(&["restore", "vm", "--to", out.to_str().expect("utf8")]);
     assert!(std::fs::read(&out).expect("read") == full.data, "latest is the full backup");
+
+    // Retention goes by the chain too: with b protected, keep-last 1 keeps the full backup
+    // (the newest, though its clock said two days ago) and b, and removes a, c and d. With
+    // e's predecessor gone, its place (seq) still puts it after b.
+    let id = |j: &serde_json::Value| j["backup_id"].as_str().expect("id").to_string();
+    repo.ok(&["protect", &format!("vm@{}", id(&b))]);
+    repo.ok(&["prune", "vm", "--keep-last", "1"]);
+    let left: Vec<String> = repo.backups("vm").iter().map(id).collect();
+    assert_eq!(left, [id(&b), id(&e)], "kept, in chain order");
+    let out = repo.path("latest-after-prune.raw");
+    repo.ok(&["restore", "vm", "--to", out.to_str().expect("utf8")]);
+    assert!(std::fs::read(&out).expect("read") == full.data, "latest is still the full backup");
 }
 
 /// Issue 9: a key slot authenticates its own label and parameters and the repository's

@@ -220,6 +220,7 @@ async fn a_commit_that_would_outlive_its_lease_is_fenced() {
         to_snap: Some("s1".into()),
         parent: None,
         follows: None,
+        seq: None,
         image_size: 0,
         block_size: repo.config().block_size,
         labels: Default::default(),

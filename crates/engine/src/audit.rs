@@ -568,6 +568,7 @@ mod tests {
             to_snap: Some(to.to_string()),
             parent: parent.map(str::to_string),
             follows: None,
+            seq: None,
             image_size: 4 * bs,
             block_size: BlockSize::new(bs).expect("block size"),
             labels: Default::default(),

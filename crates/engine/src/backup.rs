@@ -30,6 +30,8 @@ pub(crate) struct IngestParams {
     pub parent: Option<(BackupRef, Arc<Manifest>)>,
     /// The volume's newest backup, recorded by a full backup as the one it follows.
     pub follows: Option<String>,
+    /// The backup's place in the chain: one more than the highest of the volume's backups.
+    pub seq: Option<u64>,
     /// Where the data comes from (recorded in the manifest).
     pub source: Source,
     pub jobs: usize,
@@ -731,6 +733,7 @@ where
         to_snap: header.to_snap.clone(),
         parent: parent_id,
         follows: params.follows.clone(),
+        seq: params.seq,
         image_size: header.image_size,
         block_size,
         labels: params.labels,

@@ -109,9 +109,7 @@ impl Engine {
     /// An engine over an opened repository and its index, observed by nobody.
     pub fn new(repo: Repository, index: Index) -> Engine {
         // The index's entries hold manifest metadata: sealed like the bucket's copy.
-        if let Err(e) = index.set_key(repo.index_key()) {
-            tracing::warn!("the local index {} cannot be sealed: {e}", index.path());
-        }
+        index.set_key(repo.index_key());
         Engine {
             repo: Arc::new(repo),
             index: Arc::new(index),
@@ -229,10 +227,23 @@ impl Engine {
                     return Err(e);
                 }
             };
+            // The chain as the index has it now (synced just above): the head a full backup
+            // follows, and the place of this one.
+            let (follows, seq) = match self.index.backups(Some(&volume)) {
+                Ok(known) => (
+                    known.last().map(|h| h.meta.backup_id.clone()),
+                    known.iter().filter_map(|b| b.meta.seq).max().unwrap_or(0) + 1,
+                ),
+                Err(e) => {
+                    session.abort().await;
+                    return Err(e.into());
+                }
+            };
             let params = backup::IngestParams {
                 volume: volume.clone(),
                 block_size: opts.block_size.unwrap_or(self.repo.config().block_size),
-                follows: parent.as_ref().map(|p| p.0.backup_id().to_string()),
+                follows,
+                seq: Some(seq),
                 parent,
                 source: Source {
                     kind: "diff-stream".into(),

@@ -188,10 +188,13 @@ impl Engine {
         for (volume, backups) in by_volume {
             let candidates: Vec<Candidate> = backups
                 .iter()
-                .map(|b| Candidate {
+                .enumerate()
+                // The index lists each volume in chain order: newest by links, not clocks.
+                .map(|(i, b)| Candidate {
                     id: b.meta.backup_id.clone(),
                     time: b.meta.created,
                     protected: report.protected.contains(&b.backup),
+                    rank: Some(i as u64),
                 })
                 .collect();
             let decisions = retention::apply(policy, &candidates).map_err(|e| Error::refused(e.to_string()))?;

@@ -689,6 +689,7 @@ impl RbdRun<'_> {
             block_size,
             parent: parent.clone(),
             follows: chain.head().map(|h| h.meta.backup_id.clone()),
+            seq: Some(chain.backups.iter().filter_map(|b| b.meta.seq).max().unwrap_or(0) + 1),
             source: Source {
                 kind: "rbd".into(),
                 cluster_fsid: Some(fsid.clone()),

@@ -47,7 +47,8 @@ pub struct SyncReport {
 
 /// One volume's backups (given in the order of their names, i.e. of the writers' clocks) in
 /// chain order: a backup comes after the one it was made on — an incremental's `parent`, a
-/// full backup's `follows` — and otherwise in the given order. A clock stepped back (a name
+/// full backup's `follows` — and otherwise by `seq` (its place when it was made; backups
+/// without one count as 0), then in the given order. A clock stepped back (a name
 /// older than its predecessor's) then cannot make an older backup the newest. Links to a
 /// backup not in the list are ignored; should links form a cycle (they cannot, as written by
 /// ferry), its backups keep the given order.
@@ -73,15 +74,16 @@ pub fn chain_order(backups: Vec<BackupSummary>) -> Vec<BackupSummary> {
             after[*p].push(i);
         }
     }
-    // Kahn's algorithm, smallest position first among the ready ones.
-    let mut ready: BinaryHeap<std::cmp::Reverse<usize>> = (0..n).filter(|&i| before[i].is_none()).map(std::cmp::Reverse).collect();
+    // Kahn's algorithm, smallest (seq, position) first among the ready ones.
+    let rank = |i: usize| std::cmp::Reverse((backups[i].meta.seq.unwrap_or(0), i));
+    let mut ready: BinaryHeap<std::cmp::Reverse<(u64, usize)>> = (0..n).filter(|&i| before[i].is_none()).map(rank).collect();
     let mut order = Vec::with_capacity(n);
     let mut placed = vec![false; n];
-    while let Some(std::cmp::Reverse(i)) = ready.pop() {
+    while let Some(std::cmp::Reverse((_, i))) = ready.pop() {
         placed[i] = true;
         order.push(i);
         for &j in &after[i] {
-            ready.push(std::cmp::Reverse(j));
+            ready.push(rank(j));
         }
     }
     order.extend((0..n).filter(|&i| !placed[i]));
@@ -137,8 +139,12 @@ impl std::fmt::Debug for IndexKey {
     }
 }
 
-/// The key in the default tree that says the `backups` entries are sealed.
-const SEALED_KEY: &[u8] = b"backups_sealed_v1";
+/// The tree of sealed backup entries. Indexes of earlier versions kept plain entries in a
+/// tree named `backups`: such an index is deleted and started afresh when opened (sled's log
+/// would keep the plain bytes of a merely cleared tree), and earlier versions reading this one
+/// find no entries of theirs and read the manifests again.
+const BACKUPS_TREE: &[u8] = b"backups_sealed_v1";
+const PLAIN_BACKUPS_TREE: &[u8] = b"backups";
 
 /// The key in the default tree under which the index keeps its GC generation.
 const GC_GEN_KEY: &[u8] = b"gc_gen";
@@ -152,8 +158,25 @@ impl Index {
     pub fn open(dir: &Path, repository_id: &str) -> Result<Index> {
         let path: PathBuf = dir.join(repository_id);
         // sled's default page cache is 1 GiB; the index is small and read sparsely.
-        let db = sled::Config::new().path(&path).cache_capacity(8 << 20).open();
-        Self::from_db(db, path.display().to_string())
+        let open = || sled::Config::new().path(&path).cache_capacity(8 << 20).open();
+        let db = open().map_err(|source| Error::Index {
+            path: path.display().to_string(),
+            source,
+        })?;
+        if db.tree_names().iter().any(|n| n.as_ref() == PLAIN_BACKUPS_TREE) {
+            // An index of plain entries: gone, files and all (it is a cache).
+            drop(db);
+            std::fs::remove_dir_all(&path).map_err(|source| Error::Io {
+                context: format!("removing the local index {} (it held plain entries)", path.display()),
+                source,
+            })?;
+            tracing::info!(
+                "the local index {} held manifest metadata in plain text: removed, it is rebuilt sealed",
+                path.display()
+            );
+            return Self::from_db(open(), path.display().to_string());
+        }
+        Self::from_db(Ok(db), path.display().to_string())
     }
 
     /// Opens the index like [`Index::open`]; when it is damaged (anything but "in use by
@@ -202,7 +225,7 @@ impl Index {
             source,
         };
         let db = db.map_err(err)?;
-        let backups = db.open_tree("backups").map_err(err)?;
+        let backups = db.open_tree(BACKUPS_TREE).map_err(err)?;
         let chunks = db.open_tree("chunks").map_err(err)?;
         Ok(Index {
             db,
@@ -213,42 +236,37 @@ impl Index {
         })
     }
 
-    /// Seals the index's backup entries from now on with `key` (the engine does it for every
-    /// index it is given). Entries of an index that held them in plain text are dropped
-    /// first — it is a cache: the next sync reads those manifests again.
-    pub fn set_key(&self, key: IndexKey) -> Result<()> {
-        if self.db.get(SEALED_KEY).map_err(self.err())?.is_none() {
-            self.backups.clear().map_err(self.err())?;
-            self.db.insert(SEALED_KEY, &[1u8][..]).map_err(self.err())?;
-        }
+    /// The key that seals the index's backup entries (the engine sets it for every index it
+    /// is given; an index without one can hold no backup entries). A second key is ignored.
+    pub fn set_key(&self, key: IndexKey) {
         let _ = self.key.set(key.0);
-        Ok(())
+    }
+
+    fn sealing_key(&self) -> Result<&crate::object::SealKey> {
+        self.key
+            .get()
+            .ok_or_else(|| Error::InvalidArgument(format!("the local index {} has no key: its backup entries are sealed", self.path)))
     }
 
     fn seal_entry(&self, k: &[u8], plain: Vec<u8>) -> Result<Vec<u8>> {
-        match self.key.get() {
-            Some(key) => {
-                let mut out = Vec::with_capacity(plain.len() + 28);
-                key.seal_into(&mut out, k, &plain)?;
-                Ok(out)
-            }
-            None => Ok(plain),
-        }
+        let mut out = Vec::with_capacity(plain.len() + 28);
+        self.sealing_key()?.seal_into(&mut out, k, &plain)?;
+        Ok(out)
     }
 
     fn open_entry(&self, k: &[u8], stored: &[u8]) -> Result<BackupSummary> {
         let mut body = stored.to_vec();
-        let plain = match self.key.get() {
-            Some(key) => {
-                let range = key.open_in_place(&[], k, &mut body, &self.path)?;
-                &body[range]
-            }
-            None => &body[..],
-        };
-        serde_json::from_slice::<BackupSummary>(plain).map_err(|source| Error::Json {
+        let range = self.sealing_key()?.open_in_place(&[], k, &mut body, &self.path)?;
+        serde_json::from_slice::<BackupSummary>(&body[range]).map_err(|source| Error::Json {
             context: format!("decoding an entry of the local index {}", self.path),
             source,
         })
+    }
+
+    /// True when the entry of `r` is there and opens (a damaged one is read again).
+    fn has_entry(&self, r: &BackupRef) -> bool {
+        let k = key_of(r);
+        matches!(self.backups.get(&k), Ok(Some(v)) if self.open_entry(&k, &v).is_ok())
     }
 
     fn err(&self) -> impl Fn(sled::Error) -> Error + '_ {
@@ -412,10 +430,7 @@ impl Index {
                 report.manifests_forgotten += 1;
             }
         }
-        let missing: Vec<BackupRef> = listed
-            .into_iter()
-            .filter(|r| !self.backups.contains_key(key_of(r)).unwrap_or(false))
-            .collect();
+        let missing: Vec<BackupRef> = listed.into_iter().filter(|r| !self.has_entry(r)).collect();
         let mut reads = futures::stream::iter(missing.into_iter().map(|r| async move {
             let m = repo.read_manifest(&r).await;
             (r, m)
@@ -491,8 +506,42 @@ mod tests {
         assert_eq!(ids(&chain_order(v)), ["a", "b", "f", "g"]);
     }
 
+    fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
+    }
+
     #[test]
     fn plain_entries_are_dropped_when_the_index_is_sealed_and_sealed_ones_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        // An index of an earlier version: plain entries in the `backups` tree.
+        {
+            let db = sled::Config::new().path(dir.path().join("repo")).open().unwrap();
+            db.open_tree(PLAIN_BACKUPS_TREE)
+                .unwrap()
+                .insert(b"v\0old", &b"{\"label\": \"known-plain\"}"[..])
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let index = Index::open(dir.path(), "repo").unwrap();
+        assert!(index.backups.is_empty());
+        drop(index);
+        for f in walk(&dir.path().join("repo")) {
+            let bytes = std::fs::read(&f).unwrap();
+            assert!(
+                !bytes.windows(11).any(|w| w == b"known-plain"),
+                "{} keeps the plain entry",
+                f.display()
+            );
+        }
         let index = Index::temporary().unwrap();
         let r = BackupRef {
             volume: "v".into(),
@@ -505,11 +554,9 @@ mod tests {
             blocks: vec![None],
             deltas: Default::default(),
         };
-        index.insert_backup(&r, &manifest).unwrap();
-        assert_eq!(index.backups(Some("v")).unwrap().len(), 1);
+        assert!(index.insert_backup(&r, &manifest).is_err(), "no key, no entries");
         let key = crate::keys::MasterKey::generate();
-        index.set_key(IndexKey(key.index_key().clone())).unwrap();
-        assert!(index.backups(Some("v")).unwrap().is_empty(), "plain entries are dropped");
+        index.set_key(IndexKey(key.index_key().clone()));
         index.insert_backup(&r, &manifest).unwrap();
         let raw = index.backups.get(key_of(&r)).unwrap().unwrap();
         assert!(!raw.windows(5).any(|w| w == b"known"), "sealed");

@@ -290,11 +290,22 @@ impl KeySlot {
         let salt = B64.decode(&self.salt).map_err(|_| bad("salt is not base64"))?;
         let sealed = B64.decode(&self.nonce_and_wrapped).map_err(|_| bad("wrapped key is not base64"))?;
         let kek = SealKey::new(&zeroize::Zeroizing::new(self.kdf.derive(passphrase, &salt)?));
-        match kek.open(&[], &Self::aad(repository_id, &self.id, self.mac.is_some()), sealed, "") {
+        match kek.open(&[], &Self::aad(repository_id, &self.id, self.mac.is_some()), sealed.clone(), "") {
             Ok(raw) => {
                 let raw = zeroize::Zeroizing::new(raw);
                 let bytes: [u8; 32] = raw.as_slice().try_into().map_err(|_| bad("wrapped key is not 32 bytes"))?;
                 Ok(Some(MasterKey::from_raw(bytes)))
+            }
+            Err(Error::Integrity { .. }) if self.mac.is_none() => {
+                // A slot made with a MAC whose MAC was removed opens under the v2 data:
+                // tampering, not a wrong passphrase.
+                match kek.open(&[], &Self::aad(repository_id, &self.id, true), sealed, "") {
+                    Ok(_) => Err(Error::SlotNotAuthentic {
+                        path: format!("keys/{}", self.id),
+                    }),
+                    Err(Error::Integrity { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                }
             }
             Err(Error::Integrity { .. }) => Ok(None),
             Err(e) => Err(e),
@@ -367,8 +378,9 @@ mod tests {
         let garbage = tampered(&|s| s.mac = Some("zz".into()));
         assert!(garbage.verify(&key, b"config").is_err());
         // Without its MAC the slot is read as a legacy one: the wrap's associated data
-        // differs, so it does not open at all (no downgrade to an unchecked slot).
+        // differs, so it does not open unchecked — it is found to be tampered with.
         let stripped = tampered(&|s| s.mac = None);
-        assert!(stripped.open(b"secret", "repo1").unwrap().is_none());
+        assert!(matches!(stripped.open(b"secret", "repo1"), Err(Error::SlotNotAuthentic { .. })));
+        assert!(stripped.open(b"wrong", "repo1").unwrap().is_none());
     }
 }

@@ -124,6 +124,12 @@ pub struct ManifestMeta {
     /// for). Absent in backups before it was recorded and for a volume's first backup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub follows: Option<String>,
+    /// The backup's place in its volume's chain: one more than the highest `seq` of the
+    /// volume's backups when it was made (1 for the first). Orders the chain even when the
+    /// backups its links name were forgotten since. Absent in backups before it was recorded
+    /// (they count as 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
     /// Volume size in bytes (the stream's `s` record).
     pub image_size: u64,
     /// Bytes per block of the map; an incremental keeps its parent's.
@@ -461,6 +467,7 @@ pub(crate) mod tests {
             to_snap: Some("s1".into()),
             parent: None,
             follows: None,
+            seq: None,
             image_size,
             block_size: BlockSize::new(block_size).unwrap(),
             labels: BTreeMap::new(),

@@ -121,6 +121,8 @@ pub struct BackupDraft {
     pub parent: Option<String>,
     /// For a full backup: the volume's newest backup when it was made (FORMAT.md §6.1).
     pub follows: Option<String>,
+    /// The backup's place in its volume's chain (FORMAT.md §6.1).
+    pub seq: Option<u64>,
     /// Size of the volume in bytes.
     pub image_size: u64,
     /// The block size of the map.
@@ -354,11 +356,25 @@ impl Repository {
         for slot in &slots {
             match slot.open(passphrase, &config.repository_id) {
                 Ok(Some(key)) => {
-                    // The slot's label and parameters, and the config, as they were sealed
-                    // (slots made before ferry authenticated them have nothing to check).
-                    if slot.verify(&key, &config_bytes)? == crate::keys::SlotAuthenticity::Legacy {
+                    // The slot's label and parameters, and the config, as they were sealed.
+                    // A slot made before ferry authenticated them has nothing to check: then
+                    // every slot with a MAC checks the config (one that fails may mean a
+                    // changed config, and is refused). Opened through a slot with a MAC, the
+                    // config is authentic, and another slot that fails had its own fields
+                    // changed: said, not refused (`key list` names it, `key remove` drops it).
+                    let own = slot.verify(&key, &config_bytes)?;
+                    for other in slots.iter().filter(|s| s.id != slot.id) {
+                        match other.verify(&key, &config_bytes) {
+                            Ok(_) => {}
+                            Err(e) if own == crate::keys::SlotAuthenticity::Authentic => {
+                                tracing::warn!("{e}");
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    if own == crate::keys::SlotAuthenticity::Legacy {
                         tracing::info!(
-                            "key slot {} predates authenticated slots: its label and the repository config are not checked (`ferry key passwd` renews it)",
+                            "key slot {} predates authenticated slots: its label is not checked (`ferry key passwd` renews it)",
                             slot.id
                         );
                     }
@@ -636,6 +652,7 @@ impl Repository {
                 from_snap: draft.from_snap,
                 to_snap: draft.to_snap,
                 follows: if draft.parent.is_none() { draft.follows } else { None },
+                seq: draft.seq,
                 parent: draft.parent,
                 image_size: draft.image_size,
                 block_size: draft.block_size,
@@ -1050,9 +1067,16 @@ impl Repository {
                 Err(Error::NotFound { .. }) => continue,
                 Err(e) => return Err(e),
             };
-            // Only genuine slots travel (a planted object stays behind).
-            if KeySlot::decode(&bytes, &key).is_err() {
-                continue;
+            // Only genuine slots travel (a planted object, or a slot whose label was changed
+            // in the bucket, stays behind).
+            match KeySlot::decode(&bytes, &key) {
+                Ok(slot) => {
+                    if let Err(e) = self.verify_slot(&slot) {
+                        tracing::warn!("{key} is not copied: {e}");
+                        continue;
+                    }
+                }
+                Err(_) => continue,
             }
             if self
                 .retry
@@ -1063,8 +1087,8 @@ impl Repository {
             }
         }
         if created {
-            let config = get_bytes(self.store.inner.as_ref(), "config").await?;
-            RepoConfig::decode(&config)?;
+            // The config as this repository opened with it (its key slots authenticate it).
+            let config = Bytes::from(self.config_bytes.clone());
             if !put_create(dst.inner.as_ref(), "config", config).await? {
                 // Another sync made it meanwhile: it must be this repository.
                 let c = Self::read_config(dst).await?;

@@ -159,6 +159,11 @@ pub struct Candidate {
     pub time: DateTime<Utc>,
     /// A protected backup is always kept.
     pub protected: bool,
+    /// Its place in the volume's chain (higher is newer; [`crate::chain_order`]), which
+    /// decides "newest" and "last" when every candidate has one — writers' clocks can be
+    /// stepped back. Periods and `within` still go by `time`.
+    #[serde(default)]
+    pub rank: Option<u64>,
 }
 
 impl Candidate {
@@ -168,6 +173,7 @@ impl Candidate {
             id: id.into(),
             time,
             protected: false,
+            rank: None,
         }
     }
 }
@@ -305,6 +311,11 @@ fn newest_first(a: &Candidate, b: &Candidate) -> Ordering {
     b.time.cmp(&a.time).then_with(|| b.id.cmp(&a.id))
 }
 
+/// Newest first by rank (every candidate has one), then as [`newest_first`].
+fn newest_first_ranked(a: &Candidate, b: &Candidate) -> Ordering {
+    b.rank.cmp(&a.rank).then_with(|| newest_first(a, b))
+}
+
 /// Decides, for every backup, whether `policy` keeps it and why (see the module docs for the
 /// rules). Returns one [`Decision`] per candidate, in input order. An empty list of candidates
 /// gives an empty list of decisions.
@@ -326,7 +337,11 @@ pub fn apply(policy: &KeepPolicy, backups: &[Candidate]) -> Result<Vec<Decision>
 
     // Indices into `backups`, newest first. IDs are unique, so the order is total.
     let mut order: Vec<usize> = (0..backups.len()).collect();
-    order.sort_by(|&a, &b| newest_first(&backups[a], &backups[b]));
+    if backups.iter().all(|b| b.rank.is_some()) {
+        order.sort_by(|&a, &b| newest_first_ranked(&backups[a], &backups[b]));
+    } else {
+        order.sort_by(|&a, &b| newest_first(&backups[a], &backups[b]));
+    }
 
     // The rules run in the order of Reason's variants, so each list comes out in that order.
     let mut reasons: Vec<Vec<Reason>> = vec![Vec::new(); backups.len()];
@@ -421,6 +436,7 @@ mod tests {
                 id: id.into(),
                 time: t(time),
                 protected: protected.contains(&id),
+                rank: None,
             })
             .collect();
         let decisions = apply(policy, &backups).expect("policy applies");
@@ -1110,6 +1126,42 @@ mod tests {
     }
 
     #[test]
+    fn ranks_decide_newest_and_last_when_clocks_disagree() {
+        // c and d were made after b, by a writer whose clock was a day behind.
+        let c = |id: &str, time: &str, rank: u64| Candidate {
+            id: id.into(),
+            time: t(time),
+            protected: false,
+            rank: Some(rank),
+        };
+        let backups = vec![
+            c("a", "2026-11-28 10:00", 0),
+            c("b", "2026-11-29 10:00", 1),
+            c("c", "2026-11-28 11:00", 2),
+            c("d", "2026-11-28 12:00", 3),
+        ];
+        let keep = KeepPolicy {
+            last: Some(1),
+            ..KeepPolicy::default()
+        };
+        let d = apply(&keep, &backups).unwrap();
+        let kept: Vec<&str> = d.iter().filter(|x| x.keep).map(|x| x.id.as_str()).collect();
+        assert_eq!(kept, ["d"], "{d:?}");
+        assert!(d[3].reasons.contains(&Reason::Newest));
+        // Without ranks, time decides (as before).
+        let unranked: Vec<Candidate> = backups
+            .iter()
+            .cloned()
+            .map(|mut b| {
+                b.rank = None;
+                b
+            })
+            .collect();
+        let d = apply(&keep, &unranked).unwrap();
+        assert!(d[1].keep && !d[3].keep);
+    }
+
+    #[test]
     fn unsorted_input_gives_decisions_in_input_order() {
         check(
             &KeepPolicy {
@@ -1242,6 +1294,7 @@ mod tests {
                 .enumerate()
                 // IDs of varying shape so that byte-wise order differs from index order.
                 .map(|(i, (m, protected, shape))| Candidate {
+                    rank: None,
                     id: match shape {
                         0 => format!("b{i}"),
                         1 => format!("B{}", 1000 - i),

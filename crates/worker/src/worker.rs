@@ -321,7 +321,8 @@ impl Worker {
             let backups = self.engine.index().backups(Some(&t.volume)).unwrap_or_default();
             self.volume_state(&t.volume, |v| {
                 v.chain_length = backups.len() as u64;
-                if let Some(head) = backups.iter().max_by_key(|b| b.meta.created) {
+                // The head of the chain (listed in chain order), not the latest clock.
+                if let Some(head) = backups.last() {
                     v.last_success = Some(head.meta.created);
                     v.last_backup_id = Some(head.meta.backup_id.clone());
                 }
