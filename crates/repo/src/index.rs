@@ -47,8 +47,9 @@ pub struct SyncReport {
 
 /// One volume's backups (given in the order of their names, i.e. of the writers' clocks) in
 /// chain order: a backup comes after the one it was made on — an incremental's `parent`, a
-/// full backup's `follows` — and otherwise by `seq` (its place when it was made; backups
-/// without one count as 0), then in the given order. A clock stepped back (a name
+/// full backup's `follows` — and otherwise by `seq` (its place when it was made; a backup
+/// without one, from an older ferry, takes the highest seq of those named before it), then in
+/// the given order. A clock stepped back (a name
 /// older than its predecessor's) then cannot make an older backup the newest. Links to a
 /// backup not in the list are ignored; should links form a cycle (they cannot, as written by
 /// ferry), its backups keep the given order.
@@ -74,8 +75,18 @@ pub fn chain_order(backups: Vec<BackupSummary>) -> Vec<BackupSummary> {
             after[*p].push(i);
         }
     }
+    // A backup without a seq (written by a ferry before it) takes the highest seq of those
+    // named before it: an older writer's backup made after newer ones stays after them.
+    let mut running = 0u64;
+    let seq: Vec<u64> = backups
+        .iter()
+        .map(|b| {
+            running = running.max(b.meta.seq.unwrap_or(0));
+            b.meta.seq.unwrap_or(running)
+        })
+        .collect();
     // Kahn's algorithm, smallest (seq, position) first among the ready ones.
-    let rank = |i: usize| std::cmp::Reverse((backups[i].meta.seq.unwrap_or(0), i));
+    let rank = |i: usize| std::cmp::Reverse((seq[i], i));
     let mut ready: BinaryHeap<std::cmp::Reverse<(u64, usize)>> = (0..n).filter(|&i| before[i].is_none()).map(rank).collect();
     let mut order = Vec::with_capacity(n);
     let mut placed = vec![false; n];
@@ -569,6 +580,20 @@ mod tests {
         };
         index.backups.insert(key_of(&other), raw).unwrap();
         assert_eq!(index.backups(Some("v")).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn seq_orders_what_links_do_not_and_an_older_writer_s_backup_stays_in_name_order() {
+        let mut v = named(&[("d", None, None), ("b", None, None)]);
+        // d was made after b (seq 4 > 2) by a writer whose clock was behind.
+        v[0].meta.seq = Some(4);
+        v[1].meta.seq = Some(2);
+        assert_eq!(ids(&chain_order(v)), ["b", "d"]);
+        // A backup of an older ferry (no seq) made after a newer one's stays after it.
+        let mut v = named(&[("a", None, None), ("b", None, None), ("old", None, None)]);
+        v[0].meta.seq = Some(1);
+        v[1].meta.seq = Some(2);
+        assert_eq!(ids(&chain_order(v)), ["a", "b", "old"]);
     }
 
     #[test]
