@@ -219,6 +219,16 @@ impl Client {
     }
 }
 
+/// `NBD_OPT_SET_META_CONTEXT` data asking export `token` for `base:allocation`.
+fn allocation_query(token: &str) -> Vec<u8> {
+    let mut meta = (token.len() as u32).to_be_bytes().to_vec();
+    meta.extend_from_slice(token.as_bytes());
+    meta.extend_from_slice(&1u32.to_be_bytes());
+    meta.extend_from_slice(&15u32.to_be_bytes());
+    meta.extend_from_slice(b"base:allocation");
+    meta
+}
+
 /// The bytes a structured read reply carries for `len` bytes at `offset`: data and hole
 /// chunks placed, error chunks returned as errors.
 fn assemble(chunks: &[Chunk], offset: u64, len: usize) -> Result<Vec<u8>, u32> {
@@ -273,11 +283,7 @@ fn the_nbd_export_speaks_the_protocol_and_serves_the_backup() {
     assert_eq!(c.opt_reply(3).kind, 0x8000_0002, "LIST refused by policy");
     let unknown = c.go("guess");
     assert_eq!(unknown.last().map(|r| r.kind), Some(0x8000_0006), "an unknown export");
-    let mut meta = (token.len() as u32).to_be_bytes().to_vec();
-    meta.extend_from_slice(token.as_bytes());
-    meta.extend_from_slice(&1u32.to_be_bytes());
-    meta.extend_from_slice(&15u32.to_be_bytes());
-    meta.extend_from_slice(b"base:allocation");
+    let meta = allocation_query(&token);
     c.option(10, &meta);
     assert_eq!(c.opt_reply(10).kind, 0x8000_0003, "SET_META_CONTEXT before STRUCTURED_REPLY");
     c.option(8, &[]);
@@ -435,11 +441,7 @@ fn structured(addr: &str, token: &str) -> Client {
     let mut c = Client::connect(addr);
     c.option(8, &[]);
     assert_eq!(c.opt_reply(8).kind, 1);
-    let mut meta = (token.len() as u32).to_be_bytes().to_vec();
-    meta.extend_from_slice(token.as_bytes());
-    meta.extend_from_slice(&1u32.to_be_bytes());
-    meta.extend_from_slice(&15u32.to_be_bytes());
-    meta.extend_from_slice(b"base:allocation");
+    let meta = allocation_query(token);
     c.option(10, &meta);
     assert_eq!(c.opt_replies(10).len(), 2);
     assert_eq!(c.go(token).last().map(|r| r.kind), Some(1));

@@ -125,23 +125,7 @@ impl BackupImage {
     /// The runs of holes and data from `offset` for at most `len` bytes (within the image):
     /// `(length, hole)`, alternating, at most `max_runs` of them.
     pub fn extents(&self, offset: u64, len: u64, max_runs: usize) -> Vec<(u64, bool)> {
-        let end = offset.saturating_add(len).min(self.size());
-        let bs = self.block_size();
-        let mut runs: Vec<(u64, bool)> = Vec::new();
-        let mut at = offset;
-        while at < end {
-            let i = at / bs;
-            let stop = ((i + 1) * bs).min(end);
-            let hole = self.is_hole(i);
-            let full = runs.len() >= max_runs;
-            match runs.last_mut() {
-                Some((n, h)) if *h == hole => *n += stop - at,
-                _ if full => break,
-                _ => runs.push((stop - at, hole)),
-            }
-            at = stop;
-        }
-        runs
+        ferry_nbd::block_runs(offset, len, self.size(), self.block_size(), max_runs, |i| self.is_hole(i))
     }
 
     /// The cache slot of block `i` for a reader (`demand`) or for reading ahead. A new slot

@@ -27,6 +27,29 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+/// The runs of holes and data of an image of `size` bytes in blocks of `block` bytes, from
+/// `offset` for at most `len` bytes: `(length, is_hole)`, alternating, at most `max_runs` of
+/// them — what [`Export::extents`] returns for an image whose holes are whole blocks.
+pub fn block_runs(offset: u64, len: u64, size: u64, block: u64, max_runs: usize, is_hole: impl Fn(u64) -> bool) -> Vec<(u64, bool)> {
+    let end = offset.saturating_add(len).min(size);
+    let block = block.max(1);
+    let mut runs: Vec<(u64, bool)> = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let i = at / block;
+        let stop = ((i + 1) * block).min(end);
+        let hole = is_hole(i);
+        let full = runs.len() >= max_runs;
+        match runs.last_mut() {
+            Some((n, h)) if *h == hole => *n += stop - at,
+            _ if full => break,
+            _ => runs.push((stop - at, hole)),
+        }
+        at = stop;
+    }
+    runs
+}
+
 /// A read-only random-access image the server exports.
 pub trait Export: Send + Sync + 'static {
     /// Its size in bytes.
@@ -137,33 +160,37 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 /// Serves `image` over NBD on a TCP listener until `stop` is cancelled; the export's name is
 /// `token`.
 pub async fn serve_tcp<E: Export>(image: Arc<E>, listener: tokio::net::TcpListener, token: String, stop: CancellationToken) {
-    let token: Arc<str> = Arc::from(token);
-    let shared = Shared::new();
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let Ok((sock, _)) = accepted else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
+    let accept = || async {
+        let (sock, _) = listener.accept().await?;
         let _ = sock.set_nodelay(true);
-        spawn_connection(sock, &image, &token, &stop, &shared).await;
-    }
+        Ok(sock)
+    };
+    accept_loop(accept, image, token, stop).await
 }
 
 /// Serves `image` over NBD on a Unix socket listener until `stop` is cancelled; the export's
 /// name is `token`.
 pub async fn serve_unix<E: Export>(image: Arc<E>, listener: tokio::net::UnixListener, token: String, stop: CancellationToken) {
+    let accept = || async { listener.accept().await.map(|(sock, _)| sock) };
+    accept_loop(accept, image, token, stop).await
+}
+
+/// Accepts connections (`accept`) and serves each in its own task until `stop` is cancelled.
+async fn accept_loop<S, E, F, Fut>(mut accept: F, image: Arc<E>, token: String, stop: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    E: Export,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::io::Result<S>>,
+{
     let token: Arc<str> = Arc::from(token);
     let shared = Shared::new();
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
-            a = listener.accept() => a,
+            a = accept() => a,
         };
-        let Ok((sock, _)) = accepted else {
+        let Ok(sock) = accepted else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
@@ -748,23 +775,11 @@ pub mod testing {
             self.block
         }
         fn extents(&self, offset: u64, len: u64, max_runs: usize) -> Vec<(u64, bool)> {
-            let end = offset.saturating_add(len).min(self.size());
-            let mut runs: Vec<(u64, bool)> = Vec::new();
-            let mut at = offset;
-            while at < end {
-                let i = at / self.block;
-                let stop = ((i + 1) * self.block).min(end);
-                let block = &self.data[(i * self.block) as usize..((i + 1) * self.block).min(self.size()) as usize];
-                let hole = block.iter().all(|b| *b == 0);
-                let full = runs.len() >= max_runs;
-                match runs.last_mut() {
-                    Some((n, h)) if *h == hole => *n += stop - at,
-                    _ if full => break,
-                    _ => runs.push((stop - at, hole)),
-                }
-                at = stop;
-            }
-            runs
+            super::block_runs(offset, len, self.size(), self.block, max_runs, |i| {
+                let start = (i * self.block) as usize;
+                let stop = ((i + 1) * self.block).min(self.size()) as usize;
+                self.data[start..stop].iter().all(|b| *b == 0)
+            })
         }
         async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, String> {
             let end = offset.saturating_add(len).min(self.size());

@@ -233,11 +233,9 @@ impl KeySlot {
             return Ok(SlotAuthenticity::Legacy);
         };
         let expected = self.compute_mac(master, config);
-        let given = hex::decode(mac).ok().filter(|m| m.len() == 32);
-        // Constant time: the MAC is a secret-keyed value.
-        let same = given.is_some_and(|g| {
-            blake3::Hash::from_bytes(expected) == blake3::Hash::from_slice(&g).unwrap_or(blake3::Hash::from_bytes([0u8; 32]))
-        });
+        let given = hex::decode(mac).ok().and_then(|g| <[u8; 32]>::try_from(g).ok());
+        // blake3::Hash compares in constant time (the MAC is a secret-keyed value).
+        let same = given.is_some_and(|g| blake3::Hash::from_bytes(g) == blake3::Hash::from_bytes(expected));
         if same {
             Ok(SlotAuthenticity::Authentic)
         } else {
