@@ -190,21 +190,72 @@ impl SealKey {
     }
 }
 
+/// zstd contexts kept for reuse: making one per object costs its tables' allocation and
+/// zeroing each time (a compression context at level 3 is a few MiB). At most one context per
+/// concurrent user is ever made; a handful are kept.
+mod contexts {
+    use std::sync::Mutex;
+
+    const KEEP: usize = 8;
+
+    static COMPRESSORS: Mutex<Vec<(i32, zstd::bulk::Compressor<'static>)>> = Mutex::new(Vec::new());
+    static DECOMPRESSORS: Mutex<Vec<zstd::bulk::Decompressor<'static>>> = Mutex::new(Vec::new());
+
+    /// Runs `f` with a compression context at `level`.
+    pub(super) fn with_compressor<T>(
+        level: i32,
+        f: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
+        let taken = {
+            let mut pool = COMPRESSORS.lock().unwrap_or_else(|p| p.into_inner());
+            pool.iter().position(|(l, _)| *l == level).map(|i| pool.swap_remove(i).1)
+        };
+        let mut c = match taken {
+            Some(c) => c,
+            None => zstd::bulk::Compressor::new(level)?,
+        };
+        let out = f(&mut c);
+        let mut pool = COMPRESSORS.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < KEEP {
+            pool.push((level, c));
+        }
+        out
+    }
+
+    /// Runs `f` with a decompression context.
+    pub(super) fn with_decompressor<T>(f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>) -> std::io::Result<T> {
+        let taken = DECOMPRESSORS.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut d = match taken {
+            Some(d) => d,
+            None => zstd::bulk::Decompressor::new()?,
+        };
+        let out = f(&mut d);
+        let mut pool = DECOMPRESSORS.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < KEEP {
+            pool.push(d);
+        }
+        out
+    }
+}
+
 /// Seals `payload` as an object of `kind` with optional zstd compression (kept raw when it
 /// does not shrink). Returns the full object bytes. Compresses straight into the output and
-/// encrypts in place: one buffer per object.
+/// encrypts in place: one buffer per object, never zero-filled first.
 pub fn encode_sealed(key: &SealKey, kind: ObjectKind, identity: &[u8], payload: &[u8], zstd_level: Option<i32>) -> Result<Vec<u8>> {
     let start = HEADER_LEN + NONCE_LEN;
     let mut flags = FLAG_ENCRYPTED;
     let mut out = Vec::new();
     if let Some(level) = zstd_level {
-        out.resize(start + zstd::zstd_safe::compress_bound(payload.len()), 0);
-        let compressed = zstd::bulk::Compressor::new(level).and_then(|mut c| c.compress_to_buffer(payload, &mut out[start..]));
+        // Header and nonce first (filled below), the frame written after them into the
+        // spare capacity: the bound's worth of memory is never zeroed.
+        out.reserve_exact(start + zstd::zstd_safe::compress_bound(payload.len()) + TAG_LEN);
+        out.resize(start, 0);
+        let mut cursor = std::io::Cursor::new(out);
+        cursor.set_position(start as u64);
+        let compressed = contexts::with_compressor(level, |c| c.compress_to_buffer(payload, &mut cursor));
+        out = cursor.into_inner();
         match compressed {
-            Ok(n) if n < payload.len() => {
-                out.truncate(start + n);
-                flags |= FLAG_ZSTD;
-            }
+            Ok(n) if n < payload.len() && out.len() == start + n => flags |= FLAG_ZSTD,
             _ => out.clear(),
         }
     }
@@ -264,13 +315,21 @@ pub fn decode_sealed(key: &SealKey, kind: ObjectKind, identity: &[u8], mut objec
 }
 
 fn decompress_bounded(data: &[u8], max_len: usize) -> std::result::Result<Vec<u8>, String> {
-    // The frame records its content size; checking it first avoids allocating for a lie.
-    match zstd::zstd_safe::get_frame_content_size(data) {
+    // The frame records its content size; checking it first avoids allocating for a lie, and
+    // an honest frame gets a buffer of exactly its size (not the limit's worth of address
+    // space, which the allocator would map and fault in afresh for every block).
+    let capacity = match zstd::zstd_safe::get_frame_content_size(data) {
         Ok(Some(n)) if n > max_len as u64 => return Err(format!("content size {n} exceeds limit {max_len}")),
+        Ok(Some(n)) => n as usize,
+        Ok(None) => max_len,
         Err(_) => return Err("not a zstd frame".into()),
-        _ => {}
+    };
+    let mut out = Vec::with_capacity(capacity);
+    let n = contexts::with_decompressor(|d| d.decompress_to_buffer(data, &mut out)).map_err(|e| e.to_string())?;
+    if capacity != max_len && n != capacity {
+        return Err(format!("the frame holds {n} bytes, its header says {capacity}"));
     }
-    zstd::bulk::decompress(data, max_len).map_err(|e| e.to_string())
+    Ok(out)
 }
 
 #[cfg(test)]
