@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use ferry_engine::{FileTarget, RbdImage, RestoreIncomplete, RestoreOptions, RestoreReport, RestoreTarget, StreamFormat, StreamTarget};
 use ferry_repo::{BackupRef, BackupSpec, Manifest};
@@ -134,7 +134,7 @@ pub async fn run(a: RestoreArgs, r: RepoArgs, ceph: &CephArgs) -> Result<u8> {
     let target: Box<dyn RestoreTarget> = if let Some(image) = RbdImage::parse(&to) {
         Box::new(engine.rbd_target(&ceph.ceph(), &image, a.force, a.snap_name.clone()))
     } else if to == "-" {
-        Box::new(StreamTarget::new("-", Box::new(std::io::stdout()), format, a.snap_name.clone()))
+        Box::new(StreamTarget::new("-", stdout_unbuffered()?, format, a.snap_name.clone()))
     } else if format == StreamFormat::ImportDiff {
         Box::new(StreamTarget::file(&a.to, a.force, format, a.snap_name.clone()))
     } else {
@@ -212,4 +212,15 @@ fn print_restore(
         println!("{line}");
     }
     Ok(())
+}
+
+/// Standard output as a plain file descriptor: `std::io::stdout()` is line-buffered and scans
+/// every byte of a multi-GiB image for newlines; the restore buffers its writes itself.
+fn stdout_unbuffered() -> Result<Box<dyn std::io::Write + Send>> {
+    use std::os::fd::AsFd;
+    let fd = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicating standard output")?;
+    Ok(Box::new(std::fs::File::from(fd)))
 }

@@ -337,7 +337,12 @@ async fn restore_positional(
             match manifest.blocks[i as usize] {
                 None if zeros.is_empty() => Ok::<_, BlockErr>((0u64, true)),
                 None => {
-                    tokio::task::spawn_blocking(move || file.write_all_at(&zeros[..len], offset)).await??;
+                    tokio::task::spawn_blocking(move || {
+                        file.write_all_at(&zeros[..len], offset)?;
+                        crate::target::start_writeback(&file, offset, len as u64);
+                        std::io::Result::Ok(())
+                    })
+                    .await??;
                     Ok((len as u64, true))
                 }
                 Some(id) => {
@@ -351,6 +356,7 @@ async fn restore_positional(
                         if pad > 0 {
                             file.write_all_at(&zeros[..pad], offset + n as u64)?;
                         }
+                        crate::target::start_writeback(&file, offset, (n + pad) as u64);
                         Ok(())
                     })
                     .await??;
@@ -387,26 +393,55 @@ async fn restore_positional(
     Ok(report)
 }
 
-/// What an ordered restore emits per block.
+/// What an ordered restore emits per item: a block's content, a run of holes, or a failure.
 enum Piece {
     Data(Vec<u8>),
-    Hole,
+    /// This many holes from the item's block on (coalesced: a sparse 1 TiB volume is a few
+    /// runs, not 262,144 items handed from task to task).
+    Holes(u64),
     Failed(BlockFailure),
 }
 
-/// Yields every block's content in order, fetching `jobs` ahead.
+/// The manifest's blocks as items: each data block alone, each run of holes as one.
+struct Runs {
+    manifest: Arc<Manifest>,
+    next: u64,
+}
+
+impl Iterator for Runs {
+    /// (first block, blocks, a hole run?)
+    type Item = (u64, u64, bool);
+    fn next(&mut self) -> Option<Self::Item> {
+        let blocks = &self.manifest.blocks;
+        let i = self.next;
+        let first = blocks.get(i as usize)?;
+        if first.is_some() {
+            self.next = i + 1;
+            return Some((i, 1, false));
+        }
+        let n = blocks[i as usize..].iter().take_while(|b| b.is_none()).count() as u64;
+        self.next = i + n;
+        Some((i, n, true))
+    }
+}
+
+/// Yields the blocks' contents in order, fetching `jobs` data blocks ahead.
 fn ordered_blocks(repo: Arc<Repository>, manifest: Arc<Manifest>, jobs: usize) -> impl futures::Stream<Item = (u64, Piece)> {
-    futures::stream::iter(0..manifest.blocks.len() as u64)
-        .map(move |i| {
+    let runs = Runs {
+        manifest: manifest.clone(),
+        next: 0,
+    };
+    futures::stream::iter(runs)
+        .map(move |(i, n, hole)| {
             let repo = repo.clone();
             let manifest = manifest.clone();
             async move {
                 match manifest.blocks[i as usize] {
-                    None => (i, Piece::Hole),
-                    Some(id) => match fetch_content(&repo, &manifest.deltas, &id).await {
+                    Some(id) if !hole => match fetch_content(&repo, &manifest.deltas, &id).await {
                         Ok(d) => (i, Piece::Data(d)),
                         Err(e) => (i, Piece::Failed(failure(&manifest, i, &e))),
                     },
+                    _ => (i, Piece::Holes(n)),
                 }
             }
         })
@@ -445,7 +480,7 @@ async fn restore_ordered(
         ..Default::default()
     };
     // Writes happen on a blocking thread fed through a small channel: the target may block.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Option<Vec<u8>>)>(4);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, u64, Option<Vec<u8>>)>(4);
     let writer = tokio::task::spawn_blocking(move || {
         let mut target = target;
         let res = write_ordered(&mut *target, &mut rx, format, snap_name, size, bs);
@@ -454,9 +489,11 @@ async fn restore_ordered(
     let mut blocks = std::pin::pin!(ordered_blocks(repo, manifest.clone(), opts.jobs));
     let mut stop: Option<String> = None;
     while let Some((i, piece)) = blocks.next().await {
+        let mut count = 1;
         let data = match piece {
-            Piece::Hole => {
-                report.blocks_hole += 1;
+            Piece::Holes(n) => {
+                report.blocks_hole += n;
+                count = n;
                 None
             }
             Piece::Data(d) => {
@@ -473,12 +510,12 @@ async fn restore_ordered(
                 None
             }
         };
-        if tx.send((i, data)).await.is_err() {
+        if tx.send((i, count, data)).await.is_err() {
             break;
         }
         observer.event(Event::Progress {
             op: Operation::Restore,
-            done: ((i + 1) * bs).min(size),
+            done: ((i + count) * bs).min(size),
         });
     }
     drop(tx);
@@ -499,7 +536,7 @@ async fn restore_ordered(
 
 fn write_ordered(
     target: &mut dyn RestoreTarget,
-    rx: &mut tokio::sync::mpsc::Receiver<(u64, Option<Vec<u8>>)>,
+    rx: &mut tokio::sync::mpsc::Receiver<(u64, u64, Option<Vec<u8>>)>,
     format: StreamFormat,
     snap_name: Option<String>,
     size: u64,
@@ -508,17 +545,28 @@ fn write_ordered(
     let io = |e: std::io::Error| Error::new(ErrorKind::Failed, "writing the restore stream", Some(Box::new(e)));
     let dw = |e: rbd_diff::Error| Error::new(ErrorKind::Failed, "writing the restore stream", Some(Box::new(e)));
     let mut out = std::io::BufWriter::with_capacity(1 << 20, TargetWriter(target));
-    let zeros = vec![0u8; bs as usize];
+    let zeros = vec![0u8; bs.min(1 << 20) as usize];
     let mut written = 0u64;
+    // Item (first block, blocks, content): `blocks` is 1 with content; without, that many
+    // blocks of zeros (holes, or a failed block under best effort).
+    let span = |i: u64, count: u64| -> (u64, u64) {
+        let off = i.saturating_mul(bs).min(size);
+        (off, i.saturating_add(count).saturating_mul(bs).min(size) - off)
+    };
     match format {
         StreamFormat::Raw => {
-            while let Some((i, data)) = rx.blocking_recv() {
-                let len = (size - i * bs).min(bs) as usize;
+            while let Some((i, count, data)) = rx.blocking_recv() {
+                let (_, len) = span(i, count);
                 let d = data.as_deref().unwrap_or(&[]);
-                let n = d.len().min(len);
-                out.write_all(&d[..n]).map_err(io)?;
-                out.write_all(&zeros[..len - n]).map_err(io)?;
-                written += len as u64;
+                let n = (d.len() as u64).min(len);
+                out.write_all(&d[..n as usize]).map_err(io)?;
+                let mut left = len - n;
+                while left > 0 {
+                    let k = left.min(zeros.len() as u64);
+                    out.write_all(&zeros[..k as usize]).map_err(io)?;
+                    left -= k;
+                }
+                written += len;
             }
             out.flush().map_err(io)?;
             Ok(written)
@@ -534,10 +582,9 @@ fn write_ordered(
             // Runs of holes (and zero tails) become one `z` each.
             let mut zero_run: Option<(u64, u64)> = None;
             let mut received = 0u64;
-            while let Some((i, data)) = rx.blocking_recv() {
-                received += 1;
-                let off = i * bs;
-                let len = (size - off).min(bs);
+            while let Some((i, count, data)) = rx.blocking_recv() {
+                received += count;
+                let (off, len) = span(i, count);
                 let d = data.as_deref().unwrap_or(&[]);
                 let n = (d.len() as u64).min(len);
                 if n > 0 {

@@ -577,12 +577,17 @@ impl Repository {
     pub async fn put_chunk(&self, id: &ChunkId, bytes: Vec<u8>) -> Result<bool> {
         let bytes = Bytes::from(bytes);
         let key = id.object_key();
-        self.retry
+        let created = self
+            .retry
             .run(
                 || format!("uploading chunk {id}"),
                 || put_create(self.store.inner.as_ref(), &key, bytes.clone()),
             )
-            .await
+            .await?;
+        if created {
+            self.store.start_writeback(&key).await;
+        }
+        Ok(created)
     }
 
     /// Downloads a chunk object without decoding it.

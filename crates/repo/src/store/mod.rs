@@ -135,6 +135,29 @@ impl Store {
         r.map_err(io)
     }
 
+    /// On `file://`: starts writing object `key`'s file back to disk now, without waiting
+    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so that the disk works while the pipeline
+    /// computes and the [`Store::barrier`] before a commit finds little left to write. Only a
+    /// hint: durability still comes from the barrier; a failure here changes nothing.
+    pub async fn start_writeback(&self, key: &str) {
+        #[cfg(target_os = "linux")]
+        if let Some(root) = &self.local_root {
+            let path = root.join(key);
+            let _ = tokio::task::spawn_blocking(move || {
+                use std::os::unix::io::AsRawFd;
+                if let Ok(f) = std::fs::File::open(&path) {
+                    // SAFETY: a valid file descriptor; the call only schedules writeback.
+                    unsafe {
+                        libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+                    }
+                }
+            })
+            .await;
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = key;
+    }
+
     /// Requests made through this store (and its clones) so far.
     pub fn requests(&self) -> RequestStats {
         self.counter.snapshot()
