@@ -45,8 +45,9 @@ pub struct RestoreArgs {
     /// Write every block that can be read, report the rest (exit code 3), instead of failing.
     #[arg(long)]
     best_effort: bool,
-    /// Chunks in flight.
-    #[arg(long, default_value_t = ferry_engine::default_jobs())]
+    /// Chunk downloads in flight (blocks are decoded one per core as they arrive); more hide
+    /// a distant store's latency, each holds one stored chunk in memory.
+    #[arg(long, default_value_t = ferry_engine::default_downloads())]
     jobs: usize,
     /// With --to rbd:POOL/IMAGE: make the image usable at once, before its data is copied.
     /// ferry serves the backup over HTTP and prepares an import-only live migration from it

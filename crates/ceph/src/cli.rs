@@ -489,6 +489,7 @@ impl RbdCli {
             kill_and_reap(&mut child);
             return Err(pipe_missing(&command));
         };
+        widen_pipe(&stdout);
         Ok(ExportDiff(Piped {
             child: Some(child),
             pipe: Some(stdout),
@@ -748,6 +749,22 @@ impl ExportDiff {
     pub fn wait(mut self) -> Result<(), Error> {
         self.0.finish()
     }
+}
+
+/// Lets the export run up to 1 MiB ahead of its reader (the default pipe holds 64 KiB: a
+/// context switch and a wake-up every 64 KiB of a multi-GiB stream, and `rbd` stalled as soon
+/// as the reader is busy). Only a hint: the default size still works.
+fn widen_pipe(pipe: &std::process::ChildStdout) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: fcntl on a valid pipe descriptor; F_SETPIPE_SZ only resizes its buffer.
+        unsafe {
+            libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = pipe;
 }
 
 impl Read for ExportDiff {

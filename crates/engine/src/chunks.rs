@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use ferry_repo::{delta_chain, ChunkId, Delta, DeltaRef, Repository};
+use ferry_repo::{delta_chain, ChunkId, DeltaRef, Repository};
 
 /// Downloads, decrypts, decompresses and verifies one chunk (its content must hash to `id`).
 /// Decoding runs on the blocking pool under a CPU permit.
@@ -18,21 +18,6 @@ pub async fn fetch_block(repo: &Arc<Repository>, id: &ChunkId) -> Result<Vec<u8>
     tokio::task::spawn_blocking(move || repo.decode_chunk(&id, object))
         .await
         .unwrap_or_else(|e| Err(worker_failed(e.to_string())))
-}
-
-/// Downloads and opens delta object `object`, checking it is the delta of `target` on `base`
-/// (decoding on the CPU pool).
-pub async fn fetch_delta(repo: &Arc<Repository>, object: &ChunkId, target: &ChunkId, base: &ChunkId) -> Result<Delta, ferry_repo::Error> {
-    let bytes = Vec::from(repo.get_chunk_object(object).await?);
-    let (repo, object, target, base) = (repo.clone(), *object, *target, *base);
-    crate::cpu::run(move || repo.decode_delta(&object, &target, &base, bytes))
-        .await
-        .unwrap_or_else(|e| {
-            Err(ferry_repo::Error::Io {
-                context: "decode worker".into(),
-                source: std::io::Error::other(e.to_string()),
-            })
-        })
 }
 
 /// A block's content could not be produced: which object failed, and why.
@@ -64,57 +49,121 @@ pub fn block_objects(deltas: &BTreeMap<ChunkId, DeltaRef>, id: &ChunkId) -> Resu
     Ok(chain.iter().map(|(_, d)| d.object).chain(std::iter::once(whole)).collect())
 }
 
-/// Produces the content `id` under a manifest's delta table: a whole chunk, or a whole chunk
-/// and the deltas on it (all fetched at once), applied oldest first; the result must hash to
-/// `id`.
-pub async fn fetch_content(repo: &Arc<Repository>, deltas: &BTreeMap<ChunkId, DeltaRef>, id: &ChunkId) -> Result<Vec<u8>, ContentError> {
+/// A block's objects as downloaded, not yet opened: what [`download_content`] gives and
+/// [`open_content`] turns into the content. Pipelines keep many downloads in flight (the
+/// store's latency) while only as many blocks as there are cores are opened at once.
+pub struct Downloaded {
+    /// The content ID the objects must produce.
+    id: ChunkId,
+    /// The whole chunk under the deltas (the block's own chunk when it has none) and its bytes.
+    whole: (ChunkId, Vec<u8>),
+    /// The deltas on it, newest first: (the content each produces, its entry, its bytes).
+    deltas: Vec<(ChunkId, DeltaRef, Vec<u8>)>,
+}
+
+fn content_error(object: ChunkId) -> impl FnOnce(ferry_repo::Error) -> ContentError {
+    move |error| ContentError {
+        object,
+        error: Box::new(error),
+    }
+}
+
+fn worker_failed(object: ChunkId, what: String) -> ContentError {
+    ContentError {
+        object,
+        error: Box::new(ferry_repo::Error::Io {
+            context: "decode worker".into(),
+            source: std::io::Error::other(what),
+        }),
+    }
+}
+
+/// Downloads every object the content `id` needs under `deltas` (all at once), without
+/// opening them.
+pub async fn download_content(
+    repo: &Arc<Repository>,
+    deltas: &BTreeMap<ChunkId, DeltaRef>,
+    id: &ChunkId,
+) -> Result<Downloaded, ContentError> {
+    let get = |object: ChunkId| async move { repo.get_chunk_object(&object).await.map(Vec::from).map_err(content_error(object)) };
     if !deltas.contains_key(id) {
-        return fetch_block(repo, id).await.map_err(|error| ContentError {
-            object: *id,
-            error: Box::new(error),
+        return Ok(Downloaded {
+            id: *id,
+            whole: (*id, get(*id).await?),
+            deltas: Vec::new(),
         });
     }
     let (chain, whole) = chain_of(deltas, id)?;
-    let base = async {
-        fetch_block(repo, &whole).await.map_err(|error| ContentError {
-            object: whole,
-            error: Box::new(error),
-        })
-    };
     let fetches = chain.iter().map(|(target, d)| {
         let (target, d) = (*target, *d);
-        async move {
-            fetch_delta(repo, &d.object, &target, &d.base).await.map_err(|error| ContentError {
-                object: d.object,
-                error: Box::new(error),
-            })
-        }
+        async move { Ok::<_, ContentError>((target, d, get(d.object).await?)) }
     });
-    let (base, applied) = futures::join!(base, futures::future::try_join_all(fetches));
-    let (mut content, applied) = (base?, applied?);
-    let (repo2, newest, target) = (repo.clone(), chain[0].1.object, *id);
-    crate::cpu::run(move || {
-        for delta in applied.iter().rev() {
+    let (base, applied) = futures::join!(get(whole), futures::future::try_join_all(fetches));
+    Ok(Downloaded {
+        id: *id,
+        whole: (whole, base?),
+        deltas: applied?,
+    })
+}
+
+/// [`download_content`] as a task of its own, so that the download proceeds while the
+/// pipeline that asked for it is busy elsewhere (a stream stage polls its futures only when
+/// its consumer asks for more). Dropping the future aborts the download.
+pub async fn download_in_background(
+    repo: Arc<Repository>,
+    manifest: Arc<ferry_repo::Manifest>,
+    id: ChunkId,
+) -> Result<Downloaded, ContentError> {
+    struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+    impl<T> Drop for AbortOnDrop<T> {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let mut task = AbortOnDrop(tokio::spawn(async move { download_content(&repo, &manifest.deltas, &id).await }));
+    (&mut task.0).await.unwrap_or_else(|e| Err(worker_failed(id, e.to_string())))
+}
+
+/// Opens what [`download_content`] fetched — decrypts, decompresses, applies the deltas
+/// oldest first — and checks the result hashes to the block's content ID. CPU work: on the
+/// blocking pool under a CPU permit.
+pub async fn open_content(repo: &Arc<Repository>, d: Downloaded) -> Result<Vec<u8>, ContentError> {
+    let target = d.id;
+    let _permit = crate::cpu::permit().await.map_err(|e| worker_failed(target, e.to_string()))?;
+    let repo = repo.clone();
+    tokio::task::spawn_blocking(move || {
+        let Downloaded { id, whole, deltas } = d;
+        let mut content = repo.decode_chunk(&whole.0, whole.1).map_err(content_error(whole.0))?;
+        if deltas.is_empty() {
+            return Ok(content);
+        }
+        let newest = deltas[0].1.object;
+        for (target, entry, bytes) in deltas.into_iter().rev() {
+            let delta = repo
+                .decode_delta(&entry.object, &target, &entry.base, bytes)
+                .map_err(content_error(entry.object))?;
             content = delta.apply(content);
         }
-        let actual = repo2.chunk_id(&content);
-        if actual != target {
+        let actual = repo.chunk_id(&content);
+        if actual != id {
             return Err(ContentError {
                 object: newest,
                 error: Box::new(ferry_repo::Error::DeltaDecode {
                     path: newest.object_key(),
-                    reason: format!("its chain gives content {actual}, not {target}"),
+                    reason: format!("its chain gives content {actual}, not {id}"),
                 }),
             });
         }
         Ok(content)
     })
     .await
-    .map_err(|e| ContentError {
-        object: newest,
-        error: Box::new(ferry_repo::Error::Io {
-            context: "decode worker".into(),
-            source: std::io::Error::other(e.to_string()),
-        }),
-    })?
+    .unwrap_or_else(|e| Err(worker_failed(target, e.to_string())))
+}
+
+/// Produces the content `id` under a manifest's delta table: a whole chunk, or a whole chunk
+/// and the deltas on it (all fetched at once), applied oldest first; the result must hash to
+/// `id`.
+pub async fn fetch_content(repo: &Arc<Repository>, deltas: &BTreeMap<ChunkId, DeltaRef>, id: &ChunkId) -> Result<Vec<u8>, ContentError> {
+    let downloaded = download_content(repo, deltas, id).await?;
+    open_content(repo, downloaded).await
 }

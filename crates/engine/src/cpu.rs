@@ -9,9 +9,14 @@ use crate::error::{Error, Result};
 
 static CPU: OnceLock<Semaphore> = OnceLock::new();
 
+/// The cores this process may use (2 when that cannot be known).
+pub(crate) fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+}
+
 /// A permit for one CPU-heavy job: one per core, process-wide.
 pub(crate) async fn permit() -> Result<SemaphorePermit<'static>> {
-    let sem = CPU.get_or_init(|| Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)));
+    let sem = CPU.get_or_init(|| Semaphore::new(cores()));
     sem.acquire().await.map_err(|_| Error::failed("the CPU semaphore was closed"))
 }
 

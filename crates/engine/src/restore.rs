@@ -15,7 +15,7 @@ use futures::StreamExt;
 use rbd_diff::{DiffHeader, DiffWriter};
 use serde::Serialize;
 
-use crate::chunks::{fetch_content, ContentError};
+use crate::chunks::{download_in_background, open_content, ContentError};
 use crate::error::{Error, ErrorKind, Result};
 use crate::observer::{Event, Observer, Operation};
 
@@ -93,7 +93,7 @@ pub struct RestoreOptions {
 impl Default for RestoreOptions {
     fn default() -> Self {
         RestoreOptions {
-            jobs: crate::default_jobs(),
+            jobs: crate::default_downloads(),
             best_effort: false,
             quarantine: true,
         }
@@ -326,7 +326,22 @@ async fn restore_positional(
     };
     let zeros: Arc<Vec<u8>> = Arc::new(if write_holes { vec![0u8; bs as usize] } else { Vec::new() });
     let mut done = 0u64;
-    let jobs = (0..manifest.blocks.len() as u64).map(|i| {
+    // Two stages: `opts.jobs` downloads in flight (they hold only the stored bytes; the
+    // store's latency is hidden behind them), and one block opened and written per core
+    // (plus one being written while the others decode).
+    let downloads = futures::stream::iter(0..manifest.blocks.len() as u64)
+        .map(|i| {
+            let repo = repo.clone();
+            let manifest = manifest.clone();
+            async move {
+                match manifest.blocks[i as usize] {
+                    None => (i, None),
+                    Some(id) => (i, Some(download_in_background(repo, manifest, id).await)),
+                }
+            }
+        })
+        .buffer_unordered(opts.jobs.max(1));
+    let jobs = downloads.map(|(i, downloaded)| {
         let repo = repo.clone();
         let manifest = manifest.clone();
         let file = file.clone();
@@ -334,7 +349,7 @@ async fn restore_positional(
         async move {
             let offset = i * bs;
             let len = manifest.block_len(i) as usize;
-            match manifest.blocks[i as usize] {
+            match downloaded {
                 None if zeros.is_empty() => Ok::<_, BlockErr>((0u64, true)),
                 None => {
                     tokio::task::spawn_blocking(move || {
@@ -345,10 +360,12 @@ async fn restore_positional(
                     .await??;
                     Ok((len as u64, true))
                 }
-                Some(id) => {
-                    let data = fetch_content(&repo, &manifest.deltas, &id)
-                        .await
-                        .map_err(|e| BlockErr::Failure(failure(&manifest, i, &e)))?;
+                Some(downloaded) => {
+                    let data = match downloaded {
+                        Ok(d) => open_content(&repo, d).await,
+                        Err(e) => Err(e),
+                    }
+                    .map_err(|e| BlockErr::Failure(failure(&manifest, i, &e)))?;
                     let n = data.len().min(len);
                     let pad = if n < len && !zeros.is_empty() { len - n } else { 0 };
                     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
@@ -365,7 +382,7 @@ async fn restore_positional(
             }
         }
     });
-    let mut results = futures::stream::iter(jobs).buffer_unordered(opts.jobs.max(1));
+    let mut results = jobs.buffer_unordered(crate::cpu::cores() + 1);
     while let Some(r) = results.next().await {
         match r {
             Ok((n, hole)) => {
@@ -425,27 +442,40 @@ impl Iterator for Runs {
     }
 }
 
-/// Yields the blocks' contents in order, fetching `jobs` data blocks ahead.
+/// Yields the blocks' contents in order: `jobs` data blocks downloading ahead, one opened per
+/// core (plus one) as the stream reaches them.
 fn ordered_blocks(repo: Arc<Repository>, manifest: Arc<Manifest>, jobs: usize) -> impl futures::Stream<Item = (u64, Piece)> {
     let runs = Runs {
         manifest: manifest.clone(),
         next: 0,
     };
+    let (repo2, manifest2) = (repo.clone(), manifest.clone());
     futures::stream::iter(runs)
         .map(move |(i, n, hole)| {
             let repo = repo.clone();
             let manifest = manifest.clone();
             async move {
                 match manifest.blocks[i as usize] {
-                    Some(id) if !hole => match fetch_content(&repo, &manifest.deltas, &id).await {
-                        Ok(d) => (i, Piece::Data(d)),
-                        Err(e) => (i, Piece::Failed(failure(&manifest, i, &e))),
-                    },
-                    _ => (i, Piece::Holes(n)),
+                    Some(id) if !hole => (i, n, Some(download_in_background(repo, manifest, id).await)),
+                    _ => (i, n, None),
                 }
             }
         })
         .buffered(jobs.max(1))
+        .map(move |(i, n, downloaded)| {
+            let repo = repo2.clone();
+            let manifest = manifest2.clone();
+            async move {
+                match downloaded {
+                    None => (i, Piece::Holes(n)),
+                    Some(d) => match async { open_content(&repo, d?).await }.await {
+                        Ok(d) => (i, Piece::Data(d)),
+                        Err(e) => (i, Piece::Failed(failure(&manifest, i, &e))),
+                    },
+                }
+            }
+        })
+        .buffered(crate::cpu::cores() + 1)
 }
 
 /// `io::Write` over a target's ordered writes.
