@@ -195,11 +195,54 @@ def main():
             p(f"| restore: AES-GCM open + unzstd + hash check | {dcore:.2f} | {fmt_s(dcore / cores)}, {ceiling_restore_bps / MIB:.0f} MiB/s | "
               f"{fmt_s(fr)}, {size / MIB / fr:.0f} MiB/s, {rcpu if rcpu is not None else '–'} CPU s | "
               f"{(size / fr) / ceiling_restore_bps * 100:.0f}% |" if fr else "| restore | | | – | – |")
+            rp = num(r, "ferry.restore_pipe.s")
+            if rp:
+                p(f"| restore into a pipe to /dev/null (no disk) | {dcore:.2f} | {fmt_s(dcore / cores)} | "
+                  f"{fmt_s(rp)}, {size / MIB / rp:.0f} MiB/s, {num(r, 'ferry.restore_pipe.cpu')} CPU s | "
+                  f"{(size / rp) / ceiling_restore_bps * 100:.0f}% |")
+            wf = num(r, "write.floor.s")
+            if wf and fr:
+                p(f"| writing the image to this disk (`dd conv=sparse,fsync`, the floor of a restore to a file) | "
+                  f"{num(r, 'write.floor.cpu')} | {fmt_s(wf)} | {fmt_s(fr)} | {wf / fr * 100:.0f}% |")
         p("")
         p("The first ceiling counts only the CPU work per block (no diff parsing, file reads, object writes, "
           "fsync or process start), so it is an upper bound on this machine; the goal is judged against it. "
           "Reading a file from this VM's disk after the cache drop costs guest CPU (system time), which the "
           "second line adds.")
+        p("")
+
+    # ---------------------------------------------------------------- rgw
+    if any(k.startswith(("ferry.s3_", "s3peer.")) for k in r.values):
+        p("| RGW (dev cluster on the same 2 cores) | time | throughput | requests | CPU s (process) |")
+        p("|---|---|---|---|---|")
+        for run, what, bk in [("ferry.s3_full", "`ferry backup` to s3:// (full)", "bytes_up"),
+                              ("ferry.s3_restore", "`ferry restore` from s3:// to a file", "bytes_down"),
+                              ("ferry.s3_restore_pipe", "`ferry restore` from s3:// into a pipe", "bytes_down")]:
+            t, b = num(r, f"{run}.s"), num(r, f"{run}.{bk}")
+            err = r.get(f"{run}.error")
+            if t is None:
+                p(f"| {what} | {'failed: ' + err if err else '–'} | | | |")
+                continue
+            tp = f"{b / MIB / t:.0f} MiB/s {'up' if bk == 'bytes_up' else 'down'}" if b else "–"
+            p(f"| {what} | {fmt_s(t)} | {tp} | {r.get(f'{run}.requests', '–')} | {num(r, f'{run}.cpu')} |")
+        pb, ps, gs = num(r, "s3peer.bytes"), num(r, "s3peer.put_s"), num(r, "s3peer.get_s")
+        if pb and ps and gs:
+            objs = r.get("s3peer.objects", "?")
+            p(f"| boto3 PUT of the same {objs} objects, 16 in flight | {fmt_s(ps)} | {pb / MIB / ps:.0f} MiB/s up | {objs} PUT | |")
+            p(f"| boto3 GET of them, 16 in flight | {fmt_s(gs)} | {pb / MIB / gs:.0f} MiB/s down | {objs} GET | |")
+        elif "s3peer.error" in r:
+            p(f"| boto3 | failed: {r['s3peer.error']} | | | |")
+        p("")
+
+    # ---------------------------------------------------------------- requests
+    req_runs = [k[: -len(".requests")] for k in r.values if k.endswith(".requests")]
+    if req_runs:
+        p("| ferry run | requests to the store | bytes up / down | ferry's own peak RSS |")
+        p("|---|---|---|---|")
+        for run in req_runs:
+            up, down, own = num(r, f"{run}.bytes_up"), num(r, f"{run}.bytes_down"), num(r, f"{run}.own_rss")
+            p(f"| {run} | {r[run + '.requests']} | {'–' if up is None else f'{up / MIB:.1f} MiB'} / "
+              f"{'–' if down is None else f'{down / MIB:.1f} MiB'} | {'–' if own is None else f'{own / 1024:.0f} MiB'} |")
         p("")
 
     # ---------------------------------------------------------------- goals

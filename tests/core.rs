@@ -96,6 +96,13 @@ fn restore_as_import_diff_stream_yields_the_same_image() {
     let out = repo.run(&["restore", &format!("vm2@{id}"), "--to", "-"]);
     assert!(out.status.success());
     assert!(out.stdout == *data, "stdout restore differs");
+    // With --json the report goes to stderr: stdout is the image and nothing else.
+    let out = repo.run(&["restore", &format!("vm2@{id}"), "--to", "-", "--json"]);
+    assert!(out.status.success());
+    assert!(out.stdout == *data, "stdout restore with --json differs");
+    let report: serde_json::Value = serde_json::from_slice(&out.stderr).expect("the JSON report on stderr");
+    assert_eq!(report["ok"], true);
+    assert!(report["peak_rss_bytes"].as_u64().is_some_and(|n| n > 0), "{report}");
 }
 
 #[test]

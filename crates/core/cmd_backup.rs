@@ -89,6 +89,8 @@ struct BackupOutput<'a> {
     stats: &'a ferry_repo::BackupStats,
     throughput_mib_s: f64,
     requests: ferry_repo::RequestStats,
+    /// ferry's own peak resident memory (not the export's), when known.
+    peak_rss_bytes: Option<u64>,
 }
 
 fn kind(m: &Manifest) -> &'static str {
@@ -121,6 +123,7 @@ fn backup_output(o: &BackupOutcome, requests: ferry_repo::RequestStats) -> Backu
         stats: &m.meta.stats,
         throughput_mib_s: (mib_s * 10.0).round() / 10.0,
         requests,
+        peak_rss_bytes: crate::output::peak_rss_bytes(),
     }
 }
 

@@ -181,8 +181,9 @@ fn print_restore(
             ok: bool,
             report: &'a RestoreReport,
             requests: &'a ferry_repo::RequestStats,
+            peak_rss_bytes: Option<u64>,
         }
-        return print_json(&Out {
+        let out = Out {
             volume: &br.volume,
             backup_id: &m.meta.backup_id,
             to: a.to.display().to_string(),
@@ -190,7 +191,14 @@ fn print_restore(
             ok,
             report: rep,
             requests,
-        });
+            peak_rss_bytes: crate::output::peak_rss_bytes(),
+        };
+        // The data went to stdout: the report goes to stderr, never into the image's stream.
+        if a.to.as_os_str() == "-" {
+            eprintln!("{}", serde_json::to_string_pretty(&out)?);
+            return Ok(());
+        }
+        return print_json(&out);
     }
     // Human output goes to stderr when the data goes to stdout.
     let secs = (rep.duration_ms as f64 / 1000.0).max(0.001);

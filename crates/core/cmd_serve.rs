@@ -126,6 +126,10 @@ pub async fn run(a: ServeArgs, r: RepoArgs) -> Result<u8> {
         urls.insert("nbd_unix".into(), format!("nbd+unix:///{token}?socket={}", abs.display()).into());
         servers.push(tokio::spawn(serve_nbd_unix(image.clone(), listener, token.clone(), stop.clone())));
     }
+    // Listening for SIGTERM before the URLs are out: a client that has them may be done (and
+    // its owner send the signal) before this task is scheduled again.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     {
         use std::io::Write;
         if a.json {
@@ -147,9 +151,8 @@ pub async fn run(a: ServeArgs, r: RepoArgs) -> Result<u8> {
         }
         let _ = std::io::stdout().flush();
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = interrupt.recv() => {}
         _ = term.recv() => {}
     }
     stop.cancel();

@@ -107,3 +107,23 @@ pub fn requests_line(r: &ferry_repo::RequestStats) -> String {
         }
     )
 }
+
+/// This process's peak resident memory so far, in bytes (its own, not its children's: an
+/// `rbd export-diff` it runs is not counted). `None` where it cannot be read.
+pub fn peak_rss_bytes() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: u64 = line
+            .trim_start_matches("VmHWM:")
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
+}

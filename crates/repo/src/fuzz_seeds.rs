@@ -160,3 +160,31 @@ fn committed_seeds_replay_through_the_decoders() {
         assert!(ok, "{target}/{name}");
     }
 }
+
+/// The committed sealed seeds were written by an earlier AES-GCM implementation (RustCrypto's
+/// `aes-gcm`): they still open, and a flipped byte is still refused — the seal is the standard
+/// AES-256-GCM whichever code computes it.
+#[test]
+fn objects_sealed_by_the_earlier_aes_gcm_code_still_open() {
+    let master = MasterKey::from_raw([7u8; 32]);
+    let dir = seeds_dir("sealed_object");
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    for (name, kind) in [
+        ("manifest", ObjectKind::Manifest),
+        ("protection", ObjectKind::Protection),
+        ("gc-record", ObjectKind::GcRecord),
+    ] {
+        let data = read(name);
+        let object = data[1..].to_vec();
+        crate::object::decode_sealed(master.seal_key(), kind, b"fuzz", object.clone(), 1 << 20, name)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut bad = object;
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(crate::object::decode_sealed(master.seal_key(), kind, b"fuzz", bad, 1 << 20, name).is_err());
+    }
+    let data = read("chunk");
+    let block = vec![0x5au8; 4096];
+    let id = ChunkId::of(&master, &block);
+    assert_eq!(decode_chunk(&master, &id, data[1..].to_vec(), 1 << 20).expect("chunk opens"), block);
+}
