@@ -381,14 +381,27 @@ timed() {
     log "$name: ${secs} s, ${cpu} CPU s, peak RSS $((rss / 1024)) MiB"
 }
 
-osd_cpu() { # CPU seconds used so far by the dev cluster's OSD (0 when not found)
+osd_cpu() { proc_cpu ceph-osd; }
+
+proc_cpu() { # CPU seconds used so far by the oldest process named $1 (0 when not found)
     local pid
-    pid=$(pgrep -o -x ceph-osd || true)
+    pid=$(pgrep -o -x "$1" || true)
     if [[ -n $pid && -r /proc/$pid/stat ]]; then
         awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$pid/stat"
     else
         echo 0
     fi
+}
+
+# timed_rgw NAME CMD...: timed, plus NAME.rgw_cpu and NAME.osd_cpu (CPU seconds radosgw and
+# the OSD spent meanwhile, on the same cores).
+timed_rgw() {
+    local name=$1 r0 o0
+    r0=$(proc_cpu radosgw)
+    o0=$(osd_cpu)
+    timed "$@" || return $?
+    record "$name.rgw_cpu" "$(awk -v a="$r0" -v b="$(proc_cpu radosgw)" 'BEGIN { printf "%.2f", b - a }')"
+    record "$name.osd_cpu" "$(awk -v a="$o0" -v b="$(osd_cpu)" 'BEGIN { printf "%.2f", b - a }')"
 }
 
 # timed_osd NAME CMD...: timed, plus NAME.osd_cpu (CPU seconds the OSD spent meanwhile).
@@ -721,17 +734,17 @@ run_rgw() {
         not_run ferry "ferry init on RGW failed: $(tail -n 1 "$LOGS/ferry-s3-init.log" | cut -c1-200)" s3_full s3_restore s3_restore_pipe
         return 1
     fi
-    if ! timed ferry.s3_full "$FERRY" backup --volume bench --diff "$DATA/full.diff" --json >"$LOGS/ferry.s3_full.json"; then
+    if ! timed_rgw ferry.s3_full "$FERRY" backup --volume bench --diff "$DATA/full.diff" --json >"$LOGS/ferry.s3_full.json"; then
         not_run ferry "the backup to RGW failed" s3_restore s3_restore_pipe
         return 1
     fi
     ferry_facts ferry.s3_full
     rm -f "$REST/ferry-s3.raw"
-    if timed ferry.s3_restore "$FERRY" restore bench --to "$REST/ferry-s3.raw" --force --json >"$LOGS/ferry.s3_restore.json"; then
+    if timed_rgw ferry.s3_restore "$FERRY" restore bench --to "$REST/ferry-s3.raw" --force --json >"$LOGS/ferry.s3_restore.json"; then
         ferry_facts ferry.s3_restore
         verify ferry.s3_restore "$REST/ferry-s3.raw" "$DATA/image.raw"
     fi
-    timed ferry.s3_restore_pipe bash -c "'$FERRY' restore bench --to - --json 2>'$LOGS/ferry.s3_restore_pipe.json' >/dev/null" &&
+    timed_rgw ferry.s3_restore_pipe bash -c "'$FERRY' restore bench --to - --json 2>'$LOGS/ferry.s3_restore_pipe.json' >/dev/null" &&
         ferry_facts ferry.s3_restore_pipe
     if [[ ! -d $REPOS/ferry ]]; then
         record s3peer.error "no file:// repository of this round to upload"
@@ -739,8 +752,12 @@ run_rgw() {
     fi
     ensure_boto3 || { record s3peer.error "boto3 could not be installed (see $LOGS/boto3-venv.log)"; return 1; }
     wait_quiet
-    local out
+    local out r0 o0
+    r0=$(proc_cpu radosgw)
+    o0=$(osd_cpu)
     if out=$("$S3PEER_PY" "$HERE/s3peer.py" "$REPOS/ferry" "$bucket" peer 16 2>"$LOGS/s3peer.err"); then
+        record s3peer.rgw_cpu "$(awk -v a="$r0" -v b="$(proc_cpu radosgw)" 'BEGIN { printf "%.2f", b - a }')"
+        record s3peer.osd_cpu "$(awk -v a="$o0" -v b="$(osd_cpu)" 'BEGIN { printf "%.2f", b - a }')"
         local k
         for k in bytes objects put_s get_s; do
             record "s3peer.$k" "$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$out" "$k")"

@@ -213,7 +213,7 @@ def main():
 
     # ---------------------------------------------------------------- rgw
     if any(k.startswith(("ferry.s3_", "s3peer.")) for k in r.values):
-        p("| RGW (dev cluster on the same 2 cores) | time | throughput | requests | CPU s (process) |")
+        p("| RGW (dev cluster on the same 2 cores) | time | throughput | requests | CPU s (process / radosgw / OSD) |")
         p("|---|---|---|---|---|")
         for run, what, bk in [("ferry.s3_full", "`ferry backup` to s3:// (full)", "bytes_up"),
                               ("ferry.s3_restore", "`ferry restore` from s3:// to a file", "bytes_down"),
@@ -224,11 +224,13 @@ def main():
                 p(f"| {what} | {'failed: ' + err if err else '–'} | | | |")
                 continue
             tp = f"{b / MIB / t:.0f} MiB/s {'up' if bk == 'bytes_up' else 'down'}" if b else "–"
-            p(f"| {what} | {fmt_s(t)} | {tp} | {r.get(f'{run}.requests', '–')} | {num(r, f'{run}.cpu')} |")
+            p(f"| {what} | {fmt_s(t)} | {tp} | {r.get(f'{run}.requests', '–')} | {num(r, f'{run}.cpu')} / "
+              f"{num(r, f'{run}.rgw_cpu')} / {num(r, f'{run}.osd_cpu')} |")
         pb, ps, gs = num(r, "s3peer.bytes"), num(r, "s3peer.put_s"), num(r, "s3peer.get_s")
         if pb and ps and gs:
             objs = r.get("s3peer.objects", "?")
-            p(f"| boto3 PUT of the same {objs} objects, 16 in flight | {fmt_s(ps)} | {pb / MIB / ps:.0f} MiB/s up | {objs} PUT | |")
+            p(f"| boto3 PUT of the same {objs} objects, 16 in flight | {fmt_s(ps)} | {pb / MIB / ps:.0f} MiB/s up | {objs} PUT | "
+              f"PUT and GET together: – / {num(r, 's3peer.rgw_cpu')} / {num(r, 's3peer.osd_cpu')} |")
             p(f"| boto3 GET of them, 16 in flight | {fmt_s(gs)} | {pb / MIB / gs:.0f} MiB/s down | {objs} GET | |")
         elif "s3peer.error" in r:
             p(f"| boto3 | failed: {r['s3peer.error']} | | | |")

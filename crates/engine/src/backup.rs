@@ -479,7 +479,7 @@ where
     F: FnOnce(R, bool) -> Result<()> + Send + 'static,
 {
     let started = Instant::now();
-    let (tx, mut rx) = mpsc::channel::<Work>(2);
+    let (tx, mut rx) = mpsc::channel::<Work>(1);
     let parent = params.parent.clone();
     let default_block_size = params.block_size;
     let volume = params.volume.clone();

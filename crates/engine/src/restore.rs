@@ -510,7 +510,7 @@ async fn restore_ordered(
         ..Default::default()
     };
     // Writes happen on a blocking thread fed through a small channel: the target may block.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, u64, Option<Vec<u8>>)>(4);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, u64, Option<Vec<u8>>)>(2);
     let writer = tokio::task::spawn_blocking(move || {
         let mut target = target;
         let res = write_ordered(&mut *target, &mut rx, format, snap_name, size, bs);

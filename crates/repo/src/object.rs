@@ -289,11 +289,6 @@ pub fn encode_sealed(key: &SealKey, kind: ObjectKind, identity: &[u8], payload: 
     aad.extend_from_slice(identity);
     let tag = key.seal(nonce, &aad, &mut out[start..])?;
     out.extend_from_slice(&tag);
-    // A well-compressed block must not pin the compression bound's worth of memory while it
-    // waits for its upload.
-    if out.capacity() > out.len() * 5 / 4 + 4096 {
-        out.shrink_to_fit();
-    }
     Ok(out)
 }
 
