@@ -44,7 +44,7 @@ def num(r, k):
             pass
     if not vals:
         return None
-    if k.endswith(".rss") or k.endswith(".busy"):
+    if k.endswith(".rss") or k.endswith(".own_rss") or k.endswith(".busy"):
         return max(vals)
     if k.endswith(".s") or k.endswith(".cpu") or k.endswith("osd_cpu"):
         return min(vals)

@@ -128,7 +128,8 @@ pub async fn download_in_background(
 /// oldest first — and checks the result hashes to the block's content ID. CPU work: on the
 /// blocking pool under a CPU permit.
 pub async fn open_content(repo: &Arc<Repository>, d: Downloaded) -> Result<Vec<u8>, ContentError> {
-    let target = d.id;
+    // A worker that fails names the object it was given first (the whole chunk).
+    let target = d.whole.0;
     let _permit = crate::cpu::permit().await.map_err(|e| worker_failed(target, e.to_string()))?;
     let repo = repo.clone();
     tokio::task::spawn_blocking(move || {

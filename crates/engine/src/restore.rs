@@ -80,7 +80,7 @@ impl std::error::Error for RestoreIncomplete {}
 /// How a restore runs.
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
-    /// Chunks in flight.
+    /// Chunk downloads in flight (blocks are opened one per core, plus one, as they arrive).
     pub jobs: usize,
     /// Write every block that can be read (bad ones as zeros) and keep the output, instead of
     /// stopping and removing it. The restore still fails (integrity), naming the bad blocks.
@@ -382,7 +382,7 @@ async fn restore_positional(
             }
         }
     });
-    let mut results = jobs.buffer_unordered(crate::cpu::cores() + 1);
+    let mut results = jobs.buffer_unordered(open_stage(opts.jobs));
     while let Some(r) = results.next().await {
         match r {
             Ok((n, hole)) => {
@@ -475,7 +475,13 @@ fn ordered_blocks(repo: Arc<Repository>, manifest: Arc<Manifest>, jobs: usize) -
                 }
             }
         })
-        .buffered(crate::cpu::cores() + 1)
+        .buffered(open_stage(jobs))
+}
+
+/// Blocks being opened (and, positional, written) at once: one per core plus one, never more
+/// than the downloads in flight (at least 2) nor 16 — each holds a stored chunk and its block.
+fn open_stage(jobs: usize) -> usize {
+    (crate::cpu::cores() + 1).min(jobs.max(2)).min(16)
 }
 
 /// `io::Write` over a target's ordered writes.

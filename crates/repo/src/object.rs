@@ -207,11 +207,15 @@ impl SealKey {
 
 /// zstd contexts kept for reuse: making one per object costs its tables' allocation and
 /// zeroing each time (a compression context at level 3 is a few MiB). At most one context per
-/// concurrent user is ever made; a handful are kept.
+/// concurrent user is ever made; a handful are kept — compression contexts only up to level
+/// [`contexts::POOLED_LEVELS`] (a level-19 context for a 4 MiB block is ~50 MiB: too much to
+/// keep resident in a long-running worker; at such levels the compression dwarfs making it).
 mod contexts {
     use std::sync::Mutex;
 
-    const KEEP: usize = 8;
+    const KEEP: usize = 4;
+    /// The highest compression level whose contexts are kept.
+    pub(super) const POOLED_LEVELS: i32 = 9;
 
     static COMPRESSORS: Mutex<Vec<(i32, zstd::bulk::Compressor<'static>)>> = Mutex::new(Vec::new());
     static DECOMPRESSORS: Mutex<Vec<zstd::bulk::Decompressor<'static>>> = Mutex::new(Vec::new());
@@ -231,7 +235,11 @@ mod contexts {
         };
         let out = f(&mut c);
         let mut pool = COMPRESSORS.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < KEEP {
+        if level <= POOLED_LEVELS {
+            if pool.len() >= KEEP {
+                // Make room: the oldest context (maybe of another level) goes.
+                pool.remove(0);
+            }
             pool.push((level, c));
         }
         out
