@@ -42,7 +42,6 @@ use ferry_repo::{BackupRef, BackupSpec, BlockSize, Chain, Index, Manifest, Repos
 
 pub use audit::{AuditOptions, AuditReport, Finding, VolumeReport};
 pub use backup::{BackupOutcome, Cancelled, CommitOutcomeUnknown};
-pub use chunks::fetch_block;
 pub use compare::{CompareOptions, SourceComparison, MAX_BLOCK_FINDINGS};
 pub use error::{Error, ErrorKind, Result, ResultExt};
 pub use lifecycle::{BackupFate, PruneReport};

@@ -278,7 +278,8 @@ pub fn encode_sealed(key: &SealKey, kind: ObjectKind, identity: &[u8], payload: 
         let compressed = contexts::with_compressor(level, |c| c.compress_to_buffer(payload, &mut cursor));
         out = cursor.into_inner();
         match compressed {
-            Ok(n) if n < payload.len() && out.len() == start + n => flags |= FLAG_ZSTD,
+            // The cursor's buffer now ends with the frame: `start + n` bytes.
+            Ok(n) if n < payload.len() => flags |= FLAG_ZSTD,
             _ => out.clear(),
         }
     }
