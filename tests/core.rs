@@ -235,6 +235,43 @@ fn truncated_stream_commits_nothing_and_retry_uploads_only_the_rest() {
     assert_eq!(hash_file(&out), v.hash());
 }
 
+/// New content costs one request per chunk: after a run of chunks that are not in the
+/// repository the HEAD before each upload stops (the create-only PUT answers the same
+/// question). Chunks that are there though no manifest names them (the backup forgotten, not
+/// yet collected; or a crashed backup's uploads) and the index gone — only the store can tell
+/// — are still found by HEAD and never uploaded again.
+#[test]
+fn new_content_skips_the_head_and_existing_content_is_still_found() {
+    let repo = Repo::file(&["--block-size", "1M"]);
+    let mut v = Volume::generated(40 * MIB, 1 << 20, 41);
+    let stream = v.diff("s1", Vec::new()).expect("diff");
+    let f = repo.path("full.diff");
+    std::fs::write(&f, &stream).expect("write");
+    let backup = |volume: &str| repo.json(&["backup", "--volume", volume, "--diff", f.to_str().expect("utf8"), "--jobs", "2"]);
+    let j = backup("v");
+    let new = j["stats"]["blocks_new"].as_u64().expect("n");
+    assert!(new >= 30, "{j}");
+    assert_eq!(
+        j["requests"]["put"].as_u64(),
+        Some(new + 3),
+        "one PUT per chunk, plus session, manifest, end: {j}"
+    );
+    let heads = j["requests"]["head"].as_u64().expect("head count");
+    // Eight misses in a row, plus what the two jobs had in flight meanwhile.
+    assert!(heads <= 8 + 2, "{heads} HEADs for {new} new chunks: {j}");
+
+    repo.ok(&["forget", "v@latest"]);
+    std::fs::remove_dir_all(repo.dir.path().join("index")).expect("drop the index");
+    let j = backup("w");
+    let s = &j["stats"];
+    assert_eq!(s["blocks_new"], 0, "{j}");
+    assert_eq!(s["blocks_found_in_repo"].as_u64(), Some(new), "{j}");
+    assert_eq!(j["requests"]["head"].as_u64(), Some(new), "{j}");
+    let out = repo.path("w.raw");
+    repo.ok(&["restore", "w", "--to", out.to_str().expect("utf8")]);
+    assert_eq!(hash_file(&out), v.hash());
+}
+
 #[test]
 fn an_incremental_that_does_not_continue_the_chain_is_refused() {
     let repo = Repo::file(&[]);

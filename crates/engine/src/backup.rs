@@ -538,6 +538,7 @@ where
     // Workers: hash, dedup, encode, upload.
     let sem = Arc::new(Semaphore::new(params.jobs.max(1)));
     let claimed: Arc<Mutex<HashSet<ChunkId>>> = Arc::default();
+    let probe: Arc<ExistenceProbe> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     let mut results: Vec<Stored> = Vec::new();
     let mut first_error: Option<Error> = None;
@@ -583,6 +584,7 @@ where
         let claimed = claimed.clone();
         let session = session.clone();
         let parent_deltas = parent_deltas.clone();
+        let probe = probe.clone();
         tasks.spawn(async move {
             let _permit = permit;
             match work {
@@ -601,6 +603,7 @@ where
                         session: &session,
                         claimed: &claimed,
                         parent_deltas: &parent_deltas,
+                        probe: &probe,
                     };
                     store_block(&ctx, i, data, delta).await
                 }
@@ -816,6 +819,43 @@ struct StoreCtx<'a> {
     session: &'a Session,
     claimed: &'a Mutex<HashSet<ChunkId>>,
     parent_deltas: &'a BTreeMap<ChunkId, DeltaRef>,
+    probe: &'a ExistenceProbe,
+}
+
+/// Whether a HEAD before encoding and uploading a chunk pays. A HEAD that finds the chunk
+/// saves its encoding and upload; one that misses costs a request (a round trip, and the
+/// store's CPU). The create-only PUT answers the same question ("already exists" is the same
+/// evidence, FORMAT.md §8), so while new content streams in — the last [`Self::SKIP_AFTER`]
+/// chunks checked were all missing — the HEAD is skipped; the first chunk a PUT finds existing
+/// turns HEADs back on. (A full backup into a new repository sends one request per chunk
+/// instead of two; a retry or a cold index still HEADs what is there.)
+#[derive(Debug, Default)]
+pub(crate) struct ExistenceProbe {
+    misses_in_row: std::sync::atomic::AtomicU32,
+}
+
+impl ExistenceProbe {
+    /// Missing chunks in a row after which HEADs stop.
+    pub(crate) const SKIP_AFTER: u32 = 8;
+
+    /// Whether to HEAD the next chunk.
+    pub(crate) fn worth_a_head(&self) -> bool {
+        self.misses_in_row.load(std::sync::atomic::Ordering::Relaxed) < Self::SKIP_AFTER
+    }
+
+    /// A chunk was found in the repository (by HEAD, or by the PUT's "already exists").
+    pub(crate) fn found(&self) {
+        self.misses_in_row.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A chunk was not there (the PUT created it).
+    pub(crate) fn missing(&self) {
+        let _ = self
+            .misses_in_row
+            .fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |n| {
+                Some(n.saturating_add(1))
+            });
+    }
 }
 
 /// Garbage collection first: an object a running sweep may delete waits until it is over.
@@ -835,6 +875,7 @@ async fn store_block(ctx: &StoreCtx<'_>, i: u64, data: Vec<u8>, delta: Option<(C
         session,
         claimed,
         parent_deltas,
+        probe,
     } = *ctx;
     let (data, id) = {
         let repo = repo.clone();
@@ -900,11 +941,14 @@ async fn store_block(ctx: &StoreCtx<'_>, i: u64, data: Vec<u8>, delta: Option<(C
             Outcome::FoundInRepo
         }));
     }
-    if repo
-        .chunk_exists(&id)
-        .await
-        .with_context(|| format!("checking for chunk {id} (block {i})"))?
+    // Where a delta is possible the HEAD always runs: an existing whole chunk beats a delta.
+    if (delta.is_some() || probe.worth_a_head())
+        && repo
+            .chunk_exists(&id)
+            .await
+            .with_context(|| format!("checking for chunk {id} (block {i})"))?
     {
+        probe.found();
         return Ok(done(Outcome::FoundInRepo));
     }
     if let Some((base, extents)) = delta {
@@ -919,8 +963,10 @@ async fn store_block(ctx: &StoreCtx<'_>, i: u64, data: Vec<u8>, delta: Option<(C
         .await
         .with_context(|| format!("uploading chunk {id} (block {i})"))?;
     Ok(done(if created {
+        probe.missing();
         Outcome::New { plain, stored }
     } else {
+        probe.found();
         Outcome::FoundInRepo
     }))
 }
@@ -1113,4 +1159,29 @@ fn assemble<R: Read>(reader: &mut DiffReader<R>, asm: &mut Assembler<'_>, observ
         }
     }
     asm.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ExistenceProbe;
+
+    #[test]
+    fn heads_stop_after_a_run_of_misses_and_resume_at_the_first_find() {
+        let p = ExistenceProbe::default();
+        for _ in 0..ExistenceProbe::SKIP_AFTER - 1 {
+            assert!(p.worth_a_head());
+            p.missing();
+        }
+        assert!(p.worth_a_head(), "one miss short of the run");
+        p.missing();
+        assert!(!p.worth_a_head(), "a run of misses: the PUT alone answers");
+        for _ in 0..100 {
+            p.missing();
+        }
+        assert!(!p.worth_a_head());
+        p.found();
+        assert!(p.worth_a_head(), "an existing chunk turns HEADs back on");
+        p.missing();
+        assert!(p.worth_a_head());
+    }
 }
