@@ -442,8 +442,8 @@ impl Iterator for Runs {
     }
 }
 
-/// Yields the blocks' contents in order: `jobs` data blocks downloading ahead, one opened per
-/// core (plus one) as the stream reaches them.
+/// Yields the blocks' contents in order: `jobs` data blocks downloading ahead, a few more than
+/// one per core opened as the stream reaches them ([`ordered_lookahead`]).
 fn ordered_blocks(repo: Arc<Repository>, manifest: Arc<Manifest>, jobs: usize) -> impl futures::Stream<Item = (u64, Piece)> {
     let runs = Runs {
         manifest: manifest.clone(),
@@ -475,7 +475,16 @@ fn ordered_blocks(repo: Arc<Repository>, manifest: Arc<Manifest>, jobs: usize) -
                 }
             }
         })
-        .buffered(open_stage(jobs))
+        .buffered(ordered_lookahead(jobs))
+}
+
+/// Blocks being opened at once in an ordered restore: two per core plus two. In order, the
+/// block at the head can be a slow one (text decodes at a third of the speed of random data)
+/// while the blocks behind it are done: with only one more than the cores, a core then idles.
+/// With this lookahead a restore into a pipe took 1.53–1.95 s against 1.65–2.08 s (nine pairs,
+/// 2 cores), for 4 MiB more per extra block held.
+fn ordered_lookahead(jobs: usize) -> usize {
+    (2 * crate::cpu::cores() + 2).min(jobs.max(2)).min(16)
 }
 
 /// Blocks being opened (and, positional, written) at once: one per core plus one, never more
