@@ -175,8 +175,8 @@ def main():
           + f"). Block mix of the image: {kinds['zero']} zero, {kinds['binary']} binary, {kinds['text']} text, "
           f"{kinds['random']} random.")
         runs = len(r.all("kernel.chunk_encode.binary"))
-        if runs > 1:
-            spread = [float(v) for v in r.all("kernel.chunk_encode.binary")]
+        if runs > 1 and all(v.strip() for v in r.all("kernel.chunk_encode.binary")):
+            spread = [float(v) for v in r.all("kernel.chunk_encode.binary") if v.strip()]
             p("")
             p(f"The kernels ran {runs} times (before and after the rounds: this machine's speed drifts); the ceiling "
               f"takes the fastest of each (encode binary measured {min(spread) / 1e6:.1f}–{max(spread) / 1e6:.1f} ms), "

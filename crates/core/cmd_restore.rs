@@ -45,8 +45,8 @@ pub struct RestoreArgs {
     /// Write every block that can be read, report the rest (exit code 3), instead of failing.
     #[arg(long)]
     best_effort: bool,
-    /// Chunk downloads in flight (blocks are decoded one per core as they arrive); more hide
-    /// a distant store's latency, each holds one stored chunk in memory.
+    /// Chunk downloads in flight (blocks are decoded as they arrive, a few more than one per
+    /// core at once); more hide a distant store's latency, each holds one stored chunk in memory.
     #[arg(long, default_value_t = ferry_engine::default_downloads())]
     jobs: usize,
     /// With --to rbd:POOL/IMAGE: make the image usable at once, before its data is copied.

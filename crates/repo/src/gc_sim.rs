@@ -16,6 +16,8 @@
 //!   backup fails), and per block a decision under the gate: in an active K → Wait until the
 //!   sweep is over, then decide again; in the suspect set → Verify (HEAD); else the index
 //!   (trusted only if its stamp is the index's current gc_gen) or HEAD, upload if missing.
+//!   (ferry skips that HEAD while new content streams in and lets the create-only PUT find an
+//!   existing chunk: the same evidence at the same step, so the model's HEAD stands for both.)
 //!   The watcher lists `gc/` every H steps: first it sends again any ack whose PUT failed; a
 //!   new active sweep → GET K, under the gate ack = decided ∩ K, K joins the active set,
 //!   PUT-create the ack; a sweep over (or gone) → its K moves to the suspect set. Commit: the
