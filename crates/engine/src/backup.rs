@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -831,7 +832,7 @@ struct StoreCtx<'a> {
 /// instead of two; a retry or a cold index still HEADs what is there.)
 #[derive(Debug, Default)]
 pub(crate) struct ExistenceProbe {
-    misses_in_row: std::sync::atomic::AtomicU32,
+    misses_in_row: AtomicU32,
 }
 
 impl ExistenceProbe {
@@ -840,21 +841,17 @@ impl ExistenceProbe {
 
     /// Whether to HEAD the next chunk.
     pub(crate) fn worth_a_head(&self) -> bool {
-        self.misses_in_row.load(std::sync::atomic::Ordering::Relaxed) < Self::SKIP_AFTER
+        self.misses_in_row.load(Relaxed) < Self::SKIP_AFTER
     }
 
     /// A chunk was found in the repository (by HEAD, or by the PUT's "already exists").
     pub(crate) fn found(&self) {
-        self.misses_in_row.store(0, std::sync::atomic::Ordering::Relaxed);
+        self.misses_in_row.store(0, Relaxed);
     }
 
     /// A chunk was not there (the PUT created it).
     pub(crate) fn missing(&self) {
-        let _ = self
-            .misses_in_row
-            .fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |n| {
-                Some(n.saturating_add(1))
-            });
+        let _ = self.misses_in_row.fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_add(1)));
     }
 }
 

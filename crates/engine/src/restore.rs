@@ -486,13 +486,18 @@ fn ordered_blocks(repo: Arc<Repository>, manifest: Arc<Manifest>, jobs: usize) -
 /// pairs); 5 and 6 were alike (2.06 and 2.01 s on average over six runs each), 5 holding one
 /// block less.
 fn ordered_lookahead(jobs: usize) -> usize {
-    (2 * crate::cpu::cores() + 1).min(jobs.max(2)).min(16)
+    bounded_by_downloads(2 * crate::cpu::cores() + 1, jobs)
 }
 
-/// Blocks being opened (and, positional, written) at once: one per core plus one, never more
-/// than the downloads in flight (at least 2) nor 16 — each holds a stored chunk and its block.
+/// Blocks being opened (and, positional, written) at once: one per core plus one.
 fn open_stage(jobs: usize) -> usize {
-    (crate::cpu::cores() + 1).min(jobs.max(2)).min(16)
+    bounded_by_downloads(crate::cpu::cores() + 1, jobs)
+}
+
+/// `n` blocks opened at once, never more than the downloads in flight (at least 2) nor 16 —
+/// each holds a stored chunk and its block.
+fn bounded_by_downloads(n: usize, jobs: usize) -> usize {
+    n.min(jobs.max(2)).min(16)
 }
 
 /// `io::Write` over a target's ordered writes.
