@@ -188,7 +188,8 @@ async fn backup_during_gc_keeps_the_chunk_it_reused(place: Place) {
     let mut new = volume_of(&[1, 3, 4]);
     let stream = new.diff("n1", Vec::new()).expect("diff");
     let gate = Arc::new(Gate::default());
-    gate.allow(stream.len() - MIB as usize + 10);
+    // Cut inside the second block's payload: only the first block can be finished.
+    gate.allow(stream.len() - 2 * MIB as usize);
     let b = engine(&place).await;
     let heads = b.repository().store().request_counter().clone();
     let reader = GatedReader {
@@ -301,7 +302,8 @@ async fn a_paused_backup_is_fenced_and_commits_nothing(place: Place) {
     let mut new = volume_of(&[21, 22, 23]);
     let stream = new.diff("n1", Vec::new()).expect("diff");
     let gate = Arc::new(Gate::default());
-    gate.allow(stream.len() - MIB as usize + 10);
+    // Cut inside the second block's payload: only the first block can be finished.
+    gate.allow(stream.len() - 2 * MIB as usize);
     let heads = slow.repository().store().request_counter().clone();
     let reader = GatedReader {
         data: stream,

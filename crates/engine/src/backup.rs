@@ -14,7 +14,7 @@ use std::time::Instant;
 use ferry_repo::{
     is_zero, BackupDraft, BackupRef, BackupStats, BlockSize, ChunkId, Decision, DeltaRef, Index, Manifest, Repository, Session, Source,
 };
-use rbd_diff::{DiffHeader, DiffReader, Event as DiffEvent};
+use rbd_diff::{DiffHeader, DiffReader, Record as DiffRecord};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -303,20 +303,25 @@ impl Assembler<'_> {
             .with_context(|| format!("reading block {index} (content {id}) of the parent backup to complete a partly changed block"))
     }
 
-    fn data(&mut self, offset: u64, mut data: &[u8]) -> Result<()> {
-        self.stats.data_bytes += data.len() as u64;
-        let mut off = offset;
-        while !data.is_empty() {
-            let index = off / self.block_size;
-            let in_block = off - index * self.block_size;
-            let n = ((self.block_size - in_block) as usize).min(data.len());
-            let p = self.pending_for(index)?;
-            p.data[in_block as usize..in_block as usize + n].copy_from_slice(&data[..n]);
-            p.cover(in_block, in_block + n as u64);
-            data = &data[n..];
-            off += n as u64;
+    /// Reads the next payload bytes of a `w` record at image offset `offset` (`len` left in
+    /// the record) straight from the stream into the pending block: up to the end of that
+    /// block or of the record, whichever comes first. Returns the bytes read.
+    fn data_from<R: Read>(&mut self, reader: &mut DiffReader<R>, offset: u64, len: u64) -> Result<u64> {
+        let index = offset / self.block_size;
+        let in_block = offset - index * self.block_size;
+        // At most a block: fits usize.
+        let n = (self.block_size - in_block).min(len) as usize;
+        let at = in_block as usize;
+        let p = self.pending_for(index)?;
+        let got = reader.read_data(&mut p.data[at..at + n]).context("the diff stream is invalid")?;
+        if got != n {
+            return Err(Error::failed(format!(
+                "the diff reader gave {got} bytes of a data record where {n} were left"
+            )));
         }
-        Ok(())
+        p.cover(in_block, in_block + n as u64);
+        self.stats.data_bytes += n as u64;
+        Ok(n as u64)
     }
 
     fn zero(&mut self, offset: u64, length: u64) -> Result<()> {
@@ -1141,10 +1146,15 @@ fn parse_stream<R: Read>(
 fn assemble<R: Read>(reader: &mut DiffReader<R>, asm: &mut Assembler<'_>, observer: &dyn Observer) -> Result<()> {
     let mut last_report = 0u64;
     loop {
-        match reader.next_event().context("the diff stream is invalid")? {
-            DiffEvent::Data { offset, data } => asm.data(offset, data)?,
-            DiffEvent::Zero { offset, length } => asm.zero(offset, length)?,
-            DiffEvent::End => break,
+        match reader.next_record().context("the diff stream is invalid")? {
+            // Payload bytes go from the stream into the block buffer without another copy, a
+            // block's worth at a time; a zero-length record changes nothing.
+            DiffRecord::Data { offset, len } if len > 0 => {
+                asm.data_from(reader, offset, len)?;
+            }
+            DiffRecord::Data { .. } => {}
+            DiffRecord::Zero { offset, length } => asm.zero(offset, length)?,
+            DiffRecord::End => break,
         }
         let pos = reader.position();
         if pos - last_report >= 4 << 20 {

@@ -3,7 +3,9 @@
 //! * [`DiffReader`] reads an `rbd diff v1` stream (what `rbd export-diff` writes) or an
 //!   `rbd diff v2` stream, yielding the metadata as a [`DiffHeader`] and the data section as
 //!   [`Event`]s. `w` payloads come in pieces of bounded size borrowed from a reused buffer, so
-//!   memory stays bounded whatever the record lengths.
+//!   memory stays bounded whatever the record lengths. Or as [`Record`]s
+//!   ([`DiffReader::next_record`]), whose payload the caller reads straight into its own
+//!   buffers with [`DiffReader::read_data`] — one copy less.
 //! * [`DiffWriter`] writes v1 (what `rbd import-diff` reads) or v2 streams, validating what it
 //!   writes the same way the reader checks.
 //! * [`ImageExportReader`] / [`ImageExportWriter`] handle the container of
@@ -19,7 +21,7 @@
 //! errors that carry the stream offset of the offending record. See [`Error`].
 //!
 //! ```
-//! use rbd_diff::{DiffHeader, DiffReader, DiffWriter, Event};
+//! use rbd_diff::{DiffHeader, DiffReader, DiffWriter, Event, Record};
 //!
 //! let header = DiffHeader { to_snap: Some("snap1".into()), image_size: 1 << 20, ..Default::default() };
 //! let mut w = DiffWriter::new(Vec::new(), &header).unwrap();
@@ -32,6 +34,15 @@
 //! assert_eq!(r.next_event().unwrap(), Event::Data { offset: 4096, data: b"hello" });
 //! assert_eq!(r.next_event().unwrap(), Event::Zero { offset: 8192, length: 4096 });
 //! assert_eq!(r.next_event().unwrap(), Event::End);
+//!
+//! // The same stream as records, the payload read into a buffer of the caller's.
+//! let mut r = DiffReader::new(&stream[..]).unwrap();
+//! assert_eq!(r.next_record().unwrap(), Record::Data { offset: 4096, len: 5 });
+//! let mut buf = [0u8; 5];
+//! assert_eq!(r.read_data(&mut buf).unwrap(), 5);
+//! assert_eq!(&buf, b"hello");
+//! assert_eq!(r.next_record().unwrap(), Record::Zero { offset: 8192, length: 4096 });
+//! assert_eq!(r.next_record().unwrap(), Record::End);
 //! ```
 
 #![forbid(unsafe_code)]
@@ -49,7 +60,7 @@ mod tests;
 pub use container::{ImageExportReader, ImageExportWriter, ImageHeader};
 pub use error::Error;
 pub use input::CountingReader;
-pub use reader::{DiffReader, Event};
+pub use reader::{DiffReader, Event, Record};
 pub use writer::DiffWriter;
 
 /// Banner of a v1 diff stream (`rbd export-diff`).

@@ -38,6 +38,28 @@ pub enum Event<'a> {
     End,
 }
 
+/// One record of the data section, its payload not yet read ([`DiffReader::next_record`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Record {
+    /// A `w` record, or the unread rest of one: `len` payload bytes for the image at
+    /// `offset` follow, read with [`DiffReader::read_data`].
+    Data {
+        /// Absolute image offset of the first unread payload byte.
+        offset: u64,
+        /// Payload bytes not yet read.
+        len: u64,
+    },
+    /// A whole `z` record, as [`Event::Zero`].
+    Zero {
+        /// Image offset where the extent starts, in bytes.
+        offset: u64,
+        /// Length of the extent, in bytes.
+        length: u64,
+    },
+    /// The `e` record, as [`Event::End`].
+    End,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Head {
     tag: u8,
@@ -206,16 +228,63 @@ impl<R: Read> DiffReader<R> {
         }
     }
 
+    /// The next record of the data section, its payload not read: a `Data` record's bytes
+    /// are then read with [`DiffReader::read_data`], straight into the caller's buffer (no
+    /// copy through the piece buffer). Called while a data record still has unread bytes,
+    /// it returns that rest again (`offset` and `len` of what is left). A zero-length `w`
+    /// record is a `Data` record of length 0. Same checks, errors and poisoning as
+    /// [`DiffReader::next_event`]; the two may be mixed.
+    pub fn next_record(&mut self) -> Result<Record, Error> {
+        self.advance().inspect_err(|_| self.state = State::Failed)
+    }
+
+    /// Reads the next bytes of the current data record into `out`: exactly
+    /// `min(out.len(), record_remaining())` bytes, their number returned (0 outside a data
+    /// record). A stream that ends inside the payload is [`Error::Truncated`], as with
+    /// [`DiffReader::next_event`].
+    pub fn read_data(&mut self, out: &mut [u8]) -> Result<usize, Error> {
+        let State::InData {
+            image_offset,
+            remaining,
+            record_start,
+        } = self.state
+        else {
+            return match self.state {
+                State::Failed => Err(Error::Poisoned { offset: self.position() }),
+                _ => Ok(0),
+            };
+        };
+        // n <= remaining, so the cast cannot truncate.
+        let n = remaining.min(out.len() as u64) as usize;
+        let out = &mut out[..n];
+        match self.input.read_full(out) {
+            Ok(got) if got == n => {}
+            Ok(_) => {
+                self.state = State::Failed;
+                return Err(self.input.truncated(record_start, "'w' payload"));
+            }
+            Err(e) => {
+                self.state = State::Failed;
+                return Err(e);
+            }
+        }
+        self.state = State::InData {
+            image_offset: image_offset + n as u64,
+            remaining: remaining - n as u64,
+            record_start,
+        };
+        Ok(n)
+    }
+
     fn step(&mut self) -> Result<Step, Error> {
         loop {
-            let head = match self.state {
-                State::Ended => return Ok(Step::End),
-                State::Failed => return Err(Error::Poisoned { offset: self.position() }),
-                State::InData {
-                    image_offset,
-                    remaining,
-                    record_start,
-                } if remaining > 0 => {
+            if let State::InData {
+                image_offset,
+                remaining,
+                record_start,
+            } = self.state
+            {
+                if remaining > 0 {
                     let n = self.read_piece(remaining, record_start)?;
                     self.state = State::InData {
                         image_offset: image_offset + n as u64,
@@ -227,6 +296,31 @@ impl<R: Read> DiffReader<R> {
                         len: n,
                     });
                 }
+            }
+            match self.advance()? {
+                Record::Data { offset, len: 0 } => return Ok(Step::Data { offset, len: 0 }),
+                // The first piece is read by the next loop iteration.
+                Record::Data { .. } => {}
+                Record::Zero { offset, length } => return Ok(Step::Zero { offset, length }),
+                Record::End => return Ok(Step::End),
+            }
+        }
+    }
+
+    /// To the next record (or the unread rest of the current data record).
+    fn advance(&mut self) -> Result<Record, Error> {
+        loop {
+            let head = match self.state {
+                State::Ended => return Ok(Record::End),
+                State::Failed => return Err(Error::Poisoned { offset: self.position() }),
+                State::InData {
+                    image_offset, remaining, ..
+                } if remaining > 0 => {
+                    return Ok(Record::Data {
+                        offset: image_offset,
+                        len: remaining,
+                    })
+                }
                 State::InData { .. } | State::Boundary => match self.read_head()? {
                     Some(h) => h,
                     None => return Err(Error::MissingEnd { offset: self.position() }),
@@ -237,19 +331,18 @@ impl<R: Read> DiffReader<R> {
             match head.tag {
                 TAG_WRITE => {
                     let (offset, length) = self.read_extent(&head)?;
-                    if length == 0 {
-                        return Ok(Step::Data { offset, len: 0 });
+                    if length > 0 {
+                        self.state = State::InData {
+                            image_offset: offset,
+                            remaining: length,
+                            record_start: head.start,
+                        };
                     }
-                    // The first piece is read by the next loop iteration.
-                    self.state = State::InData {
-                        image_offset: offset,
-                        remaining: length,
-                        record_start: head.start,
-                    };
+                    return Ok(Record::Data { offset, len: length });
                 }
                 TAG_ZERO => {
                     let (offset, length) = self.read_extent(&head)?;
-                    return Ok(Step::Zero { offset, length });
+                    return Ok(Record::Zero { offset, length });
                 }
                 TAG_END => {
                     if self.standalone {
@@ -262,7 +355,7 @@ impl<R: Read> DiffReader<R> {
                         flag.store(true, Ordering::Release);
                     }
                     self.state = State::Ended;
-                    return Ok(Step::End);
+                    return Ok(Record::End);
                 }
                 tag if self.is_metadata_tag(tag) => return Err(Error::MetadataAfterData { offset: head.start, tag }),
                 tag => self.skip_unknown(&head, tag)?,

@@ -426,6 +426,24 @@ fn poisoned_reader() {
 }
 
 #[test]
+fn poisoned_reader_by_records() {
+    // A payload cut short: the record API reports it like the event API, then only Poisoned.
+    let mut bytes = B::v1().s(10).w(2, b"abcdef").v;
+    bytes.truncate(bytes.len() - 2);
+    let mut r = DiffReader::new(&bytes[..]).unwrap();
+    assert_eq!(r.next_record().unwrap(), crate::Record::Data { offset: 2, len: 6 });
+    let mut buf = [0u8; 3];
+    assert_eq!(r.read_data(&mut buf).unwrap(), 3);
+    assert_eq!(&buf, b"abc");
+    assert_eq!(r.next_record().unwrap(), crate::Record::Data { offset: 5, len: 3 });
+    let e = r.read_data(&mut buf).unwrap_err();
+    assert!(matches!(e, Error::Truncated { what: "'w' payload", .. }), "{e:?}");
+    assert!(matches!(r.read_data(&mut buf).unwrap_err(), Error::Poisoned { .. }));
+    assert!(matches!(r.next_record().unwrap_err(), Error::Poisoned { .. }));
+    assert!(matches!(r.next_event().unwrap_err(), Error::Poisoned { .. }));
+}
+
+#[test]
 fn writer_misuse() {
     let mut w = DiffWriter::new(Vec::new(), &header(100)).unwrap();
     // No open record: any payload is an overrun.

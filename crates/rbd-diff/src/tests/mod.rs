@@ -7,7 +7,7 @@ mod roundtrip;
 
 use std::io::{self, Read};
 
-use crate::{DiffReader, Error, Event, BANNER_V1, BANNER_V2};
+use crate::{DiffReader, Error, Event, Record, BANNER_V1, BANNER_V2};
 
 /// A data record as reassembled from reader events.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +43,40 @@ pub(crate) fn drain<R: Read>(r: &mut DiffReader<R>) -> Result<Vec<Rec>, Error> {
             }
         }
         open = r.record_remaining() > 0;
+    }
+}
+
+/// Reads all records up to `End` with `next_record` / `read_data`, the payload in reads of at
+/// most `step` bytes (after every other read, the record's rest is asked for again with `next_record`).
+pub(crate) fn drain_records<R: Read>(r: &mut DiffReader<R>, step: usize) -> Result<Vec<Rec>, Error> {
+    let mut recs = Vec::new();
+    let mut again = false;
+    loop {
+        match r.next_record()? {
+            Record::Data { offset, len } => {
+                let mut data = Vec::new();
+                let mut at = offset;
+                let mut left = len;
+                let mut buf = vec![0u8; step.max(1)];
+                while left > 0 {
+                    let n = r.read_data(&mut buf)?;
+                    assert_eq!(n as u64, left.min(buf.len() as u64));
+                    data.extend_from_slice(&buf[..n]);
+                    left -= n as u64;
+                    at += n as u64;
+                    assert_eq!(r.record_remaining(), left);
+                    if left > 0 && again {
+                        // Asked again, the rest of the record is what is left.
+                        assert_eq!(r.next_record()?, Record::Data { offset: at, len: left });
+                    }
+                    again = !again;
+                }
+                assert_eq!(r.read_data(&mut buf)?, 0);
+                recs.push(Rec::W(offset, data));
+            }
+            Record::Zero { offset, length } => recs.push(Rec::Z(offset, length)),
+            Record::End => return Ok(recs),
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 use proptest::prelude::*;
 use proptest::sample::Index;
 
-use super::{drain, Rec, Trickle};
+use super::{drain, drain_records, Rec, Trickle};
 use crate::{
     DiffHeader, DiffReader, DiffWriter, Event, ImageExportReader, ImageExportWriter, ImageHeader, BANNER_IMAGE_DIFFS_V2, BANNER_IMAGE_V2,
     BANNER_V1, BANNER_V2,
@@ -211,6 +211,41 @@ proptest! {
         prop_assert_eq!(drain(&mut r).unwrap(), d.records.clone());
         prop_assert_eq!(r.position(), bytes.len() as u64);
         prop_assert_eq!(r.next_event().unwrap(), Event::End);
+    }
+
+    /// The record API reads the same stream the same: same records, same end position.
+    #[test]
+    fn prop_records_round_trip(
+        d in gen_diff(),
+        v2 in any::<bool>(),
+        chunk in 0usize..8,
+        step in 1usize..64,
+        trickle in 1usize..100,
+    ) {
+        let bytes = encode(&d, v2, true, chunk);
+        let mut r = DiffReader::new(Trickle { data: &bytes, step: trickle, interrupt: false }).unwrap();
+        prop_assert_eq!(drain_records(&mut r, step).unwrap(), d.records.clone());
+        prop_assert_eq!(r.position(), bytes.len() as u64);
+        prop_assert_eq!(r.next_record().unwrap(), crate::Record::End);
+    }
+
+    /// On a damaged stream, both APIs find the same records or fail with the same error.
+    #[test]
+    fn prop_mutated_diff_records_agree_with_events(
+        d in gen_diff(),
+        v2 in any::<bool>(),
+        muts in prop::collection::vec((any::<u8>(), any::<Index>(), any::<u8>()), 0..4),
+        cut in proptest::option::of(any::<Index>()),
+        max_piece in 1usize..16,
+        step in 1usize..16,
+    ) {
+        let bytes = apply_mutations(encode(&d, v2, true, 0), &muts, cut);
+        let by_events = DiffReader::with_max_piece(&bytes[..], max_piece).and_then(|mut r| drain(&mut r));
+        let by_records = DiffReader::new(&bytes[..]).and_then(|mut r| drain_records(&mut r, step));
+        prop_assert_eq!(
+            by_events.map_err(|e| e.to_string()),
+            by_records.map_err(|e| e.to_string())
+        );
     }
 
     #[test]
