@@ -6,7 +6,8 @@
 use libfuzzer_sys::fuzz_target;
 use rbd_diff::{DiffReader, Event, Record};
 
-/// What a reader saw, payload pieces joined: data runs, zero extents, and how it ended.
+/// What a reader saw, payload pieces joined: data runs and zero extents (how it ended is
+/// compared apart: the end position or the error).
 #[derive(Debug, PartialEq)]
 enum Seen {
     Data(u64, Vec<u8>),

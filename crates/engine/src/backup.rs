@@ -305,8 +305,8 @@ impl Assembler<'_> {
 
     /// Reads the next payload bytes of a `w` record at image offset `offset` (`len` left in
     /// the record) straight from the stream into the pending block: up to the end of that
-    /// block or of the record, whichever comes first. Returns the bytes read.
-    fn data_from<R: Read>(&mut self, reader: &mut DiffReader<R>, offset: u64, len: u64) -> Result<u64> {
+    /// block or of the record, whichever comes first (the caller asks for the rest again).
+    fn data_from<R: Read>(&mut self, reader: &mut DiffReader<R>, offset: u64, len: u64) -> Result<()> {
         let index = offset / self.block_size;
         let in_block = offset - index * self.block_size;
         // At most a block: fits usize.
@@ -321,7 +321,7 @@ impl Assembler<'_> {
         }
         p.cover(in_block, in_block + n as u64);
         self.stats.data_bytes += n as u64;
-        Ok(n as u64)
+        Ok(())
     }
 
     fn zero(&mut self, offset: u64, length: u64) -> Result<()> {
