@@ -279,21 +279,21 @@ impl<R: Read> DiffReader<R> {
     fn step(&mut self) -> Result<Step, Error> {
         loop {
             if let State::InData {
-                image_offset,
-                remaining,
-                record_start,
+                image_offset, remaining, ..
             } = self.state
             {
                 if remaining > 0 {
-                    let n = self.read_piece(remaining, record_start)?;
-                    self.state = State::InData {
-                        image_offset: image_offset + n as u64,
-                        remaining: remaining - n as u64,
-                        record_start,
-                    };
+                    // n <= max_piece, so the cast cannot truncate.
+                    let n = remaining.min(self.max_piece as u64) as usize;
+                    if self.piece.len() < n {
+                        self.piece.resize(n, 0);
+                    }
+                    let mut piece = std::mem::take(&mut self.piece);
+                    let read = self.read_data(&mut piece[..n]);
+                    self.piece = piece;
                     return Ok(Step::Data {
                         offset: image_offset,
-                        len: n,
+                        len: read?,
                     });
                 }
             }
@@ -496,19 +496,6 @@ impl<R: Read> DiffReader<R> {
         }
         self.prev_end = check_extent(head.start, offset, length, self.header.image_size, self.prev_end)?;
         Ok((offset, length))
-    }
-
-    fn read_piece(&mut self, remaining: u64, record_start: u64) -> Result<usize, Error> {
-        // n <= max_piece, so the cast cannot truncate.
-        let n = remaining.min(self.max_piece as u64) as usize;
-        if self.piece.len() < n {
-            self.piece.resize(n, 0);
-        }
-        let got = self.input.read_full(&mut self.piece[..n])?;
-        if got < n {
-            return Err(self.input.truncated(record_start, "'w' payload"));
-        }
-        Ok(n)
     }
 }
 
